@@ -1,0 +1,146 @@
+"""Noise prediction on images of any size: whole-image or sliding windows.
+
+:class:`NoisePredictor` is the MONAI-style *inferer* of this project: it
+holds a network on a device and evaluates it on a batch of (padded) images
+either in one pass (the network is fully convolutional and gets each pixel's
+coordinates, so a prior trained on patches applies to whole slices), or by
+overlapping windows whose noise estimates are blended with Gaussian weights
+(MedDiff-FM's sliding-window sampling; ``monai.inferers``) when memory
+requires it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .devices import autocast, autocast_dtype, select_device
+from .networks import DiffusionNetwork
+from .position import coordinate_grid
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect"):
+    """Pad the spatial axes of ``x`` (B, C, *spatial) at the end to multiples.
+
+    Returns the padded tensor and the original spatial shape (to crop back).
+    """
+    spatial = tuple(x.shape[2:])
+    pads = []
+    for n in reversed(spatial):
+        extra = (-n) % multiple
+        pads.extend([0, extra])
+    if not any(pads):
+        return x, spatial
+    if mode == "reflect" and any(p >= n for p, n in zip(pads[1::2], reversed(spatial))):
+        mode = "replicate"  # reflect needs the pad smaller than the image
+    return F.pad(x, pads, mode=mode), spatial
+
+
+def crop_to(x: torch.Tensor, spatial) -> torch.Tensor:
+    return x[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+
+
+class NoisePredictor:
+    """Evaluate a :class:`DiffusionNetwork` on images of any size.
+
+    Parameters
+    ----------
+    network : DiffusionNetwork
+    device : str or torch.device
+        'auto' (CUDA, MPS, CPU), 'cpu', 'cuda', 'mps'.
+    precision : str
+        'auto' (bf16/fp16 on GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'.
+    window : int or sequence of int, optional
+        Sliding-window size in pixels; ``None`` evaluates whole images.
+    overlap : float
+        Fraction of window overlap for sliding windows.
+    window_batch : int
+        Windows evaluated together.
+    """
+
+    def __init__(self, network: DiffusionNetwork, device="auto", precision="auto", *,
+                 window=None, overlap: float = 0.5, window_batch: int = 8):
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.dtype = autocast_dtype(self.device, precision)
+        self.network = network.to(self.device).eval()
+        self.window = window
+        self.overlap = overlap
+        self.window_batch = window_batch
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.network.spatial_dims
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t, *, condition: torch.Tensor | None = None,
+                 region=None) -> torch.Tensor:
+        """Predicted noise for ``x_t`` (B, C, *spatial) at step ``t``."""
+        x_t = x_t.to(self.device)
+        if condition is not None:
+            condition = condition.to(self.device)
+        spatial = tuple(x_t.shape[2:])
+        window = self._window_for(spatial)
+        with autocast(self.device, self.dtype):
+            if window is None:
+                eps = self._whole(x_t, t, condition, region)
+            else:
+                eps = self._sliding(x_t, t, condition, region, window)
+        return eps.float()
+
+    def _window_for(self, spatial):
+        if self.window is None:
+            return None
+        window = (self.window,) * len(spatial) if isinstance(self.window, int) else tuple(self.window)
+        if all(w >= n for w, n in zip(window, spatial)):
+            return None
+        return window
+
+    def _whole(self, x_t, t, condition, region):
+        spatial = tuple(x_t.shape[2:])
+        multiple = self.network.size_multiple
+        inputs = x_t if condition is None else torch.cat([x_t, condition], dim=1)
+        padded, _ = pad_to_multiple(inputs, multiple)
+        padded_shape = tuple(padded.shape[2:])
+        # coordinates are those of the unpadded image, extended into the pad
+        coords = coordinate_grid([(0, n) for n in padded_shape], spatial,
+                                 device=x_t.device, dtype=x_t.dtype)
+        coords = coords.unsqueeze(0).expand(x_t.shape[0], *coords.shape)
+        c = x_t.shape[1]
+        eps = self.network(padded[:, :c], self._timesteps(t, x_t), coords=coords,
+                           condition=padded[:, c:] if condition is not None else None,
+                           region=self._region(region, x_t))
+        return crop_to(eps, spatial)
+
+    def _sliding(self, x_t, t, condition, region, window):
+        from monai.inferers import sliding_window_inference
+
+        spatial = tuple(x_t.shape[2:])
+        c = x_t.shape[1]
+        inputs = x_t if condition is None else torch.cat([x_t, condition], dim=1)
+        timesteps = self._timesteps(t, x_t)
+        regions = self._region(region, x_t)
+
+        def predict(windows: torch.Tensor, locations) -> torch.Tensor:
+            # MONAI passes, per window, [batch slice, channel slice, *spatial slices]
+            index = torch.tensor([loc[0].start for loc in locations], device=windows.device)
+            coords = torch.stack([
+                coordinate_grid([(s.start, s.stop) for s in loc[2:]], spatial,
+                                device=windows.device, dtype=windows.dtype)
+                for loc in locations])
+            return self.network(windows[:, :c], timesteps[index], coords=coords,
+                                condition=windows[:, c:] if condition is not None else None,
+                                region=None if regions is None else regions[index])
+
+        return sliding_window_inference(
+            inputs, roi_size=window, sw_batch_size=self.window_batch,
+            predictor=predict, overlap=self.overlap, mode="gaussian", padding_mode="replicate",
+            with_coord=True)
+
+    def _timesteps(self, t, x_t):
+        t = torch.as_tensor(t, device=x_t.device)
+        return t.expand(x_t.shape[0]) if t.dim() == 0 else t
+
+    def _region(self, region, x_t):
+        if region is None or not self.network.uses_regions:
+            return None
+        region = torch.as_tensor(region, device=x_t.device).long()
+        return region.expand(x_t.shape[0]) if region.dim() == 0 else region

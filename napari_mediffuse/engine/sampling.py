@@ -1,0 +1,158 @@
+"""Reverse diffusion: one DDIM/DDPM loop that every task shares.
+
+The loop works in the x0-prediction form so tasks can plug in at the two
+places restoration methods need:
+
+* ``x0_hook(x0, t)``: correct the clean-image estimate at each step
+  (DiffPIR's data-consistency step for denoising and super-resolution);
+* ``xt_hook(x_prev, t_prev)``: modify the next noisy sample (RePaint pastes
+  the known region, noised to ``t_prev``).
+
+With ``eta = 0`` the update is deterministic DDIM; ``eta = 1`` with all
+steps is ancestral DDPM. :func:`sample_with_scheduler` runs diffusers'
+schedulers (e.g. DPM-Solver++) for plain sampling without hooks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .control import CancelCheck, ProgressCallback, check_cancel, report
+from .schedulers import alphas_cumprod, make_scheduler
+
+#: eps = predictor(x_t, t)
+Predictor = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """CPU generator: noise is drawn on the CPU so a seed gives the same
+    result on every device."""
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def timestep_sequence(num_train_timesteps: int, steps: int, t_start: Optional[int] = None) -> list[int]:
+    """Evenly spaced steps from ``t_start`` (default T-1) down to 0, descending.
+
+    ``steps`` is the number of network evaluations; the sequence always
+    includes ``t_start`` and ends at 0.
+    """
+    t_start = num_train_timesteps - 1 if t_start is None else int(t_start)
+    if not 0 <= t_start < num_train_timesteps:
+        raise ValueError(f"t_start must be in [0, {num_train_timesteps - 1}], got {t_start}")
+    steps = max(1, min(int(steps), t_start + 1))
+    seq = np.round(np.linspace(t_start, 0, steps)).astype(int)
+    return [int(t) for t in dict.fromkeys(seq.tolist())]
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Tensor:
+    """Clean-image estimate from the noise estimate (Tweedie / DDPM Eq. 15)."""
+    return (x_t - (1.0 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
+
+
+def add_noise(x0: torch.Tensor, t: int, abar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Forward diffusion q(x_t | x0) at step ``t``."""
+    a = float(abar[t])
+    return a ** 0.5 * x0 + (1.0 - a) ** 0.5 * randn(x0.shape, generator, x0.device)
+
+
+def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, steps: int = 50,
+                t_start: Optional[int] = None, eta: float = 0.0,
+                generator: Optional[torch.Generator] = None,
+                x0_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                xt_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                clip: Optional[tuple[float, float]] = (-1.0, 1.0),
+                progress: Optional[ProgressCallback] = None,
+                cancel: Optional[CancelCheck] = None) -> torch.Tensor:
+    """Run the reverse process from ``x_t`` at ``t_start`` down to a clean image.
+
+    Parameters
+    ----------
+    predictor : callable
+        ``eps = predictor(x, t)`` (e.g. a :class:`~.inference.NoisePredictor`
+        with its conditioning bound).
+    x_t : Tensor (B, C, *spatial)
+        Starting sample: pure noise for generation (``t_start = T-1``), or a
+        noised image for restoration / partial diffusion.
+    schedule : dict
+        The checkpoint's noise schedule.
+    steps : int
+        Network evaluations.
+    t_start : int, optional
+        Step of ``x_t``; T-1 by default.
+    eta : float
+        0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
+    generator : torch.Generator
+        Source of the injected noise (``eta > 0``).
+    x0_hook, xt_hook : callable, optional
+        See the module docstring.
+    clip : (float, float) or None
+        Range the x0 estimate is clipped to (the data range, [-1, 1]).
+    progress, cancel :
+        Called / checked once per step.
+
+    Returns
+    -------
+    Tensor
+        The final x0 estimate.
+    """
+    abar = alphas_cumprod(schedule)
+    seq = timestep_sequence(len(abar), steps, t_start)
+    generator = generator or make_generator(None)
+    x = x_t
+    for i, t in enumerate(seq):
+        check_cancel(cancel)
+        a_t = float(abar[t])
+        eps = predictor(x, t).to(x.dtype)
+        x0 = predict_x0(x, eps, a_t)
+        if clip is not None:
+            x0 = x0.clamp(*clip)
+        if x0_hook is not None:
+            x0 = x0_hook(x0, t)
+        if i + 1 == len(seq):
+            x = x0
+        else:
+            t_prev = seq[i + 1]
+            a_prev = float(abar[t_prev])
+            # eps consistent with the (possibly corrected) x0
+            eps_hat = (x - a_t ** 0.5 * x0) / max(1.0 - a_t, 1e-12) ** 0.5
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5 if eta else 0.0
+            direction = max(1.0 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps_hat
+            x = a_prev ** 0.5 * x0 + direction
+            if sigma:
+                x = x + sigma * randn(x.shape, generator, x.device)
+            if xt_hook is not None:
+                x = xt_hook(x, t_prev)
+        report(progress, i + 1, len(seq), f"step {i + 1}/{len(seq)}")
+    return x
+
+
+def sample_with_scheduler(predictor: Predictor, shape, schedule: dict, *, kind: str = "dpm",
+                          steps: int = 20, generator: Optional[torch.Generator] = None,
+                          device="cpu", progress: Optional[ProgressCallback] = None,
+                          cancel: Optional[CancelCheck] = None) -> torch.Tensor:
+    """Generate from pure noise with a diffusers scheduler (DDPM, DDIM, DPM-Solver++)."""
+    scheduler = make_scheduler(schedule, kind)
+    scheduler.set_timesteps(steps)
+    generator = generator or make_generator(None)
+    x = randn(shape, generator, device) * float(scheduler.init_noise_sigma)
+    timesteps = list(scheduler.timesteps)
+    for i, t in enumerate(timesteps):
+        check_cancel(cancel)
+        model_input = scheduler.scale_model_input(x, t)
+        eps = predictor(model_input, int(t)).to(x.dtype)
+        # diffusers schedulers take an optional CPU generator for their noise
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample if kind == "ddpm" \
+            else scheduler.step(eps, t, x).prev_sample
+        report(progress, i + 1, len(timesteps), f"step {i + 1}/{len(timesteps)}")
+    return x

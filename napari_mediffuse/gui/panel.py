@@ -1,0 +1,185 @@
+"""The mediffuse dock panel.
+
+The panel only wires widgets to plain functions of the core; everything it
+does is also reachable from the Python API and the ``mediffuse`` command.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import napari
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import io
+from ..display import CT_WINDOW_PRESETS, ct_preset_limits, robust_limits
+from ..layers import image_layer_data, layer_to_volume
+from ..io.volume import axcodes
+
+
+def _image_layers(viewer: napari.Viewer):
+    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Image)]
+
+
+class ScanBox(QGroupBox):
+    """Scan information, CT window presets, open and export."""
+
+    def __init__(self, viewer: napari.Viewer, parent=None):
+        super().__init__("Scan", parent)
+        self.viewer = viewer
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Image layer the scan tools act on")
+        self.info = QLabel("no image layer")
+        self.info.setWordWrap(True)
+        self.window_combo = QComboBox()
+        self.window_combo.addItems(["(auto)"] + list(CT_WINDOW_PRESETS))
+        self.window_combo.setToolTip(
+            "CT window preset (level/width in HU); MR uses robust percentiles"
+        )
+        open_button = QPushButton("Open DICOM folder…")
+        open_button.setToolTip("Read every CT/MR series under a folder (one layer per series)")
+        export_button = QPushButton("Export as DICOM series…")
+        export_button.setToolTip(
+            "Write the selected layer as a derived DICOM series "
+            "(new UIDs, ImageType DERIVED, source geometry kept)"
+        )
+
+        form = QFormLayout()
+        form.addRow("Layer", self.layer_combo)
+        form.addRow("Window", self.window_combo)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.info)
+        buttons = QHBoxLayout()
+        buttons.addWidget(open_button)
+        buttons.addWidget(export_button)
+        layout.addLayout(buttons)
+
+        self.layer_combo.currentTextChanged.connect(self._on_layer_changed)
+        self.window_combo.currentTextChanged.connect(self.apply_window)
+        open_button.clicked.connect(self._open_folder_dialog)
+        export_button.clicked.connect(self._export_dialog)
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._refresh_layers)
+        viewer.layers.selection.events.active.connect(self._follow_selection)
+        self._refresh_layers()
+
+    # -- layer list -----------------------------------------------------------
+    def selected_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _refresh_layers(self, event=None):
+        current = self.layer_combo.currentText()
+        names = [layer.name for layer in _image_layers(self.viewer)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._on_layer_changed(self.layer_combo.currentText())
+
+    def _follow_selection(self, event=None):
+        active = self.viewer.layers.selection.active
+        if isinstance(active, napari.layers.Image):
+            self.layer_combo.setCurrentText(active.name)
+
+    def _on_layer_changed(self, name: str):
+        layer = self.selected_layer()
+        if layer is None:
+            self.info.setText("no image layer")
+            return
+        meta = layer.metadata or {}
+        spacing = tuple(float(s) for s in layer.scale[-3:]) if layer.ndim >= 3 else tuple(layer.scale)
+        lines = [
+            f"modality: {meta.get('modality', 'unknown')}",
+            f"shape: {' x '.join(str(s) for s in layer.data.shape)}",
+            "spacing: " + " x ".join(f"{s:.3g}" for s in spacing) + " mm",
+        ]
+        if "affine" in meta:
+            lines.append("orientation: " + "".join(axcodes(meta["affine"])))
+        thickness = meta.get("slice_thickness_mm")
+        if thickness:
+            lines.append(f"slice thickness: {thickness:.3g} mm")
+        for warning in meta.get("warnings", [])[:3]:
+            lines.append(f"⚠ {warning}")
+        self.info.setText("\n".join(lines))
+
+    # -- actions ----------------------------------------------------------------
+    def apply_window(self, preset: str):
+        """Set the selected layer's contrast limits from a preset name."""
+        layer = self.selected_layer()
+        if layer is None:
+            return
+        if preset in CT_WINDOW_PRESETS:
+            limits = ct_preset_limits(preset)
+        else:
+            modality = (layer.metadata or {}).get("modality", "OT")
+            limits = ct_preset_limits("soft tissue") if modality == "CT" else robust_limits(layer.data)
+        low, high = layer.contrast_limits_range
+        layer.contrast_limits_range = (min(low, limits[0]), max(high, limits[1]))
+        layer.contrast_limits = limits
+
+    def open_folder(self, folder) -> list:
+        """Read a DICOM folder and add one layer per series."""
+        try:
+            volumes = io.read(folder)
+        except io.ReadError as exc:
+            show_error(str(exc))
+            return []
+        added = []
+        for volume in volumes:
+            data, kwargs, _ = image_layer_data(volume)
+            added.append(self.viewer.add_image(data, **kwargs))
+        return added
+
+    def _open_folder_dialog(self):
+        folder = QFileDialog.getExistingDirectory(self, "Open DICOM folder")
+        if folder:
+            self.open_folder(folder)
+
+    def export_dicom(self, folder) -> list[Path]:
+        layer = self.selected_layer()
+        if layer is None:
+            show_error("select an image layer to export")
+            return []
+        try:
+            volume = layer_to_volume(layer)
+            files = io.write_dicom_series(
+                volume, folder,
+                series_description=f"{layer.name} (mediffuse)",
+                source_files=(layer.metadata or {}).get("files"),
+            )
+        except (io.MediffuseIOError, ValueError) as exc:
+            show_error(str(exc))
+            return []
+        show_info(f"wrote {len(files)} DICOM files to {folder}")
+        return files
+
+    def _export_dialog(self):
+        folder = QFileDialog.getExistingDirectory(self, "Export DICOM series into (empty) folder")
+        if folder:
+            self.export_dicom(folder)
+
+
+class MediffusePanel(QWidget):
+    """Dock panel of napari-mediffuse."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.scan = ScanBox(napari_viewer)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.scan)
+        layout.addStretch(1)

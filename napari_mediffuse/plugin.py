@@ -1,0 +1,115 @@
+"""npe2 reader, writer and sample-data contributions (see napari.yaml).
+
+These are thin adapters over :mod:`napari_mediffuse.io`: errors become napari
+notifications instead of tracebacks, and nothing already loaded is touched.
+"""
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io
+from .io.volume import Volume
+from .layers import image_layer_data, labels_layer_data, layer_to_volume
+
+log = logging.getLogger(__name__)
+
+#: The sample CT shipped in the package (credit in data/sample/README.md).
+SAMPLE_CT = "abdomen_ct_3mm.nii.gz"
+
+_NULL_LAYER = [(None,)]  # napari's "read fine, nothing to add" sentinel
+
+
+def sample_ct_path() -> Path:
+    """Path of the bundled abdominal CT (NIfTI, HU, 3 mm)."""
+    return Path(str(resources.files("napari_mediffuse") / "data" / "sample" / SAMPLE_CT))
+
+
+def _notify_error(message: str) -> None:
+    log.error(message)
+    try:
+        from napari.utils.notifications import show_error
+    except ImportError:  # napari not installed: headless use
+        return
+    show_error(message)
+
+
+# -- reader -----------------------------------------------------------------
+
+def get_reader(path):
+    """npe2 reader hook: a reader function if ``path`` looks like ours."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None  # stacks of files: a DICOM folder is the way to pass a series
+        path = path[0]
+    if not io.can_read(path):
+        return None
+    return read_layers
+
+
+def read_layers(path) -> list[tuple]:
+    """Read ``path`` into napari layer data; errors become a notification."""
+    if isinstance(path, list):
+        path = path[0]
+    try:
+        volumes = io.read(path)
+    except io.ReadError as exc:
+        _notify_error(str(exc))
+        return _NULL_LAYER
+    return [image_layer_data(v) for v in volumes]
+
+
+# -- writers ----------------------------------------------------------------
+
+def write_image(path: str, data: Any, attributes: dict) -> list[str]:
+    """npe2 single-layer writer: an image layer to NIfTI, geometry kept."""
+    return [str(io.write_nifti(_volume_from_layer_data(data, attributes), path))]
+
+
+def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
+    """npe2 single-layer writer: a labels layer to an integer NIfTI."""
+    volume = _volume_from_layer_data(np.asarray(data), attributes)
+    return [str(io.write_nifti(volume, path, dtype=_smallest_label_dtype(volume.data)))]
+
+
+def _smallest_label_dtype(data: np.ndarray):
+    top = int(data.max()) if data.size else 0
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if top <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+class _LayerView:
+    """Duck-typed layer built from npe2 writer arguments."""
+
+    def __init__(self, data, attributes: dict):
+        self.data = np.asarray(data)
+        self.name = attributes.get("name", "layer")
+        ndim = self.data.ndim
+        self.scale = attributes.get("scale", (1.0,) * ndim)
+        self.translate = attributes.get("translate", (0.0,) * ndim)
+        self.metadata = attributes.get("metadata", {}) or {}
+
+
+def _volume_from_layer_data(data, attributes: dict) -> Volume:
+    return layer_to_volume(_LayerView(data, attributes))
+
+
+# -- sample data --------------------------------------------------------------
+
+def sample_abdomen_ct() -> list[tuple]:
+    """npe2 sample: real abdominal CT, 3 mm, in HU (TotalSegmentator, CC BY 4.0)."""
+    volume = io.read_nifti(sample_ct_path(), modality="CT")
+    volume.name = "abdomen CT (sample)"
+    return [image_layer_data(volume)]
+
+
+__all__ = [
+    "get_reader", "read_layers", "write_image", "write_labels",
+    "sample_abdomen_ct", "sample_ct_path", "labels_layer_data",
+]

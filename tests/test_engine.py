@@ -1,0 +1,322 @@
+"""Diffusion engine: position encoding, blending, samplers, checkpoints, registry, devices."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mediffuse.engine import checkpoint as ckpt
+from napari_mediffuse.engine import registry
+from napari_mediffuse.engine.devices import autocast_dtype, select_device
+from napari_mediffuse.engine.inference import NoisePredictor
+from napari_mediffuse.engine.networks import DiffusionNetwork
+from napari_mediffuse.engine.position import coordinate_grid, encode_positions
+from napari_mediffuse.engine.sampling import (
+    ddim_sample,
+    make_generator,
+    sample_with_scheduler,
+    timestep_sequence,
+)
+from napari_mediffuse.engine.schedulers import alphas_cumprod, timestep_for_noise_level
+
+TINY = {
+    "position_frequencies": 2,
+    "stem_stride": 1,
+    "backbone_config": {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+    },
+}
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+
+
+# -- position encoding -------------------------------------------------------
+
+def test_coordinates_span_minus_one_to_one_over_the_whole_image():
+    full = coordinate_grid([(0, 5), (0, 9)], (5, 9))
+    assert full.shape == (2, 5, 9)
+    assert full[0, 0, 0] == -1 and full[0, -1, 0] == 1
+    assert full[1, 0, 0] == -1 and full[1, 0, -1] == 1
+    assert full[1, 0, 4] == pytest.approx(0.0)
+    # a window carries the coordinates of its pixels in the full image
+    window = coordinate_grid([(1, 3), (4, 9)], (5, 9))
+    torch.testing.assert_close(window, full[:, 1:3, 4:9])
+
+
+def test_position_encoding_matches_eq_5_6():
+    coords = torch.tensor([0.3, -0.7]).view(1, 2, 1, 1)
+    enc = encode_positions(coords, num_frequencies=3)
+    assert enc.shape == (1, 12, 1, 1)
+    expected = []
+    for p in (0.3, -0.7):
+        for l in range(3):
+            expected += [math.sin(2 ** l * math.pi * p), math.cos(2 ** l * math.pi * p)]
+    np.testing.assert_allclose(enc.flatten().numpy(), expected, atol=1e-6)
+
+
+# -- sliding-window blend ----------------------------------------------------
+
+class _Identity(torch.nn.Module):
+    """Network stub returning its input: exposes the blending alone."""
+
+    spatial_dims = 2
+    size_multiple = 1
+    uses_regions = False
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, sample, timesteps, *, coords=None, condition=None, region=None):
+        self.calls.append(coords.clone())
+        return sample
+
+
+def test_sliding_window_blend_returns_constant_image_unchanged():
+    net = _Identity()
+    predictor = NoisePredictor(net, device="cpu", window=32, overlap=0.5, window_batch=3)
+    x = torch.full((2, 1, 100, 77), 0.37)
+    out = predictor(x, 500)
+    assert len(net.calls) > 1  # it really used windows
+    torch.testing.assert_close(out, x)
+
+
+def test_sliding_window_passes_true_coordinates_and_reassembles_any_image():
+    net = _Identity()
+    predictor = NoisePredictor(net, device="cpu", window=(24, 40), overlap=0.25)
+    x = torch.randn(1, 1, 70, 95, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(predictor(x, 10), x)  # a non-constant image too
+    full = coordinate_grid([(0, 70), (0, 95)], (70, 95))
+    for coords in net.calls:
+        for c in coords:
+            # every window's coordinates occur at one place of the full grid
+            r0 = int(round((c[0, 0, 0].item() + 1) * 69 / 2))
+            c0 = int(round((c[1, 0, 0].item() + 1) * 94 / 2))
+            torch.testing.assert_close(c, full[:, r0:r0 + c.shape[1], c0:c0 + c.shape[2]])
+
+
+# -- samplers against known answers ----------------------------------------------
+
+def _gaussian_oracle(mu: float, s: float, abar):
+    """Exact E[eps | x_t] when the data is N(mu, s^2) per pixel."""
+    def predict(x, t):
+        a = float(abar[t])
+        return (1 - a) ** 0.5 * (x - a ** 0.5 * mu) / (a * s * s + 1 - a)
+    return predict
+
+
+def test_ddim_with_exact_score_recovers_a_point_mass():
+    abar = alphas_cumprod(SCHEDULE)
+    target = torch.linspace(-0.8, 0.8, 64).view(1, 1, 8, 8)
+
+    def oracle(x, t):
+        a = float(abar[t])
+        return (x - a ** 0.5 * target) / (1 - a) ** 0.5
+
+    x_T = torch.randn(target.shape, generator=make_generator(1))
+    out = ddim_sample(oracle, x_T, SCHEDULE, steps=10)
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
+
+
+def test_ddpm_ancestral_sampling_matches_gaussian_data_statistics():
+    abar = alphas_cumprod(SCHEDULE)
+    mu, s = 0.3, 0.2
+    gen = make_generator(2)
+    x_T = torch.randn((1, 1, 128, 128), generator=gen)
+    out = ddim_sample(_gaussian_oracle(mu, s, abar), x_T, SCHEDULE, steps=1000, eta=1.0,
+                      generator=gen, clip=None)
+    assert out.mean().item() == pytest.approx(mu, abs=0.01)
+    assert out.std().item() == pytest.approx(s, rel=0.05)
+
+
+def test_dpm_solver_with_exact_score_matches_gaussian_statistics():
+    cosine = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+    abar = alphas_cumprod(cosine)
+    mu, s = -0.2, 0.5
+    stds = {}
+    for kind in ("dpm", "ddim"):
+        out = sample_with_scheduler(_gaussian_oracle(mu, s, abar), (1, 1, 96, 96), cosine,
+                                    kind=kind, steps=20, generator=make_generator(3))
+        assert out.mean().item() == pytest.approx(mu, abs=0.02)
+        stds[kind] = out.std().item()
+    # DPM-Solver++ reaches the data distribution in 20 steps; DDIM is coarser
+    assert stds["dpm"] == pytest.approx(s, rel=0.03)
+    assert abs(stds["dpm"] - s) < abs(stds["ddim"] - s)
+
+
+def test_timestep_sequence_and_noise_level_matching():
+    seq = timestep_sequence(1000, 10)
+    assert seq[0] == 999 and seq[-1] == 0 and len(seq) == 10
+    assert seq == sorted(seq, reverse=True)
+    assert timestep_sequence(1000, 50, t_start=20)[0] == 20
+    with pytest.raises(ValueError):
+        timestep_sequence(1000, 5, t_start=1000)
+    abar = alphas_cumprod(SCHEDULE)
+    t = timestep_for_noise_level(0.1, SCHEDULE)
+    assert math.sqrt((1 - abar[t]) / abar[t]) == pytest.approx(0.1, rel=0.05)
+
+
+def test_progress_and_cancel_in_sampler():
+    from napari_mediffuse.engine.control import Cancelled
+
+    calls = []
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    ddim_sample(zero, torch.zeros(1, 1, 4, 4), SCHEDULE, steps=5,
+                progress=lambda done, total, msg: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+    state = {"n": 0}
+
+    def cancel_after_two():
+        state["n"] += 1
+        return state["n"] > 2
+
+    with pytest.raises(Cancelled):
+        ddim_sample(zero, torch.zeros(1, 1, 4, 4), SCHEDULE, steps=5, cancel=cancel_after_two)
+
+
+def test_seed_makes_sampling_reproducible():
+    net = DiffusionNetwork(TINY)
+    predictor = NoisePredictor(net, device="cpu")
+    runs = []
+    for _ in range(2):
+        gen = make_generator(7)
+        x = torch.randn((1, 1, 16, 16), generator=gen)
+        runs.append(ddim_sample(predictor, x, SCHEDULE, steps=3, eta=1.0, generator=gen))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+# -- network -------------------------------------------------------------
+
+def test_network_handles_any_size_with_padding_and_conditions():
+    net = DiffusionNetwork({**TINY, "condition_channels": 2, "stem_stride": 2})
+    predictor = NoisePredictor(net, device="cpu")
+    x = torch.randn(3, 1, 37, 50)
+    eps = predictor(x, 100, condition=torch.randn(3, 2, 37, 50), region=2)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    with pytest.raises(ValueError, match="condition channels"):
+        predictor(x, 100)
+
+
+# -- checkpoint ------------------------------------------------------------
+
+def _save_tiny(folder, **card_changes):
+    net = DiffusionNetwork(TINY)
+    card = ckpt.make_card(name=card_changes.pop("name", "tiny"), task=card_changes.pop("task", "ct_prior"),
+                          modality=card_changes.pop("modality", "CT"), architecture=TINY,
+                          schedule=SCHEDULE, pixel_spacing_mm=[3, 3], patch_size=[16, 16], **card_changes)
+    ckpt.save_checkpoint(folder, net, card)
+    return net
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    net = _save_tiny(tmp_path / "tiny", summary="test prior")
+    assert (tmp_path / "tiny" / "model.safetensors").is_file()
+    card = json.loads((tmp_path / "tiny" / "mediffuse.json").read_text())
+    assert card["architecture"]["backbone_config"]["block_out_channels"] == [8, 16]
+    assert card["normalization"]["type"] == "hu_window"
+    loaded = ckpt.load_checkpoint(tmp_path / "tiny", task="ct_prior", modality="CT")
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.network(x, torch.tensor([3])), net.eval()(x, torch.tensor([3])))
+    with pytest.raises(ckpt.CheckpointError, match="exists"):
+        _save_tiny(tmp_path / "tiny")
+
+
+def test_fp16_checkpoint_is_half_the_size(tmp_path):
+    net = DiffusionNetwork(TINY)
+    card = ckpt.make_card(name="a", task="ct_prior", modality="CT", architecture=TINY)
+    ckpt.save_checkpoint(tmp_path / "f32", net, card)
+    ckpt.save_checkpoint(tmp_path / "f16", net, card, dtype=torch.float16)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "f16") < 0.6 * size(tmp_path / "f32")
+    assert ckpt.load_checkpoint(tmp_path / "f16").network.backbone.conv_in.weight.dtype == torch.float32
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not a mediffuse checkpoint"):
+        ckpt.load_checkpoint(tmp_path)
+    _save_tiny(tmp_path / "mr", modality="MR", task="translation")
+    with pytest.raises(ckpt.CheckpointError, match="'translation' model; this needs a 'ct_prior'"):
+        ckpt.load_checkpoint(tmp_path / "mr", task="ct_prior")
+    with pytest.raises(ckpt.CheckpointError, match="trained on MR"):
+        ckpt.load_checkpoint(tmp_path / "mr", modality="CT")
+    # weights that do not fit the architecture
+    card_path = tmp_path / "mr" / "mediffuse.json"
+    card = json.loads(card_path.read_text())
+    card["architecture"]["backbone_config"]["block_out_channels"] = [8, 32]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ckpt.CheckpointError, match="do not match the architecture"):
+        ckpt.load_checkpoint(tmp_path / "mr")
+    (tmp_path / "mr" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="cannot read weights"):
+        ckpt.load_checkpoint(tmp_path / "mr")
+
+
+# -- registry --------------------------------------------------------------
+
+def test_registry_lookup_order_env_then_user_then_bundled(tmp_path, monkeypatch):
+    env_dir, user_dir, bundled = tmp_path / "env", tmp_path / "user", tmp_path / "bundled"
+    _save_tiny(bundled / "prior", name="prior", summary="bundled one")
+    _save_tiny(bundled / "other", name="other")
+    _save_tiny(user_dir / "prior", name="prior", summary="user one")
+    monkeypatch.setattr(registry, "user_models_dir", lambda: user_dir)
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: bundled)
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+
+    assert registry.resolve_checkpoint("prior").origin == "user"
+    assert registry.resolve_checkpoint("other").origin == "bundled"
+    _save_tiny(env_dir / "prior", name="prior", summary="env one")
+    monkeypatch.setenv(registry.ENV_VAR, str(env_dir))
+    info = registry.resolve_checkpoint("prior")
+    assert (info.origin, info.summary) == ("env", "env one")
+    assert [i.name for i in registry.list_checkpoints()] == ["prior", "other"]
+    # an explicit path wins over everything
+    assert registry.resolve_checkpoint(bundled / "prior").origin == "path"
+    # default for a task
+    assert registry.resolve_checkpoint(task="ct_prior").name == "prior"
+
+
+def test_registry_errors_name_what_is_available(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "user")
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: tmp_path / "bundled")
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    _save_tiny(tmp_path / "bundled" / "prior", name="prior")
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint named 'nope'; available: prior \(bundled\)"):
+        registry.resolve_checkpoint("nope")
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint folder"):
+        registry.resolve_checkpoint(str(tmp_path / "missing" / "x"))
+    with pytest.raises(ckpt.CheckpointError, match="no translation checkpoint"):
+        registry.resolve_checkpoint(task="translation")
+    with pytest.raises(ckpt.CheckpointError, match="'ct_prior' model; this needs a 'translation'"):
+        registry.resolve_checkpoint("prior", task="translation")
+
+
+# -- devices -----------------------------------------------------------------
+
+def test_device_selection_logic():
+    assert select_device("auto", cuda_available=True, mps_is_available=True).type == "cuda"
+    assert select_device("auto", cuda_available=False, mps_is_available=True).type == "mps"
+    assert select_device("auto", cuda_available=False, mps_is_available=False).type == "cpu"
+    assert select_device("cuda:1", cuda_available=True).index == 1
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match="MPS is not available"):
+        select_device("mps", mps_is_available=False)
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("tpu")
+
+
+def test_precision_selection():
+    cuda, mps, cpu = torch.device("cuda"), torch.device("mps"), torch.device("cpu")
+    assert autocast_dtype(cuda, "auto", bf16_supported=True) == torch.bfloat16
+    assert autocast_dtype(cuda, "auto", bf16_supported=False) == torch.float16
+    assert autocast_dtype(mps, "auto") == torch.float16
+    assert autocast_dtype(cpu, "auto") is None
+    assert autocast_dtype(cpu, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        autocast_dtype(cpu, "int8")
