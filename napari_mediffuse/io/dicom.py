@@ -50,6 +50,7 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
 
 from .errors import ReadError
@@ -75,6 +76,9 @@ SPACING_TOLERANCE_REL = 0.01
 #: A slice-to-slice step further than this from the slice normal is a gantry
 #: tilt (degrees); below it the step is taken along the normal exactly.
 TILT_TOLERANCE_DEG = 0.01
+
+#: Resampling an uneven stack never makes more than this many times its slices.
+MAX_RESAMPLE_FACTOR = 64
 
 #: Slice positions further than this (mm) from a straight line get a warning.
 COLLINEARITY_TOLERANCE_MM = 0.05
@@ -123,12 +127,13 @@ def is_dicom_file(path) -> bool:
     """
     try:
         with open(path, "rb") as fh:
-            head = fh.read(_SNIFF_BYTES)
+            head = fh.read(132)
+            if len(head) == 132 and head[128:132] == b"DICM":
+                return True
+            if len(head) < 8 or not _starts_like_dataset(head):
+                return False
+            head += fh.read(_SNIFF_BYTES - len(head))
     except OSError:
-        return False
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    if len(head) < 8 or not _starts_like_dataset(head):
         return False
     try:
         with _quiet_pydicom():
@@ -198,6 +203,8 @@ def read_dicom(path) -> list[Volume]:
     for group in _group_frames(frames):
         built = _build_with_retries(group, skips, single)
         if built is not None:
+            for note in built.metadata["warnings"]:
+                _warn(note)
             volumes.append((group.sort_key, built))
 
     if not volumes:
@@ -362,6 +369,8 @@ def _frames_from_file(path: Path) -> list[_Frame]:
     """
     if not path.is_file():
         raise _Skip("missing file", "does not exist or is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise _Skip("unreadable file", "cannot be opened (no read permission)")
     if not is_dicom_file(path):
         raise _Skip("not a DICOM file", "is not a DICOM file")
     try:
@@ -403,15 +412,15 @@ def _check_image(ds: Dataset, sop_class: str) -> None:
     """Raise :class:`_Skip` unless ``ds`` is a greyscale image with pixel data."""
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         name = _sop_class_name(sop_class)
-        if "Rows" in ds and "Image Storage" in name:
+        if "Image Storage" in name:
             raise _Skip("no pixel data (truncated?)",
                         f"has no pixel data although it is a {name} file (truncated?)")
         raise _Skip(f"no image data ({name})", f"has no image data ({name})")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1 or not photometric.startswith("MONOCHROME"):
-        raise _Skip("colour image", f"is a colour ({photometric}) image; only greyscale CT/MR images "
-                    "can be read")
+        raise _Skip("colour image", f"is a colour ({photometric}) image; only "
+                    "greyscale CT/MR images can be read")
     if not ds.get("Rows") or not ds.get("Columns"):
         raise _Skip("invalid header", "has no image size (Rows/Columns)")
 
@@ -437,7 +446,7 @@ def _single_frame(ds: Dataset, path: Path) -> _Frame:
         "time point": _key_text(ds.get("TemporalPositionIdentifier")),
         "acquisition": _key_text(ds.get("AcquisitionNumber")),
         "trigger": _key_text(ds.get("TriggerTime")),
-        "b": _key_text(ds.get("DiffusionBValue")),
+        "b-value": _key_text(ds.get("DiffusionBValue")),
         "type": _key_text(ds.get("ImageType")),
         "time": _key_text(ds.get("AcquisitionTime")),
     }
@@ -471,6 +480,7 @@ def _enhanced_frame(ds: Dataset, path: Path, index: int) -> _Frame:
     diffusion = _functional_item(ds, index, "MRDiffusionSequence")
     frame_type = (_functional_item(ds, index, "MRImageFrameTypeSequence")
                   or _functional_item(ds, index, "CTImageFrameTypeSequence"))
+    segment = _functional_item(ds, index, "SegmentIdentificationSequence")
 
     row_cos, col_cos = _orientation(_get(plane_ori, ds, "ImageOrientationPatient"))
     position = _position(_get(plane_pos, ds, "ImagePositionPatient"))
@@ -483,8 +493,9 @@ def _enhanced_frame(ds: Dataset, path: Path, index: int) -> _Frame:
         "time point": _key_text(content.get("TemporalPositionIndex") if content else None),
         "acquisition": _key_text(content.get("FrameAcquisitionNumber") if content else None),
         "stack": _key_text(content.get("StackID") if content else None),
-        "b": _key_text(diffusion.get("DiffusionBValue") if diffusion else None),
+        "b-value": _key_text(diffusion.get("DiffusionBValue") if diffusion else None),
         "type": _key_text(frame_type.get("FrameType") if frame_type else None),
+        "segment": _key_text(segment.get("ReferencedSegmentNumber") if segment else None),
     }
     return _Frame(
         path=path, frame_index=index, header=ds,
@@ -554,7 +565,11 @@ def _get(item: Dataset | None, ds: Dataset, keyword: str):
 
 
 def _orientation(value) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Unit row and column cosines from ImageOrientationPatient, or (None, None)."""
+    """Unit row and column cosines from ImageOrientationPatient, or (None, None).
+
+    Cosines stored with few decimals are not exactly perpendicular; the
+    column cosines are made perpendicular to the row cosines (Gram-Schmidt).
+    """
     if value is None or len(value) != 6:
         return None, None
     iop = np.array([float(v) for v in value])
@@ -566,7 +581,8 @@ def _orientation(value) -> tuple[np.ndarray | None, np.ndarray | None]:
     if abs(row @ col) > 1e-2:
         raise _Skip("invalid header", "has an invalid ImageOrientationPatient (row and column "
                     "directions are not perpendicular)")
-    return row, col
+    col = col - (row @ col) * row
+    return row, col / np.linalg.norm(col)
 
 
 def _position(value) -> np.ndarray | None:
@@ -701,23 +717,25 @@ def _split_repeated_positions(frames: list[_Frame]) -> list[tuple[str, list[_Fra
     """Separate frames that share slice positions (echoes, phases, repeats).
 
     The first tag (echo, temporal position, acquisition number, trigger time,
-    b-value, image type, acquisition time) whose values give parts without
-    repeated positions is used; then all tags together; else frames are dealt
-    out in acquisition order: the n-th frame at each position goes to part n.
+    b-value, image type, acquisition time) whose values give as many parts
+    as there are frames at the most repeated position, none with repeated
+    positions, is used; then all tags together; else frames are dealt out in
+    acquisition order: the n-th frame at each position goes to part n.
     """
     normal = frames[0].normal
-    if not _has_repeated_positions(frames, normal):
+    repeats = _max_repeats(frames, normal)
+    if repeats == 1:
         return [("", frames)]
 
-    key_names = list(frames[0].split_keys)
+    key_names = list(dict.fromkeys(name for f in frames for name in f.split_keys))
     candidates = [[name] for name in key_names] + [key_names]
     for names in candidates:
         parts: dict[tuple, list[_Frame]] = {}
         for frame in frames:
             value = tuple(frame.split_keys.get(name, "") for name in names)
             parts.setdefault(value, []).append(frame)
-        if len(parts) > 1 and not any(_has_repeated_positions(p, normal)
-                                      for p in parts.values()):
+        if len(parts) == repeats and not any(_max_repeats(p, normal) > 1
+                                             for p in parts.values()):
             ordered = sorted(parts.items(), key=lambda kv: _natural_key(kv[0]))
             return [(_split_label(names, value), part) for value, part in ordered]
 
@@ -740,9 +758,12 @@ def _natural_key(values: tuple) -> tuple:
     return tuple(key)
 
 
-def _has_repeated_positions(frames: list[_Frame], normal: np.ndarray) -> bool:
+def _max_repeats(frames: list[_Frame], normal: np.ndarray) -> int:
+    """Largest number of frames sharing one slice position."""
     offsets = np.sort([f.position @ normal for f in frames])
-    return bool(np.any(np.diff(offsets) < DUPLICATE_POSITION_TOLERANCE_MM))
+    new_position = np.diff(offsets) >= DUPLICATE_POSITION_TOLERANCE_MM
+    run_ids = np.concatenate([[0], np.cumsum(new_position)])
+    return int(np.bincount(run_ids).max())
 
 
 def _deal_out_by_order(frames: list[_Frame], normal: np.ndarray):
@@ -864,7 +885,9 @@ def _regular_grid(offsets: np.ndarray, where: str) -> tuple[float, int, str | No
     Regular stacks keep their slices (spacing = mean gap). Uneven stacks
     (a gap deviating from the mean by more than ``max(0.01 mm, 1 %)``, e.g.
     a missing slice) get a uniform grid at the smallest gap, adjusted so the
-    first and last slices stay exactly where they are.
+    first and last slices stay exactly where they are. If the smallest gap
+    is a stray (the grid would have more than ``MAX_RESAMPLE_FACTOR`` times
+    the slices), the median gap is used instead.
     """
     gaps = np.diff(offsets)
     extent = float(offsets[-1] - offsets[0])
@@ -874,7 +897,9 @@ def _regular_grid(offsets: np.ndarray, where: str) -> tuple[float, int, str | No
         return mean_gap, len(offsets), None
 
     smallest = float(gaps.min())
-    n_slices = int(round(extent / smallest)) + 1
+    if extent / smallest + 1 > MAX_RESAMPLE_FACTOR * len(offsets):
+        smallest = float(np.median(gaps))
+    n_slices = min(int(round(extent / smallest)) + 1, MAX_RESAMPLE_FACTOR * len(offsets))
     spacing = extent / (n_slices - 1)
     odd = [k for k, gap in enumerate(gaps)
            if abs(gap - smallest) > max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * smallest)]
@@ -906,8 +931,8 @@ def _load_slices(frames: list[_Frame]) -> np.ndarray:
     """Decode and rescale the frames into an ``(n, rows, columns)`` array.
 
     RescaleSlope/RescaleIntercept are applied per frame. The result is int16
-    (or int32 if needed) when every slope and intercept is integral, else
-    float32.
+    (or int32 if needed; float64 beyond int32) when every slope and intercept
+    is integral, else float32.
     """
     raw = _decode_frames(frames)
     slopes = [f.slope for f in frames]
@@ -920,10 +945,12 @@ def _load_slices(frames: list[_Frame]) -> np.ndarray:
             out[k] = r.astype(np.float64) * s + i
         return out
 
-    low = min(min(int(r.min()) * s, int(r.max()) * s) + i for r, s, i in zip(raw, slopes, intercepts))
-    high = max(max(int(r.min()) * s, int(r.max()) * s) + i for r, s, i in zip(raw, slopes, intercepts))
+    # Value range of each rescaled slice (a negative slope swaps the ends).
+    ends = [(int(r.min()) * int(s) + int(i), int(r.max()) * int(s) + int(i))
+            for r, s, i in zip(raw, slopes, intercepts)]
+    low, high = min(min(e) for e in ends), max(max(e) for e in ends)
     dtype = next((t for t in (np.int16, np.int32)
-                  if np.iinfo(t).min <= low and high <= np.iinfo(t).max), np.float32)
+                  if np.iinfo(t).min <= low and high <= np.iinfo(t).max), np.float64)
     out = np.empty((len(raw),) + raw[0].shape, dtype=dtype)
     for k, (r, s, i) in enumerate(zip(raw, slopes, intercepts)):
         out[k] = r.astype(np.int64) * int(s) + int(i)
@@ -931,43 +958,48 @@ def _load_slices(frames: list[_Frame]) -> np.ndarray:
 
 
 def _decode_frames(frames: list[_Frame]) -> list[np.ndarray]:
-    """Stored pixel values of each frame (2D arrays), in the order given."""
-    cache: dict[Path, np.ndarray] = {}
-    slices = []
+    """Stored pixel values of each frame (2D arrays), in the order given.
+
+    Every file is decoded once; of a multi-frame file only the frames needed.
+    """
+    needed: dict[Path, list[_Frame]] = {}
     for frame in frames:
-        if frame.path not in cache:
-            cache[frame.path] = _decode_file(frame)
-        pixels = cache[frame.path]
-        index = frame.frame_index or 0
-        if index >= pixels.shape[0]:
-            raise _PixelError(frame.path, f"has fewer frames ({pixels.shape[0]}) than "
-                                          "its header describes")
-        slices.append(pixels[index])
-        if frame.frame_index is None:
-            del cache[frame.path]  # single-frame: no reuse, free memory
-    return slices
+        needed.setdefault(frame.path, []).append(frame)
+    decoded: dict[tuple[Path, int | None], np.ndarray] = {}
+    for path, file_frames in needed.items():
+        indices = sorted({f.frame_index for f in file_frames}, key=lambda i: -1 if i is None else i)
+        for index, pixels in zip(indices, _decode_file(file_frames[0], indices)):
+            decoded[(path, index)] = pixels
+    return [decoded[(f.path, f.frame_index)] for f in frames]
 
 
-def _decode_file(frame: _Frame) -> np.ndarray:
-    """All frames of ``frame.path`` as ``(n_frames, rows, columns)``."""
+def _decode_file(frame: _Frame, indices: list[int | None]) -> list[np.ndarray]:
+    """Decoded frames ``indices`` of ``frame.path`` (``[None]``: single-frame).
+
+    Raises :class:`_PixelError` naming the transfer syntax on any failure.
+    """
     path = frame.path
     syntax = _transfer_syntax_name(frame.header)
     try:
         with _quiet_pydicom():
             ds = pydicom.dcmread(path, force=True)
-            pixels = ds.pixel_array
+            if indices == [None]:
+                arrays = [np.asarray(ds.pixel_array)]
+            else:
+                arrays = [np.asarray(a) for a in iter_pixels(ds, indices=indices)]
     except Exception as exc:
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise _PixelError(path, f"cannot be decoded (transfer syntax {syntax}): "
                                 f"{detail}") from None
-    pixels = np.asarray(pixels)
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    if pixels.ndim != 3 or pixels.shape[1:] != (frame.rows, frame.columns):
-        raise _PixelError(path, f"has pixel data of shape {pixels.shape} that does "
-                                f"not match its {frame.rows}x{frame.columns} header "
-                                f"(transfer syntax {syntax})")
-    return pixels
+    expected = (frame.rows, frame.columns)
+    for k, pixels in enumerate(arrays):
+        if pixels.ndim == 3 and pixels.shape[0] == 1:
+            arrays[k] = pixels = pixels[0]
+        if pixels.shape != expected:
+            raise _PixelError(path, f"has pixel data of shape {pixels.shape} that does "
+                                    f"not match its {expected[0]}x{expected[1]} header "
+                                    f"(transfer syntax {syntax})")
+    return arrays
 
 
 def _transfer_syntax_name(ds: Dataset) -> str:
@@ -1038,8 +1070,6 @@ def _build_volume(frames: list[_Frame], label: str) -> Volume:
     affine = _affine_ras(geometry)
     data, affine = reorient(data, affine)
 
-    for note in geometry.notes:
-        _warn(note)
     modality = str(header.get("Modality", "") or "OT").strip() or "OT"
     name = f"{description or 'series'} ({modality})"
     if label:
@@ -1067,11 +1097,7 @@ def _metadata(geometry: _StackGeometry, modality: str, description: str) -> dict
     header = frames[0].header
     thicknesses = [f.thickness for f in frames if f.thickness is not None]
     thickness = float(np.median(thicknesses)) if thicknesses else geometry.spacing
-    files: list[str] = []
-    for frame in frames:
-        if not files or files[-1] != str(frame.path):
-            if str(frame.path) not in files:
-                files.append(str(frame.path))
+    files = list(dict.fromkeys(str(frame.path) for frame in frames))
     return {
         "series_instance_uid": str(header.get("SeriesInstanceUID", "") or ""),
         "study_instance_uid": str(header.get("StudyInstanceUID", "") or ""),

@@ -36,7 +36,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pydicom.valuerep import DSfloat
+from pydicom.valuerep import DSfloat, PersonName
 
 from .dicom import DicomReadWarning, _quiet_pydicom
 from .errors import WriteError
@@ -122,11 +122,10 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     if data.ndim != 3:
         raise WriteError(f"{folder}: only 3D volumes can be written as a DICOM series "
                          f"(got shape {data.shape})")
-    _prepare_folder(folder, overwrite)
-
     geometry = _slice_geometry(volume.affine, folder, data.shape[0])
     stored, slope, intercept = _quantise(data, folder)
     source = _source_dataset(volume, source_files, folder)
+    _prepare_folder(folder, overwrite)  # only now: nothing is touched on bad input
 
     template = _series_template(volume, series_description, source, geometry,
                                 slope, intercept, series_number, derivation_description,
@@ -329,8 +328,11 @@ def _series_template(volume: Volume, description: str, source: Dataset | None,
         keywords = _PATIENT_STUDY_KEYWORDS + (
             _MODALITY_KEYWORDS.get(modality, ()) if source_modality == modality else ())
         for keyword in keywords:
-            if keyword in source:
-                ds[keyword] = copy.deepcopy(source[keyword])
+            value = source.get(keyword)
+            if value is not None:
+                # Decoded text (names as str): re-encoded as UTF-8 on writing.
+                setattr(ds, keyword, str(value) if isinstance(value, PersonName)
+                        else copy.deepcopy(value))
 
     # Series.
     ds.Modality = modality

@@ -1,0 +1,111 @@
+"""training/: data sampling, tiny train -> export -> load -> sample, 2-process DDP."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mediffuse.engine.checkpoint import load_checkpoint
+from napari_mediffuse.engine.inference import NoisePredictor
+from napari_mediffuse.engine.sampling import ddim_sample, make_generator
+from training.data import MultiLevelSlices, image_level, load_volumes, patch_level
+from training.trainer import load_config, read_log, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "training" / "configs" / "ct_prior_tiny.yaml"
+
+
+@pytest.fixture
+def tiny_config(ct_small_path):
+    config = load_config(TINY_CONFIG)
+    config["data"]["train"] = [{"path": str(ct_small_path), "region": "abdomen"}]
+    return config
+
+
+def test_volumes_are_normalised_resampled_and_split(tiny_config):
+    (vol,) = load_volumes(tiny_config["data"], tiny_config["normalization"])
+    # 122 x 101 x 30 voxels at 3 mm resampled to 6 mm: (S, P, L) = (15, 50/51, 61)
+    assert vol.data.shape[0] == 15 and vol.data.shape[2] == 61
+    assert vol.data.min() >= -1 and vol.data.max() <= 1
+    # air (-1024 HU) maps to -1 in the [-1024, 2048] window
+    assert np.percentile(vol.data, 1) == pytest.approx(-1.0, abs=0.02)
+    assert vol.holdout_start == 12  # top 20 % of 15 axial slices held out
+    assert vol.region == 3  # abdomen
+
+
+def test_patch_coordinates_locate_the_patch_in_the_slice():
+    slice_2d = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    crop, coords = patch_level(slice_2d, 16, np.random.default_rng(0))
+    r0 = int(round((coords[0, 0, 0] + 1) * 39 / 2))
+    c0 = int(round((coords[1, 0, 0] + 1) * 49 / 2))
+    np.testing.assert_array_equal(crop, slice_2d[r0:r0 + 16, c0:c0 + 16])
+    image, grid = image_level(slice_2d, 16)
+    assert image.shape == (16, 16) and grid[0, 0, 0] == -1 and grid[1, -1, -1] == 1
+
+
+def test_samples_are_reproducible_and_differ_between_ranks(tiny_config):
+    volumes = load_volumes(tiny_config["data"], tiny_config["normalization"])
+    a = next(iter(MultiLevelSlices(volumes, tiny_config["data"], seed=0, rank=0)))
+    b = next(iter(MultiLevelSlices(volumes, tiny_config["data"], seed=0, rank=0)))
+    c = next(iter(MultiLevelSlices(volumes, tiny_config["data"], seed=0, rank=1)))
+    torch.testing.assert_close(a["image"], b["image"])
+    assert not torch.equal(a["image"], c["image"])
+    assert a["image"].shape == (1, 16, 16) and a["coords"].shape == (2, 16, 16)
+
+
+def test_tiny_train_export_load_sample(tmp_path, tiny_config):
+    folder = train(tiny_config, tmp_path / "run", device="cpu", command="pytest")
+    records = read_log(tmp_path / "run")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert any("val_loss" in r for r in records)
+
+    ckpt = load_checkpoint(folder, task="ct_prior", modality="CT")
+    assert ckpt.card["training"]["steps"] == 6
+    assert ckpt.card["patch_size"] == [16, 16] and ckpt.card["pixel_spacing_mm"] == [6.0, 6.0]
+    assert ckpt.card["metrics"]["validation_loss"] is not None
+    predictor = NoisePredictor(ckpt.network, device="cpu")
+    gen = make_generator(0)
+    out = ddim_sample(lambda x, t: predictor(x, t, region=3), torch.randn((2, 1, 24, 20), generator=gen),
+                      ckpt.schedule, steps=3)
+    assert out.shape == (2, 1, 24, 20) and out.abs().max() <= 1
+
+    # resume continues the step count rather than starting again
+    tiny_config["train"]["max_steps"] = 8
+    train(tiny_config, tmp_path / "run", resume=True, device="cpu")
+    steps = [r["step"] for r in read_log(tmp_path / "run") if "loss" in r]
+    assert steps[-2:] == [7, 8]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path, ct_small_path):
+    config = TINY_CONFIG.read_text().replace("../shared/data/ct/abdomen_ct_3mm_small.nii.gz", str(ct_small_path))
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         "-m", "training", "train", "--config", str(config_path), "--output", str(tmp_path / "ddp"),
+         "--device", "cpu", "--max-steps", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "ema")
+    assert ckpt.card["training"]["processes"] == 2
+    assert ckpt.card["training"]["steps"] == 3
+    state = torch.load(tmp_path / "ddp" / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    records = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 3  # only rank 0 logs: no duplicate lines
+    assert len([r for r in records if "loss" in r]) == 3

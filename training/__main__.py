@@ -1,0 +1,92 @@
+"""``python -m training``: train, export and evaluate checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _cmd_train(args) -> int:
+    from .trainer import load_config, train
+
+    config = load_config(args.config)
+    command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    folder = train(config, args.output, resume=args.resume, device=args.device,
+                   precision=args.precision, max_steps=args.max_steps, command=command)
+    print(f"EMA checkpoint: {folder}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    """Copy a run's EMA checkpoint into the plugin format, with evaluation metrics."""
+    import yaml
+
+    from napari_mediffuse.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    run = Path(args.run)
+    checkpoint = load_checkpoint(run / "ema")
+    card = dict(checkpoint.card)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if card["task"] == "ct_prior" and not args.skip_evaluation:
+        from .evaluate_prior import one_step_denoising
+
+        card["metrics"] = {**card.get("metrics", {}),
+                           "one_step_denoising_heldout": one_step_denoising(checkpoint.network, config)}
+    dtype = torch.float16 if args.fp16 else torch.float32
+    save_checkpoint(args.output, checkpoint.network, card, dtype=dtype, overwrite=args.overwrite)
+    print(json.dumps(card["metrics"], indent=2))
+    print(f"exported {args.output}")
+    return 0
+
+
+def _cmd_evaluate_prior(args) -> int:
+    import yaml
+
+    from napari_mediffuse.engine.checkpoint import load_checkpoint
+
+    from .evaluate_prior import one_step_denoising
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = yaml.safe_load(Path(args.config).read_text())
+    print(json.dumps(one_step_denoising(checkpoint.network, config), indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (torchrun for several processes)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", required=True, help="run folder (state, log, EMA checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/state.pt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--precision", default="auto", help="auto (bf16/fp16 AMP on GPU), fp32, fp16, bf16")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a run's EMA weights as a plugin checkpoint")
+    p.add_argument("run")
+    p.add_argument("--output", required=True)
+    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-evaluation", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("evaluate-prior", help="one-step denoising PSNR of a CT prior on held-out slices")
+    p.add_argument("checkpoint")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_cmd_evaluate_prior)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

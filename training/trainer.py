@@ -1,0 +1,243 @@
+"""The shared diffusion trainer: DDP, EMA, AMP, accumulation, resume, export.
+
+Every model of the project trains through :func:`train` with a config dict
+(one YAML file per model in ``training/configs``). Run state lives in an
+output folder::
+
+    OUTPUT/config.yaml      the resolved config
+    OUTPUT/state.pt         model, EMA, optimiser, step (resume)
+    OUTPUT/log.jsonl        one JSON line per log / validation event
+    OUTPUT/ema/             the latest EMA weights in the plugin's format
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+from napari_mediffuse.engine.networks import DiffusionNetwork
+from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
+
+from . import distributed
+from .data import MultiLevelSlices, load_volumes
+
+log = logging.getLogger("training")
+
+STATE_FILE = "state.pt"
+LOG_FILE = "log.jsonl"
+
+
+def load_config(path) -> dict:
+    with open(path) as handle:
+        config = yaml.safe_load(handle)
+    config.setdefault("train", {})
+    config["config_path"] = str(path)
+    return config
+
+
+def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Generator,
+                   device: torch.device, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn steps (DDPM objective)."""
+    x0 = batch["image"].to(device)
+    n = x0.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, len(abar), (n,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    a = abar[timesteps].to(device, torch.float32).view(n, *([1] * (x0.dim() - 1)))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = network(x_t, timesteps.to(device), coords=batch["coords"].to(device),
+                   condition=batch["condition"].to(device) if "condition" in batch else None,
+                   region=batch["region"].to(device))
+    return torch.mean((pred.float() - noise) ** 2)
+
+
+def _amp(device: torch.device, precision: str):
+    """(autocast context factory, GradScaler or None). AMP only on GPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext, None
+    use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if use_bf16 else torch.float16
+    scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(config: dict, output, *, resume: bool = False, device: str = "auto",
+          precision: str = "auto", max_steps: int | None = None, command: str | None = None) -> Path:
+    """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder."""
+    info = distributed.setup(device)
+    output = Path(output)
+    tcfg = dict(config["train"])
+    if max_steps is not None:
+        tcfg["max_steps"] = max_steps
+    total_steps = int(tcfg["max_steps"])
+    max_seconds = float(tcfg.get("max_minutes", 0) or 0) * 60
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)  # same initial weights on every rank
+
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    distributed.barrier(info)
+
+    volumes = load_volumes(config["data"], config["normalization"])
+    train_set = MultiLevelSlices(volumes, config["data"], seed=seed, rank=info.rank)
+    val_set = MultiLevelSlices(volumes, config["data"], seed=seed, part="val")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=int(tcfg["batch_size"]),
+                                         num_workers=int(tcfg.get("num_workers", 0)))
+    val_batch = val_set.fixed_batch(int(tcfg.get("validation_samples", 64)))
+
+    network = DiffusionNetwork(config["architecture"]).to(info.device)
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.get("ema_decay", 0.999))))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=float(tcfg["learning_rate"]), weight_decay=0.0)
+    autocast, scaler = _amp(info.device, precision)
+    model = DistributedDataParallel(network) if info.enabled else network
+    abar = alphas_cumprod(config.get("schedule")).float()
+
+    step, elapsed_before = 0, 0.0
+    state_path = output / STATE_FILE
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=info.device, weights_only=True)
+        network.load_state_dict(state["network"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+        log.info("resumed from %s at step %d", state_path, step)
+    generator = torch.Generator().manual_seed(seed * 1000 + info.rank + step)
+
+    accumulate = int(tcfg.get("grad_accumulation", 1))
+    warmup = int(tcfg.get("warmup_steps", 0))
+    base_lr = float(tcfg["learning_rate"])
+    start = time.monotonic()
+    batches = iter(loader)
+    running = []
+
+    def elapsed():
+        return elapsed_before + time.monotonic() - start
+
+    def save_state():
+        if info.is_main:
+            state = {"network": network.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed()}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(state_path)
+            export_ema(config, ema.module, output / "ema", step=step, seconds=elapsed(),
+                       world_size=info.world_size, command=command)
+
+    while step < total_steps and not (max_seconds and elapsed() >= max_seconds):
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * _lr_factor(step, warmup, total_steps)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(accumulate):
+            batch = next(batches)
+            sync = micro == accumulate - 1 or not info.enabled
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast():
+                    loss = diffusion_loss(model, batch, abar, generator, info.device) / accumulate
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ema.update_parameters(network)
+        step += 1
+        running.append(loss_sum)
+
+        if step % int(tcfg.get("log_every", 50)) == 0 or step == total_steps:
+            _log(output, info, {"step": step, "loss": float(np.mean(running)),
+                                "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed(), 1)})
+            running = []
+        if step % int(tcfg.get("validate_every", 1000)) == 0 or step == total_steps:
+            val = validation_loss(ema.module, val_batch, abar, info.device)
+            _log(output, info, {"step": step, "val_loss": distributed.mean_across(val, info),
+                                "seconds": round(elapsed(), 1)})
+        if step % int(tcfg.get("checkpoint_every", 1000)) == 0:
+            save_state()
+
+    save_state()
+    distributed.barrier(info)
+    distributed.teardown(info)
+    return output / "ema"
+
+
+@torch.no_grad()
+def validation_loss(network, batch: dict, abar: torch.Tensor, device) -> float:
+    """Loss on fixed held-out samples at fixed steps (comparable across runs)."""
+    network.eval()
+    n = batch["image"].shape[0]
+    timesteps = torch.linspace(0, len(abar) - 1, n).round().long()
+    generator = torch.Generator().manual_seed(0)
+    return float(diffusion_loss(network, batch, abar, generator, device, timesteps=timesteps))
+
+
+def _log(output: Path, info, record: dict) -> None:
+    if not info.is_main:
+        return
+    line = json.dumps(record)
+    log.info(line)
+    with open(output / LOG_FILE, "a") as handle:
+        handle.write(line + "\n")
+
+
+def read_log(output) -> list[dict]:
+    path = Path(output) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: int, seconds: float,
+               world_size: int = 1, command: str | None = None, dtype=torch.float32,
+               metrics: dict | None = None) -> Path:
+    """Write EMA weights and a full card (plugin checkpoint format)."""
+    records = read_log(folder.parent) if (folder.parent / LOG_FILE).exists() else []
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    data = config["data"]
+    card = make_card(
+        name=config["name"], task=config["task"], modality=config["modality"],
+        architecture=network.config, schedule=complete_schedule(config.get("schedule")),
+        normalization=config["normalization"],
+        pixel_spacing_mm=[data.get("spacing_mm")] * 2 if data.get("spacing_mm") else None,
+        patch_size=[data["patch_size"]] * 2,
+        training={
+            "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data["train"]],
+            "holdout_fraction": data.get("holdout_fraction", 0.0),
+            "orientations": data.get("orientations"),
+            "image_level_probability": data.get("image_level_probability"),
+            "steps": step, "batch_size_per_process": config["train"]["batch_size"],
+            "grad_accumulation": config["train"].get("grad_accumulation", 1),
+            "processes": world_size, "wall_seconds": round(seconds, 1),
+            "command": command or " ".join(sys.argv), "config": config.get("config_path"),
+            "torch": torch.__version__,
+        },
+        metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},
+        summary=config.get("summary", ""),
+    )
+    return save_checkpoint(folder, network, card, dtype=dtype, overwrite=True)
