@@ -38,3 +38,46 @@ def mr_lps_path() -> Path:
 @pytest.fixture
 def ct_seg_path() -> Path:
     return shared("ct/abdomen_ct_3mm_small_seg.nii.gz")
+
+
+#: Architecture of the tiny randomly initialised test checkpoints.
+TINY_ARCHITECTURE = {
+    "position_frequencies": 2,
+    "stem_stride": 1,
+    "backbone_config": {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+    },
+}
+
+
+def save_tiny_checkpoint(folder, *, name="tiny-ct-prior", task="ct_prior", modality="CT",
+                         condition_channels=0, seed=0, **card):
+    """A tiny randomly initialised checkpoint (API tests; not a useful model)."""
+    import torch
+
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    torch.manual_seed(seed)
+    arch = dict(TINY_ARCHITECTURE, condition_channels=condition_channels)
+    net = DiffusionNetwork(arch)
+    save_checkpoint(folder, net, make_card(name=name, task=task, modality=modality, architecture=arch,
+                                           pixel_spacing_mm=[3.0, 3.0], patch_size=[16, 16], **card))
+    return Path(folder)
+
+
+@pytest.fixture
+def tiny_models(tmp_path, monkeypatch):
+    """A models folder with a tiny CT prior, found through MEDIFFUSE_MODELS;
+    the user and bundled folders are hidden so tests see only this one."""
+    from napari_mediffuse.engine import registry
+
+    folder = tmp_path / "models"
+    save_tiny_checkpoint(folder / "tiny-ct-prior")
+    monkeypatch.setenv(registry.ENV_VAR, str(folder))
+    monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "no-user-models")
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
+    return folder

@@ -1,13 +1,85 @@
-"""Registers one ``mediffuse`` subcommand per task."""
+"""Registers one ``mediffuse`` subcommand per task module.
+
+Every module in :mod:`napari_mediffuse.tasks` that defines
+``add_command(subparsers)`` contributes its subcommand(s); the CLI needs no
+list to keep in sync.
+"""
 from __future__ import annotations
 
-#: (name, module) of the task subcommands; each module has ``add_command(sub)``.
-TASK_COMMANDS: list[tuple[str, str]] = []
+import importlib
+import pkgutil
+
+
+def task_modules():
+    """Task modules that define ``add_command``, in name order."""
+    from .. import tasks
+
+    modules = []
+    for info in sorted(pkgutil.iter_modules(tasks.__path__), key=lambda m: m.name):
+        if info.name in ("cli", "common") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{tasks.__name__}.{info.name}")
+        if hasattr(module, "add_command"):
+            modules.append(module)
+    return modules
 
 
 def add_task_commands(subparsers) -> None:
     """Add every task's subcommand to the ``mediffuse`` parser."""
-    from importlib import import_module
+    for module in task_modules():
+        module.add_command(subparsers)
 
-    for _name, module in TASK_COMMANDS:
-        import_module(module).add_command(subparsers)
+
+def add_common_options(parser, *, steps: int | None = None, model: bool = True) -> None:
+    """Options shared by the diffusion task subcommands."""
+    if model:
+        parser.add_argument("--model", help="checkpoint name or folder (default: the task's default model)")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--batch-size", type=int, default=4, help="slices processed together")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+
+
+def options_from_args(args, progress=None):
+    """:class:`~.common.RunOptions` from parsed CLI arguments."""
+    from .common import RunOptions
+
+    return RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size, progress=progress)
+
+
+def read_single_volume(path):
+    """The one 3D series in ``path`` (a clear error if there are several)."""
+    from .. import io
+
+    volumes = io.read(path)
+    if len(volumes) > 1:
+        names = ", ".join(v.name for v in volumes)
+        raise io.ReadError(f"{path}: holds {len(volumes)} series ({names}); pass one series folder or file")
+    return volumes[0]
+
+
+def check_output_free(path, overwrite: bool) -> None:
+    """Refuse early (before any computation) if OUTPUT exists."""
+    from pathlib import Path
+
+    from .. import io
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise io.WriteError(f"{path}: file exists; choose another name or pass --overwrite (nothing was written)")
+    if not path.parent.exists():
+        raise io.WriteError(f"{path}: folder {path.parent} does not exist")
+
+
+def cli_progress(verbose: bool = True):
+    """A progress callback printing one updating line to stderr."""
+    import sys
+
+    def progress(done, total, message=""):
+        if verbose:
+            end = "\n" if done >= total else ""
+            print(f"\r{message or ''} {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return progress

@@ -1,0 +1,156 @@
+"""Pieces every task shares: input checks, model loading, slice-wise runs,
+and result volumes that record where they came from.
+
+Tasks take a :class:`~napari_mediffuse.io.Volume` (array in display
+orientation (S, P, L) + affine) and return a new Volume, never modifying
+their input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..engine.checkpoint import Checkpoint
+from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
+from ..engine.inference import NoisePredictor
+from ..engine.intensity import intensity_range, normalize, denormalize
+from ..engine.registry import load as load_model
+from ..io.volume import Volume
+
+#: Display orientation axes: index of the slice axis for each plane.
+PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
+class TaskInputError(ValueError):
+    """The input does not suit the task (modality, dimensions, size...)."""
+
+
+@dataclass
+class RunOptions:
+    """Options common to every task run.
+
+    Parameters
+    ----------
+    device : str
+        'auto', 'cpu', 'cuda', 'mps'.
+    precision : str
+        'auto' (reduced precision on GPU), 'fp32', 'fp16', 'bf16'.
+    seed : int or None
+        Seed of every random draw; the same seed gives the same result.
+    batch_size : int
+        Slices processed together (keeps a GPU busy; 2-8 on CPU).
+    window : int or None
+        Sliding-window size (pixels) for slices too large for memory.
+    progress : callable(done, total, message), optional
+    cancel : callable() -> bool, optional
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    seed: Optional[int] = 0
+    batch_size: int = 4
+    window: Optional[int] = None
+    progress: Optional[ProgressCallback] = None
+    cancel: Optional[CancelCheck] = None
+    extra: dict = field(default_factory=dict)
+
+
+def require_volume(volume: Volume, *, task: str, modality: str | None = None, min_size: int = 1) -> None:
+    """Raise :class:`TaskInputError` unless ``volume`` is a 3D scan of ``modality``."""
+    label = f"{volume.name!r}" + (f" ({volume.source})" if volume.source else "")
+    if volume.data.ndim != 3:
+        raise TaskInputError(f"{task} needs a 3D volume; {label} has shape {volume.data.shape}")
+    if modality is not None and volume.modality != modality:
+        raise TaskInputError(f"{task} needs a {modality} scan; {label} is {volume.modality}")
+    if min(volume.data.shape[1:]) < min_size:
+        raise TaskInputError(f"{task}: {label} is too small ({volume.data.shape}); "
+                             f"slices must be at least {min_size} pixels")
+
+
+def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: str = "CT"):
+    """Load a checkpoint (name, path or default) and wrap it in a predictor."""
+    checkpoint: Checkpoint = load_model(model, task=task, modality=modality)
+    predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
+                               window=options.window)
+    return checkpoint, predictor
+
+
+def slices_of(array: np.ndarray, plane: str) -> np.ndarray:
+    """View of a (S, P, L) array as a stack of 2D slices of ``plane``."""
+    return np.moveaxis(array, PLANE_AXIS[plane], 0)
+
+
+def map_slices(array: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray], *, plane: str = "axial",
+               batch_size: int = 4, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelCheck] = None, message: str = "") -> np.ndarray:
+    """Apply ``fn`` to batches of 2D slices of a (S, P, L) array along ``plane``.
+
+    ``fn(batch, index)`` gets an array (B, H, W) and the slice indices it
+    covers and returns an array of the same shape. Progress is reported per
+    batch; cancellation is checked between batches (and inside ``fn`` if it
+    runs a sampler).
+    """
+    stack = slices_of(array, plane)
+    out = np.empty(stack.shape, dtype=np.float32)
+    n = stack.shape[0]
+    for start in range(0, n, batch_size):
+        check_cancel(cancel)
+        index = slice(start, min(n, start + batch_size))
+        out[index] = fn(np.ascontiguousarray(stack[index], dtype=np.float32), index)
+        report(progress, index.stop, n, message or f"slice {index.stop}/{n}")
+    return np.moveaxis(out, 0, PLANE_AXIS[plane])
+
+
+def to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """(B, H, W) array -> (B, 1, H, W) float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
+
+
+def to_numpy(batch: torch.Tensor) -> np.ndarray:
+    return batch[:, 0].detach().float().cpu().numpy()
+
+
+class Normalizer:
+    """A checkpoint's intensity rule bound to one volume (HU <-> [-1, 1])."""
+
+    def __init__(self, rule: dict, data: np.ndarray):
+        self.rule = rule
+        self.range = intensity_range(data, rule)
+
+    def forward(self, data: np.ndarray) -> np.ndarray:
+        return normalize(data, self.rule, self.range)
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        return denormalize(x, self.range)
+
+    @property
+    def units_per_step(self) -> float:
+        """Scanner units (HU) per normalised unit."""
+        return (self.range[1] - self.range[0]) / 2.0
+
+
+def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, params: dict,
+                  affine: np.ndarray | None = None, modality: str | None = None,
+                  synthetic: bool = False, model: str | None = None) -> Volume:
+    """A result on the source's grid (or ``affine``), named and traced.
+
+    The name is ``"<input> <suffix>"``; metadata records the task, its
+    parameters, the model and the source, and ``synthetic`` marks generated
+    images (never to be mistaken for acquired ones).
+    """
+    metadata = {
+        "derived_from": source.name,
+        "task": task,
+        "parameters": dict(params),
+        "model": model,
+        "synthetic": bool(synthetic),
+        "warnings": [],
+    }
+    if "files" in source.metadata:
+        metadata["files"] = source.metadata["files"]  # lets DICOM export file into the same study
+    return Volume(data=data, affine=source.affine if affine is None else affine,
+                  modality=modality or source.modality, name=f"{source.name} {suffix}",
+                  source="", metadata=metadata)
