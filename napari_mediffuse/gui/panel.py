@@ -17,6 +17,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -174,12 +176,33 @@ class ScanBox(QGroupBox):
 
 
 class MediffusePanel(QWidget):
-    """Dock panel of napari-mediffuse."""
+    """Dock panel of napari-mediffuse: a Scan tab and one tab per task."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent=None):
         super().__init__(parent)
+        from .specs import task_specs
+        from .task_tab import TaskTab
+
         self.viewer = napari_viewer
+        self.tabs = QTabWidget()
+        scan_page = QWidget()
+        scan_layout = QVBoxLayout(scan_page)
         self.scan = ScanBox(napari_viewer)
+        scan_layout.addWidget(self.scan)
+        scan_layout.addStretch(1)
+        self.tabs.addTab(scan_page, "Scan")
+        self.task_tabs: dict[str, TaskTab] = {}
+        for spec in task_specs():
+            tab = TaskTab(napari_viewer, spec)
+            self.task_tabs[spec.key] = tab
+            self.tabs.addTab(_scrollable(tab), spec.title)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.scan)
-        layout.addStretch(1)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.tabs)
+
+
+def _scrollable(widget: QWidget) -> QScrollArea:
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setWidget(widget)
+    return area

@@ -1,0 +1,312 @@
+"""A generic dock tab for one task: input, model, parameters, Run / Cancel.
+
+A :class:`TaskSpec` says which layers a task accepts, which checkpoints it
+can use, its parameters (magicgui widgets with defaults and tooltips) and a
+plain function that runs it; :class:`TaskTab` turns that into a tab that
+runs the function off the GUI thread (napari's ``thread_worker``) with a
+progress bar, cooperative Cancel, and errors as napari notifications. The
+viewer is never blocked and the input layer is never modified.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import napari
+import numpy as np
+from magicgui.widgets import Container, create_widget
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..engine.control import Cancelled
+from ..engine.devices import describe_device, select_device
+from ..engine.registry import list_checkpoints
+from ..layers import layer_to_volume
+from ..tasks.common import RunOptions
+
+
+@dataclass
+class Param:
+    """One task parameter shown in the tab."""
+
+    name: str
+    default: Any
+    label: str = ""
+    tooltip: str = ""
+    options: dict = field(default_factory=dict)  # magicgui options: min, max, step, choices...
+    advanced: bool = False
+    annotation: Any = None
+
+
+@dataclass
+class TaskSpec:
+    """What a tab needs to know about a task.
+
+    ``run(volume, values, options)`` returns a list of napari layer data
+    tuples ``(data, kwargs, layer_type)``; it runs in a worker thread and must
+    not touch Qt or the viewer.
+    """
+
+    key: str
+    title: str
+    run: Callable[..., list]
+    modalities: tuple[str, ...] = ("CT",)
+    model_task: Optional[str] = "ct_prior"
+    model_modality: Optional[str] = "CT"
+    params: list[Param] = field(default_factory=list)
+    preview: bool = True  # 'current slice only' makes sense for this task
+    needs_input: bool = True
+    description: str = ""
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread."""
+
+    progress = Signal(int, int, str)
+
+
+def _is_volume_layer(layer) -> bool:
+    return isinstance(layer, napari.layers.Image) and layer.ndim >= 3 and not layer.rgb
+
+
+class TaskTab(QWidget):
+    """Tab for one :class:`TaskSpec` in the mediffuse panel."""
+
+    def __init__(self, viewer: napari.Viewer, spec: TaskSpec, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.spec = spec
+        self.worker = None
+        self._cancel = threading.Event()
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+        self.last_result: list = []
+        self.last_error: str = ""
+
+        layout = QVBoxLayout(self)
+        if spec.description:
+            text = QLabel(spec.description)
+            text.setWordWrap(True)
+            layout.addWidget(text)
+        form = QFormLayout()
+        self.input_combo = QComboBox()
+        self.input_combo.setToolTip("Input layer: " + "/".join(spec.modalities) + " volumes only")
+        if spec.needs_input:
+            form.addRow("Input", self.input_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Checkpoints from the bundled, user and $MEDIFFUSE_MODELS folders")
+        if spec.model_task:
+            form.addRow("Model", self.model_combo)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.setToolTip("auto = CUDA GPU, then Apple MPS, then CPU")
+        form.addRow("Device", self.device_combo)
+        self.device_label = QLabel()
+        form.addRow("", self.device_label)
+        layout.addLayout(form)
+
+        main = [p for p in spec.params if not p.advanced]
+        advanced = [p for p in spec.params if p.advanced]
+        self.param_widgets = {}
+        self.params_container = self._container(main)
+        layout.addWidget(self.params_container.native)
+        if advanced:
+            self.advanced_box = QGroupBox("Advanced")
+            self.advanced_box.setCheckable(True)
+            self.advanced_box.setChecked(False)
+            box_layout = QVBoxLayout(self.advanced_box)
+            self.advanced_container = self._container(advanced)
+            box_layout.addWidget(self.advanced_container.native)
+            self.advanced_container.native.setVisible(False)
+            self.advanced_box.toggled.connect(self.advanced_container.native.setVisible)
+            layout.addWidget(self.advanced_box)
+
+        self.preview_check = QCheckBox("Current slice only (preview)")
+        self.preview_check.setToolTip("Run on the axial slice under the slider: seconds, for tuning parameters")
+        if spec.preview:
+            layout.addWidget(self.preview_check)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        layout.addWidget(self.progress_bar)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.device_combo.currentTextChanged.connect(self._update_device_label)
+        viewer.layers.events.inserted.connect(self.refresh_inputs)
+        viewer.layers.events.removed.connect(self.refresh_inputs)
+        self.refresh_inputs()
+        self.refresh_models()
+        self._update_device_label()
+
+    # -- widgets -------------------------------------------------------------------
+    def _container(self, params: list[Param]) -> Container:
+        widgets = []
+        for p in params:
+            options = dict(p.options)
+            if p.tooltip:
+                options.setdefault("tooltip", p.tooltip)
+            w = create_widget(value=p.default, name=p.name, label=p.label or p.name.replace("_", " "),
+                              annotation=p.annotation, options=options)
+            if p.tooltip:
+                w.tooltip = p.tooltip
+            self.param_widgets[p.name] = w
+            widgets.append(w)
+        return Container(widgets=widgets)
+
+    def values(self) -> dict:
+        return {name: w.value for name, w in self.param_widgets.items()}
+
+    def compatible_layers(self) -> list:
+        out = []
+        for layer in self.viewer.layers:
+            if not _is_volume_layer(layer):
+                continue
+            modality = (layer.metadata or {}).get("modality", "OT")
+            if modality in self.spec.modalities:
+                out.append(layer)
+        return out
+
+    def refresh_inputs(self, event=None):
+        current = self.input_combo.currentText()
+        names = [layer.name for layer in self.compatible_layers()]
+        self.input_combo.clear()
+        self.input_combo.addItems(names)
+        if current in names:
+            self.input_combo.setCurrentText(current)
+        if self.spec.needs_input and not names:
+            self.status.setText(f"Open a {'/'.join(self.spec.modalities)} volume to run {self.spec.title.lower()}.")
+
+    def refresh_models(self):
+        self.model_combo.clear()
+        if not self.spec.model_task:
+            return
+        for info in list_checkpoints(task=self.spec.model_task, modality=self.spec.model_modality):
+            self.model_combo.addItem(info.label(), str(info.path))
+            self.model_combo.setItemData(self.model_combo.count() - 1, info.summary or info.name, 3)  # tooltip
+        if self.model_combo.count() == 0:
+            self.model_combo.addItem("(no checkpoint installed)", None)
+
+    def _update_device_label(self):
+        try:
+            self.device_label.setText(describe_device(select_device(self.device_combo.currentText())))
+        except ValueError as exc:
+            self.device_label.setText(str(exc))
+
+    # -- running ---------------------------------------------------------------------
+    def input_layer(self):
+        name = self.input_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _preview_crop(self, layer, volume):
+        """The axial slice under the slider as a 1-slice volume (same geometry)."""
+        world = self.viewer.dims.point[-3]
+        index = int(np.clip(round((world - layer.translate[-3]) / layer.scale[-3]), 0, volume.data.shape[0] - 1))
+        affine = volume.affine.copy()
+        affine[:3, 3] = (volume.affine @ np.array([index, 0, 0, 1.0]))[:3]
+        return volume.with_data(volume.data[index:index + 1], affine=affine), index
+
+    def start(self):
+        """Validate the input and start the task in a worker thread."""
+        if self.worker is not None:
+            return
+        self.last_error = ""
+        volume = None
+        if self.spec.needs_input:
+            layer = self.input_layer()
+            if layer is None:
+                return self._fail(f"{self.spec.title}: choose a {'/'.join(self.spec.modalities)} volume layer")
+            try:
+                volume = layer_to_volume(layer)
+            except ValueError as exc:
+                return self._fail(str(exc))
+            if self.spec.preview and self.preview_check.isChecked():
+                volume, _ = self._preview_crop(layer, volume)
+                volume.name = f"{volume.name} [preview]"
+        model = self.model_combo.currentData() if self.spec.model_task else None
+        if self.spec.model_task and model is None:
+            return self._fail(f"{self.spec.title}: no {self.spec.model_task} checkpoint installed "
+                              "(see README: Models)")
+        values = self.values()
+        values["model"] = model
+        self._cancel.clear()
+        options = RunOptions(device=self.device_combo.currentText(), progress=self._relay.progress.emit,
+                             cancel=self._cancel.is_set)
+
+        @thread_worker
+        def work():
+            return self.spec.run(volume, values, options)
+
+        self.worker = work()
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_errored)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setVisible(True)
+        self.progress_bar.setRange(0, 0)
+        self.status.setText("running…")
+        self._started = time.monotonic()
+        self.worker.start()
+
+    def cancel(self):
+        if self.worker is not None:
+            self._cancel.set()
+            self.status.setText("cancelling…")
+
+    def _on_progress(self, done: int, total: int, message: str):
+        self.progress_bar.setRange(0, max(total, 1))
+        self.progress_bar.setValue(done)
+        self.status.setText(message)
+
+    def _on_returned(self, layer_data: list):
+        self.last_result = []
+        for data, kwargs, layer_type in layer_data:
+            add = getattr(self.viewer, f"add_{layer_type}")
+            self.last_result.append(add(data, **kwargs))
+        seconds = time.monotonic() - self._started
+        self.status.setText(f"done in {seconds:.1f} s")
+        show_info(f"{self.spec.title}: done in {seconds:.1f} s")
+
+    def _on_errored(self, exc: Exception):
+        if isinstance(exc, Cancelled):
+            self.status.setText("cancelled; nothing was added")
+            show_warning(f"{self.spec.title}: cancelled")
+            return
+        self._fail(f"{self.spec.title}: {exc}")
+
+    def _on_finished(self):
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setVisible(False)
+
+    def _fail(self, message: str):
+        self.last_error = message
+        self.status.setText(message)
+        show_error(message)
