@@ -46,6 +46,19 @@ def load_config(path) -> dict:
     return config
 
 
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
+    """(train, validation) datasets: multi-level CT slices, or paired
+    source/target slices (``data.pairs``, :mod:`training.paired`) for
+    translation models."""
+    if "pairs" in config["data"]:
+        from .paired import make_datasets as paired_datasets
+
+        return paired_datasets(config, seed=seed, rank=rank)
+    volumes = load_volumes(config["data"], config["normalization"])
+    return (MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank),
+            MultiLevelSlices(volumes, config["data"], seed=seed, part="val"))
+
+
 def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Generator,
                    device: torch.device, timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction MSE at uniformly drawn steps (DDPM objective)."""
@@ -97,9 +110,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     distributed.barrier(info)
 
-    volumes = load_volumes(config["data"], config["normalization"])
-    train_set = MultiLevelSlices(volumes, config["data"], seed=seed, rank=info.rank)
-    val_set = MultiLevelSlices(volumes, config["data"], seed=seed, part="val")
+    train_set, val_set = make_datasets(config, seed=seed, rank=info.rank)
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(tcfg["batch_size"]),
                                          num_workers=int(tcfg.get("num_workers", 0)))
     val_batch = val_set.fixed_batch(int(tcfg.get("validation_samples", 64)))
@@ -220,6 +231,11 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
     records = read_log(folder.parent) if (folder.parent / LOG_FILE).exists() else []
     val = [r["val_loss"] for r in records if "val_loss" in r]
     data = config["data"]
+    extra = {}
+    if "pairs" in data:  # translation: direction, source normalisation, context...
+        from .paired import card_fields
+
+        extra = card_fields(config)
     card = make_card(
         name=config["name"], task=config["task"], modality=config["modality"],
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),
@@ -227,7 +243,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         pixel_spacing_mm=[data.get("spacing_mm")] * 2 if data.get("spacing_mm") else None,
         patch_size=[data["patch_size"]] * 2,
         training={
-            "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data["train"]],
+            "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data.get("train", data.get("pairs", []))],
             "holdout_fraction": data.get("holdout_fraction", 0.0),
             "orientations": data.get("orientations"),
             "image_level_probability": data.get("image_level_probability"),
@@ -239,5 +255,6 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         },
         metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},
         summary=config.get("summary", ""),
+        **extra,
     )
     return save_checkpoint(folder, network, card, dtype=dtype, overwrite=True)

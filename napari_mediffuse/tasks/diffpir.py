@@ -73,7 +73,7 @@ def denoise_data_step(x0, y, rho: float):
 def _along(matrix, x, axis: int):
     """Apply ``matrix`` (m, n) to axis ``axis`` of ``x`` (numpy or torch)."""
     if isinstance(x, torch.Tensor):
-        m = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)
+        m = torch.as_tensor(np.ascontiguousarray(matrix), dtype=x.dtype, device=x.device)
         moved = torch.movedim(x, axis, -1)
         return torch.movedim(moved @ m.T, -1, axis)
     moved = np.moveaxis(np.asarray(x), axis, -1)
@@ -91,14 +91,18 @@ class SlabOperator:
     Parameters
     ----------
     weights : ndarray, shape (n_thick, n_thin)
+    geometry : dict, optional
+        The slab geometry the weights came from (see :meth:`from_geometry`).
     """
 
-    def __init__(self, weights: np.ndarray):
+    def __init__(self, weights: np.ndarray, geometry: dict | None = None):
         weights = np.asarray(weights, dtype=np.float64)
         if weights.ndim != 2:
             raise ValueError("slab weights must be a 2D matrix")
         self.weights = weights
         self._gram = weights @ weights.T  # H H^T, small (n_thick x n_thick)
+        #: thick_centres_mm, thickness_mm, thin_centres_mm, thin_spacing_mm (from_geometry)
+        self.geometry = geometry
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,7 +122,9 @@ class SlabOperator:
         sums = overlap.sum(axis=1, keepdims=True)
         if np.any(sums <= 0):
             raise ValueError("a thick slice does not overlap the thin grid")
-        return cls(overlap / sums)
+        return cls(overlap / sums, geometry={
+            "thick_centres_mm": thick[:, 0], "thickness_mm": float(thickness_mm),
+            "thin_centres_mm": thin[0], "thin_spacing_mm": float(thin_spacing_mm)})
 
     @classmethod
     def slab_average(cls, n_thick: int, factor: int, thickness: float | None = None) -> "SlabOperator":

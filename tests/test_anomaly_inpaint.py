@@ -1,0 +1,329 @@
+"""Anomaly detection, lesion inpainting, body masks, synthetic lesions and
+anomaly metrics (issue 5), on the real CT."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mediffuse import io
+from napari_mediffuse.engine.intensity import DEFAULT_CT_NORMALIZATION, normalize
+from napari_mediffuse.engine.schedulers import DEFAULT_SCHEDULE, alphas_cumprod
+from napari_mediffuse.tasks.anomaly import anomaly_layers, detect_anomalies, heatmap_layer_data, mask_layer_data
+from napari_mediffuse.tasks.common import RunOptions, TaskInputError
+from napari_mediffuse.tasks.inpaint import Prior, inpaint
+from napari_mediffuse.tasks.masks import body_mask, check_same_grid, resolve_roi, shapes_to_mask
+from training.evaluate.anomaly import auroc, best_dice, dice, local_zscore_map, pro_auc, slice_components
+from training.lesions import equivalent_diameter_mm, insert_lesion
+
+LIVER = 5  # TotalSegmentator v2 'liver'
+
+
+def crop(volume: io.Volume, index) -> io.Volume:
+    """Sub-volume with its affine shifted so every voxel keeps its position."""
+    index = tuple(index)
+    start = np.array([s.start or 0 for s in index], dtype=float)
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ start + volume.affine[:3, 3]
+    return io.Volume(np.ascontiguousarray(volume.data[index]), affine, modality=volume.modality,
+                     name=volume.name, source=volume.source)
+
+
+def oracle_prior(healthy_hu: np.ndarray) -> Prior:
+    """A point-mass prior at a known healthy image: eps = (x_t - sqrt(abar) x*) / sqrt(1 - abar).
+
+    Every batch must be the whole stack of slices (batch size >= slices).
+    """
+    target = torch.from_numpy(normalize(healthy_hu, DEFAULT_CT_NORMALIZATION))[:, None]
+    abar = alphas_cumprod(DEFAULT_SCHEDULE)
+
+    def predictor(x, t):
+        assert x.shape == target.shape, "oracle needs the whole stack in one batch"
+        a = float(abar[t])
+        return (x - a ** 0.5 * target) / (1.0 - a) ** 0.5
+
+    return Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, name="oracle", modality="CT")
+
+
+@pytest.fixture
+def small_ct(ct_small_path):
+    return io.read(ct_small_path)[0]
+
+
+@pytest.fixture
+def liver_stack(small_ct, ct_seg_path):
+    """4 real axial slices with liver, their liver mask and a 20 mm hypodense liver lesion per slice."""
+    seg = io.read(ct_seg_path)[0].data
+    index = (slice(18, 22), slice(None), slice(None))
+    vol = crop(small_ct, index)
+    liver = seg[index] == LIVER
+    rng = np.random.default_rng(0)
+    sick = vol.data.astype(np.float32).copy()
+    truth = np.zeros(sick.shape, bool)
+    for k in range(sick.shape[0]):
+        sick[k], truth[k], _ = insert_lesion(sick[k], liver[k], vol.spacing[1:], diameter_mm=20.0,
+                                             contrast_hu=-60.0 if k % 2 else 60.0, rng=rng)
+    return vol, liver, sick, truth
+
+
+# -- body mask -----------------------------------------------------------------
+
+def test_body_mask_covers_body_and_excludes_air(ct_path):
+    ct = io.read(ct_path)[0]
+    hu = ct.data
+    mask = body_mask(ct)
+    assert mask.shape == hu.shape and mask.dtype == bool
+    assert (mask[hu > -200]).mean() > 0.99           # soft tissue and bone are inside
+    assert hu[~mask].mean() < -900                   # outside is air (and the table)
+    assert (hu[~mask] > -500).mean() < 0.05
+    assert 0.4 < mask.mean() < 0.85
+    # holes filled: the lungs at the top of the scan are inside the body
+    top = slice(hu.shape[0] - 5, None)
+    assert (hu[top][mask[top]] < -700).mean() > 0.01
+    # the air in front of the patient and the image corners are outside
+    assert not mask[:, 0, :].any() and not mask[:, 0, 0].any() and not mask[:, -1, -1].any()
+
+
+# -- anomaly detection with an oracle prior --------------------------------------------
+
+def test_oracle_prior_finds_inserted_lesions(liver_stack):
+    vol, _, sick, truth = liver_stack
+    sick_vol = vol.with_data(sick)
+    result = detect_anomalies(sick_vol, model=oracle_prior(vol.data), t=[200, 400], ensemble=2, steps=5,
+                              options=RunOptions(batch_size=4, seed=0))
+    heat, mask, roi = result.heatmap.data, result.mask.data.astype(bool), result.roi.data.astype(bool)
+    for out in (result.heatmap, result.mask, result.reconstruction, result.roi):
+        assert out.data.shape == vol.data.shape and np.array_equal(out.affine, vol.affine)
+    assert roi[truth].all() and not heat[~roi].any()
+    assert auroc(heat[roi], truth[roi]) > 0.99
+    assert dice(mask, truth) > 0.6
+    # the oracle reconstructs the healthy image: the lesions are gone
+    assert np.abs(result.reconstruction.data - vol.data)[roi].max() <= 1.0
+    assert result.heatmap.metadata["parameters"]["t"] == [200, 400]
+    assert result.reconstruction.metadata["synthetic"] is True
+
+
+def test_oracle_anomaly_restricted_to_organ_roi(liver_stack):
+    vol, liver, sick, truth = liver_stack
+    sick_vol = vol.with_data(sick)
+    result = detect_anomalies(sick_vol, roi=liver, model=oracle_prior(vol.data), t=300, ensemble=1, steps=4,
+                              options=RunOptions(batch_size=4))
+    assert not result.heatmap.data[~liver].any() and not result.mask.data[~liver].any()
+    assert np.array_equal(result.reconstruction.data[~liver], sick[~liver])
+    assert auroc(result.heatmap.data[liver], truth[liver]) > 0.99
+
+
+def test_normal_scan_gives_empty_mask(liver_stack):
+    vol, *_ = liver_stack
+    result = detect_anomalies(vol, model=oracle_prior(vol.data), t=300, ensemble=1, steps=3,
+                              options=RunOptions(batch_size=4))
+    assert result.mask.data.sum() == 0  # the minimum threshold keeps a normal scan clean
+
+
+# -- inpainting -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("resample", [0, 1])
+def test_inpainting_with_oracle_restores_healthy_tissue(liver_stack, resample):
+    vol, _, sick, truth = liver_stack
+    sick_vol = vol.with_data(np.round(sick).astype(vol.data.dtype))
+    out = inpaint(sick_vol, truth, steps=8, resample=resample, model=oracle_prior(vol.data),
+                  options=RunOptions(batch_size=4))
+    assert out.data.dtype == sick_vol.data.dtype and np.array_equal(out.affine, vol.affine)
+    assert np.array_equal(out.data[~truth], sick_vol.data[~truth])  # untouched, bit for bit
+    assert np.abs(out.data[truth].astype(float) - vol.data[truth]).max() <= 1.0
+    assert np.abs(sick_vol.data[truth].astype(float) - vol.data[truth]).mean() > 30  # there was a lesion
+    assert out.metadata["synthetic"] is True and out.metadata["parameters"]["inpainted_voxels"] == truth.sum()
+
+
+def test_inpainting_rejects_empty_and_foreign_masks(liver_stack):
+    vol, *_ = liver_stack
+    with pytest.raises(TaskInputError, match="empty"):
+        inpaint(vol, np.zeros(vol.data.shape, bool), model=oracle_prior(vol.data))
+    other = io.Volume(np.ones((4, 50, 60), np.uint8), vol.affine, name="mask")
+    with pytest.raises(TaskInputError, match="another grid"):
+        inpaint(vol, other, model=oracle_prior(vol.data))
+
+
+# -- masks and grids ------------------------------------------------------------------
+
+def test_mask_on_another_grid_names_both_grids(small_ct):
+    shifted = small_ct.affine.copy()
+    shifted[:3, 3] += [0.0, 6.0, 0.0]
+    mask = io.Volume(np.ones(small_ct.data.shape, np.uint8), shifted, name="roi", source="roi.nii.gz")
+    with pytest.raises(TaskInputError) as err:
+        check_same_grid(mask, small_ct, what="ROI")
+    text = str(err.value)
+    assert "roi.nii.gz" in text and "another grid" in text and text.count("voxels") == 2
+    with pytest.raises(TaskInputError, match="empty"):
+        resolve_roi(small_ct, io.Volume(np.zeros(small_ct.data.shape, np.uint8), small_ct.affine))
+    same = io.Volume(np.ones(small_ct.data.shape, np.uint8), small_ct.affine)
+    assert resolve_roi(small_ct, same).all()
+
+
+def test_shapes_are_rasterised_on_their_slice(small_ct):
+    kw = small_ct.napari_kwargs()
+    scale, translate = np.array(kw["scale"]), np.array(kw["translate"])
+    rect_index = np.array([[3, 10, 20], [3, 10, 40], [3, 30, 40], [3, 30, 20]], float)
+    rect_world = rect_index * scale + translate
+    # a Shapes layer with unit scale: data in world coordinates
+    mask = shapes_to_mask([rect_world], ["rectangle"], small_ct, scale=(1, 1, 1), translate=(0, 0, 0))
+    assert mask[3].sum() == pytest.approx(20 * 20, rel=0.15) and mask.sum() == mask[3].sum()
+    rows, cols = np.nonzero(mask[3])
+    assert rows.min() >= 10 and rows.max() <= 30 and cols.min() >= 20 and cols.max() <= 40
+    both = shapes_to_mask([rect_index], ["ellipse"], small_ct, extrude=True)
+    assert both.any(axis=(1, 2)).all()
+
+
+# -- synthetic lesions ------------------------------------------------------------------
+
+@pytest.mark.parametrize("diameter", [5.0, 10.0, 20.0, 30.0])
+@pytest.mark.parametrize("contrast", [-60.0, 80.0])
+def test_inserted_lesions_have_requested_size_and_contrast(small_ct, ct_seg_path, diameter, contrast):
+    seg = io.read(ct_seg_path)[0].data
+    k = 22
+    image, organ = small_ct.data[k].astype(np.float32), seg[k] == LIVER
+    out, mask, lesion = insert_lesion(image, organ, (3.0, 3.0), diameter_mm=diameter, contrast_hu=contrast,
+                                      rng=np.random.default_rng(int(diameter)), necrosis=False)
+    measured = 2 * np.sqrt(mask.sum() * 9.0 / np.pi)
+    assert measured == pytest.approx(diameter, rel=0.1, abs=1.0)
+    assert lesion.measured_diameter_mm == pytest.approx(measured)
+    assert (mask <= organ).all()
+    change = (out - image)[mask]
+    assert np.sign(np.median(change)) == np.sign(contrast)
+    # at 3 mm a 5 mm lesion is partial-volume averaged; bigger ones reach the contrast
+    assert abs(np.median(change)) == pytest.approx(abs(contrast), rel=0.35 if diameter < 10 else 0.2)
+    far = ~np.zeros_like(mask)
+    far[max(lesion.center[0] - 15, 0):lesion.center[0] + 16, max(lesion.center[1] - 15, 0):lesion.center[1] + 16] = False
+    assert np.array_equal(out[far], image[far])  # nothing changes away from the lesion
+
+
+def test_lesion_in_3d_has_requested_volume(small_ct, ct_seg_path):
+    seg = io.read(ct_seg_path)[0].data
+    out, mask, lesion = insert_lesion(small_ct.data.astype(np.float32), seg == LIVER, small_ct.spacing,
+                                      diameter_mm=20.0, contrast_hu=-50.0, rng=np.random.default_rng(3))
+    assert equivalent_diameter_mm(int(mask.sum()), small_ct.spacing) == pytest.approx(20.0, rel=0.05)
+    assert mask.any(axis=(1, 2)).sum() >= 5  # spans several 3 mm slices
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+def test_auroc_matches_hand_computed_values():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([1, 1], [0, 1]) == pytest.approx(0.5)
+    assert auroc([0, 1, 2, 3], [0, 0, 1, 1]) == 1.0 and auroc([3, 2, 1, 0], [0, 0, 1, 1]) == 0.0
+    assert np.isnan(auroc([1, 2], [1, 1]))
+
+
+def test_dice_matches_hand_computed_values():
+    assert dice([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(0.5)
+    assert dice([0, 0], [0, 0]) == 1.0 and dice([1, 0], [0, 1]) == 0.0
+    d, th = best_dice(np.array([0.1, 0.2, 0.9, 0.8]), np.array([0, 0, 1, 1]))
+    assert d == 1.0 and 0.2 <= th < 0.8
+
+
+def test_pro_matches_hand_computed_values():
+    negatives = np.arange(100) / 100.0
+    truth = np.r_[np.zeros(100, bool), np.ones(6, bool)]
+    comps = np.r_[np.zeros(100, int), [1, 1, 1, 1], [2, 2]]
+    # region 1 above every negative; region 2 above 90 of 100 negatives (found at FPR 0.10):
+    # PRO = 0.5 on [0, 0.1), 1 on [0.1, 0.3] -> (0.1 * 0.5 + 0.2 * 1) / 0.3
+    scores = np.r_[negatives, [2.0] * 4, [0.895] * 2]
+    assert pro_auc(scores, truth, components=comps) == pytest.approx(0.25 / 0.3)
+    assert pro_auc(np.r_[negatives, [2.0] * 6], truth, components=comps) == pytest.approx(1.0)
+    # region 2 never found below FPR 0.3: half the regions -> 0.5
+    assert pro_auc(np.r_[negatives, [2.0] * 4, [0.5] * 2], truth, components=comps) == pytest.approx(0.5)
+    # regions per slice are never merged across slices
+    stack = np.zeros((2, 4, 4), bool)
+    stack[:, 1:3, 1:3] = True
+    assert slice_components(stack).max() == 2
+
+
+def test_local_zscore_baseline_sees_a_lesion(liver_stack):
+    vol, _, sick, truth = liver_stack
+    roi = body_mask(vol.with_data(sick))
+    z = local_zscore_map(sick, roi, vol.spacing)
+    assert auroc(z[roi], truth[roi]) > 0.7
+
+
+# -- napari layers -------------------------------------------------------------------------
+
+def test_layer_tuples_overlay_the_ct(liver_stack):
+    vol, _, sick, _ = liver_stack
+    result = detect_anomalies(vol.with_data(sick), model=oracle_prior(vol.data), t=200, ensemble=1, steps=3,
+                              options=RunOptions(batch_size=4))
+    data, kw, kind = heatmap_layer_data(result.heatmap)
+    ct_kw = vol.napari_kwargs()
+    assert kind == "image" and kw["blending"] == "additive" and kw["colormap"] == "inferno"
+    assert kw["scale"] == ct_kw["scale"] and kw["translate"] == ct_kw["translate"]
+    low, high = kw["contrast_limits"]
+    assert low == pytest.approx(result.threshold / 2) and high > result.threshold and 0 < kw["opacity"] < 1
+    data, kw, kind = mask_layer_data(result.mask)
+    assert kind == "labels" and data.dtype == np.uint8 and kw["translate"] == ct_kw["translate"]
+    layers = anomaly_layers(result, reconstruction=True, colormap="turbo")
+    assert [layer[2] for layer in layers] == ["image", "image", "labels"] and layers[1][1]["colormap"] == "turbo"
+
+
+# -- command line --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_crop_path(small_ct, tmp_path):
+    vol = crop(small_ct, (slice(12, 15), slice(20, 68), slice(30, 94)))
+    path = tmp_path / "ct_crop.nii.gz"
+    io.write_nifti(vol, path)
+    return path, vol
+
+
+def test_cli_anomaly_and_inpaint_end_to_end(tiny_models, small_crop_path, tmp_path, capsys):
+    from napari_mediffuse.cli import main
+
+    path, vol = small_crop_path
+    heat, mask, rec = tmp_path / "heat.nii.gz", tmp_path / "mask.nii.gz", tmp_path / "rec.nii.gz"
+    code = main(["anomaly", str(path), "-o", str(heat), "--mask-out", str(mask), "--reconstruction-out", str(rec),
+                 "--t", "100", "300", "--ensemble", "2", "--steps", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    for out in (heat, mask, rec):
+        got = io.read(out)[0]
+        assert got.data.shape == vol.data.shape and np.allclose(got.affine, vol.affine, atol=1e-4)
+    assert io.read(mask)[0].data.max() <= 1 and io.read(heat)[0].data.min() >= 0
+
+    lesion = np.zeros(vol.data.shape, np.uint8)
+    lesion[1, 20:26, 30:36] = 1
+    mask_path, out = tmp_path / "lesion.nii.gz", tmp_path / "inpainted.nii.gz"
+    io.write_nifti(vol.with_data(lesion), mask_path)
+    code = main(["inpaint", str(path), "--mask", str(mask_path), "-o", str(out), "--steps", "3", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    got = io.read(out)[0]
+    assert np.array_equal(got.data[lesion == 0], vol.data[lesion == 0])
+    assert np.allclose(got.affine, vol.affine, atol=1e-4)
+
+
+def test_cli_bad_inputs_give_clear_errors_and_write_nothing(tiny_models, small_crop_path, mr_lps_path,
+                                                            tmp_path, capsys):
+    from napari_mediffuse.cli import main
+
+    path, vol = small_crop_path
+    out = tmp_path / "heat.nii.gz"
+    # an MR given to the CT prior
+    assert main(["anomaly", str(mr_lps_path), "-o", str(out), "--steps", "1", "--ensemble", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CT scan" in err and "is MR" in err and not out.exists()
+    # an empty ROI
+    empty = tmp_path / "empty.nii.gz"
+    io.write_nifti(vol.with_data(np.zeros(vol.data.shape, np.uint8)), empty)
+    assert main(["anomaly", str(path), "-o", str(out), "--roi", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err and not out.exists()
+    # ROI labels that select nothing
+    full = tmp_path / "full.nii.gz"
+    io.write_nifti(vol.with_data(np.ones(vol.data.shape, np.uint8)), full)
+    assert main(["anomaly", str(path), "-o", str(out), "--roi", str(full), "--roi-labels", "5"]) == 2
+    assert "labels [5]" in capsys.readouterr().err and not out.exists()
+    # a mask on another grid (shifted by 3 voxels)
+    moved = crop(vol, (slice(None), slice(3, None), slice(None)))
+    other = tmp_path / "other.nii.gz"
+    io.write_nifti(moved.with_data(np.ones(moved.data.shape, np.uint8)), other)
+    assert main(["anomaly", str(path), "-o", str(out), "--roi", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another grid" in err and "45 x 64" in err and "48 x 64" in err and not out.exists()
+    inpainted = tmp_path / "inpainted.nii.gz"
+    assert main(["inpaint", str(path), "--mask", str(other), "-o", str(inpainted)]) == 2
+    assert "another grid" in capsys.readouterr().err and not inpainted.exists()

@@ -1,0 +1,687 @@
+"""Paired CT/MR training data: SynthRAD2023 and folder adapters, and a CT -> MR simulator.
+
+Translation models (``task: translation``) learn from registered CT/MR pairs
+on one grid. Three sources, mixed freely in a config's ``data.pairs`` list:
+
+* ``synthrad: {root: ..., regions: [brain, pelvis]}`` -- the SynthRAD2023
+  layout ``<root>/<region>/<case>/ct.nii.gz, mr.nii.gz, mask.nii.gz``
+  (``root`` may also be one region folder). ``brain`` cases get the body
+  region ``head-neck``, ``pelvis`` cases ``abdomen`` (the nearest of
+  :data:`~napari_mediffuse.engine.networks.REGIONS`).
+* ``folder: {root: ...}`` -- a generic layout ``<root>/ct/<case>``,
+  ``<root>/mr/<case>`` and optionally ``<root>/mask/<case>``, cases matched
+  by name (NIfTI files or DICOM series folders).
+* ``simulate: {ct: ..., labels: ..., contrast: T1}`` -- an MR-like image
+  simulated from a real CT (:func:`simulate_mr`), for machines without real
+  pairs. Models trained on these learn the simulator, not real MR physics.
+
+The CT -> MR simulator
+----------------------
+Each voxel is decomposed into up to two materials from its HU (after a
+light smoothing that removes CT noise), with linear partial-volume mixing:
+
+* air (-1000 HU) and fat (-100 HU) below -100 HU (lungs and bowel gas,
+  when labelled, mix air with the organ's tissue instead of fat);
+* fat and a soft tissue between -100 HU and the soft tissue's nominal HU
+  (:data:`NOMINAL_HU`); the soft tissue is the organ of the TotalSegmentator
+  label when labels are given, else a generic muscle-like tissue;
+* in bone (TotalSegmentator bone labels, or HU >= 150 without labels):
+  marrow and cortex, the cortical fraction rising from 200 to 700 HU (at
+  the 1-3 mm of clinical CT, cortex is rarely resolved: its voxels are
+  partial volumes).
+
+Each tissue has literature relaxation times at 1.5 T (:data:`TISSUES`;
+de Bazelaire et al., Radiology 2004; Stanisz et al., MRM 2005; approximate
+values for fluid, cortex and generic tissue) and a relative proton density.
+The spin-echo signal is ``S = PD (1 - exp(-TR/T1)) exp(-TE/T2)`` with
+T1-weighted (TR 500 ms, TE 15 ms) or T2-weighted (TR 4000 ms, TE 100 ms)
+parameters; flowing blood in labelled vessels is dark (flow void, PD x 0.1).
+The signal is blurred slightly (partial volume, 0.6 voxel), multiplied by a
+smooth random bias field (log-field from a coarse random grid, +-15 % by
+default) and corrupted by Rician noise (std 2 % of the 99th percentile of
+the body signal), then scaled so that percentile is 1000 (arbitrary units).
+Everything is deterministic given the seed. The body mask is the largest
+connected region above -500 HU, holes filled slice by slice, dilated by one
+voxel.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from napari_mediffuse import io
+from napari_mediffuse.engine.intensity import (
+    DEFAULT_CT_NORMALIZATION,
+    DEFAULT_MR_NORMALIZATION,
+    intensity_range,
+    normalize,
+)
+
+from .data import ORIENTATIONS, _SLICE_AXIS, region_index, resolve_path
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("ct2mr", "mr2ct")
+#: SynthRAD2023 region folder -> body region of the network.
+SYNTHRAD_REGIONS = {"brain": "head-neck", "pelvis": "abdomen"}
+#: Output range of synthetic MR (arbitrary units): normalised [-1, 1] -> [0, 1000].
+MR_OUTPUT_RANGE = (0.0, 1000.0)
+
+
+# -- the simulator: tissues ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tissue:
+    """Relaxation times (ms) at 1.5 T and proton density relative to water."""
+
+    t1: float
+    t2: float
+    pd: float
+
+
+#: 1.5 T values. Fat, liver, spleen, kidney (cortex/medulla mean), pancreas and
+#: vertebral marrow: de Bazelaire et al. 2004; muscle, blood, cartilage:
+#: Stanisz et al. 2005; spinal cord: white-matter-like; fluid (urine, bile, CSF),
+#: cortical bone and generic soft tissue: approximate.
+TISSUES: dict[str, Tissue] = {
+    "air": Tissue(t1=1.0, t2=1.0, pd=0.0),
+    "fat": Tissue(t1=343.0, t2=58.0, pd=0.90),
+    "fluid": Tissue(t1=3500.0, t2=1500.0, pd=1.00),
+    "soft_tissue": Tissue(t1=900.0, t2=50.0, pd=0.75),
+    "muscle": Tissue(t1=1008.0, t2=44.0, pd=0.75),
+    "liver": Tissue(t1=586.0, t2=46.0, pd=0.70),
+    "spleen": Tissue(t1=1057.0, t2=79.0, pd=0.80),
+    "kidney": Tissue(t1=1190.0, t2=86.0, pd=0.85),
+    "pancreas": Tissue(t1=584.0, t2=46.0, pd=0.75),
+    "bowel": Tissue(t1=900.0, t2=60.0, pd=0.75),
+    "blood_flow": Tissue(t1=1441.0, t2=290.0, pd=0.09),  # flow void: PD 0.9 x 0.1
+    "spinal_cord": Tissue(t1=745.0, t2=74.0, pd=0.70),
+    "cartilage": Tissue(t1=1024.0, t2=30.0, pd=0.75),
+    "marrow": Tissue(t1=549.0, t2=49.0, pd=0.85),
+    "cortical_bone": Tissue(t1=250.0, t2=0.5, pd=0.15),
+}
+TISSUE_NAMES = tuple(TISSUES)
+
+#: HU of each soft tissue without partial volume (fat/tissue mixing runs from
+#: -100 HU to this value).
+NOMINAL_HU = {"soft_tissue": 40.0, "muscle": 45.0, "liver": 55.0, "spleen": 45.0, "kidney": 30.0,
+              "pancreas": 40.0, "bowel": 30.0, "blood_flow": 40.0, "spinal_cord": 30.0,
+              "cartilage": 100.0, "fluid": 5.0, "fat": -100.0}
+FAT_HU, AIR_HU = -100.0, -1000.0
+BONE_HU = 150.0                 # HU-only: bone from here up
+CORTEX_HU = (200.0, 700.0)      # cortical fraction 0 -> 1 over this range (unsmoothed HU)
+
+#: Spin-echo parameters (ms).
+SEQUENCES = {"T1": {"tr": 500.0, "te": 15.0}, "T2": {"tr": 4000.0, "te": 100.0}}
+
+#: TotalSegmentator v2 ("total" task) label -> soft tissue (or 'bone').
+_TS = {
+    1: "spleen", 2: "kidney", 3: "kidney", 4: "fluid", 5: "liver", 6: "bowel", 7: "pancreas",
+    8: "soft_tissue", 9: "soft_tissue", 10: "lung", 11: "lung", 12: "lung", 13: "lung", 14: "lung",
+    15: "bowel", 16: "lung", 17: "soft_tissue", 18: "bowel", 19: "bowel", 20: "bowel", 21: "fluid",
+    22: "soft_tissue", 23: "fluid", 24: "fluid", 51: "blood_flow", 79: "spinal_cord", 90: "soft_tissue",
+    117: "cartilage",
+}
+_TS.update({i: "bone" for i in range(25, 51)})           # sacrum, vertebrae S1..C1
+_TS.update({i: "blood_flow" for i in range(52, 69)})     # great vessels
+_TS.update({i: "bone" for i in range(69, 79)})           # humerus .. hip
+_TS.update({i: "muscle" for i in range(80, 90)})         # gluteus, autochthon, iliopsoas
+_TS.update({i: "bone" for i in range(91, 117)})          # skull, ribs, sternum
+TOTALSEGMENTATOR_TISSUE = _TS
+_GAS_LABELS = {"lung", "bowel"}
+
+
+def spin_echo(tissue: Tissue, tr: float, te: float) -> float:
+    """Spin-echo signal ``PD (1 - exp(-TR/T1)) exp(-TE/T2)`` of one tissue."""
+    return float(tissue.pd * (1.0 - np.exp(-tr / tissue.t1)) * np.exp(-te / tissue.t2))
+
+
+def tissue_signals(contrast: str = "T1") -> dict[str, float]:
+    """Signal of every tissue of :data:`TISSUES` for a sequence of :data:`SEQUENCES`."""
+    if contrast not in SEQUENCES:
+        raise ValueError(f"unknown MR contrast {contrast!r}; choose one of {', '.join(SEQUENCES)}")
+    seq = SEQUENCES[contrast]
+    return {name: spin_echo(t, seq["tr"], seq["te"]) for name, t in TISSUES.items()}
+
+
+def body_mask(ct_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """Body outline: the largest connected region above ``threshold`` HU,
+    holes filled in each axial slice, dilated by one voxel."""
+    above = ct_hu > threshold
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return np.zeros(ct_hu.shape, dtype=bool)
+    sizes = ndimage.sum_labels(above, labels, index=np.arange(1, n + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    body = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    return ndimage.binary_dilation(body, iterations=1)
+
+
+def _tissue_lookup(labels: np.ndarray | None, shape) -> np.ndarray:
+    """Per-voxel soft-tissue name index (into a local list) from labels."""
+    names = ["soft_tissue", "lung", "bone"] + [n for n in TISSUE_NAMES if n not in ("soft_tissue",)]
+    if labels is None:
+        return np.zeros(shape, dtype=np.int16), names
+    table = np.zeros(max(256, int(labels.max()) + 1), dtype=np.int16)
+    for label, tissue in TOTALSEGMENTATOR_TISSUE.items():
+        table[label] = names.index(tissue)
+    return table[labels.astype(np.int64)], names
+
+
+def bias_field(shape, rng: np.random.Generator, strength: float = 0.15, grid: int = 4) -> np.ndarray:
+    """Smooth multiplicative field ``exp(b)`` with ``|b| <= strength`` (cubic
+    interpolation of a coarse random grid)."""
+    coarse = rng.standard_normal((grid,) * len(shape))
+    field = ndimage.zoom(coarse, [s / grid for s in shape], order=3, mode="nearest")
+    field = field[tuple(slice(0, s) for s in shape)]
+    peak = float(np.abs(field).max()) or 1.0
+    return np.exp(field * (strength / peak)).astype(np.float32)
+
+
+@dataclass
+class SimulatedMR:
+    """A simulated MR on the CT's grid."""
+
+    mr: np.ndarray          # float32, arbitrary units (99th body percentile = 1000)
+    mask: np.ndarray        # bool, body
+    clean: np.ndarray       # noiseless, bias-free signal (same units)
+    contrast: str
+
+
+def simulate_mr(ct_hu: np.ndarray, labels: np.ndarray | None = None, *, contrast: str = "T1",
+                seed: int = 0, bias: float = 0.15, noise: float = 0.02, blur: float = 0.6,
+                smooth_ct: float = 0.7, label_coverage: np.ndarray | None = None) -> SimulatedMR:
+    """An MR-like image from a CT in HU (see the module docstring).
+
+    Parameters
+    ----------
+    ct_hu : ndarray (S, P, L)
+        CT in Hounsfield units.
+    labels : ndarray of int, optional
+        TotalSegmentator "total" labels on the same grid (0 = none).
+    contrast : {'T1', 'T2'}
+        Spin-echo weighting (:data:`SEQUENCES`).
+    seed : int
+        Seed of the bias field and the noise.
+    bias : float
+        Peak log-amplitude of the multiplicative bias field (0.15 = +-15 %).
+    noise : float
+        Rician noise std as a fraction of the 99th percentile body signal.
+    blur : float
+        Gaussian partial-volume blur (voxels).
+    smooth_ct : float
+        Gaussian smoothing of the CT before classification (voxels).
+    label_coverage : ndarray of bool, optional
+        Where ``labels`` are valid (a segmentation of part of the CT); the
+        HU-only rules apply elsewhere. All of the grid by default.
+    """
+    signals = tissue_signals(contrast)
+    hu = ndimage.gaussian_filter(np.asarray(ct_hu, dtype=np.float32), smooth_ct) if smooth_ct else \
+        np.asarray(ct_hu, dtype=np.float32)
+    if labels is not None and labels.shape != hu.shape:
+        raise ValueError(f"labels {labels.shape} are not on the CT's grid {hu.shape}")
+    index, names = _tissue_lookup(labels, hu.shape)
+    is_lung = index == names.index("lung")
+    if labels is None:
+        covered = np.zeros(hu.shape, dtype=bool)
+    else:
+        covered = np.ones(hu.shape, dtype=bool) if label_coverage is None else np.asarray(label_coverage, bool)
+    # bone: labelled bone (down to -100 HU) where labels are valid, HU >= 150 elsewhere
+    is_bone = np.where(covered, (index == names.index("bone")) & (hu >= FAT_HU), hu >= BONE_HU)
+    # soft-tissue signal and nominal HU per voxel (lungs: generic tissue mixed with air)
+    soft_names = ["soft_tissue" if n in ("lung", "bone") else n for n in names]
+    s_table = np.array([signals[n] for n in soft_names], dtype=np.float32)
+    h_table = np.array([NOMINAL_HU.get(n, 40.0) for n in soft_names], dtype=np.float32)
+    s_soft, h_soft = s_table[index], h_table[index]
+    s_fat, s_marrow, s_cortex = signals["fat"], signals["marrow"], signals["cortical_bone"]
+
+    out = np.empty(hu.shape, dtype=np.float32)
+    # below -100 HU: air mixed with fat, or with the organ's tissue in gas-bearing organs
+    gas_organ = is_lung | np.isin(index, [names.index(n) for n in _GAS_LABELS if n in names])
+    f_air = np.clip((hu - AIR_HU) / (FAT_HU - AIR_HU), 0.0, 1.0)
+    partner = np.where(gas_organ, s_soft, s_fat)
+    partner_hu = np.where(gas_organ, h_soft, FAT_HU)
+    f_gas = np.clip((hu - AIR_HU) / np.maximum(partner_hu - AIR_HU, 1.0), 0.0, 1.0)
+    low = hu < np.where(gas_organ, partner_hu, FAT_HU)
+    out[low] = np.where(gas_organ, f_gas * partner, f_air * s_fat)[low]
+    # fat <-> soft tissue
+    f_soft = np.clip((hu - FAT_HU) / np.maximum(h_soft - FAT_HU, 1.0), 0.0, 1.0)
+    mid = ~low
+    out[mid] = (f_soft * s_soft + (1.0 - f_soft) * s_fat)[mid]
+    # bone: marrow <-> cortex (bone voxels below -100 HU keep the air/fat mix)
+    raw = np.asarray(ct_hu, dtype=np.float32)
+    f_cortex = np.clip((raw - CORTEX_HU[0]) / (CORTEX_HU[1] - CORTEX_HU[0]), 0.0, 1.0)
+    out[is_bone] = (f_cortex * s_cortex + (1.0 - f_cortex) * s_marrow)[is_bone]
+
+    if blur:
+        out = ndimage.gaussian_filter(out, blur)
+    mask = body_mask(np.asarray(ct_hu, dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    ref = float(np.percentile(out[mask], 99)) if mask.any() else float(out.max() or 1.0)
+    scale = 1000.0 / max(ref, 1e-6)
+    clean = out * scale
+    field = bias_field(hu.shape, rng, bias) if bias else 1.0
+    signal = clean * field
+    sigma = noise * 1000.0
+    noisy = np.sqrt((signal + sigma * rng.standard_normal(hu.shape, dtype=np.float32)) ** 2
+                    + (sigma * rng.standard_normal(hu.shape, dtype=np.float32)) ** 2)
+    return SimulatedMR(mr=noisy.astype(np.float32), mask=mask, clean=clean.astype(np.float32),
+                       contrast=contrast)
+
+
+# -- pairs on disk ----------------------------------------------------------------------------
+
+@dataclass
+class PairFiles:
+    """One case: a CT and an MR on the same grid, and an optional mask."""
+
+    case: str
+    ct: Path
+    mr: Path
+    mask: Path | None = None
+    region: str | None = None
+
+
+def synthrad_pairs(root, regions=None) -> list[PairFiles]:
+    """Cases of the SynthRAD2023 layout ``<root>/<region>/<case>/{ct,mr,mask}.nii.gz``.
+
+    ``root`` may be the task folder (holding ``brain/`` and ``pelvis/``) or one
+    region folder; ``regions`` restricts the regions read.
+    """
+    root = resolve_path(str(root))
+    if not root.is_dir():
+        raise FileNotFoundError(f"SynthRAD2023 folder {root} not found")
+    region_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SYNTHRAD_REGIONS]
+    if not region_dirs and any((d / "ct.nii.gz").is_file() for d in root.iterdir() if d.is_dir()):
+        region_dirs = [root]
+    pairs = []
+    for rdir in region_dirs:
+        if regions is not None and rdir.name not in regions:
+            continue
+        region = SYNTHRAD_REGIONS.get(rdir.name)
+        for case in sorted(d for d in rdir.iterdir() if d.is_dir()):
+            ct, mr, mask = case / "ct.nii.gz", case / "mr.nii.gz", case / "mask.nii.gz"
+            if not (ct.is_file() and mr.is_file()):
+                log.warning("%s: no ct.nii.gz + mr.nii.gz pair, skipped", case)
+                continue
+            pairs.append(PairFiles(case=f"{rdir.name}/{case.name}", ct=ct, mr=mr,
+                                   mask=mask if mask.is_file() else None, region=region))
+    if not pairs:
+        raise ValueError(f"{root}: no SynthRAD2023 cases (<region>/<case>/ct.nii.gz + mr.nii.gz)")
+    return pairs
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def folder_pairs(root) -> list[PairFiles]:
+    """Cases of the generic layout ``<root>/ct/<case>``, ``<root>/mr/<case>``,
+    optional ``<root>/mask/<case>`` (NIfTI files or DICOM folders), matched by name."""
+    root = resolve_path(str(root))
+    found = {}
+    for part in ("ct", "mr", "mask"):
+        folder = root / part
+        if not folder.is_dir():
+            if part == "mask":
+                continue
+            raise FileNotFoundError(f"{root}: paired folder needs {part}/ (and ct/, mr/, optional mask/)")
+        found[part] = {_case_name(p): p for p in sorted(folder.iterdir())
+                       if p.is_dir() or io.is_nifti_path(p)}
+    cases = sorted(set(found["ct"]) & set(found["mr"]))
+    unmatched = sorted(set(found["ct"]) ^ set(found["mr"]))
+    if unmatched:
+        log.warning("%s: cases without a partner skipped: %s", root, ", ".join(unmatched))
+    if not cases:
+        raise ValueError(f"{root}: no case has both ct/<case> and mr/<case>")
+    masks = found.get("mask", {})
+    return [PairFiles(case=c, ct=found["ct"][c], mr=found["mr"][c], mask=masks.get(c)) for c in cases]
+
+
+def _read_one(path: Path, modality: str) -> io.Volume:
+    volumes = io.read(path) if path.is_dir() else [io.read_nifti(path, modality=modality)]
+    if len(volumes) != 1:
+        raise ValueError(f"{path}: expected one series, found {len(volumes)}")
+    return volumes[0]
+
+
+@dataclass
+class PairedVolume:
+    """A registered CT/MR pair in display orientation (S, P, L), scanner units."""
+
+    ct: np.ndarray          # HU
+    mr: np.ndarray          # arbitrary units
+    mask: np.ndarray        # bool
+    spacing: tuple
+    region: int
+    source: str
+    affine: np.ndarray | None = None
+
+
+def read_pair(files: PairFiles, *, region=None) -> PairedVolume:
+    """Read a case; the CT, MR and mask must share one grid (SynthRAD pairs are registered)."""
+    ct = _read_one(files.ct, "CT")
+    mr = _read_one(files.mr, "MR")
+    for other, what in ((mr, "MR"),):
+        if other.data.shape != ct.data.shape or not np.allclose(other.affine, ct.affine, atol=1e-2):
+            raise ValueError(f"{files.case}: {what} {other.data.shape} is not on the CT's grid "
+                             f"{ct.data.shape}; pairs must be registered and resampled to one grid")
+    if files.mask is not None:
+        mask_vol = _read_one(files.mask, "OT")
+        if mask_vol.data.shape != ct.data.shape:
+            raise ValueError(f"{files.case}: mask {mask_vol.data.shape} is not on the CT's grid")
+        mask = np.asarray(mask_vol.data) > 0
+    else:
+        mask = body_mask(np.asarray(ct.data, dtype=np.float32))
+    return PairedVolume(ct=np.asarray(ct.data, dtype=np.float32), mr=np.asarray(mr.data, dtype=np.float32),
+                        mask=mask, spacing=ct.spacing, region=region_index(region or files.region),
+                        source=files.case, affine=ct.affine)
+
+
+def _place_labels(labels: np.ndarray, shape, offset) -> np.ndarray:
+    """A label crop placed at voxel ``offset`` (display orientation) of a grid."""
+    out = np.zeros(shape, dtype=labels.dtype)
+    offset = [int(o) for o in (offset or (0, 0, 0))]
+    src = tuple(slice(max(0, -o), min(n, s - o)) for o, n, s in zip(offset, labels.shape, shape))
+    dst = tuple(slice(max(0, o), max(0, o) + (sl.stop - sl.start)) for o, sl in zip(offset, src))
+    out[dst] = labels[src]
+    return out
+
+
+def simulated_pairs(spec: dict, *, region=None) -> list[PairedVolume]:
+    """Pairs simulated from a real CT (``variants`` MR versions with different seeds).
+
+    ``spec``: ``ct`` (path), optional ``labels`` (TotalSegmentator, same grid,
+    or a crop placed by ``labels_offset`` [S, P, L] voxels in display
+    orientation), ``contrast`` ('T1'/'T2'), ``seed``, ``variants``, ``bias``,
+    ``noise``.
+    """
+    ct_vol = _read_one(resolve_path(spec["ct"]), "CT")
+    ct = np.asarray(ct_vol.data, dtype=np.float32)
+    labels = coverage = None
+    if spec.get("labels"):
+        lab = np.asarray(_read_one(resolve_path(spec["labels"]), "OT").data)
+        if spec.get("labels_offset") is None and lab.shape != ct.shape:
+            raise ValueError(f"labels {lab.shape} are not on the CT's grid {ct.shape}; "
+                             "give labels_offset for a crop")
+        labels = _place_labels(lab.astype(np.int16), ct.shape, spec.get("labels_offset"))
+        coverage = _place_labels(np.ones(lab.shape, dtype=bool), ct.shape, spec.get("labels_offset"))
+    out = []
+    for v in range(int(spec.get("variants", 1))):
+        sim = simulate_mr(ct, labels, contrast=spec.get("contrast", "T1"), seed=int(spec.get("seed", 0)) + v,
+                          bias=float(spec.get("bias", 0.15)), noise=float(spec.get("noise", 0.02)),
+                          label_coverage=coverage)
+        out.append(PairedVolume(ct=ct, mr=sim.mr, mask=sim.mask, spacing=ct_vol.spacing,
+                                region=region_index(region), source=f"{spec['ct']} (simulated "
+                                f"{sim.contrast}w, seed {int(spec.get('seed', 0)) + v})",
+                                affine=ct_vol.affine))
+    return out
+
+
+def load_pairs(data_config: dict) -> list[PairedVolume]:
+    """Every pair of a config's ``data.pairs`` list (see the module docstring)."""
+    pairs = []
+    for entry in data_config["pairs"]:
+        region = entry.get("region")
+        if "simulate" in entry:
+            pairs.extend(simulated_pairs(entry["simulate"], region=region))
+        elif "synthrad" in entry:
+            spec = entry["synthrad"]
+            pairs.extend(read_pair(f, region=region) for f in synthrad_pairs(spec["root"], spec.get("regions")))
+        elif "folder" in entry:
+            pairs.extend(read_pair(f, region=region) for f in folder_pairs(entry["folder"]["root"]))
+        else:
+            raise ValueError(f"unknown pair source {entry!r}: use simulate, synthrad or folder")
+    if not pairs:
+        raise ValueError("no training pairs found")
+    return pairs
+
+
+# -- normalisation and the training dataset -------------------------------------------------
+
+def translation_rules(config: dict) -> tuple[dict, dict]:
+    """(source rule, target rule) of a translation config: ``source_normalization``
+    and ``normalization`` (the generated image's, as for every checkpoint),
+    defaulting to the CT HU window and the MR robust percentiles by direction."""
+    direction = config.get("direction")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"translation config needs direction: {' or '.join(DIRECTIONS)}")
+    ct2mr = direction == "ct2mr"
+    source = config.get("source_normalization") or (DEFAULT_CT_NORMALIZATION if ct2mr else DEFAULT_MR_NORMALIZATION)
+    target = config.get("normalization") or (DEFAULT_MR_NORMALIZATION if ct2mr else DEFAULT_CT_NORMALIZATION)
+    return dict(source), dict(target)
+
+
+def normalize_pair(pair: PairedVolume, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) of a pair in [-1, 1]. MR: the volume's robust range
+    (the same :func:`~napari_mediffuse.engine.intensity.intensity_range` as at
+    inference); CT: the fixed HU window."""
+    src_rule, tgt_rule = translation_rules(config)
+    ct_first = config["direction"] == "ct2mr"
+    src_data, tgt_data = (pair.ct, pair.mr) if ct_first else (pair.mr, pair.ct)
+    return (normalize(src_data, src_rule, intensity_range(src_data, src_rule)),
+            normalize(tgt_data, tgt_rule, intensity_range(tgt_data, tgt_rule)))
+
+
+@dataclass
+class TranslationVolume:
+    """Normalised source/target of one pair, resampled, with its held-out block."""
+
+    source: np.ndarray
+    target: np.ndarray
+    mask: np.ndarray
+    region: int
+    name: str
+    holdout: slice      # axial (axis 0) indices held out
+    train: slice
+
+
+def prepare_volumes(config: dict, pairs: list[PairedVolume] | None = None) -> list[TranslationVolume]:
+    """Normalise, resample to ``data.spacing_mm`` and split every pair.
+
+    The held-out block is the ``holdout_fraction`` of axial slices at the
+    ``holdout_side`` ('superior', default, or 'inferior') of each volume.
+    """
+    data = config["data"]
+    pairs = load_pairs(data) if pairs is None else pairs
+    spacing = float(data.get("spacing_mm", 0) or 0)
+    fraction = float(data.get("holdout_fraction", 0.0))
+    side = data.get("holdout_side", "superior")
+    out = []
+    for pair in pairs:
+        source, target = normalize_pair(pair, config)
+        mask = pair.mask
+        if spacing:
+            zoom = [s / spacing for s in pair.spacing]
+            if not np.allclose(zoom, 1.0, atol=1e-3):
+                source = ndimage.zoom(source, zoom, order=1, mode="nearest")
+                target = ndimage.zoom(target, zoom, order=1, mode="nearest")
+                mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
+        n = source.shape[0]
+        k = int(round(fraction * n))
+        if side == "superior":
+            holdout, train = slice(n - k, n), slice(0, n - k)
+        elif side == "inferior":
+            holdout, train = slice(0, k), slice(k, n)
+        else:
+            raise ValueError(f"holdout_side must be 'superior' or 'inferior', got {side!r}")
+        out.append(TranslationVolume(source=source.astype(np.float32), target=target.astype(np.float32),
+                                     mask=mask, region=pair.region, name=pair.source,
+                                     holdout=holdout, train=train))
+    return out
+
+
+def context_stack(volume: np.ndarray, axis: int, index: int, k: int, step: int = 1) -> np.ndarray:
+    """Slices ``index - k*step .. index + k*step`` (every ``step``) along ``axis``,
+    clamped at the volume's ends: (2k+1, H, W), the centre slice in the middle."""
+    n = volume.shape[axis]
+    idx = np.clip(index + step * np.arange(-k, k + 1), 0, n - 1)
+    return np.stack([np.take(volume, int(i), axis=axis) for i in idx])
+
+
+def _oriented(stack: np.ndarray, orientation: str) -> np.ndarray:
+    return stack[:, ::-1] if orientation != "axial" else stack  # superior at the top
+
+
+class PairedSlices(torch.utils.data.IterableDataset):
+    """Endless stream of (target slice, source context) training samples.
+
+    Each sample: ``image`` (1, P, P) target, ``condition`` (2k+1, P, P) source
+    slices centred on the target's, ``coords`` (2, P, P), ``region``. A patch
+    is a random crop at native resolution, or (``image_level_probability``)
+    the whole slice padded square and resized. In the training part the
+    condition is replaced by zeros with probability ``condition_dropout``
+    (classifier-free guidance on the image condition).
+    """
+
+    def __init__(self, volumes: list[TranslationVolume], data_config: dict, *, seed: int = 0,
+                 rank: int = 0, part: str = "train"):
+        super().__init__()
+        self.volumes = volumes
+        self.patch = int(data_config["patch_size"])
+        self.k = int(data_config.get("context_slices", 1))
+        self.p_image = float(data_config.get("image_level_probability", 0.2))
+        self.p_drop = float(data_config.get("condition_dropout", 0.1)) if part == "train" else 0.0
+        self.min_body = float(data_config.get("min_body_fraction", 0.05))
+        orient = data_config.get("orientations", {"axial": 1.0})
+        self.orientations = [o for o in ORIENTATIONS if orient.get(o, 0) > 0]
+        weights = np.array([orient[o] for o in self.orientations], dtype=float)
+        self.orientation_p = weights / weights.sum()
+        self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.seed, self.rank, self.part = seed, rank, part
+        self.parts = []
+        for v in volumes:
+            block = v.train if part == "train" else v.holdout
+            sub = (v.source[block], v.target[block], v.mask[block])
+            if sub[0].shape[0] > 0:
+                self.parts.append((v, sub))
+        if not self.parts:
+            raise ValueError(f"no {part} slices: check data.holdout_fraction")
+
+    def sample(self, rng: np.random.Generator, augment=None) -> dict:
+        sizes = np.array([p[1][0].size for p in self.parts], dtype=float)
+        volume, (source, target, mask) = self.parts[int(rng.choice(len(self.parts), p=sizes / sizes.sum()))]
+        orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
+        axis = _SLICE_AXIS[orientation]
+        # prefer slices with body in them (mostly-air slices teach little)
+        for _ in range(10):
+            index = int(rng.integers(0, source.shape[axis]))
+            if np.take(mask, index, axis=axis).mean() >= self.min_body:
+                break
+        stack = np.concatenate([np.take(target, index, axis=axis)[None],
+                                context_stack(source, axis, index, self.k)])
+        stack = np.ascontiguousarray(_oriented(stack, orientation), dtype=np.float32)
+        if augment is not None:
+            stack = augment(stack)
+        if rng.random() < self.p_image:
+            stack, coords = _image_level(stack, self.patch)
+        else:
+            stack, coords = _patch_level(stack, self.patch, rng)
+        condition = stack[1:]
+        if self.p_drop and rng.random() < self.p_drop:
+            condition = np.zeros_like(condition)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(stack[:1])),
+            "condition": torch.from_numpy(np.ascontiguousarray(condition)),
+            "coords": torch.from_numpy(np.ascontiguousarray(coords)),
+            "region": torch.tensor(volume.region, dtype=torch.long),
+        }
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        augment = _stack_augmentation(int(rng.integers(2**31))) if self.augment else None
+        while True:
+            yield self.sample(rng, augment)
+
+    def fixed_batch(self, n: int, seed: int = 1234) -> dict:
+        """A reproducible batch (validation): same samples every call."""
+        rng = np.random.default_rng(seed)
+        items = [self.sample(rng) for _ in range(n)]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+
+
+def _image_level(stack: np.ndarray, size: int):
+    from napari_mediffuse.engine.position import coordinate_grid
+
+    c, h, w = stack.shape
+    side = max(h, w)
+    padded = np.full((c, side, side), -1.0, dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded[:, top:top + h, left:left + w] = stack
+    tensor = torch.from_numpy(padded)[None]
+    kwargs = {"mode": "area"} if side > size else {"mode": "bilinear", "align_corners": False}
+    resized = F.interpolate(tensor, size=(size, size), **kwargs)[0].numpy()
+    return resized, coordinate_grid([(0, size), (0, size)], (size, size)).numpy()
+
+
+def _patch_level(stack: np.ndarray, size: int, rng: np.random.Generator):
+    from napari_mediffuse.engine.position import coordinate_grid
+
+    c, h, w = stack.shape
+    ph, pw = max(h, size), max(w, size)
+    if (ph, pw) != (h, w):
+        padded = np.full((c, ph, pw), -1.0, dtype=np.float32)
+        padded[:, :h, :w] = stack
+        stack = padded
+    r0, c0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
+    return np.ascontiguousarray(stack[:, r0:r0 + size, c0:c0 + size]), coords
+
+
+def _stack_augmentation(seed: int):
+    """The prior's mild geometric augmentation (MONAI ``RandAffine``, see
+    :func:`training.data.make_augmentation`), one transform for all channels."""
+    import math
+
+    from monai.transforms import RandAffine
+
+    aug = RandAffine(prob=0.5, rotate_range=(math.radians(10),), scale_range=(0.1, 0.1),
+                     shear_range=(0.05, 0.05), padding_mode="zeros", mode="bilinear")
+    aug.set_random_state(seed)
+
+    def apply(stack: np.ndarray) -> np.ndarray:
+        out = aug(torch.from_numpy(stack + 1.0))  # air (-1) -> 0 so padding is air
+        return np.asarray(out).astype(np.float32) - 1.0
+
+    return apply
+
+
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
+    """(train, validation) datasets of a translation config, for the shared trainer."""
+    volumes = prepare_volumes(config)
+    data = config["data"]
+    return (PairedSlices(volumes, data, seed=seed, rank=rank, part="train"),
+            PairedSlices(volumes, data, seed=seed, part="val"))
+
+
+def card_fields(config: dict) -> dict:
+    """Card entries a translation checkpoint needs at inference (see
+    :mod:`napari_mediffuse.tasks.translate`)."""
+    source_rule, _ = translation_rules(config)
+    direction = config["direction"]
+    data = config["data"]
+    simulated = any("simulate" in e for e in data["pairs"])
+    return {
+        "direction": direction,
+        "source_modality": "CT" if direction == "ct2mr" else "MR",
+        "target_modality": "MR" if direction == "ct2mr" else "CT",
+        "source_normalization": source_rule,
+        "context_slices": int(data.get("context_slices", 1)),
+        "slice_spacing_mm": data.get("spacing_mm"),
+        "condition_dropout": float(data.get("condition_dropout", 0.1)),
+        "contrast": config.get("contrast"),
+        "output_range": list(MR_OUTPUT_RANGE) if direction == "ct2mr" else None,
+        "trained_on_simulated_pairs": simulated,
+    }
