@@ -47,13 +47,18 @@ def load_config(path) -> dict:
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
-    """(train, validation) datasets: multi-level CT slices, or paired
+    """(train, validation) datasets: multi-level CT slices, paired
     source/target slices (``data.pairs``, :mod:`training.paired`) for
-    translation models."""
+    translation models, or whole 2D images (``data.kind: image_folder``,
+    :mod:`training.images`) for the 2D image prior."""
     if "pairs" in config["data"]:
         from .paired import make_datasets as paired_datasets
 
         return paired_datasets(config, seed=seed, rank=rank)
+    if config["data"].get("kind") == "image_folder":
+        from .images import make_datasets as image_datasets
+
+        return image_datasets(config, seed=seed, rank=rank)
     volumes = load_volumes(config["data"], config["normalization"])
     return (MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank),
             MultiLevelSlices(volumes, config["data"], seed=seed, part="val"))
@@ -241,7 +246,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),
         normalization=config["normalization"],
         pixel_spacing_mm=[data.get("spacing_mm")] * 2 if data.get("spacing_mm") else None,
-        patch_size=[data["patch_size"]] * 2,
+        patch_size=[data.get("patch_size") or data.get("image_size")] * 2,
         training={
             "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data.get("train", data.get("pairs", []))],
             "holdout_fraction": data.get("holdout_fraction", 0.0),
