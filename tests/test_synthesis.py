@@ -88,3 +88,18 @@ def test_synthesize_cli(tiny_models, tmp_path, capsys):
     assert cli_main(["synthesize", "-o", str(bad), "--shape", "4", "16", "16", "--model", "tiny-ct-prior",
                      "--device", "cpu"]) == 2
     assert not bad.exists()
+
+
+def test_synthesis_metrics_on_known_volumes(ct_small_path):
+    from training.evaluate.synthesis import adjacent_slice_difference, histogram_distance, ms_ssim_between
+
+    real = io.read_nifti(ct_small_path).data.astype(np.float32)
+    shifted = real + 50.0 * (real > -500)
+    assert histogram_distance(shifted, real) == pytest.approx(50.0, abs=1.0)
+    ramp = np.zeros((5, 8, 8), np.float32) + np.arange(5)[:, None, None] * 10.0
+    assert adjacent_slice_difference(ramp) == pytest.approx(10.0)
+    # real CT is continuous: shuffling its slices makes neighbours differ much more
+    shuffled = real[np.random.default_rng(0).permutation(len(real))]
+    assert adjacent_slice_difference(shuffled) > 2 * adjacent_slice_difference(real)
+    assert ms_ssim_between(real, real) == pytest.approx(1.0, abs=1e-4)
+    assert ms_ssim_between(real, shuffled) < 0.95
