@@ -256,13 +256,14 @@ class TaskTab(QWidget):
         values["model"] = model
         self._cancel.clear()
         options = RunOptions(device=self.device_combo.currentText(), progress=self._relay.progress.emit,
-                             cancel=self._cancel.is_set)
+                             cancel=self._cancel.is_set, seed=values.pop("seed", 0),
+                             batch_size=values.pop("batch_size", 4))
 
         @thread_worker
         def work():
             return self.spec.run(volume, values, options)
 
-        self.worker = work()
+        self.worker = work(_ignore_errors=True)  # errors are handled by _on_errored
         self.worker.returned.connect(self._on_returned)
         self.worker.errored.connect(self._on_errored)
         self.worker.finished.connect(self._on_finished)
