@@ -76,6 +76,13 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
                       ckpt.schedule, steps=3)
     assert out.shape == (2, 1, 24, 20) and out.abs().max() <= 1
 
+    from PIL import Image
+
+    from training.report import loss_curve
+
+    png = loss_curve(tmp_path / "run", tmp_path / "loss.png", width=300, height=200)
+    assert Image.open(png).size == (300, 200)
+
     # resume continues the step count rather than starting again
     tiny_config["train"]["max_steps"] = 8
     train(tiny_config, tmp_path / "run", resume=True, device="cpu")

@@ -57,6 +57,13 @@ def _cmd_evaluate_prior(args) -> int:
     return 0
 
 
+def _cmd_plot_log(args) -> int:
+    from .report import loss_curve
+
+    print(loss_curve(args.run, args.output))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--config", required=True)
     p.set_defaults(func=_cmd_evaluate_prior)
+
+    p = sub.add_parser("plot-log", help="PNG of a run's training and validation loss")
+    p.add_argument("run")
+    p.add_argument("output")
+    p.set_defaults(func=_cmd_plot_log)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
