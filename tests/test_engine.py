@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_ARCHITECTURE
 from napari_mediffuse.engine import checkpoint as ckpt
 from napari_mediffuse.engine import registry
 from napari_mediffuse.engine.devices import autocast_dtype, select_device
@@ -22,16 +23,7 @@ from napari_mediffuse.engine.sampling import (
 )
 from napari_mediffuse.engine.schedulers import alphas_cumprod, timestep_for_noise_level
 
-TINY = {
-    "position_frequencies": 2,
-    "stem_stride": 1,
-    "backbone_config": {
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "UpBlock2D"],
-        "norm_num_groups": 4,
-    },
-}
+TINY = TINY_ARCHITECTURE
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
 
 
