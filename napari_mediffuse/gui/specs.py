@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..engine.networks import REGIONS
 from ..layers import image_layer_data
-from .task_tab import Param, TaskSpec
+from .task_tab import LABELS_LAYER, Param, TaskSpec
 
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
 BATCH = Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
@@ -71,6 +71,156 @@ def image_prior_spec() -> TaskSpec:
                 SEED, BATCH])
 
 
+# -- denoising and super-resolution ------------------------------------------------
+
+def _run_denoise(volume, values, options):
+    from ..tasks.denoise import denoise
+
+    noise = values["noise_hu"]
+    result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"],
+                     strength=values["strength"], noise_hu=None if noise <= 0 else noise,
+                     lam=values["lam"], options=options)
+    return [image_layer_data(result)]
+
+
+def denoise_spec() -> TaskSpec:
+    from ..tasks import denoise as mod
+
+    return TaskSpec(
+        key="denoise", title="Denoise", run=_run_denoise,
+        description="Low-dose CT denoising: DiffPIR with the CT prior, or BM3D / non-local means.",
+        params=[
+            Param("method", "diffusion", options={"choices": ["diffusion", "bm3d", "nlm"]},
+                  tooltip="diffusion = DiffPIR with the prior; bm3d / nlm = classical baselines"),
+            Param("strength", 1.0, options={"min": 0.1, "max": 3.0, "step": 0.1},
+                  tooltip="Scales the estimated noise level: higher removes more noise (and detail)"),
+            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200},
+                  tooltip="Network evaluations per slice (diffusion)"),
+            Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
+                  tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
+            Param("lam", mod.DEFAULT_LAMBDA, label="lambda", options={"min": 0.0, "max": 100.0},
+                  tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
+            SEED, BATCH,
+        ])
+
+
+def _run_sr(volume, values, options):
+    from ..tasks.superres import super_resolve
+
+    result = super_resolve(volume, factor=values["factor"], method=values["method"], model=values["model"],
+                           steps=values["steps"], options=options)
+    return [image_layer_data(result)]
+
+
+def sr_spec() -> TaskSpec:
+    from ..tasks import superres as mod
+
+    return TaskSpec(
+        key="sr", title="Super-resolution", run=_run_sr, preview=False,
+        description="Thick -> thin slices: factor thin slices per thick slice (e.g. 5 mm -> 1 mm is 5).",
+        params=[
+            Param("factor", 2, options={"min": 2, "max": 8}, tooltip="Thin slices per thick slice"),
+            Param("method", "diffusion", options={"choices": ["diffusion", "cubic", "sinc"]},
+                  tooltip="diffusion = DiffPIR on coronal/sagittal planes; cubic / windowed sinc = interpolation"),
+            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200}, tooltip="Network evaluations per plane"),
+            SEED, BATCH,
+        ])
+
+
+# -- anomaly and inpainting ------------------------------------------------------
+
+def _run_anomaly(volume, values, options):
+    from ..tasks.anomaly import anomaly_layers, detect_anomalies
+
+    threshold = values["threshold"]
+    result = detect_anomalies(volume, roi=values["roi"], t=values["t"], ensemble=values["ensemble"],
+                              steps=values["steps"], threshold=None if threshold <= 0 else threshold,
+                              percentile=values["percentile"], model=values["model"], options=options)
+    return anomaly_layers(result, reconstruction=values["show_reconstruction"])
+
+
+def anomaly_spec() -> TaskSpec:
+    from ..tasks import anomaly as mod
+
+    return TaskSpec(
+        key="anomaly", title="Anomaly", run=_run_anomaly,
+        description="Where does the scan depart from healthy anatomy? Heatmap and mask from the prior's "
+                    "healthy reconstruction (partial diffusion).",
+        params=[
+            Param("roi", None, label="region", annotation=LABELS_LAYER,
+                  options={"none_label": "(body, automatic)"},
+                  tooltip="Labels layer restricting the analysis (nonzero = inside); default: the body"),
+            Param("t", mod.DEFAULT_T, options={"min": 1, "max": 999},
+                  tooltip="Noise step (of 1000): higher wipes out larger anomalies"),
+            Param("ensemble", mod.DEFAULT_ENSEMBLE, options={"min": 1, "max": 16},
+                  tooltip="Noise seeds averaged (less variance, more time)"),
+            Param("threshold", 0.0, options={"min": 0.0, "max": 100.0, "step": 0.1},
+                  tooltip="Heatmap value that makes the mask; 0 = automatic (percentile)"),
+            Param("show_reconstruction", False, label="add healthy reconstruction"),
+            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200}, advanced=True,
+                  tooltip="DDIM steps from t to 0"),
+            Param("percentile", mod.DEFAULT_PERCENTILE, options={"min": 50.0, "max": 99.99}, advanced=True,
+                  tooltip="Automatic threshold: this percentile of the heatmap inside the region"),
+            SEED, BATCH,
+        ])
+
+
+def _run_inpaint(volume, values, options):
+    from ..tasks.inpaint import inpaint, inpainted_layer_data
+
+    if values["mask"] is None:
+        raise ValueError("paint the region to replace in a Labels layer and choose it as mask")
+    result = inpaint(volume, values["mask"], steps=values["steps"], resample=values["resample"],
+                     model=values["model"], options=options)
+    return [inpainted_layer_data(result)]
+
+
+def inpaint_spec() -> TaskSpec:
+    from ..tasks import inpaint as mod
+
+    return TaskSpec(
+        key="inpaint", title="Inpaint", run=_run_inpaint,
+        description="Replace a painted region with tissue consistent with its surroundings (RePaint): "
+                    "'what would this look like healthy'.",
+        params=[
+            Param("mask", None, annotation=LABELS_LAYER, options={"none_label": "(choose a Labels layer)"},
+                  tooltip="Labels layer on the CT's grid; nonzero voxels are replaced"),
+            Param("steps", mod.DEFAULT_INPAINT_STEPS, options={"min": 1, "max": 500}, tooltip="DDIM steps"),
+            Param("resample", mod.DEFAULT_RESAMPLE, options={"min": 0, "max": 5}, advanced=True,
+                  tooltip="RePaint resampling rounds per step (better harmony, more time)"),
+            SEED, BATCH,
+        ])
+
+
+# -- translation -------------------------------------------------------------------
+
+def _run_translate(direction):
+    def run(volume, values, options):
+        from ..tasks.translate import translate
+
+        result = translate(volume, direction=direction, model=values["model"], steps=values["steps"],
+                           guidance=values["guidance"], options=options)
+        data, kwargs, kind = image_layer_data(result)
+        return [(data, _synthetic_name(kwargs), kind)]
+
+    return run
+
+
+def translate_spec(direction: str) -> TaskSpec:
+    source, target = ("CT", "MR") if direction == "ct2mr" else ("MR", "CT")
+    return TaskSpec(
+        key=direction, title=f"{source}→{target}", run=_run_translate(direction),
+        modalities=(source,), model_task="translation", model_modality=source,
+        description=f"Synthetic {target} from {source}, on the same grid (marked synthetic).",
+        params=[
+            Param("steps", 20, options={"min": 1, "max": 200}, tooltip="Sampler steps per slice"),
+            Param("guidance", 1.5, options={"min": 0.0, "max": 10.0, "step": 0.1},
+                  tooltip="Classifier-free guidance on the source image (1 = none)"),
+            SEED, BATCH,
+        ])
+
+
 def task_specs() -> list[TaskSpec]:
     """Specs of every task tab, in panel order."""
-    return [synthesis_spec(), image_prior_spec()]
+    return [denoise_spec(), sr_spec(), anomaly_spec(), inpaint_spec(), translate_spec("ct2mr"),
+            translate_spec("mr2ct"), synthesis_spec(), image_prior_spec()]

@@ -40,6 +40,10 @@ from ..layers import layer_to_volume
 from ..tasks.common import RunOptions
 
 
+#: ``Param.annotation`` for a chooser of the viewer's Labels layers.
+LABELS_LAYER = "labels_layer"
+
+
 @dataclass
 class Param:
     """One task parameter shown in the tab."""
@@ -168,6 +172,11 @@ class TaskTab(QWidget):
     def _container(self, params: list[Param]) -> Container:
         widgets = []
         for p in params:
+            if p.annotation == LABELS_LAYER:
+                w = self._labels_chooser(p)
+                self.param_widgets[p.name] = w
+                widgets.append(w)
+                continue
             options = dict(p.options)
             if p.tooltip:
                 options.setdefault("tooltip", p.tooltip)
@@ -179,8 +188,37 @@ class TaskTab(QWidget):
             widgets.append(w)
         return Container(widgets=widgets)
 
+    def _labels_chooser(self, p: Param):
+        """A chooser of the viewer's Labels layers (plus 'none' when optional)."""
+        from magicgui.widgets import ComboBox
+
+        optional = p.default is None
+
+        def choices(_widget=None):
+            names = [layer.name for layer in self.viewer.layers if isinstance(layer, napari.layers.Labels)]
+            return ([p.options.get("none_label", "(none)")] if optional else []) + names
+
+        w = ComboBox(name=p.name, label=p.label or p.name.replace("_", " "), choices=choices,
+                     tooltip=p.tooltip)
+        w._mediffuse_optional = optional
+        return w
+
     def values(self) -> dict:
-        return {name: w.value for name, w in self.param_widgets.items()}
+        """Parameter values; Labels-layer choices become Volumes (read here, in
+        the GUI thread, so the worker never touches a layer)."""
+        values = {}
+        for name, w in self.param_widgets.items():
+            value = w.value
+            if getattr(w, "_mediffuse_optional", None) is not None:
+                value = (layer_to_volume(self.viewer.layers[value]) if value in self.viewer.layers
+                         else None)
+            values[name] = value
+        return values
+
+    def _refresh_layer_choices(self):
+        for w in self.param_widgets.values():
+            if getattr(w, "_mediffuse_optional", None) is not None:
+                w.reset_choices()
 
     def compatible_layers(self) -> list:
         out = []
@@ -193,6 +231,7 @@ class TaskTab(QWidget):
         return out
 
     def refresh_inputs(self, event=None):
+        self._refresh_layer_choices()
         current = self.input_combo.currentText()
         names = [layer.name for layer in self.compatible_layers()]
         self.input_combo.clear()
@@ -231,16 +270,26 @@ class TaskTab(QWidget):
         affine[:3, 3] = (volume.affine @ np.array([index, 0, 0, 1.0]))[:3]
         return volume.with_data(volume.data[index:index + 1], affine=affine), index
 
-    def start(self):
-        """Validate the input and start the task in a worker thread."""
+    def start(self, layer=None):
+        """Validate the input and start the task in a worker thread.
+
+        ``layer`` overrides the input chooser (scripting, tests).
+        """
         if self.worker is not None:
             return
         self.last_error = ""
         volume = None
         if self.spec.needs_input:
-            layer = self.input_layer()
+            layer = layer if layer is not None else self.input_layer()
+            wanted = "/".join(self.spec.modalities)
             if layer is None:
-                return self._fail(f"{self.spec.title}: choose a {'/'.join(self.spec.modalities)} volume layer")
+                return self._fail(f"{self.spec.title}: choose a {wanted} volume layer")
+            if not _is_volume_layer(layer):
+                return self._fail(f"{self.spec.title}: {layer.name!r} is a {layer.ndim}D "
+                                  f"{type(layer).__name__.lower()} layer; it needs a 3D {wanted} volume")
+            modality = (layer.metadata or {}).get("modality", "unknown")
+            if modality not in self.spec.modalities:
+                return self._fail(f"{self.spec.title}: {layer.name!r} is {modality}; it needs a {wanted} volume")
             try:
                 volume = layer_to_volume(layer)
             except ValueError as exc:
@@ -252,7 +301,10 @@ class TaskTab(QWidget):
         if self.spec.model_task and model is None:
             return self._fail(f"{self.spec.title}: no {self.spec.model_task} checkpoint installed "
                               "(see README: Models)")
-        values = self.values()
+        try:
+            values = self.values()
+        except ValueError as exc:
+            return self._fail(f"{self.spec.title}: {exc}")
         values["model"] = model
         self._cancel.clear()
         options = RunOptions(device=self.device_combo.currentText(), progress=self._relay.progress.emit,
