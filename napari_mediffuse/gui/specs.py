@@ -10,6 +10,14 @@ from ..engine.networks import REGIONS
 from ..layers import image_layer_data
 from .task_tab import LABELS_LAYER, Param, TaskSpec
 
+def default(function, name: str):
+    """A task function's default for ``name``: the tab starts from the same
+    defaults as the Python API and the CLI."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
 BATCH = Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
               tooltip="Slices processed together (larger keeps a GPU busy)")
@@ -84,7 +92,7 @@ def _run_denoise(volume, values, options):
 
 
 def denoise_spec() -> TaskSpec:
-    from ..tasks import denoise as mod
+    from ..tasks.denoise import denoise
 
     return TaskSpec(
         key="denoise", title="Denoise", run=_run_denoise,
@@ -94,11 +102,11 @@ def denoise_spec() -> TaskSpec:
                   tooltip="diffusion = DiffPIR with the prior; bm3d / nlm = classical baselines"),
             Param("strength", 1.0, options={"min": 0.1, "max": 3.0, "step": 0.1},
                   tooltip="Scales the estimated noise level: higher removes more noise (and detail)"),
-            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200},
+            Param("steps", default(denoise, "steps"), options={"min": 1, "max": 200},
                   tooltip="Network evaluations per slice (diffusion)"),
             Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
                   tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
-            Param("lam", mod.DEFAULT_LAMBDA, label="lambda", options={"min": 0.0, "max": 100.0},
+            Param("lam", default(denoise, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
                   tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
             SEED, BATCH,
         ])
@@ -113,7 +121,7 @@ def _run_sr(volume, values, options):
 
 
 def sr_spec() -> TaskSpec:
-    from ..tasks import superres as mod
+    from ..tasks.superres import super_resolve
 
     return TaskSpec(
         key="sr", title="Super-resolution", run=_run_sr, preview=False,
@@ -122,7 +130,8 @@ def sr_spec() -> TaskSpec:
             Param("factor", 2, options={"min": 2, "max": 8}, tooltip="Thin slices per thick slice"),
             Param("method", "diffusion", options={"choices": ["diffusion", "cubic", "sinc"]},
                   tooltip="diffusion = DiffPIR on coronal/sagittal planes; cubic / windowed sinc = interpolation"),
-            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200}, tooltip="Network evaluations per plane"),
+            Param("steps", default(super_resolve, "steps"), options={"min": 1, "max": 200},
+                  tooltip="Network evaluations per plane"),
             SEED, BATCH,
         ])
 
@@ -140,7 +149,7 @@ def _run_anomaly(volume, values, options):
 
 
 def anomaly_spec() -> TaskSpec:
-    from ..tasks import anomaly as mod
+    from ..tasks.anomaly import detect_anomalies as detect
 
     return TaskSpec(
         key="anomaly", title="Anomaly", run=_run_anomaly,
@@ -150,16 +159,16 @@ def anomaly_spec() -> TaskSpec:
             Param("roi", None, label="region", annotation=LABELS_LAYER,
                   options={"none_label": "(body, automatic)"},
                   tooltip="Labels layer restricting the analysis (nonzero = inside); default: the body"),
-            Param("t", mod.DEFAULT_T, options={"min": 1, "max": 999},
+            Param("t", default(detect, "t"), options={"min": 1, "max": 999},
                   tooltip="Noise step (of 1000): higher wipes out larger anomalies"),
-            Param("ensemble", mod.DEFAULT_ENSEMBLE, options={"min": 1, "max": 16},
+            Param("ensemble", default(detect, "ensemble"), options={"min": 1, "max": 16},
                   tooltip="Noise seeds averaged (less variance, more time)"),
             Param("threshold", 0.0, options={"min": 0.0, "max": 100.0, "step": 0.1},
                   tooltip="Heatmap value that makes the mask; 0 = automatic (percentile)"),
             Param("show_reconstruction", False, label="add healthy reconstruction"),
-            Param("steps", mod.DEFAULT_STEPS, options={"min": 1, "max": 200}, advanced=True,
+            Param("steps", default(detect, "steps"), options={"min": 1, "max": 200}, advanced=True,
                   tooltip="DDIM steps from t to 0"),
-            Param("percentile", mod.DEFAULT_PERCENTILE, options={"min": 50.0, "max": 99.99}, advanced=True,
+            Param("percentile", default(detect, "percentile"), options={"min": 50.0, "max": 99.99}, advanced=True,
                   tooltip="Automatic threshold: this percentile of the heatmap inside the region"),
             SEED, BATCH,
         ])
@@ -176,7 +185,7 @@ def _run_inpaint(volume, values, options):
 
 
 def inpaint_spec() -> TaskSpec:
-    from ..tasks import inpaint as mod
+    from ..tasks.inpaint import inpaint
 
     return TaskSpec(
         key="inpaint", title="Inpaint", run=_run_inpaint,
@@ -185,8 +194,8 @@ def inpaint_spec() -> TaskSpec:
         params=[
             Param("mask", None, annotation=LABELS_LAYER, options={"none_label": "(choose a Labels layer)"},
                   tooltip="Labels layer on the CT's grid; nonzero voxels are replaced"),
-            Param("steps", mod.DEFAULT_INPAINT_STEPS, options={"min": 1, "max": 500}, tooltip="DDIM steps"),
-            Param("resample", mod.DEFAULT_RESAMPLE, options={"min": 0, "max": 5}, advanced=True,
+            Param("steps", default(inpaint, "steps"), options={"min": 1, "max": 500}, tooltip="DDIM steps"),
+            Param("resample", default(inpaint, "resample"), options={"min": 0, "max": 5}, advanced=True,
                   tooltip="RePaint resampling rounds per step (better harmony, more time)"),
             SEED, BATCH,
         ])
