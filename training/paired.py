@@ -163,8 +163,9 @@ def body_mask(ct_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     return ndimage.binary_dilation(body, iterations=1)
 
 
-def _tissue_lookup(labels: np.ndarray | None, shape) -> np.ndarray:
-    """Per-voxel soft-tissue name index (into a local list) from labels."""
+def _tissue_lookup(labels: np.ndarray | None, shape) -> tuple[np.ndarray, list[str]]:
+    """(per-voxel index into ``names``, ``names``): the tissue of each voxel's
+    TotalSegmentator label ('soft_tissue' where unlabelled)."""
     names = ["soft_tissue", "lung", "bone"] + [n for n in TISSUE_NAMES if n not in ("soft_tissue",)]
     if labels is None:
         return np.zeros(shape, dtype=np.int16), names

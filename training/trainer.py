@@ -64,9 +64,22 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
             MultiLevelSlices(volumes, config["data"], seed=seed, part="val"))
 
 
+#: What the network predicts (the schedule's ``prediction_type``, diffusers names).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Generator,
-                   device: torch.device, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn steps (DDPM objective)."""
+                   device: torch.device, timesteps: torch.Tensor | None = None,
+                   prediction_type: str = "epsilon") -> torch.Tensor:
+    """MSE of the network's prediction at uniformly drawn steps (DDPM objective).
+
+    The target is the noise (``'epsilon'``, the default), the velocity
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (``'v_prediction'``, well
+    conditioned at every step, used by translation models that sample in a
+    few steps from pure noise) or the clean image (``'sample'``).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
     x0 = batch["image"].to(device)
     n = x0.shape[0]
     if timesteps is None:
@@ -77,7 +90,13 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
     pred = network(x_t, timesteps.to(device), coords=batch["coords"].to(device),
                    condition=batch["condition"].to(device) if "condition" in batch else None,
                    region=batch["region"].to(device))
-    return torch.mean((pred.float() - noise) ** 2)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    else:
+        target = x0
+    return torch.mean((pred.float() - target) ** 2)
 
 
 def _amp(device: torch.device, precision: str):
@@ -126,6 +145,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     autocast, scaler = _amp(info.device, precision)
     model = DistributedDataParallel(network) if info.enabled else network
     abar = alphas_cumprod(config.get("schedule")).float()
+    prediction_type = complete_schedule(config.get("schedule"))["prediction_type"]
 
     step, elapsed_before = 0, 0.0
     state_path = output / STATE_FILE
@@ -173,7 +193,8 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             sync = micro == accumulate - 1 or not info.enabled
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with autocast():
-                    loss = diffusion_loss(model, batch, abar, generator, info.device) / accumulate
+                    loss = diffusion_loss(model, batch, abar, generator, info.device,
+                                          prediction_type=prediction_type) / accumulate
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += float(loss.detach())
         if scaler is not None:
@@ -193,7 +214,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
                                 "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed(), 1)})
             running = []
         if step % int(tcfg.get("validate_every", 1000)) == 0 or step == total_steps:
-            val = validation_loss(ema.module, val_batch, abar, info.device)
+            val = validation_loss(ema.module, val_batch, abar, info.device, prediction_type=prediction_type)
             _log(output, info, {"step": step, "val_loss": distributed.mean_across(val, info),
                                 "seconds": round(elapsed(), 1)})
         if step % int(tcfg.get("checkpoint_every", 1000)) == 0:
@@ -206,13 +227,14 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
 
 
 @torch.no_grad()
-def validation_loss(network, batch: dict, abar: torch.Tensor, device) -> float:
+def validation_loss(network, batch: dict, abar: torch.Tensor, device, prediction_type: str = "epsilon") -> float:
     """Loss on fixed held-out samples at fixed steps (comparable across runs)."""
     network.eval()
     n = batch["image"].shape[0]
     timesteps = torch.linspace(0, len(abar) - 1, n).round().long()
     generator = torch.Generator().manual_seed(0)
-    return float(diffusion_loss(network, batch, abar, generator, device, timesteps=timesteps))
+    return float(diffusion_loss(network, batch, abar, generator, device, timesteps=timesteps,
+                                prediction_type=prediction_type))
 
 
 def _log(output: Path, info, record: dict) -> None:

@@ -1,0 +1,320 @@
+"""How good is a translation model? Held-out pairs, metrics inside the mask.
+
+    python -m training.evaluate translation CHECKPOINT --config CONFIG --output FOLDER
+
+For every pair of the config (``data.pairs``; simulated pairs get new bias
+and noise draws, ``--same-noise`` keeps the training ones), the held-out
+block of axial slices (``holdout_fraction`` at ``holdout_side``, as in
+training) is translated with :func:`napari_mediffuse.tasks.translate.translate`
+exactly as a user would run it, and compared with the real target inside the
+pair's mask (body):
+
+* **PSNR** and **SSIM** inside the mask. MR targets: both images on [0, 1]
+  (the reference through its own robust range, the same rule the model was
+  trained with; the synthetic MR's 0-1000 a.u. / 1000), data range 1. CT
+  targets: HU clipped to the model's HU window, data range = window width.
+  SSIM is the mean of the SSIM map over mask pixels.
+* **MAE** inside the mask: HU for MR -> CT (the SynthRAD2023 metric), the
+  [0, 1] units for CT -> MR.
+* **Seconds per slice** of the held-out run, and of a 256 x 256 run at the
+  model's pixel size (the speed target), on this machine's CPU threads.
+
+Writes ``translation_<direction>.json``, ``translation_<direction>.md`` and a
+picture (source | synthetic | reference of one held-out slice).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_mediffuse.engine.checkpoint import load_checkpoint
+from napari_mediffuse.engine.intensity import intensity_range, normalize
+from napari_mediffuse.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Mediffuse's published CT -> MR figures (SD 1.5 InstructPix2Pix, 512 x 512, A5000),
+#: quoted for reference: different data, different hardware.
+MEDIFFUSE_REFERENCE = {"instruct-pix2pix": {"psnr_db": 26.8, "ssim": 0.715, "seconds_per_slice": 3.5},
+                       "controlnet": {"psnr_db": 8.5}}
+
+
+# -- metrics ------------------------------------------------------------------------
+
+def masked_psnr(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float) -> float:
+    """PSNR (dB) over the mask's voxels: ``10 log10(range^2 / MSE)``."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        raise ValueError("empty mask")
+    mse = float(np.mean((np.asarray(pred, np.float64)[mask] - np.asarray(ref, np.float64)[mask]) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range ** 2 / mse))
+
+
+def masked_mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute error over the mask's voxels (same units as the images)."""
+    mask = np.asarray(mask, bool)
+    return float(np.mean(np.abs(np.asarray(pred, np.float64)[mask] - np.asarray(ref, np.float64)[mask])))
+
+
+def masked_ssim(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float) -> float:
+    """Mean of the 2D SSIM maps (per axial slice) over the mask's pixels."""
+    from skimage.metrics import structural_similarity
+
+    pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+    mask = np.asarray(mask, bool)
+    values, weights = [], []
+    for p, r, m in zip(pred.reshape(-1, *pred.shape[-2:]), ref.reshape(-1, *ref.shape[-2:]),
+                       mask.reshape(-1, *mask.shape[-2:])):
+        if not m.any():
+            continue
+        win = min(7, *(s if s % 2 else s - 1 for s in p.shape))
+        _, smap = structural_similarity(p, r, data_range=data_range, full=True, win_size=max(3, win))
+        values.append(float(smap[m].mean()))
+        weights.append(int(m.sum()))
+    if not values:
+        raise ValueError("empty mask")
+    return float(np.average(values, weights=weights))
+
+
+# -- evaluation ---------------------------------------------------------------------
+
+def _holdout(n: int, data_config: dict) -> slice:
+    k = int(round(float(data_config.get("holdout_fraction", 0.0)) * n))
+    if k == 0:
+        raise ValueError("no held-out slices: set data.holdout_fraction in the config")
+    return slice(n - k, n) if data_config.get("holdout_side", "superior") == "superior" else slice(0, k)
+
+
+def _crop_affine(affine: np.ndarray, start: int) -> np.ndarray:
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = (affine @ np.array([start, 0, 0, 1.0]))[:3]
+    return out
+
+
+def _to_unit_mr(mr: np.ndarray, full: np.ndarray, rule: dict) -> np.ndarray:
+    return (normalize(mr, rule, intensity_range(full, rule)) + 1.0) / 2.0
+
+
+def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, guidance: float | None = None,
+                         sampler: str = "ddim", max_slices: int | None = None, new_noise: bool = True,
+                         device: str = "cpu", seed: int = 0, speed_size: int | None = 256,
+                         batch_size: int = 4) -> dict:
+    """Metrics of a translation checkpoint on the held-out slices of ``config``'s pairs.
+
+    Returns a dict with per-pair and overall ``psnr_db``, ``ssim``, ``mae``
+    (``mae_hu`` for MR -> CT) and ``seconds_per_slice``.
+    """
+    from napari_mediffuse.tasks.common import RunOptions
+    from napari_mediffuse.tasks.translate import DEFAULT_GUIDANCE, DEFAULT_STEPS, translate
+
+    from ..paired import load_pairs
+
+    ckpt = load_checkpoint(checkpoint, task="translation")
+    card = ckpt.card
+    direction = card["direction"]
+    data_config = copy.deepcopy(config["data"])
+    if new_noise:
+        for entry in data_config["pairs"]:
+            if "simulate" in entry:
+                entry["simulate"]["seed"] = int(entry["simulate"].get("seed", 0)) + 1000
+    pairs = load_pairs(data_config)
+    steps = DEFAULT_STEPS if steps is None else steps
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    options = RunOptions(device=device, seed=seed, batch_size=batch_size)
+    target_rule = card["normalization"]
+    per_pair, stacks = [], {"pred": [], "ref": [], "mask": []}
+    total_slices, total_seconds, picture = 0, 0.0, None
+    for pair in pairs:
+        block = _holdout(pair.ct.shape[0], data_config)
+        if max_slices:
+            block = slice(block.start, min(block.stop, block.start + int(max_slices)))
+        source, target = (pair.ct, pair.mr) if direction == "ct2mr" else (pair.mr, pair.ct)
+        affine = pair.affine if pair.affine is not None else np.diag(list(pair.spacing) + [1.0])
+        # the held-out block as its own volume (an MR source is normalised on the block)
+        sub = Volume(data=source[block], affine=_crop_affine(affine, block.start),
+                     modality="CT" if direction == "ct2mr" else "MR", name=Path(str(pair.source)).name)
+        started = time.perf_counter()
+        result = translate(sub, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
+                           sampler=sampler, options=options)
+        seconds = time.perf_counter() - started
+        mask = pair.mask[block]
+        if direction == "ct2mr":
+            pred = result.data / 1000.0
+            ref = _to_unit_mr(target[block], target, target_rule)
+            rng = 1.0
+            metrics = {"mae": masked_mae(pred, ref, mask)}
+        else:
+            low, high = intensity_range(None, target_rule)
+            pred, ref = np.clip(result.data, low, high), np.clip(target[block], low, high)
+            rng = high - low
+            metrics = {"mae_hu": masked_mae(result.data, target[block], mask)}
+        metrics.update(psnr_db=masked_psnr(pred, ref, mask, rng), ssim=masked_ssim(pred, ref, mask, rng),
+                       slices=int(sub.data.shape[0]), seconds_per_slice=seconds / max(1, sub.data.shape[0]),
+                       pair=str(pair.source))
+        per_pair.append(metrics)
+        stacks["pred"].append(pred)
+        stacks["ref"].append(ref)
+        stacks["mask"].append(mask)
+        total_slices += sub.data.shape[0]
+        total_seconds += seconds
+        if picture is None:
+            mid = sub.data.shape[0] // 2
+            picture = (sub.data[mid], pred[mid], ref[mid])
+    pred, ref, mask = (np.concatenate(stacks[k]) for k in ("pred", "ref", "mask"))
+    rng = 1.0 if direction == "ct2mr" else float(np.subtract(*intensity_range(None, target_rule)[::-1]))
+    overall = {"psnr_db": masked_psnr(pred, ref, mask, rng), "ssim": masked_ssim(pred, ref, mask, rng),
+               "slices": int(total_slices), "seconds_per_slice": total_seconds / max(1, total_slices)}
+    if direction == "ct2mr":
+        overall["mae"] = masked_mae(pred, ref, mask)
+    else:
+        overall["mae_hu"] = float(np.average([p["mae_hu"] for p in per_pair], weights=[p["slices"] for p in per_pair]))
+    report = {
+        "checkpoint": str(checkpoint), "model": ckpt.name, "direction": direction,
+        "trained_on_simulated_pairs": bool(card.get("trained_on_simulated_pairs")),
+        "steps": int(steps), "guidance": float(guidance), "sampler": sampler, "seed": seed,
+        "new_noise_draws": bool(new_noise), "overall": overall, "pairs": per_pair,
+        "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "torch": torch.__version__, "device": device},
+        "reference_mediffuse": MEDIFFUSE_REFERENCE,
+    }
+    if speed_size:
+        report["speed"] = measure_speed(checkpoint, card, size=int(speed_size), steps=steps, guidance=guidance,
+                                        sampler=sampler, device=device, batch_size=batch_size)
+    report["_picture"] = picture
+    return report
+
+
+def measure_speed(checkpoint, card: dict, *, size: int = 256, slices: int = 4, steps: int = 4,
+                  guidance: float = 1.0, sampler: str = "ddim", device: str = "cpu", batch_size: int = 4) -> dict:
+    """Seconds per ``size`` x ``size`` slice at the model's pixel size (model
+    already loaded once: a warm-up run is not timed)."""
+    from napari_mediffuse.tasks.common import RunOptions
+    from napari_mediffuse.tasks.translate import translate
+
+    direction = card["direction"]
+    spacing = float((card.get("pixel_spacing_mm") or [1.0])[0])
+    rng = np.random.default_rng(0)
+    if direction == "ct2mr":
+        data = rng.normal(40.0, 20.0, (slices, size, size)).astype(np.float32)
+        data[:, :, : size // 8] = -1000.0
+    else:
+        data = rng.normal(500.0, 100.0, (slices, size, size)).clip(0).astype(np.float32)
+    volume = Volume(data=data, affine=np.diag([spacing, spacing, spacing, 1.0]),
+                    modality="CT" if direction == "ct2mr" else "MR", name="speed")
+    options = RunOptions(device=device, seed=0, batch_size=batch_size)
+    warm = Volume(data=data[:1], affine=volume.affine, modality=volume.modality, name="warm-up")
+    translate(warm, direction=direction, model=str(checkpoint), steps=1,
+              guidance=guidance, sampler=sampler, options=options)
+    started = time.perf_counter()
+    translate(volume, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
+              sampler=sampler, options=options)
+    seconds = (time.perf_counter() - started) / slices
+    return {"slice_size": [size, size], "slices": slices, "seconds_per_slice": round(seconds, 3),
+            "steps": steps, "guidance": guidance, "cpu_threads": torch.get_num_threads()}
+
+
+def markdown(report: dict) -> str:
+    """A Markdown summary of :func:`evaluate_translation`'s report."""
+    o, d = report["overall"], report["direction"]
+    mae = f"{o['mae_hu']:.1f} HU" if "mae_hu" in o else f"{o['mae']:.4f}"
+    lines = [
+        f"## Translation {d}: {report['model']}",
+        "",
+        f"Held-out {'simulated ' if report['trained_on_simulated_pairs'] else ''}pairs, metrics inside the "
+        f"body mask; {report['steps']} {report['sampler'].upper()} steps, guidance {report['guidance']:g}, "
+        f"seed {report['seed']}.",
+        "",
+        "| pair | slices | PSNR (dB) | SSIM | MAE | s / slice |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in report["pairs"]:
+        m = f"{p['mae_hu']:.1f} HU" if "mae_hu" in p else f"{p['mae']:.4f}"
+        lines.append(f"| {p['pair']} | {p['slices']} | {p['psnr_db']:.2f} | {p['ssim']:.3f} | {m} | "
+                     f"{p['seconds_per_slice']:.2f} |")
+    lines.append(f"| **all** | {o['slices']} | **{o['psnr_db']:.2f}** | **{o['ssim']:.3f}** | **{mae}** | "
+                 f"{o['seconds_per_slice']:.2f} |")
+    if "speed" in report:
+        s = report["speed"]
+        lines += ["", f"Speed: {s['seconds_per_slice']:.2f} s per {s['slice_size'][0]} x {s['slice_size'][1]} "
+                      f"slice ({s['steps']} steps, {s['cpu_threads']} CPU threads, {report['machine']['device']})."]
+    ref = report["reference_mediffuse"]["instruct-pix2pix"]
+    lines += ["", f"For reference only (other data, other hardware): Mediffuse's SD 1.5 InstructPix2Pix "
+                  f"CT -> MR reached PSNR {ref['psnr_db']} dB, SSIM {ref['ssim']} at {ref['seconds_per_slice']} s "
+                  "per 512 x 512 slice on an A5000 GPU."]
+    if report["trained_on_simulated_pairs"]:
+        lines += ["", "The pairs are simulated (training/paired.py): these numbers say how well the model "
+                      "learned the simulator, not how it would do on real MR. Not for diagnosis."]
+    return "\n".join(lines) + "\n"
+
+
+def save_picture(picture, path: Path, direction: str) -> None:
+    """Source | synthetic | reference, each scaled to [0, 255]."""
+    from PIL import Image
+
+    source, pred, ref = picture
+
+    def grey(x, low, high):
+        return (np.clip((np.asarray(x, np.float64) - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+    if direction == "ct2mr":
+        panels = [grey(source, -160, 240), grey(pred, 0, 1), grey(ref, 0, 1)]
+    else:
+        lo, hi = np.percentile(source, [0.5, 99.5])
+        panels = [grey(source, lo, hi), grey(pred, -160, 240), grey(ref, -160, 240)]
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+
+
+def write_report(report: dict, output) -> list[Path]:
+    """JSON, Markdown and picture into ``output`` (created)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"translation_{report['direction']}"
+    picture = report.pop("_picture", None)
+    paths = [output / f"{stem}.json", output / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    if picture is not None:
+        paths.append(output / f"{stem}.png")
+        save_picture(picture, paths[-1], report["direction"])
+    return paths
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("translation", help="PSNR, SSIM, MAE in the mask and speed of a translation model",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="translation checkpoint folder")
+    p.add_argument("--config", required=True, help="the training config (its pairs and held-out block)")
+    p.add_argument("--output", required=True, help="folder for the JSON, Markdown and picture")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the task's)")
+    p.add_argument("--guidance", type=float, help="image guidance scale (default: the task's)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
+    p.add_argument("--max-slices", type=int, help="at most this many held-out slices per pair")
+    p.add_argument("--same-noise", action="store_true",
+                   help="simulated pairs: keep the training bias/noise draws (default: new ones)")
+    p.add_argument("--speed-size", type=int, default=256, help="slice size for the speed run (0: skip)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    import yaml
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    report = evaluate_translation(args.checkpoint, config, steps=args.steps, guidance=args.guidance,
+                                  sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
+                                  device=args.device, seed=args.seed, speed_size=args.speed_size or None)
+    for path in write_report(report, args.output):
+        print(f"wrote {path}")
+    print(markdown(report))
+    return 0
