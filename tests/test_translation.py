@@ -543,9 +543,9 @@ def test_dock_tab_spec_runs_translation(ct_crop, ct2mr_model):
     """The panel tab's run function (worker-thread side, no viewer needed)."""
     pytest.importorskip("qtpy")
     from napari_mediffuse.layers import image_layer_data
-    from napari_mediffuse.tasks.translate import task_spec
+    from napari_mediffuse.gui.specs import translate_spec
 
-    spec = task_spec()
+    spec = translate_spec()
     assert spec.modalities == ("CT", "MR") and spec.model_task == "translation"
     values = {p.name: p.default for p in spec.params}
     assert {"direction", "steps", "guidance", "seed", "batch_size"} <= set(values)

@@ -203,33 +203,51 @@ def inpaint_spec() -> TaskSpec:
 
 # -- translation -------------------------------------------------------------------
 
-def _run_translate(direction):
-    def run(volume, values, options):
-        from ..tasks.translate import translate
+def _run_translate(volume, values, options):
+    from ..tasks.translate import translate, translation_layer_data
 
-        result = translate(volume, direction=direction, model=values["model"], steps=values["steps"],
-                           guidance=values["guidance"], options=options)
-        data, kwargs, kind = image_layer_data(result)
-        return [(data, _synthetic_name(kwargs), kind)]
+    direction = values.get("direction") or "auto"
+    if direction == "auto":
+        direction = "ct2mr" if volume.modality == "CT" else "mr2ct"
+    folder = values.get("diffusers_folder")
+    model = str(folder) if folder and str(folder) not in ("", ".") else values.get("model")
+    result = translate(volume, direction=direction, model=model, steps=values.get("steps"),
+                       guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
+                       prompt=values.get("prompt") or None, image_guidance=values.get("image_guidance"),
+                       options=options)
+    return [translation_layer_data(result)]
 
-    return run
 
+def translate_spec() -> TaskSpec:
+    from pathlib import Path
 
-def translate_spec(direction: str) -> TaskSpec:
-    source, target = ("CT", "MR") if direction == "ct2mr" else ("MR", "CT")
+    from ..tasks.translate import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+
     return TaskSpec(
-        key=direction, title=f"{source}→{target}", run=_run_translate(direction),
-        modalities=(source,), model_task="translation", model_modality=source,
-        description=f"Synthetic {target} from {source}, on the same grid (marked synthetic).",
+        key="translate", title="Translate", run=_run_translate, modalities=("CT", "MR"),
+        model_task="translation", model_modality=None, preview=True,
+        description="CT -> MR-like image or MR -> synthetic CT, on the input's grid. "
+                    "The result is SYNTHETIC: never use it for diagnosis.",
         params=[
-            Param("steps", 20, options={"min": 1, "max": 200}, tooltip="Sampler steps per slice"),
-            Param("guidance", 1.5, options={"min": 0.0, "max": 10.0, "step": 0.1},
-                  tooltip="Classifier-free guidance on the source image (1 = none)"),
+            Param("direction", "auto", tooltip="auto: CT input -> MR, MR input -> CT",
+                  options={"choices": ["auto", "ct2mr", "mr2ct"]}),
+            Param("steps", DEFAULT_STEPS, tooltip="sampler steps per slice", options={"min": 1, "max": 200}),
+            Param("guidance", DEFAULT_GUIDANCE,
+                  tooltip="image guidance scale (1 = plain model; >1 follows the source more, 2x slower); "
+                          "text guidance for Stable Diffusion pipelines",
+                  options={"min": 0.0, "max": 20.0, "step": 0.1}),
+            Param("sampler", "ddim", options={"choices": list(SAMPLERS)}, advanced=True),
+            Param("diffusers_folder", Path(""), annotation=Path, advanced=True,
+                  tooltip="a Stable Diffusion InstructPix2Pix / ControlNet pipeline folder "
+                          "(overrides the model above)", options={"mode": "d"}),
+            Param("prompt", "", tooltip="Stable Diffusion pipelines only (default: Mediffuse's)", advanced=True),
+            Param("image_guidance", 1.5, tooltip="InstructPix2Pix image guidance scale", advanced=True,
+                  options={"min": 0.0, "max": 20.0, "step": 0.1}),
             SEED, BATCH,
         ])
 
 
 def task_specs() -> list[TaskSpec]:
     """Specs of every task tab, in panel order."""
-    return [denoise_spec(), sr_spec(), anomaly_spec(), inpaint_spec(), translate_spec("ct2mr"),
-            translate_spec("mr2ct"), synthesis_spec(), image_prior_spec()]
+    return [denoise_spec(), sr_spec(), anomaly_spec(), inpaint_spec(), translate_spec(), synthesis_spec(),
+            image_prior_spec()]

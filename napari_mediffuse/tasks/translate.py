@@ -381,59 +381,6 @@ def translation_layer_data(result: Volume, **overrides):
     return image_layer_data(result, **overrides)
 
 
-# -- napari dock tab ---------------------------------------------------------------
-
-def task_spec():
-    """The 'Translate' tab of the mediffuse panel (imports napari/Qt: GUI only).
-
-    Register it in :func:`napari_mediffuse.gui.specs.task_specs`. The tab's
-    ``seed`` and ``batch_size`` go into the run options; ``direction`` 'auto'
-    follows the input layer's modality.
-    """
-    from pathlib import Path as _Path
-
-    from ..gui.task_tab import Param, TaskSpec
-
-    def run(volume: Volume, values: dict, options: RunOptions) -> list:
-        direction = values.get("direction") or "auto"
-        if direction == "auto":
-            direction = "ct2mr" if volume.modality == "CT" else "mr2ct"
-        folder = values.get("diffusers_folder")
-        model = str(folder) if folder and str(folder) not in ("", ".") else values.get("model")
-        result = translate(volume, direction=direction, model=model, steps=values.get("steps"),
-                           guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
-                           prompt=values.get("prompt") or None,
-                           image_guidance=values.get("image_guidance"), options=options)
-        return [translation_layer_data(result)]
-
-    return TaskSpec(
-        key="translate", title="Translate", run=run, modalities=("CT", "MR"),
-        model_task="translation", model_modality=None, preview=True,
-        description="CT -> MR-like image or MR -> synthetic CT, on the input's grid. "
-                    "The result is SYNTHETIC: never use it for diagnosis.",
-        params=[
-            Param("direction", "auto", tooltip="auto: CT input -> MR, MR input -> CT",
-                  options={"choices": ["auto", "ct2mr", "mr2ct"]}),
-            Param("steps", DEFAULT_STEPS, tooltip="sampler steps per slice", options={"min": 1, "max": 200}),
-            Param("guidance", DEFAULT_GUIDANCE,
-                  tooltip="image guidance scale (1 = plain model; >1 follows the source more, 2x slower); "
-                          "text guidance for Stable Diffusion pipelines",
-                  options={"min": 0.0, "max": 20.0, "step": 0.1}),
-            Param("sampler", "ddim", options={"choices": list(SAMPLERS)}, advanced=True),
-            Param("diffusers_folder", _Path(""), annotation=_Path, advanced=True,
-                  tooltip="a Stable Diffusion InstructPix2Pix / ControlNet pipeline folder "
-                          "(overrides the model above)", options={"mode": "d"}),
-            Param("prompt", "", tooltip="Stable Diffusion pipelines only (default: Mediffuse's)",
-                  advanced=True),
-            Param("image_guidance", 1.5, tooltip="InstructPix2Pix image guidance scale", advanced=True,
-                  options={"min": 0.0, "max": 20.0, "step": 0.1}),
-            Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True),
-            Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
-                  tooltip="Slices processed together (larger keeps a GPU busy)"),
-        ],
-    )
-
-
 # -- CLI ----------------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
