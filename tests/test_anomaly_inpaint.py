@@ -100,6 +100,7 @@ def test_oracle_prior_finds_inserted_lesions(liver_stack):
     # the oracle reconstructs the healthy image: the lesions are gone
     assert np.abs(result.reconstruction.data - vol.data)[roi].max() <= 1.0
     assert result.heatmap.metadata["parameters"]["t"] == [200, 400]
+    assert result.heatmap.metadata["parameters"]["score"] == "spread"  # the default with >= 2 runs
     assert result.reconstruction.metadata["synthetic"] is True
 
 
@@ -113,11 +114,42 @@ def test_oracle_anomaly_restricted_to_organ_roi(liver_stack):
     assert auroc(result.heatmap.data[liver], truth[liver]) > 0.99
 
 
+def test_spread_score_and_parameter_checks(liver_stack):
+    vol, _, sick, truth = liver_stack
+    sick_vol = vol.with_data(sick)
+    prior = oracle_prior(vol.data)
+    result = detect_anomalies(sick_vol, model=prior, t=300, ensemble=2, steps=3, score="spread",
+                              options=RunOptions(batch_size=4))
+    roi = result.roi.data.astype(bool)
+    assert auroc(result.heatmap.data[roi], truth[roi]) > 0.99 and dice(result.mask.data, truth) > 0.6
+    with pytest.raises(TaskInputError, match="at least 2"):
+        detect_anomalies(sick_vol, model=prior, t=300, ensemble=1, score="spread")
+    with pytest.raises(TaskInputError, match="noise step"):
+        detect_anomalies(sick_vol, model=prior, t=1000)
+
+
+def test_patched_reconstruction_covers_the_roi(liver_stack):
+    from napari_mediffuse.tasks.anomaly import cell_phases
+
+    vol, _, sick, truth = liver_stack
+    phase = cell_phases(vol.data.shape, vol.spacing, cell_mm=30.0, phases=4)
+    assert set(np.unique(phase)) == {0, 1, 2, 3} and (phase[0] == phase[1]).all()
+    row = phase[0, 0]
+    assert (np.diff(np.flatnonzero(np.diff(row) != 0)) == 10).all()  # 30 mm cells of 3 mm pixels
+    result = detect_anomalies(vol.with_data(sick), model=oracle_prior(vol.data), t=400, ensemble=2, steps=3,
+                              patch_mm=30.0, options=RunOptions(batch_size=4))
+    roi = result.roi.data.astype(bool)
+    assert np.abs(result.reconstruction.data - vol.data)[roi].max() <= 1.0  # every ROI voxel reconstructed
+    assert auroc(result.heatmap.data[roi], truth[roi]) > 0.99 and dice(result.mask.data, truth) > 0.6
+    assert result.heatmap.metadata["parameters"]["patch_mm"] == 30.0
+
+
 def test_normal_scan_gives_empty_mask(liver_stack):
     vol, *_ = liver_stack
     result = detect_anomalies(vol, model=oracle_prior(vol.data), t=300, ensemble=1, steps=3,
                               options=RunOptions(batch_size=4))
     assert result.mask.data.sum() == 0  # the minimum threshold keeps a normal scan clean
+    assert result.heatmap.metadata["parameters"]["score"] == "residual"  # one run: no spread
 
 
 # -- inpainting -----------------------------------------------------------------------
@@ -193,7 +225,8 @@ def test_inserted_lesions_have_requested_size_and_contrast(small_ct, ct_seg_path
     # at 3 mm a 5 mm lesion is partial-volume averaged; bigger ones reach the contrast
     assert abs(np.median(change)) == pytest.approx(abs(contrast), rel=0.35 if diameter < 10 else 0.2)
     far = ~np.zeros_like(mask)
-    far[max(lesion.center[0] - 15, 0):lesion.center[0] + 16, max(lesion.center[1] - 15, 0):lesion.center[1] + 16] = False
+    r, c = lesion.center
+    far[max(r - 15, 0):r + 16, max(c - 15, 0):c + 16] = False
     assert np.array_equal(out[far], image[far])  # nothing changes away from the lesion
 
 
@@ -327,3 +360,32 @@ def test_cli_bad_inputs_give_clear_errors_and_write_nothing(tiny_models, small_c
     inpainted = tmp_path / "inpainted.nii.gz"
     assert main(["inpaint", str(path), "--mask", str(other), "-o", str(inpainted)]) == 2
     assert "another grid" in capsys.readouterr().err and not inpainted.exists()
+
+
+def test_thin_pixels_are_resampled_to_the_prior_spacing(small_ct):
+    """A 1.5 mm scan runs through a 3 mm prior at 3 mm and comes back on its own grid."""
+    from napari_mediffuse.tasks.inpaint import SliceGrid
+
+    grid = SliceGrid((1.5, 1.5), (3.0, 3.0), (96, 128))
+    assert grid.size == (48, 64)
+    x = torch.rand(2, 1, 96, 128)
+    assert grid.from_model(grid.to_model(x)).shape == x.shape
+    assert SliceGrid((3.1, 2.9), (3.0, 3.0), (96, 128)).identity
+
+    seen = []
+
+    def predictor(x, t):
+        seen.append(tuple(x.shape[-2:]))
+        return torch.zeros_like(x)
+
+    prior = Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, modality="CT", pixel_spacing_mm=(3.0, 3.0))
+    vol = crop(small_ct, (slice(10, 12), slice(20, 68), slice(30, 94)))
+    thin = np.repeat(np.repeat(vol.data, 2, axis=1), 2, axis=2)
+    affine = vol.affine.copy()
+    affine[:3, 1:3] /= 2.0
+    thin_vol = io.Volume(thin, affine, modality="CT", name="thin")
+    mask = np.zeros(thin.shape, bool)
+    mask[:, 40:60, 50:70] = True
+    out = inpaint(thin_vol, mask, steps=2, resample=0, model=prior, options=RunOptions(batch_size=2))
+    assert set(seen) == {(48, 64)}
+    assert out.data.shape == thin.shape and np.array_equal(out.data[~mask], thin[~mask])

@@ -41,17 +41,19 @@ def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def timestep_sequence(num_train_timesteps: int, steps: int, t_start: Optional[int] = None) -> list[int]:
-    """Evenly spaced steps from ``t_start`` (default T-1) down to 0, descending.
+def timestep_sequence(num_train_timesteps: int, steps: int, t_start: Optional[int] = None,
+                      t_end: int = 0) -> list[int]:
+    """Evenly spaced steps from ``t_start`` (default T-1) down to ``t_end`` (default 0), descending.
 
     ``steps`` is the number of network evaluations; the sequence always
-    includes ``t_start`` and ends at 0.
+    includes ``t_start`` and ends at ``t_end``.
     """
     t_start = num_train_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= t_start < num_train_timesteps:
         raise ValueError(f"t_start must be in [0, {num_train_timesteps - 1}], got {t_start}")
-    steps = max(1, min(int(steps), t_start + 1))
-    seq = np.round(np.linspace(t_start, 0, steps)).astype(int)
+    t_end = min(max(int(t_end), 0), t_start)
+    steps = max(1, min(int(steps), t_start - t_end + 1))
+    seq = np.round(np.linspace(t_start, t_end, steps)).astype(int)
     return [int(t) for t in dict.fromkeys(seq.tolist())]
 
 
@@ -67,7 +69,7 @@ def add_noise(x0: torch.Tensor, t: int, abar: torch.Tensor, generator: torch.Gen
 
 
 def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, steps: int = 50,
-                t_start: Optional[int] = None, eta: float = 0.0,
+                t_start: Optional[int] = None, t_end: int = 0, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None,
                 x0_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
                 xt_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
@@ -90,6 +92,10 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
         Network evaluations.
     t_start : int, optional
         Step of ``x_t``; T-1 by default.
+    t_end : int
+        Last step (0 by default); the x0 estimate there is returned (a
+        restoration can stop at the posterior-mean estimate of a small
+        noise level rather than draw the last details).
     eta : float
         0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
     generator : torch.Generator
@@ -107,7 +113,7 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
         The final x0 estimate.
     """
     abar = alphas_cumprod(schedule)
-    seq = timestep_sequence(len(abar), steps, t_start)
+    seq = timestep_sequence(len(abar), steps, t_start, t_end)
     generator = generator or make_generator(None)
     x = x_t
     for i, t in enumerate(seq):

@@ -9,7 +9,8 @@
 2. the reverse process starts at the step whose noise level matches
    ``strength x`` that std (``timestep_for_noise_level``), from the noisy
    slice itself (scaled by ``sqrt(abar_t)``): the image noise plays the part
-   of the diffusion noise;
+   of the diffusion noise (``strength`` scales the noise assumed in it;
+   nothing is added);
 3. at every step the prior's x0 estimate is pulled towards the measurement,
    ``x0_hat = (y + rho_t x0) / (1 + rho_t)``,
    ``rho_t = lambda sigma_n^2 / sigma_t^2``, then a DDIM step follows.
@@ -18,7 +19,8 @@ The prior sees the slice on its native pixel grid (noise is a per-pixel
 property; resampling would correlate it and lose resolution); a warning is
 recorded when the pixel size is far from the prior's. HU outside the prior's
 window (air below it, dense bone and metal above it) are kept from the
-input, so nothing is silently clipped.
+input, so nothing is silently clipped. Defaults (2 steps, lambda 10) were
+tuned on simulated quarter dose; see docs/evaluation/restoration.md.
 
 Baselines, same interface: ``'bm3d'`` (the bm3d package, default profile,
 white-noise std = the estimated noise) and ``'nlm'`` (scikit-image non-local
@@ -38,6 +40,7 @@ from ..engine.control import ProgressSpan
 from ..engine.sampling import make_generator
 from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
+from .baselines import bm3d_slices, nlm_slices
 from .common import (
     Normalizer,
     RunOptions,
@@ -49,13 +52,16 @@ from .common import (
     to_numpy,
     to_tensor,
 )
-from .diffpir import DEFAULT_LAMBDA, bind_region, denoise_data_step, region_index, rho_t, run_diffpir
+from .diffpir import bind_region, denoise_data_step, region_index, rho_t, run_diffpir
 
 log = logging.getLogger(__name__)
 
 METHODS = ("diffusion", "bm3d", "nlm")
 #: Default network evaluations per slice of the diffusion denoiser.
-DEFAULT_STEPS = 4
+DEFAULT_STEPS = 2
+#: DiffPIR lambda of the denoiser (tuned on simulated quarter dose, see
+#: docs/evaluation/restoration.md).
+DENOISE_LAMBDA = 10.0
 #: HU range treated as soft tissue when estimating noise.
 SOFT_TISSUE_HU = (-150.0, 250.0)
 #: Smallest slice side (pixels) the diffusion denoiser accepts.
@@ -143,7 +149,7 @@ def check_ct_volume(volume: Volume, *, task: str, min_size: int) -> None:
 
 def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] = None,
             steps: int = DEFAULT_STEPS, strength: float = 1.0, noise_hu: Optional[float] = None,
-            lam: float = DEFAULT_LAMBDA, eta: float = 0.0, region: Optional[str] = None,
+            lam: float = DENOISE_LAMBDA, eta: float = 0.0, region: Optional[str] = None,
             options: Optional[RunOptions] = None) -> Volume:
     """Denoise a (low-dose) CT volume, axial slice by axial slice.
 
@@ -216,7 +222,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         warnings += info.pop("warnings", [])
         suffix = f"denoised (diffusion, {info['steps']} steps)"
     else:
-        fn = _bm3d_batch if method == "bm3d" else _nlm_batch
+        fn = bm3d_slices if method == "bm3d" else nlm_slices
         out = map_slices(data, lambda batch, index: fn(batch, sigmas[index] * strength),
                          plane="axial", batch_size=options.batch_size, progress=options.progress,
                          cancel=options.cancel, message=f"{method} denoising")
@@ -228,25 +234,42 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
     return result
 
 
-def _bm3d_batch(batch: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-    try:
-        import bm3d
-    except ImportError as exc:  # pragma: no cover - bm3d is a dependency
-        raise TaskInputError("the BM3D baseline needs the 'bm3d' package (pip install bm3d)") from exc
-    out = np.empty_like(batch)
-    for i, (s, sigma) in enumerate(zip(batch, sigmas)):
-        out[i] = bm3d.bm3d(s, sigma_psd=float(max(sigma, 1e-3))) if sigma > 0 else s
-    return out
+def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, steps: int = DEFAULT_STEPS,
+                    strength: float = 1.0, lam: float = DENOISE_LAMBDA, eta: float = 0.0,
+                    generator: Optional[torch.Generator] = None, progress=None, cancel=None) -> torch.Tensor:
+    """DiffPIR denoising of a batch of normalised slices.
 
+    Parameters
+    ----------
+    predictor : callable
+        ``eps = predictor(x_t, t)``.
+    y : Tensor (B, 1, H, W)
+        Noisy slices, normalised intensities.
+    sigma_n : float or array (B,)
+        Noise std of each slice, normalised units.
+    schedule : dict
+        The prior's noise schedule.
+    steps, strength, lam, eta :
+        See :func:`denoise`. The start step matches the batch's median
+        ``strength * sigma_n``.
 
-def _nlm_batch(batch: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-    from skimage.restoration import denoise_nl_means
+    Returns
+    -------
+    Tensor (B, 1, H, W)
+        Denoised slices (normalised); ``y`` itself when the start step is 0.
+    """
+    sigma = np.array(np.broadcast_to(np.asarray(sigma_n, dtype=np.float64), (y.shape[0],)))
+    t_start = timestep_for_noise_level(max(float(np.median(sigma)) * strength, 1e-6), schedule)
+    if t_start == 0 or strength <= 0:
+        return y
+    # strength scales the noise the method assumes y carries (no noise is added)
+    s_n = torch.as_tensor(sigma * strength, dtype=y.dtype).view(-1, 1, 1, 1)
 
-    out = np.empty_like(batch)
-    for i, (s, sigma) in enumerate(zip(batch, sigmas)):
-        out[i] = denoise_nl_means(s, h=0.8 * float(sigma), sigma=float(sigma), fast_mode=True,
-                                  patch_size=5, patch_distance=6) if sigma > 0 else s
-    return out
+    def step(x0, t, abar_t):
+        return denoise_data_step(x0, y, rho_t(abar_t, 1.0, lam) * s_n ** 2)
+
+    return run_diffpir(predictor, y, schedule, step, t_start=t_start, steps=steps, noise_in_y=s_n,
+                       eta=eta, generator=generator, progress=progress, cancel=cancel)
 
 
 def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta, region, options):
@@ -261,7 +284,7 @@ def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta
     n = data.shape[0]
     batch = max(1, int(options.batch_size))
     sigma_n = sigmas / scale  # normalised noise std per slice
-    t_all = [timestep_for_noise_level(max(strength * s, 1e-6), schedule) for s in sigma_n]
+    t_all = np.array([timestep_for_noise_level(max(strength * s, 1e-6), schedule) for s in sigma_n])
     steps = max(1, int(steps))
     warnings = []
     spacing = card.get("pixel_spacing_mm")
@@ -275,18 +298,8 @@ def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta
     out = np.empty_like(data)
     for b, nsteps in zip(batches, per_batch):
         y_hu = data[b]
-        y = to_tensor(norm.forward(y_hu))
-        t_start = int(np.median(t_all[b]))
-        s_n = torch.as_tensor(sigma_n[b], dtype=torch.float32).view(-1, 1, 1, 1)
-
-        def step(x0, t, abar_t, y=y, s_n=s_n):
-            return denoise_data_step(x0, y, rho_t(abar_t, 1.0, lam) * s_n ** 2)
-
-        if t_start == 0:
-            x0 = y
-        else:
-            x0 = run_diffpir(predict, y, schedule, step, t_start=t_start, steps=nsteps,
-                             noise_in_y=s_n, eta=eta, generator=generator,
+        x0 = diffpir_denoise(predict, to_tensor(norm.forward(y_hu)), sigma_n[b], schedule, steps=nsteps,
+                             strength=strength, lam=lam, eta=eta, generator=generator,
                              progress=ProgressSpan(options.progress, done, total, "diffusion denoising"),
                              cancel=options.cancel)
         done += nsteps
@@ -316,8 +329,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--strength", type=float, default=1.0,
                    help="multiplies the assumed noise level (default 1; larger = smoother)")
     p.add_argument("--noise-hu", type=float, help="noise std in HU (default: estimated from the image)")
-    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
-                   help=f"DiffPIR lambda (default {DEFAULT_LAMBDA})")
+    p.add_argument("--lambda", dest="lam", type=float, default=DENOISE_LAMBDA,
+                   help=f"DiffPIR lambda (default {DENOISE_LAMBDA:g})")
     p.add_argument("--region", help="body region for region-conditioned priors (e.g. abdomen)")
     p.set_defaults(func=_cmd_denoise)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -159,7 +159,7 @@ def in_plane_spacing(volume: Volume, plane: str) -> tuple[float, float]:
 
 def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedule: dict, *,
             t_start: Optional[int] = None, steps: int = DEFAULT_INPAINT_STEPS, resample: int = 0,
-            eta: float = 0.0, generator: Optional[torch.Generator] = None,
+            eta: float = 0.0, t_end: int = 0, generator: Optional[torch.Generator] = None,
             progress=None, cancel=None) -> torch.Tensor:
     """Regenerate the unknown part of ``x0`` consistently with the known part.
 
@@ -183,6 +183,9 @@ def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedul
         Extra RePaint resampling rounds per step (0 = plain pasting).
     eta : float
         DDIM stochasticity (0 deterministic, 1 DDPM-like).
+    t_end : int
+        Last step; the prior's clean-image estimate there is returned (a
+        posterior mean at a small noise level rather than drawn fine detail).
 
     Returns
     -------
@@ -193,7 +196,8 @@ def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedul
     n_train = len(abar)
     t_start = n_train - 1 if t_start is None else int(t_start)
     generator = generator or make_generator(None)
-    seq = timestep_sequence(n_train, steps, t_start)
+    t_end = min(max(int(t_end), 0), t_start)
+    seq = timestep_sequence(n_train, steps, t_start, t_end)
     previous_of = {seq[i + 1]: seq[i] for i in range(len(seq) - 1)}
     known = known.to(x0.dtype)
     unknown = 1.0 - known
@@ -218,40 +222,41 @@ def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedul
         return x_prev
 
     x_t = add_noise(x0, t_start, abar, generator)
-    out = ddim_sample(predictor, x_t, schedule, steps=steps, t_start=t_start, eta=eta,
+    out = ddim_sample(predictor, x_t, schedule, steps=steps, t_start=t_start, t_end=t_end, eta=eta,
                       generator=generator, xt_hook=hook, progress=progress, cancel=cancel)
     return known * x0 + unknown * out
 
 
 def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, t_start: Optional[int],
-                          steps: int, resample: int = 0, eta: float = 0.0, plane: str = "axial",
-                          seeds=(0,), options: RunOptions, message: str = "",
-                          each: Optional[Callable[[np.ndarray, np.ndarray, slice], None]] = None) -> np.ndarray:
+                          steps: int, resample: int = 0, eta: float = 0.0, t_end: int = 0, plane: str = "axial",
+                          seeds=(0,), options: RunOptions, message: str = "", return_spread: bool = False):
     """Reconstruct the ``unknown`` voxels of a volume slice by slice with :func:`repaint`.
 
     Slices without unknown voxels are skipped (returned unchanged). With
     several ``seeds`` (and/or a list of ``t_start`` values) the
-    reconstructions are averaged; ``each(batch_mean, batch_runs, index)``
-    receives, per batch, the mean and all runs (model grid, normalised) if
-    given.
+    reconstructions are averaged.
 
     Returns
     -------
     ndarray float32, the volume's shape
-        Reconstruction in normalised units ([-1, 1]) on the volume's grid.
+        Reconstruction in normalised units ([-1, 1]) on the volume's grid;
+        with ``return_spread`` also the standard deviation of the runs
+        (normalised units; 0 where nothing was reconstructed).
     """
     norm = Normalizer(prior.normalization, volume.data)
     x_all = slices_of(norm.forward(volume.data), plane)
     u_all = slices_of(unknown, plane)
     todo = np.flatnonzero(u_all.reshape(len(u_all), -1).any(axis=1))
     out = np.array(x_all, dtype=np.float32, copy=True)
+    spread = np.zeros(x_all.shape, dtype=np.float32) if return_spread else None
     grid = SliceGrid(in_plane_spacing(volume, plane), prior.pixel_spacing_mm, x_all.shape[1:])
     t_list = [t_start] if t_start is None or np.isscalar(t_start) else list(t_start)
     runs = [(t, s) for t in t_list for s in seeds]
     batch = max(1, int(options.batch_size))
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     n_train = len(alphas_cumprod(prior.schedule))
-    per_run = [len(timestep_sequence(n_train, steps, t)) * (1 + int(resample)) for t, _ in runs]
+    per_run = [len(timestep_sequence(n_train, steps, t, min(t_end, n_train - 1 if t is None else t)))
+               * (1 + int(resample)) for t, _ in runs]
     total = max(1, len(batches) * sum(per_run))
     done = 0
     for index in batches:
@@ -263,18 +268,22 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
         for (t, seed), cost in zip(runs, per_run):
             gen = make_generator(None if seed is None else int(seed) * 100_003 + int(index[0]))
             rec = repaint(prior.predictor, x0_m, known_m, prior.schedule, t_start=t, steps=steps,
-                          resample=resample, eta=eta, generator=gen,
+                          resample=resample, eta=eta, t_end=t_end, generator=gen,
                           progress=_scaled_progress(options.progress, done, cost, total, message),
                           cancel=options.cancel)
             results.append(rec)
             done += cost
-        mean = torch.stack(results).mean(0)
-        if each is not None:
-            each(mean[:, 0].cpu().numpy(), torch.stack(results)[:, :, 0].cpu().numpy(), index)
-        back = grid.from_model(mean.cpu())
+        stacked = torch.stack(results).cpu()
+        back = grid.from_model(stacked.mean(0))
         u_np = u_all[index].astype(bool)
         out[index] = np.where(u_np, back[:, 0].numpy(), x_all[index])
-    return np.moveaxis(out, 0, PLANE_AXIS[plane])
+        if spread is not None and len(results) > 1:
+            std = grid.from_model(stacked.std(0))
+            spread[index] = np.where(u_np, std[:, 0].numpy(), 0.0)
+    out = np.moveaxis(out, 0, PLANE_AXIS[plane])
+    if spread is not None:
+        return out, np.moveaxis(spread, 0, PLANE_AXIS[plane])
+    return out
 
 
 def _scaled_progress(progress, offset: int, cost: int, total: int, message: str):

@@ -24,7 +24,10 @@ three orientations), and the two results are averaged. Each plane starts
 from the cubic interpolation, noised to a start step, and every x0 estimate
 gets the exact data step
 ``x0_hat = x0 + H^T (H H^T + rho_t I)^-1 (y - H x0)`` (MedDiff-FM's
-``x0 + H^T (y - H x0) / (1 + rho_t)`` when ``H H^T = I``). The prior works
+``x0 + H^T (y - H x0) / (1 + rho_t)`` when ``H H^T = I``). The sampler
+stops at the step of ``end_hu`` (100 HU) and returns the prior's
+posterior-mean estimate there rather than sampling invented texture down
+to step 0. The prior works
 at its own pixel spacing (``pixel_spacing_mm`` of its card): planes whose
 pixels differ by more than 5 % are resampled to it (cubic) and back, the
 detail that round trip removes from the cubic interpolation is added back
@@ -40,13 +43,13 @@ import time
 from typing import Optional
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from ..engine.control import ProgressSpan
 from ..engine.sampling import make_generator
 from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
+from .baselines import cubic_along, cubic_matrix, sinc_along, thin_positions  # noqa: F401
 from .common import Normalizer, RunOptions, TaskInputError, load_prior, result_volume, to_numpy, to_tensor
 from .denoise import check_ct_volume, estimate_noise_hu
 from .diffpir import DEFAULT_LAMBDA, SlabOperator, bind_region, region_index, rho_t, run_diffpir
@@ -54,10 +57,13 @@ from .diffpir import DEFAULT_LAMBDA, SlabOperator, bind_region, region_index, rh
 METHODS = ("diffusion", "cubic", "sinc")
 PLANES = ("both", "coronal", "sagittal")
 #: Default network evaluations per plane.
-DEFAULT_STEPS = 10
-#: Start noise of the diffusion SR at strength 1 (normalised std): the
-#: typical error of the cubic interpolation it starts from.
-DEFAULT_START_SIGMA = 0.1
+DEFAULT_STEPS = 4
+#: Start noise of the diffusion SR at strength 1 (normalised std, ~110 HU):
+#: the order of the error of the cubic interpolation it starts from.
+DEFAULT_START_SIGMA = 0.07
+#: Noise level (HU) whose posterior-mean estimate ends the diffusion SR
+#: (tuned on simulated thick slices, see docs/evaluation/restoration.md).
+DEFAULT_END_HU = 100.0
 #: Thinnest output slice spacing accepted (mm).
 MIN_SPACING_MM = 0.3
 MAX_FACTOR = 16
@@ -95,11 +101,6 @@ def slab_operator(n_thick: int, factor: int, spacing_mm: float, thickness_mm: fl
     return SlabOperator.from_geometry(thick, thickness_mm, thin, d)
 
 
-def thin_positions(n_thick: int, factor: int) -> np.ndarray:
-    """Thin-slice centres in units of thick-slice indices."""
-    return (np.arange(n_thick * factor) - (factor - 1) / 2.0) / factor
-
-
 def check_factor(volume: Volume, factor) -> int:
     """The factor as an int, or :class:`TaskInputError` saying why it does not fit."""
     try:
@@ -110,72 +111,35 @@ def check_factor(volume: Volume, factor) -> int:
         raise TaskInputError(f"factor must be a whole number >= 2, got {factor!r}")
     k = int(value)
     spacing = float(volume.spacing[0])
-    if k > MAX_FACTOR:
-        raise TaskInputError(f"factor {k} is too large (at most {MAX_FACTOR})")
     if spacing / k < MIN_SPACING_MM:
         raise TaskInputError(
             f"factor {k} does not fit the slice spacing {spacing:.3g} mm: the thin slices would be "
             f"{spacing / k:.3g} mm apart (at least {MIN_SPACING_MM} mm); use a factor <= "
             f"{max(1, int(spacing / MIN_SPACING_MM))}")
+    if k > MAX_FACTOR:
+        raise TaskInputError(f"factor {k} is too large (at most {MAX_FACTOR})")
     return k
 
 
 # -- baselines --------------------------------------------------------------------
 
-def cubic_along(thick: np.ndarray, factor: int, axis: int = 0) -> np.ndarray:
-    """Cubic-spline interpolation of thick slices (point samples at their centres)
-    onto the thin centres along ``axis`` (edges: nearest)."""
-    thick = np.moveaxis(np.asarray(thick, dtype=np.float32), axis, 0)
-    pos = np.clip(thin_positions(thick.shape[0], factor), 0, thick.shape[0] - 1)
-    if thick.shape[0] == 1:
-        out = np.repeat(thick, factor, axis=0)
-    else:
-        coeffs = ndimage.spline_filter1d(thick.astype(np.float64), order=3, axis=0, mode="mirror")
-        left = np.floor(pos).astype(int)
-        out = np.zeros((len(pos),) + thick.shape[1:])
-        # sum of cubic B-spline weights over the 4 neighbours of each position
-        for offset in range(-1, 3):
-            idx = left + offset
-            w = _bspline3(pos - idx)
-            idx = _mirror(idx, thick.shape[0])
-            out += w.reshape(-1, *([1] * (thick.ndim - 1))) * coeffs[idx]
-    return np.moveaxis(out.astype(np.float32), 0, axis)
-
-
-def _bspline3(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1, 2 / 3 - x ** 2 + x ** 3 / 2, np.where(x < 2, (2 - x) ** 3 / 6, 0.0))
-
-
-def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
-    period = 2 * (n - 1)
-    idx = np.abs(idx) % period
-    return np.where(idx >= n, period - idx, idx)
-
-
-def sinc_along(thick: np.ndarray, factor: int, axis: int = 0, lobes: int = 3) -> np.ndarray:
-    """Lanczos windowed-sinc interpolation (``lobes`` lobes) along ``axis`` (edges: replicate)."""
-    thick = np.moveaxis(np.asarray(thick, dtype=np.float64), axis, 0)
-    n = thick.shape[0]
-    pos = np.clip(thin_positions(n, factor), 0, n - 1)
-    weights = np.zeros((len(pos), n))
-    for i, p in enumerate(pos):
-        taps = np.arange(int(np.floor(p)) - lobes + 1, int(np.floor(p)) + lobes + 1)
-        w = np.sinc(p - taps) * np.sinc((p - taps) / lobes)
-        np.add.at(weights[i], np.clip(taps, 0, n - 1), w)
-        weights[i] /= weights[i].sum()
-    out = np.tensordot(weights, thick, axes=(1, 0))
-    return np.moveaxis(out.astype(np.float32), 0, axis)
-
-
 # -- diffusion ----------------------------------------------------------------------
+
+def _smooth_inverse(op: SlabOperator) -> np.ndarray:
+    """Cubic interpolation matrix from the thick centres onto ``op``'s thin grid."""
+    g = op.geometry
+    thick = np.asarray(g["thick_centres_mm"], dtype=np.float64)
+    step = float(thick[1] - thick[0]) if len(thick) > 1 else 1.0
+    positions = (np.asarray(g["thin_centres_mm"]) - thick[0]) / step
+    return cubic_matrix(len(thick), positions)
+
 
 def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarray, *, predictor,
                    checkpoint, plane_spacing_mm: tuple[float, float], steps: int = DEFAULT_STEPS,
-                   strength: float = 1.0, noise_hu: float = 0.0, lam: float = DEFAULT_LAMBDA,
-                   eta: float = 0.0, region: Optional[str] = None, batch_size: int = 4,
-                   seed: Optional[int] = 0, progress=None, cancel=None,
-                   flip_rows: bool = True) -> np.ndarray:
+                   strength: float = 1.0, end_hu: float = DEFAULT_END_HU, noise_hu: float = 0.0,
+                   lam: float = DEFAULT_LAMBDA, eta: float = 0.0, smooth: bool = False,
+                   region: Optional[str] = None, batch_size: int = 4, seed: Optional[int] = 0,
+                   progress=None, cancel=None, flip_rows: bool = True) -> np.ndarray:
     """DiffPIR super-resolution of 2D planes whose rows run along the slice axis.
 
     Parameters
@@ -183,14 +147,15 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
     thick_planes : ndarray (N, n_thick, W)
         Measured planes (HU), rows = thick slices.
     op : SlabOperator
-        ``H`` (n_thick x n_thin) on the output rows.
+        ``H`` (n_thick x n_thin) on the output rows, built by
+        :meth:`SlabOperator.from_geometry` (e.g. :func:`slab_operator`).
     initial : ndarray (N, n_thin, W)
         Starting estimate on the output grid (HU), e.g. the cubic interpolation.
     predictor, checkpoint :
         From :func:`~.common.load_prior`.
     plane_spacing_mm : (float, float)
         Output pixel size along rows (thin spacing) and columns, mm.
-    steps, strength, noise_hu, lam, eta, region :
+    steps, strength, end_hu, noise_hu, lam, eta, smooth, region :
         See :func:`super_resolve`.
     flip_rows : bool
         Present rows superior-up, as the prior saw coronal / sagittal slices
@@ -201,6 +166,8 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
     ndarray (N, n_thin, W)
         Super-resolved planes, HU, consistent with ``thick_planes``.
     """
+    if op.geometry is None:
+        raise ValueError("diffpir_planes needs a SlabOperator built by SlabOperator.from_geometry")
     card = checkpoint.card
     norm = Normalizer(checkpoint.normalization, initial)
     low, high = norm.range
@@ -212,8 +179,6 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
     if resample:
         shape = (max(8, int(round(n_thin * zoom[0]))), max(8, int(round(width * zoom[1]))))
         zoom = (shape[0] / n_thin, shape[1] / width)
-        if op.geometry is None:
-            raise ValueError("resampling to the prior's pixel size needs a SlabOperator built by from_geometry")
         g = op.geometry
         d = g["thin_spacing_mm"]
         # pixel centres of the prior's grid (ndimage.zoom, grid_mode=True) in mm
@@ -222,14 +187,17 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
                                              d / zoom[0])
     else:
         shape, work_op = (n_thin, width), op
+    out_p = _smooth_inverse(op) if smooth else None
+    work_p = _smooth_inverse(work_op) if smooth else None
     if flip_rows:
         work_op = SlabOperator(work_op.weights[::-1, ::-1])
-    region_id = region_index(region, card)
-    predict = bind_region(predictor, region_id)
+        work_p = None if work_p is None else work_p[::-1, ::-1]
+    predict = bind_region(predictor, region_index(region, card))
     generator = make_generator(seed)
     sigma_n = max(float(noise_hu), 1e-3) / norm.units_per_step
     t_start = timestep_for_noise_level(max(strength * DEFAULT_START_SIGMA, 1e-6), schedule)
-    nsteps = max(1, min(int(steps), t_start + 1))
+    t_end = min(timestep_for_noise_level(max(end_hu, 0.0) / norm.units_per_step, schedule), t_start)
+    nsteps = max(1, min(int(steps), t_start - t_end + 1))
     batches = [slice(s, min(n, s + max(1, batch_size))) for s in range(0, n, max(1, batch_size))]
     out = np.empty_like(initial, dtype=np.float32)
     for bi, b in enumerate(batches):
@@ -242,13 +210,13 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         y_t, x_t = to_tensor(y), to_tensor(x)
 
         def step(x0, t, abar_t, y_t=y_t):
-            return work_op.data_step(x0, y_t, rho_t(abar_t, sigma_n, lam), axis=2)
+            return work_op.data_step(x0, y_t, rho_t(abar_t, sigma_n, lam), axis=2, right_inverse=work_p)
 
         if strength <= 0 or t_start == 0:
             x0 = step(x_t, 0, 1.0)
         else:
-            x0 = run_diffpir(predict, x_t, schedule, step, t_start=t_start, steps=nsteps, eta=eta,
-                             generator=generator,
+            x0 = run_diffpir(predict, x_t, schedule, step, t_start=t_start, t_end=t_end, steps=nsteps,
+                             eta=eta, generator=generator,
                              progress=ProgressSpan(progress, bi * nsteps, len(batches) * nsteps,
                                                    "diffusion super-resolution"),
                              cancel=cancel)
@@ -263,7 +231,8 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         # HU outside the prior's window come from the interpolation
         result = result + (init - np.clip(init, low, high))
         # exact consistency with the measured slabs on the output grid
-        result = op.data_step(result.astype(np.float64), thick_planes[b].astype(np.float64), 0.0, axis=1)
+        result = op.data_step(result.astype(np.float64), thick_planes[b].astype(np.float64), 0.0,
+                              axis=1, right_inverse=out_p)
         out[b] = result
     return out
 
@@ -280,7 +249,8 @@ def _resize(stack: np.ndarray, shape) -> np.ndarray:
 
 def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", model: Optional[str] = None,
                   steps: int = DEFAULT_STEPS, strength: float = 1.0, planes: str = "both",
-                  lam: float = DEFAULT_LAMBDA, eta: float = 0.0, noise_hu: Optional[float] = None,
+                  lam: float = DEFAULT_LAMBDA, eta: float = 0.0, end_hu: float = DEFAULT_END_HU,
+                  smooth: bool = False, noise_hu: Optional[float] = None,
                   region: Optional[str] = None, options: Optional[RunOptions] = None) -> Volume:
     """Thick -> thin slices: ``factor`` thin slices per thick slice along axis 0.
 
@@ -307,6 +277,14 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         DiffPIR lambda (``rho_t = lambda sigma_n^2 / sigma_t^2``).
     eta : float
         0 deterministic DDIM, up to 1 fresh noise at each step.
+    end_hu : float
+        Stop the diffusion at the step of this noise level (HU) and return
+        the prior's posterior-mean estimate there (0 = sample to the end;
+        larger = smoother, fewer invented details).
+    smooth : bool
+        Data step with a smooth (cubic) correction of the slab residuals
+        instead of DiffPIR's slab-constant ``H^T`` one; both fit the thick
+        slices exactly.
     noise_hu : float, optional
         Noise std (HU) of the thick slices; estimated when omitted.
     region : str, optional
@@ -363,13 +341,14 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
             sr = diffpir_planes(
                 thick_planes, op, init, predictor=predictor, checkpoint=checkpoint,
                 plane_spacing_mm=(spacing / k, col_mm), steps=steps, strength=strength,
-                noise_hu=noise_hu, lam=lam, eta=eta, region=region, batch_size=options.batch_size,
+                end_hu=end_hu, smooth=smooth, noise_hu=noise_hu, lam=lam, eta=eta, region=region,
+                batch_size=options.batch_size,
                 seed=options.seed,
                 progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel)
             results.append(np.moveaxis(sr, 0, axis))
         out = np.mean(results, axis=0)
         params.update(steps=int(steps), strength=float(strength), planes=planes, lam=float(lam),
-                      eta=float(eta), noise_hu=float(noise_hu))
+                      eta=float(eta), end_hu=float(end_hu), smooth=bool(smooth), noise_hu=float(noise_hu))
     params["seconds"] = round(time.perf_counter() - started, 3)
     suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method == "diffusion" else ")")
     result = result_volume(volume, out.astype(np.float32), task="super_resolution", suffix=suffix,
