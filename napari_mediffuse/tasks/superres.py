@@ -294,7 +294,8 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     Returns
     -------
     Volume
-        ``factor * n`` slices, spacing along axis 0 divided by ``factor``,
+        HU within the input's value range, ``factor * n`` slices, spacing
+        along axis 0 divided by ``factor``,
         first slice centre ``(factor - 1) / (2 factor)`` thick spacings
         before the input's (the slab model, see the module docstring).
 
@@ -349,6 +350,9 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         out = np.mean(results, axis=0)
         params.update(steps=int(steps), strength=float(strength), planes=planes, lam=float(lam),
                       eta=float(eta), end_hu=float(end_hu), smooth=bool(smooth), noise_hu=float(noise_hu))
+    # interpolation overshoot and slab corrections can leave the input's HU
+    # range (e.g. below air next to bone); keep within it
+    out = np.clip(out, float(data.min()), float(data.max()))
     params["seconds"] = round(time.perf_counter() - started, 3)
     suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method == "diffusion" else ")")
     result = result_volume(volume, out.astype(np.float32), task="super_resolution", suffix=suffix,
