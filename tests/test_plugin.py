@@ -153,3 +153,20 @@ def test_panel_opens_dicom_folder_and_exports_derived_series(make_napari_viewer,
     (back,) = io.read_dicom(tmp_path / "derived")
     np.testing.assert_array_equal(back.data, added[0].data)
     assert back.metadata["series_instance_uid"] != added[0].metadata["series_instance_uid"]
+
+
+@pytest.mark.gui
+def test_compare_side_by_side_and_linked_contrast(make_napari_viewer, ct_small_path):
+    from napari_mediffuse.gui.panel import MediffusePanel
+
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open(str(ct_small_path), plugin="napari-mediffuse")
+    other = viewer.add_image(ct.data.astype("float32") + 10, scale=ct.scale, translate=ct.translate,
+                             contrast_limits=(0, 100), name="result")
+    panel = MediffusePanel(viewer)
+    panel.compare.grid_button.setChecked(True)
+    assert viewer.grid.enabled
+    viewer.layers.selection = {ct, other}
+    assert len(panel.compare.link_selected_contrast()) == 2
+    ct.contrast_limits = (-1000, 1000)
+    assert tuple(other.contrast_limits) == pytest.approx((-1000, 1000))

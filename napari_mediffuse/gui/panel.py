@@ -175,6 +175,48 @@ class ScanBox(QGroupBox):
             self.export_dicom(folder)
 
 
+class CompareBox(QGroupBox):
+    """Compare an input and its results: side-by-side grid with linked
+    slice position, and linked contrast limits."""
+
+    def __init__(self, viewer: napari.Viewer, parent=None):
+        super().__init__("Compare", parent)
+        self.viewer = viewer
+        self.grid_button = QPushButton("Side by side")
+        self.grid_button.setCheckable(True)
+        self.grid_button.setToolTip("Show each visible layer in its own grid cell; slices stay linked")
+        self.link_button = QPushButton("Link contrast of selected")
+        self.link_button.setToolTip("Select two or more image layers (e.g. input and result) "
+                                    "so one window applies to all")
+        layout = QHBoxLayout(self)
+        layout.addWidget(self.grid_button)
+        layout.addWidget(self.link_button)
+        self.grid_button.toggled.connect(self.set_side_by_side)
+        self.link_button.clicked.connect(self.link_selected_contrast)
+
+    def set_side_by_side(self, enabled: bool) -> None:
+        """Grid view: one cell per layer, dims (slice position) shared."""
+        self.viewer.grid.enabled = bool(enabled)
+
+    def link_selected_contrast(self) -> list:
+        """Link contrast limits (and colormap range) of the selected image layers."""
+        from napari.experimental import link_layers
+
+        layers = [layer for layer in self.viewer.layers.selection if isinstance(layer, napari.layers.Image)]
+        if len(layers) < 2:
+            show_error("select two or more image layers to link their contrast")
+            return []
+        first = layers[0]
+        for layer in layers[1:]:
+            low, high = layer.contrast_limits_range
+            a, b = first.contrast_limits_range
+            layer.contrast_limits_range = (min(low, a), max(high, b))
+            layer.contrast_limits = first.contrast_limits
+        link_layers(layers, ("contrast_limits", "gamma"))
+        show_info(f"linked the contrast of {len(layers)} layers")
+        return layers
+
+
 class MediffusePanel(QWidget):
     """Dock panel of napari-mediffuse: a Scan tab and one tab per task."""
 
@@ -188,7 +230,9 @@ class MediffusePanel(QWidget):
         scan_page = QWidget()
         scan_layout = QVBoxLayout(scan_page)
         self.scan = ScanBox(napari_viewer)
+        self.compare = CompareBox(napari_viewer)
         scan_layout.addWidget(self.scan)
+        scan_layout.addWidget(self.compare)
         scan_layout.addStretch(1)
         self.tabs.addTab(scan_page, "Scan")
         self.task_tabs: dict[str, TaskTab] = {}
