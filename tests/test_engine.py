@@ -312,3 +312,28 @@ def test_precision_selection():
     assert autocast_dtype(cpu, "bf16") == torch.bfloat16
     with pytest.raises(ValueError):
         autocast_dtype(cpu, "int8")
+
+
+def test_predictor_converts_v_prediction_to_epsilon():
+    """A v-prediction checkpoint gives the samplers true noise estimates."""
+    schedule = dict(SCHEDULE, prediction_type="v_prediction")
+    abar = alphas_cumprod(schedule)
+
+    class VOracle(torch.nn.Module):
+        spatial_dims, size_multiple, uses_regions = 2, 1, False
+
+        def forward(self, sample, timesteps, *, coords=None, condition=None, region=None):
+            a = float(abar[int(timesteps[0])])
+            x0 = torch.full_like(sample, 0.25)
+            eps = (sample - a ** 0.5 * x0) / (1 - a) ** 0.5
+            return a ** 0.5 * eps - (1 - a) ** 0.5 * x0  # v = sqrt(a) eps - sqrt(1-a) x0
+
+    x0 = torch.full((1, 1, 8, 8), 0.25)
+    noise = torch.randn(x0.shape, generator=make_generator(0))
+    t = 700
+    a = float(abar[t])
+    x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+    predictor = NoisePredictor(VOracle(), device="cpu", schedule=schedule)
+    torch.testing.assert_close(predictor(x_t, t), noise, atol=1e-4, rtol=0)
+    out = ddim_sample(predictor, torch.randn(x0.shape, generator=make_generator(1)), schedule, steps=10)
+    torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)

@@ -264,7 +264,7 @@ def test_v_prediction_loss_and_conversion():
     """Translation models predict v; the trainer's target and the sampler's
     conversion back to eps agree, exactly where abar is tiny (t = T - 1)."""
     from napari_mediffuse.engine.schedulers import alphas_cumprod
-    from napari_mediffuse.tasks.translate import as_epsilon
+    from napari_mediffuse.engine.sampling import as_epsilon
     from training.trainer import diffusion_loss
 
     schedule = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}

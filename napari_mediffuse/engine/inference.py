@@ -55,16 +55,26 @@ class NoisePredictor:
         Fraction of window overlap for sliding windows.
     window_batch : int
         Windows evaluated together.
+    schedule : dict, optional
+        The checkpoint's noise schedule: when its ``prediction_type`` is not
+        ``'epsilon'`` (v-prediction, sample), outputs are converted to noise
+        estimates, so samplers and tasks always get epsilon.
     """
 
     def __init__(self, network: DiffusionNetwork, device="auto", precision="auto", *,
-                 window=None, overlap: float = 0.5, window_batch: int = 8):
+                 window=None, overlap: float = 0.5, window_batch: int = 8, schedule: dict | None = None):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.dtype = autocast_dtype(self.device, precision)
         self.network = network.to(self.device).eval()
         self.window = window
         self.overlap = overlap
         self.window_batch = window_batch
+        self.prediction_type = "epsilon"
+        if schedule is not None:
+            from .schedulers import alphas_cumprod, complete_schedule
+
+            self.prediction_type = complete_schedule(schedule)["prediction_type"]
+            self._abar = alphas_cumprod(schedule)
 
     @property
     def spatial_dims(self) -> int:
@@ -84,6 +94,11 @@ class NoisePredictor:
                 eps = self._whole(x_t, t, condition, region)
             else:
                 eps = self._sliding(x_t, t, condition, region, window)
+        if self.prediction_type != "epsilon":
+            from .sampling import to_epsilon
+
+            t_index = int(torch.as_tensor(t).reshape(-1)[0])
+            return to_epsilon(eps.float(), x_t.float(), float(self._abar[t_index]), self.prediction_type)
         return eps.float()
 
     def _window_for(self, spatial):

@@ -68,6 +68,45 @@ def add_noise(x0: torch.Tensor, t: int, abar: torch.Tensor, generator: torch.Gen
     return a ** 0.5 * x0 + (1.0 - a) ** 0.5 * randn(x0.shape, generator, x0.device)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def to_epsilon(output: torch.Tensor, x_t: torch.Tensor, abar_t: float, prediction_type: str) -> torch.Tensor:
+    """Noise estimate from a network output of the given ``prediction_type``.
+
+    ``'v_prediction'``: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
+    ``'sample'``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``;
+    ``'epsilon'``: unchanged. Runs in the dtype of ``x_t`` (near t = T abar is
+    about 1e-9: pass float64 samples where that matters).
+    """
+    output = output.to(x_t.dtype)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return abar_t ** 0.5 * output + (1.0 - abar_t) ** 0.5 * x_t
+    if prediction_type == "sample":
+        return (x_t - abar_t ** 0.5 * output) / max(1.0 - abar_t, 1e-12) ** 0.5
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
+
+
+def as_epsilon(predict: Predictor, schedule: dict) -> Predictor:
+    """Wrap ``predict(x, t)`` so it returns noise estimates whatever the
+    schedule's ``prediction_type``."""
+    from .schedulers import complete_schedule
+
+    kind = complete_schedule(schedule)["prediction_type"]
+    if kind == "epsilon":
+        return predict
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {kind!r} in the checkpoint's schedule")
+    abar = alphas_cumprod(schedule)
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        return to_epsilon(predict(x, t), x, float(abar[t]), kind)
+
+    return eps
+
+
 def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, steps: int = 50,
                 t_start: Optional[int] = None, t_end: int = 0, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None,

@@ -74,7 +74,7 @@ def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: 
     """Load a checkpoint (name, path or default) and wrap it in a predictor."""
     checkpoint: Checkpoint = load_model(model, task=task, modality=modality)
     predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
-                               window=options.window)
+                               window=options.window, schedule=checkpoint.schedule)
     return checkpoint, predictor
 
 

@@ -47,7 +47,7 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.control import ProgressSpan, check_cancel
 from ..engine.intensity import denormalize, intensity_range
 from ..engine.networks import REGIONS
-from ..engine.sampling import ddim_sample, make_generator, randn
+from ..engine.sampling import as_epsilon, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod, complete_schedule, make_scheduler
 from ..io.volume import Volume
 from .common import Normalizer, RunOptions, TaskInputError, load_prior, require_volume, result_volume
@@ -101,31 +101,6 @@ def guided_predictor(predictor, condition: torch.Tensor, guidance: float, *,
         return cfg_combine(eps_uncond, eps_cond, guidance)
 
     return predict
-
-
-def as_epsilon(predict, schedule: dict) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """Noise estimates from a network predicting the schedule's ``prediction_type``.
-
-    ``'v_prediction'``: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
-    ``'sample'``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``;
-    ``'epsilon'``: unchanged. The conversion runs in the dtype of ``x_t``
-    (pass float64 samples: near t = T, abar is about 1e-9).
-    """
-    kind = complete_schedule(schedule)["prediction_type"]
-    if kind == "epsilon":
-        return predict
-    if kind not in ("v_prediction", "sample"):
-        raise CheckpointError(f"unknown prediction_type {kind!r} in the checkpoint's schedule")
-    abar = alphas_cumprod(schedule)
-
-    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        out = predict(x, t).to(x.dtype)
-        a = float(abar[t])
-        if kind == "v_prediction":
-            return a ** 0.5 * out + (1.0 - a) ** 0.5 * x
-        return (x - a ** 0.5 * out) / max(1.0 - a, 1e-12) ** 0.5
-
-    return eps
 
 
 # -- geometry helpers ---------------------------------------------------------------
