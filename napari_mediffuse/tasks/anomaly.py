@@ -13,9 +13,11 @@ where ``clip`` is a soft-tissue HU window (bone and air errors saturate),
 ``smooth`` a Gaussian of ``smooth_mm`` in the slice plane (normalised inside
 the ROI), and ``robust_z`` subtracts the median and divides by the scaled
 MAD of the ROI's residual (values: "robust standard deviations above this
-scan's typical reconstruction error"). ``x_hat`` is averaged over
-``ensemble`` noise seeds (and over several ``t`` when a list is given) to
-cut variance. A threshold (automatic: a percentile of the heatmap over the
+scan's typical reconstruction error"). With two or more reconstructions the
+residual is first divided by their per-voxel spread (+10 HU; the 'spread'
+score), discounting places the prior itself is unsure about. ``x_hat`` is
+averaged over ``ensemble`` noise seeds (and over several ``t`` when a list
+is given) to cut variance. A threshold (automatic: a percentile of the heatmap over the
 ROI of the volume, never below a floor; or user-set) gives the binary mask.
 
 Defaults are those measured best by ``python -m training.evaluate anomaly``

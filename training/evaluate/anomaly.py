@@ -492,6 +492,68 @@ def save_figure(path, condition, diffusion, baseline, roi, thr_d, thr_b, *, rows
     canvas.save(path)
 
 
+# -- inpainting example ------------------------------------------------------------
+
+def inpaint_example(args) -> int:
+    """20 mm liver lesions in 3 held-out slices, inpainted with the defaults;
+    writes inpaint.json (MAE inside the mask vs the original) and inpaint.png."""
+    from PIL import Image, ImageDraw
+
+    from napari_mediffuse import io
+    from napari_mediffuse.tasks.common import RunOptions
+    from napari_mediffuse.tasks.inpaint import inpaint
+    from training.lesions import insert_lesion
+
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = io.read(DEFAULT_CT)[0]
+    seg = io.read(DEFAULT_SEG)[0].data
+    ks = [14, 20, 26]  # held-out slices (training-CT slices 96, 102, 108)
+    vol = io.Volume(ct.data[ks].astype(np.float32), ct.affine, modality="CT", name="held-out")
+    rng = np.random.default_rng(5)
+    sick = vol.data.copy()
+    truth = np.zeros(sick.shape, bool)
+    for i, k in enumerate(ks):
+        sick[i], truth[i], _ = insert_lesion(sick[i], seg[k] == 5, (3, 3), diameter_mm=20,
+                                             contrast_hu=-60 if i % 2 == 0 else 60, rng=rng)
+    mask = ndimage.binary_dilation(truth, structure=np.ones((1, 3, 3)))
+    start = time.perf_counter()
+    result = inpaint(vol.with_data(sick), mask, model=args.model,
+                     options=RunOptions(seed=0, batch_size=4, device=args.device))
+    seconds = time.perf_counter() - start
+    ring = ndimage.binary_dilation(mask, structure=np.ones((1, 5, 5))) & ~mask
+    fill = sick.copy()
+    for i in range(len(ks)):
+        fill[i][mask[i]] = np.median(sick[i][ring[i]])
+    report = {
+        "slices_small_ct": ks, "seconds": round(seconds, 1), "seconds_per_slice": round(seconds / len(ks), 1),
+        "params": result.metadata["parameters"],
+        "mae_hu_inside_mask": {
+            "lesion (before)": float(np.abs(sick - vol.data)[mask].mean()),
+            "diffusion inpainting": float(np.abs(result.data - vol.data)[mask].mean()),
+            "median of the surrounding ring": float(np.abs(fill - vol.data)[mask].mean())},
+        "outside_unchanged": bool(np.array_equal(result.data[~mask], sick[~mask])),
+    }
+    print(json.dumps(report, indent=1))
+    (folder / "inpaint.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = []
+    for i in range(len(ks)):
+        edge = mask[i] & ~ndimage.binary_erosion(mask[i])
+        with_lesion = _gray(sick[i])
+        with_lesion[edge] = (60, 120, 255)
+        rows.append(np.concatenate([with_lesion, _gray(result.data[i]), _gray(vol.data[i])], axis=1))
+    grid = np.kron(np.concatenate(rows, 0), np.ones((2, 2, 1), np.uint8))
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + 18), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (0, 18))
+    draw = ImageDraw.Draw(canvas)
+    width = grid.shape[1] // 3
+    for j, text in enumerate(["CT + inserted lesion, mask (outline)", "inpainted (RePaint, demo prior)",
+                              "original (truth)"]):
+        draw.text((j * width + 4, 3), text, fill=(0, 0, 0))
+    canvas.save(folder / "inpaint.png")
+    return 0
+
+
 # -- command line ------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
@@ -529,6 +591,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/evaluation")
     p.set_defaults(func=_run_cli)
+
+    q = subparsers.add_parser("inpaint-example", help="inpaint inserted liver lesions in held-out CT slices")
+    q.add_argument("--model", default="ct-prior-demo")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--out", default="docs/evaluation")
+    q.set_defaults(func=inpaint_example)
 
 
 def _run_cli(args) -> int:
