@@ -73,6 +73,32 @@ def check_output_free(path, overwrite: bool) -> None:
         raise io.WriteError(f"{path}: folder {path.parent} does not exist")
 
 
+def prepare_volume_command(args):
+    """Checks shared by the volume-in, NIfTI-out subcommands, done before any
+    computation: OUTPUT is a free NIfTI path and INPUT holds one series.
+
+    Returns ``(volume, options)``.
+    """
+    from .. import io
+
+    if not io.is_nifti_path(args.output):
+        raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
+    check_output_free(args.output, args.overwrite)
+    volume = read_single_volume(args.input)
+    return volume, options_from_args(args, progress=cli_progress())
+
+
+def finish_volume_command(args, result, summary: str = "") -> int:
+    """Write the result to OUTPUT and report it (with the result's warnings)."""
+    from .. import io
+
+    io.write_nifti(result, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}" + (f" ({summary})" if summary else ""))
+    for warning in result.metadata.get("warnings", []):
+        print(f"warning: {warning}")
+    return 0
+
+
 def cli_progress(verbose: bool = True):
     """A progress callback printing one updating line to stderr."""
     import sys

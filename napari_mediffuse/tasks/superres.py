@@ -400,19 +400,12 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_sr(args) -> int:
-    from .. import io
-    from .cli import check_output_free, cli_progress, options_from_args, read_single_volume
+    from .cli import finish_volume_command, prepare_volume_command
 
-    if not io.is_nifti_path(args.output):
-        raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
-    check_output_free(args.output, args.overwrite)
-    volume = read_single_volume(args.input)
-    options = options_from_args(args, progress=cli_progress())
+    volume, options = prepare_volume_command(args)
     result = super_resolve(volume, factor=args.factor, method=args.method, model=args.model,
                            steps=args.steps, strength=args.strength, planes=args.planes, lam=args.lam,
                            region=args.region, options=options)
-    io.write_nifti(result, args.output)
     p = result.metadata["parameters"]
-    print(f"wrote {args.output} ({result.name}; {result.data.shape[0]} slices at "
-          f"{p['thin_spacing_mm']:.3g} mm, {p['seconds']:.1f} s)")
-    return 0
+    return finish_volume_command(args, result, f"{result.name}; {result.data.shape[0]} slices at "
+                                 f"{p['thin_spacing_mm']:.3g} mm, {p['seconds']:.1f} s")

@@ -392,24 +392,15 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_translate(args) -> int:
-    from .. import io
-    from .cli import check_output_free, cli_progress, options_from_args, read_single_volume
+    from .cli import finish_volume_command, prepare_volume_command
 
-    if not io.is_nifti_path(args.output):
-        raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
-    check_output_free(args.output, args.overwrite)
-    volume = read_single_volume(args.input)
+    volume, options = prepare_volume_command(args)
     if args.input_modality:
         volume.modality = args.input_modality
     check_direction(volume, args.direction)  # before loading any model
-    options = options_from_args(args, progress=cli_progress())
     result = translate(volume, direction=args.direction, model=args.model, steps=args.steps,
                        guidance=args.guidance, context_slices=args.context_slices, sampler=args.sampler,
                        prompt=args.prompt, negative_prompt=args.negative_prompt,
                        image_guidance=args.image_guidance, resolution=args.resolution, options=options)
-    io.write_nifti(result, args.output, overwrite=args.overwrite)
     p = result.metadata["parameters"]
-    print(f"wrote {args.output} ({result.name}; {p.get('seconds_per_slice', 0):.2f} s per slice)")
-    for warning in result.metadata.get("warnings", []):
-        print(f"warning: {warning}")
-    return 0
+    return finish_volume_command(args, result, f"{result.name}; {p.get('seconds_per_slice', 0):.2f} s per slice")
