@@ -168,12 +168,42 @@ def make_augmentation(seed: int):
     return apply
 
 
-class MultiLevelSlices(torch.utils.data.IterableDataset):
-    """Endless stream of multi-level 2D training samples.
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless, seeded stream of training samples.
 
-    Each process (DDP rank) and data-loader worker draws from its own seeded
-    stream, so ranks see different samples and a run is reproducible.
+    Subclasses define ``sample(rng, augment)`` and may override
+    :meth:`augmentation`. Each process (DDP rank) and data-loader worker
+    draws from its own stream (seeded by ``seed``, ``rank`` and the worker),
+    so ranks see different samples and a run is reproducible.
     """
+
+    seed: int = 0
+    rank: int = 0
+
+    def sample(self, rng: np.random.Generator, augment=None) -> dict:
+        raise NotImplementedError
+
+    def augmentation(self, seed: int):
+        """A callable augmenting one sample's array, or None (no augmentation)."""
+        return None
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        augment = self.augmentation(int(rng.integers(2**31)))
+        while True:
+            yield self.sample(rng, augment)
+
+    def fixed_batch(self, n: int, seed: int = 1234) -> dict:
+        """A reproducible batch (validation): same samples every call."""
+        rng = np.random.default_rng(seed)
+        items = [self.sample(rng) for _ in range(n)]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+
+
+class MultiLevelSlices(SampleStream):
+    """Endless stream of multi-level 2D training samples (see :class:`SampleStream`)."""
 
     def __init__(self, volumes: list[TrainingVolume], data_config: dict, *, seed: int = 0,
                  rank: int = 0, part: str = "train"):
@@ -213,17 +243,5 @@ class MultiLevelSlices(torch.utils.data.IterableDataset):
             "region": torch.tensor(self.volumes[k].region, dtype=torch.long),
         }
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        stream_seed = [self.seed, self.rank, worker]
-        rng = np.random.default_rng(stream_seed)
-        augment = make_augmentation(int(rng.integers(2**31))) if self.augment else None
-        while True:
-            yield self.sample(rng, augment)
-
-    def fixed_batch(self, n: int, seed: int = 1234) -> dict:
-        """A reproducible batch (validation): same samples every call."""
-        rng = np.random.default_rng(seed)
-        items = [self.sample(rng) for _ in range(n)]
-        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    def augmentation(self, seed: int):
+        return make_augmentation(seed) if self.augment else None

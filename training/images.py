@@ -18,7 +18,7 @@ from skimage.transform import resize
 from napari_mediffuse import io
 from napari_mediffuse.engine.position import coordinate_grid
 
-from .data import resolve_path
+from .data import SampleStream, resolve_path
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -78,7 +78,7 @@ def load_images(folder, size: int, *, every_nth_slice: int = 1) -> np.ndarray:
     return np.stack(images)
 
 
-class ImageFolder(torch.utils.data.IterableDataset):
+class ImageFolder(SampleStream):
     """Endless seeded stream of whole images (with full-image coordinates)."""
 
     def __init__(self, images: np.ndarray, *, seed: int = 0, rank: int = 0, flip: bool = False):
@@ -88,23 +88,13 @@ class ImageFolder(torch.utils.data.IterableDataset):
         size = images.shape[-1]
         self.coords = coordinate_grid([(0, size), (0, size)], (size, size))
 
-    def sample(self, rng: np.random.Generator) -> dict:
+    def sample(self, rng: np.random.Generator, augment=None) -> dict:
         image = self.images[int(rng.integers(len(self.images)))]
         if self.flip and rng.random() < 0.5:
             image = image[:, ::-1]
         return {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "coords": self.coords,
                 "region": torch.tensor(0)}
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, self.rank, info.id if info else 0])
-        while True:
-            yield self.sample(rng)
-
-    def fixed_batch(self, n: int, seed: int = 1234) -> dict:
-        rng = np.random.default_rng(seed)
-        items = [self.sample(rng) for _ in range(n)]
-        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):

@@ -63,7 +63,7 @@ from napari_mediffuse.engine.intensity import (
     normalize,
 )
 
-from .data import ORIENTATIONS, _SLICE_AXIS, region_index, resolve_path
+from .data import ORIENTATIONS, _SLICE_AXIS, SampleStream, region_index, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -534,7 +534,7 @@ def _oriented(stack: np.ndarray, orientation: str) -> np.ndarray:
     return stack[:, ::-1] if orientation != "axial" else stack  # superior at the top
 
 
-class PairedSlices(torch.utils.data.IterableDataset):
+class PairedSlices(SampleStream):
     """Endless stream of (target slice, source context) training samples.
 
     Each sample: ``image`` (1, P, P) target, ``condition`` (2k+1, P, P) source
@@ -598,19 +598,8 @@ class PairedSlices(torch.utils.data.IterableDataset):
             "region": torch.tensor(volume.region, dtype=torch.long),
         }
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed, self.rank, worker])
-        augment = _stack_augmentation(int(rng.integers(2**31))) if self.augment else None
-        while True:
-            yield self.sample(rng, augment)
-
-    def fixed_batch(self, n: int, seed: int = 1234) -> dict:
-        """A reproducible batch (validation): same samples every call."""
-        rng = np.random.default_rng(seed)
-        items = [self.sample(rng) for _ in range(n)]
-        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    def augmentation(self, seed: int):
+        return _stack_augmentation(seed) if self.augment else None
 
 
 def _image_level(stack: np.ndarray, size: int):
