@@ -337,3 +337,20 @@ def test_predictor_converts_v_prediction_to_epsilon():
     torch.testing.assert_close(predictor(x_t, t), noise, atol=1e-4, rtol=0)
     out = ddim_sample(predictor, torch.randn(x0.shape, generator=make_generator(1)), schedule, steps=10)
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)
+
+
+def test_3d_network_by_configuration():
+    """MONAI's DiffusionModelUNet in 3D with x, y, z position channels."""
+    config = {
+        "backbone": "monai.DiffusionModelUNet", "spatial_dims": 3, "stem_stride": 1,
+        "position_frequencies": 2,
+        "backbone_config": {"channels": [8, 16], "attention_levels": [False, False],
+                            "num_res_blocks": 1, "norm_num_groups": 4},
+    }
+    net = DiffusionNetwork(config)
+    assert net.backbone.conv_in.conv.in_channels == 1 + 2 * 2 * 3  # image + sin/cos x L x 3 axes
+    x = torch.randn(2, 1, 12, 16, 20)
+    eps = NoisePredictor(net, device="cpu")(x, 10, region=3)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    with pytest.raises(ValueError, match="2D"):
+        DiffusionNetwork({**config, "backbone": "diffusers.UNet2DModel"})

@@ -31,7 +31,10 @@ def test_synthesis_tab_adds_synthetic_ct_layer(panel, qtbot):
     tab.param_widgets["steps"].value = 2
     tab.start()
     assert tab.worker is not None and not tab.run_button.isEnabled()
+    qtbot.waitUntil(lambda: tab._napari_progress is not None or tab.worker is None, timeout=60_000)
+    seen_napari_progress = tab._napari_progress is not None
     _wait(qtbot, tab)
+    assert seen_napari_progress and tab._napari_progress is None  # closed when done
     assert tab.last_error == ""
     (layer,) = tab.last_result
     assert layer.data.shape == (16, 20, 24)

@@ -58,8 +58,17 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def complete_architecture(config: dict | None) -> dict:
-    """Fill in defaults so a saved config fully describes the network."""
-    config = _merge(DEFAULT_ARCHITECTURE, config or {})
+    """Fill in defaults so a saved config fully describes the network.
+
+    The default ``backbone_config`` belongs to the default backbone; another
+    backbone keeps only its own ``backbone_config`` (MONAI's keywords differ).
+    """
+    config = config or {}
+    base = DEFAULT_ARCHITECTURE
+    if config.get("backbone", base["backbone"]) != base["backbone"]:
+        base = {k: v for k, v in base.items() if k != "backbone_config"}
+        base["backbone_config"] = {}
+    config = _merge(base, config)
     if config["backbone"] not in BACKBONES:
         raise ValueError(f"unknown backbone {config['backbone']!r}; known: {BACKBONES}")
     if config["backbone"] == "diffusers.UNet2DModel" and config["spatial_dims"] != 2:

@@ -101,6 +101,7 @@ class TaskTab(QWidget):
         self._relay.progress.connect(self._on_progress)
         self.last_result: list = []
         self.last_error: str = ""
+        self._napari_progress = None
 
         layout = QVBoxLayout(self)
         if spec.description:
@@ -333,9 +334,23 @@ class TaskTab(QWidget):
             self.status.setText("cancelling…")
 
     def _on_progress(self, done: int, total: int, message: str):
+        """GUI thread: the tab's bar and napari's activity progress bar."""
+        from napari.utils import progress
+
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(done)
         self.status.setText(message)
+        if self._napari_progress is None or self._napari_progress.total != total:
+            self._close_napari_progress()
+            self._napari_progress = progress(total=max(total, 1), desc=f"mediffuse {self.spec.title}")
+        self._napari_progress.n = done
+        self._napari_progress.set_description(f"mediffuse {self.spec.title}: {message}")
+        self._napari_progress.refresh()
+
+    def _close_napari_progress(self):
+        if self._napari_progress is not None:
+            self._napari_progress.close()
+            self._napari_progress = None
 
     def _on_returned(self, layer_data: list):
         self.last_result = []
@@ -354,6 +369,7 @@ class TaskTab(QWidget):
         self._fail(f"{self.spec.title}: {exc}")
 
     def _on_finished(self):
+        self._close_napari_progress()
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
