@@ -340,12 +340,16 @@ class TaskTab(QWidget):
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(done)
         self.status.setText(message)
-        if self._napari_progress is None or self._napari_progress.total != total:
+        if self.worker is None:
+            return  # a late update after the run ended
+        bar = self._napari_progress
+        if bar is None or bar.total != max(total, 1):
             self._close_napari_progress()
-            self._napari_progress = progress(total=max(total, 1), desc=f"mediffuse {self.spec.title}")
-        self._napari_progress.n = done
-        self._napari_progress.set_description(f"mediffuse {self.spec.title}: {message}")
-        self._napari_progress.refresh()
+            bar = self._napari_progress = progress(total=max(total, 1), desc=f"mediffuse {self.spec.title}")
+        # set_description refreshes the bar, which may process events (and end
+        # the run) re-entrantly: work on the local reference only.
+        bar.n = done
+        bar.set_description(f"mediffuse {self.spec.title}: {message}")
 
     def _close_napari_progress(self):
         if self._napari_progress is not None:
