@@ -246,7 +246,10 @@ class MediffusePanel(QWidget):
 
 
 def _scrollable(widget: QWidget) -> QScrollArea:
+    from qtpy.QtCore import Qt
+
     area = QScrollArea()
     area.setWidgetResizable(True)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     area.setWidget(widget)
     return area

@@ -115,6 +115,9 @@ class TaskTab(QWidget):
             form.addRow("Input", self.input_combo)
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Checkpoints from the bundled, user and $MEDIFFUSE_MODELS folders")
+        for combo in (self.input_combo, self.model_combo):  # long names must not widen the dock
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(18)
         if spec.model_task:
             form.addRow("Model", self.model_combo)
         self.device_combo = QComboBox()
