@@ -22,15 +22,13 @@ from scipy import ndimage
 
 from napari_mediffuse import io
 from napari_mediffuse.engine.intensity import normalize
-from napari_mediffuse.engine.networks import REGIONS
 from napari_mediffuse.engine.position import coordinate_grid
+from napari_mediffuse.tasks.common import PLANE_AXIS
+from napari_mediffuse.tasks.common import region_index as task_region_index
 
 log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
-# Display orientation is (S, P, L): axial slices index axis 0, coronal axis 1,
-# sagittal axis 2.
-_SLICE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
 @dataclass
@@ -55,14 +53,8 @@ def resolve_path(path: str) -> Path:
 
 
 def region_index(name) -> int:
-    if name is None:
-        return 0
-    if isinstance(name, int):
-        return name
-    try:
-        return REGIONS.index(str(name))
-    except ValueError:
-        raise ValueError(f"unknown region {name!r}; known: {REGIONS}") from None
+    """Region class of a config entry (name, index or None = unknown)."""
+    return task_region_index(name, {})
 
 
 def dataset_files(entries) -> list[tuple[Path, int]]:
@@ -112,7 +104,7 @@ def load_volumes(data_config: dict, normalization: dict) -> list[TrainingVolume]
 def take_slice(volume: np.ndarray, orientation: str, index: int) -> np.ndarray:
     """A 2D slice of an (S, P, L) volume, displayed the usual way
     (coronal and sagittal with superior at the top)."""
-    axis = _SLICE_AXIS[orientation]
+    axis = PLANE_AXIS[orientation]
     plane = np.take(volume, index, axis=axis)
     return plane[::-1] if orientation != "axial" else plane  # S up on screen
 
@@ -229,7 +221,7 @@ class MultiLevelSlices(SampleStream):
         k = int(rng.choice(len(arrays), p=sizes / sizes.sum()))
         array = arrays[k]
         orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
-        index = int(rng.integers(0, array.shape[_SLICE_AXIS[orientation]]))
+        index = int(rng.integers(0, array.shape[PLANE_AXIS[orientation]]))
         plane = take_slice(array, orientation, index)
         if augment is not None:
             plane = augment(plane)

@@ -63,7 +63,9 @@ from napari_mediffuse.engine.intensity import (
     normalize,
 )
 
-from .data import ORIENTATIONS, _SLICE_AXIS, SampleStream, region_index, resolve_path
+from napari_mediffuse.tasks.common import PLANE_AXIS
+
+from .data import ORIENTATIONS, SampleStream, region_index, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +575,7 @@ class PairedSlices(SampleStream):
         sizes = np.array([p[1][0].size for p in self.parts], dtype=float)
         volume, (source, target, mask) = self.parts[int(rng.choice(len(self.parts), p=sizes / sizes.sum()))]
         orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
-        axis = _SLICE_AXIS[orientation]
+        axis = PLANE_AXIS[orientation]
         # prefer slices with body in them (mostly-air slices teach little)
         for _ in range(10):
             index = int(rng.integers(0, source.shape[axis]))

@@ -17,6 +17,7 @@ from ..engine.checkpoint import Checkpoint
 from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
 from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
+from ..engine.networks import REGIONS
 from ..engine.registry import load as load_model
 from ..io.volume import Volume
 
@@ -154,3 +155,36 @@ def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, p
     return Volume(data=data, affine=source.affine if affine is None else affine,
                   modality=modality or source.modality, name=f"{source.name} {suffix}",
                   source="", metadata=metadata)
+
+
+# -- body regions ----------------------------------------------------------------
+
+def default_region(card: dict) -> int:
+    """Body-region class for a prior: the region it was trained on when it
+    was trained on one only (a demo prior), else 0 ('unknown')."""
+    regions = {entry.get("region") for entry in card.get("training", {}).get("data", [])
+               if isinstance(entry, dict)}
+    if len(regions) == 1:
+        (name,) = regions
+        if name in REGIONS:
+            return REGIONS.index(name)
+    return 0
+
+
+def region_index(region: str | int | None, card: dict) -> int:
+    """Region class from a name ('abdomen'), an index, or None (prior's default)."""
+    if region is None or region == "":
+        return default_region(card)
+    if isinstance(region, int):
+        return region
+    if region not in REGIONS:
+        raise ValueError(f"unknown body region {region!r}; choose one of {', '.join(REGIONS)}")
+    return REGIONS.index(region)
+
+
+def bind_region(predictor, region: int):
+    """``predictor(x, t)`` with the region class bound (when the network uses one)."""
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long))
+
+    return predict

@@ -45,14 +45,16 @@ from .common import (
     Normalizer,
     RunOptions,
     TaskInputError,
+    bind_region,
     load_prior,
     map_slices,
+    region_index,
     require_volume,
     result_volume,
     to_numpy,
     to_tensor,
 )
-from .diffpir import bind_region, denoise_data_step, region_index, rho_t, run_diffpir
+from .diffpir import denoise_data_step, rho_t, run_diffpir
 
 log = logging.getLogger(__name__)
 

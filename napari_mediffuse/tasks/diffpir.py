@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..engine.control import CancelCheck, ProgressCallback
-from ..engine.networks import REGIONS
 from ..engine.sampling import ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 
@@ -243,36 +242,3 @@ def run_diffpir(predictor, y: torch.Tensor, schedule: dict, data_step: DataStep,
 
     return ddim_sample(predictor, x_t, schedule, steps=steps, t_start=t_start, t_end=t_end, eta=eta,
                        generator=generator, x0_hook=hook, progress=progress, cancel=cancel)
-
-
-# -- helpers for the tasks ---------------------------------------------------------
-
-def default_region(card: dict) -> int:
-    """Body-region class for a prior: the region it was trained on when it
-    was trained on one only (a demo prior), else 0 ('unknown')."""
-    regions = {entry.get("region") for entry in card.get("training", {}).get("data", [])
-               if isinstance(entry, dict)}
-    if len(regions) == 1:
-        (name,) = regions
-        if name in REGIONS:
-            return REGIONS.index(name)
-    return 0
-
-
-def region_index(region: str | int | None, card: dict) -> int:
-    """Region class from a name ('abdomen'), an index, or None (prior's default)."""
-    if region is None or region == "":
-        return default_region(card)
-    if isinstance(region, int):
-        return region
-    if region not in REGIONS:
-        raise ValueError(f"unknown body region {region!r}; choose one of {', '.join(REGIONS)}")
-    return REGIONS.index(region)
-
-
-def bind_region(predictor, region: int):
-    """``predictor(x, t)`` with the region class bound (when the network uses one)."""
-    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long))
-
-    return predict

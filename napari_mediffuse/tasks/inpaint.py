@@ -37,12 +37,13 @@ from .common import (
     Normalizer,
     RunOptions,
     TaskInputError,
+    bind_region,
     load_prior,
+    region_index,
     require_volume,
     result_volume,
     slices_of,
 )
-from .diffpir import bind_region, region_index
 
 #: Default sampler steps for inpainting (from pure noise) and RePaint resampling.
 DEFAULT_INPAINT_STEPS = 50
@@ -404,16 +405,11 @@ def add_command(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .. import io
-    from .cli import check_output_free, cli_progress, options_from_args, read_single_volume
+    from .cli import finish_volume_command, prepare_volume_command, read_single_volume
 
-    check_output_free(args.output, args.overwrite)
-    volume = read_single_volume(args.input)
+    volume, options = prepare_volume_command(args)
     mask = read_single_volume(args.mask)
     result = inpaint(volume, mask, steps=args.steps, resample=args.resample, dilate_mm=args.dilate_mm,
-                     plane=args.plane, model=args.model,
-                     options=options_from_args(args, cli_progress()))
-    io.write_nifti(result, args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({result.metadata['parameters']['inpainted_voxels']} voxels inpainted, "
-          f"{result.metadata['parameters']['seconds']} s)")
-    return 0
+                     plane=args.plane, model=args.model, options=options)
+    p = result.metadata["parameters"]
+    return finish_volume_command(args, result, f"{p['inpainted_voxels']} voxels inpainted, {p['seconds']} s")

@@ -50,9 +50,19 @@ from ..engine.sampling import make_generator
 from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import cubic_along, cubic_matrix, sinc_along, thin_positions  # noqa: F401
-from .common import Normalizer, RunOptions, TaskInputError, load_prior, result_volume, to_numpy, to_tensor
+from .common import (
+    Normalizer,
+    RunOptions,
+    TaskInputError,
+    bind_region,
+    load_prior,
+    region_index,
+    result_volume,
+    to_numpy,
+    to_tensor,
+)
 from .denoise import check_ct_volume, estimate_noise_hu
-from .diffpir import DEFAULT_LAMBDA, SlabOperator, bind_region, region_index, rho_t, run_diffpir
+from .diffpir import DEFAULT_LAMBDA, SlabOperator, rho_t, run_diffpir
 
 METHODS = ("diffusion", "cubic", "sinc")
 PLANES = ("both", "coronal", "sagittal")

@@ -48,7 +48,7 @@ from ..engine.control import ProgressSpan, check_cancel
 from ..engine.intensity import denormalize, intensity_range
 from ..engine.networks import REGIONS
 from ..engine.sampling import as_epsilon, ddim_sample, make_generator, randn
-from ..engine.schedulers import alphas_cumprod, complete_schedule, make_scheduler
+from ..engine.schedulers import make_scheduler
 from ..io.volume import Volume
 from .common import Normalizer, RunOptions, TaskInputError, load_prior, require_volume, result_volume
 
