@@ -80,3 +80,63 @@ def _layer_matches_affine(layer, affine: np.ndarray, tol: float = 1e-3) -> bool:
     metadata of its input)."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return np.allclose(np.asarray(layer.scale)[-3:], spacing, atol=tol)
+
+
+def swipe_crop(data, scale, translate, *, axis: int, fraction: float):
+    """The part of a layer right of a swipe line, as a view (no copy).
+
+    Parameters
+    ----------
+    data : array, shape (..., N, ...)
+        The layer's data.
+    scale, translate : sequence of float
+        The layer's scale (mm per voxel) and translate (mm), one per axis.
+    axis : int
+        Data axis the swipe line moves along (the horizontal screen axis).
+    fraction : float
+        Position of the line from the start of ``axis``, 0 to 1: voxels
+        before ``round(fraction * N)`` are cut away.
+
+    Returns
+    -------
+    view : array
+        ``data`` without the voxels before the line along ``axis``.
+    translate : tuple of float
+        The translate that keeps the view's voxels where they were in world
+        coordinates (mm).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"swipe position must be between 0 and 1, got {fraction}")
+    n = data.shape[axis]
+    start = min(int(round(fraction * n)), n - 1)  # keep one voxel so the layer stays valid
+    index = [slice(None)] * data.ndim
+    index[axis] = slice(start, None)
+    shifted = [float(t) for t in translate]
+    shifted[axis] += start * float(scale[axis])
+    return data[tuple(index)], tuple(shifted)
+
+
+def slice_range_layer_data(layer_data: tuple, start: int, stop: int) -> tuple:
+    """Keep slices ``start:stop`` (axis 0) of a napari layer data tuple.
+
+    The translate (mm) and the ``affine`` in the metadata move with the
+    first kept slice, so the result stays exactly where it was in world
+    space. Used by the panel's preview, which runs a task on a slab of
+    slices (for context) and shows only the slice under the slider.
+    """
+    data, kwargs, kind = layer_data
+    kwargs = dict(kwargs)
+    scale = kwargs.get("scale") or (1.0,) * data.ndim
+    translate = list(kwargs.get("translate") or (0.0,) * data.ndim)
+    axis = data.ndim - 3 if data.ndim >= 3 else 0  # the slice axis of the (S, P, L) volume
+    translate[axis] += start * float(scale[axis])
+    kwargs["translate"] = tuple(translate)
+    meta = dict(kwargs.get("metadata") or {})
+    if meta.get("affine") is not None:
+        affine = np.array(meta["affine"], dtype=float)
+        affine[:3, 3] = (affine @ np.array([start, 0.0, 0.0, 1.0]))[:3]
+        meta["affine"] = affine
+    kwargs["metadata"] = meta
+    index = [slice(None)] * data.ndim
+    index[axis] = slice(start, stop)
+    return np.ascontiguousarray(data[tuple(index)]), kwargs, kind

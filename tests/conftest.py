@@ -69,6 +69,20 @@ def save_tiny_checkpoint(folder, *, name="tiny-ct-prior", task="ct_prior", modal
     return Path(folder)
 
 
+def translation_card(direction="ct2mr"):
+    """Card fields of a tiny translation checkpoint (CT->MR or MR->CT)."""
+    from napari_mediffuse.engine.intensity import DEFAULT_CT_NORMALIZATION, DEFAULT_MR_NORMALIZATION
+
+    ct2mr = direction == "ct2mr"
+    return dict(direction=direction, source_modality="CT" if ct2mr else "MR",
+                target_modality="MR" if ct2mr else "CT",
+                source_normalization=DEFAULT_CT_NORMALIZATION if ct2mr else DEFAULT_MR_NORMALIZATION,
+                normalization=DEFAULT_MR_NORMALIZATION if ct2mr else DEFAULT_CT_NORMALIZATION,
+                context_slices=1, slice_spacing_mm=3.0, output_range=[0.0, 1000.0] if ct2mr else None,
+                condition_dropout=0.1, contrast="T1w", trained_on_simulated_pairs=True,
+                schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"})
+
+
 @pytest.fixture
 def tiny_models(tmp_path, monkeypatch):
     """A models folder with a tiny CT prior, found through MEDIFFUSE_MODELS;
@@ -81,3 +95,12 @@ def tiny_models(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "no-user-models")
     monkeypatch.setattr(registry, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
     return folder
+
+
+@pytest.fixture
+def tiny_translation_models(tiny_models):
+    """Adds tiny CT->MR and MR->CT checkpoints to the ``tiny_models`` folder."""
+    for direction, modality in (("ct2mr", "CT"), ("mr2ct", "MR")):
+        save_tiny_checkpoint(tiny_models / f"tiny-{direction}", name=f"tiny-{direction}", task="translation",
+                             modality=modality, condition_channels=3, **translation_card(direction))
+    return tiny_models

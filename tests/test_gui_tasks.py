@@ -8,7 +8,7 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def panel(make_napari_viewer, tiny_models):
+def panel(make_napari_viewer, tiny_translation_models):
     from napari_mediffuse.gui.panel import MediffusePanel
 
     viewer = make_napari_viewer()
@@ -126,3 +126,94 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(panel, ct_crop_layer, qtbo
         np.testing.assert_allclose(layer.scale, ct_crop_layer.scale)
         np.testing.assert_allclose(layer.translate, ct_crop_layer.translate)
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
+
+
+def test_preview_runs_only_the_slice_under_the_slider(panel, ct_crop_layer, qtbot):
+    viewer, panel = panel
+    tab = panel.task_tabs["denoise"]
+    tab.param_widgets["method"].value = "nlm"
+    index = 2
+    viewer.dims.set_point(0, ct_crop_layer.translate[0] + index * ct_crop_layer.scale[0])
+    tab.preview_check.setChecked(True)
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    (result,) = tab.last_result
+    assert result.data.shape == (1,) + ct_crop_layer.data.shape[1:]
+    assert "preview" in result.name
+    # the one slice sits exactly on the input slice it came from (mm)
+    assert result.translate[0] == pytest.approx(ct_crop_layer.translate[0] + index * ct_crop_layer.scale[0])
+    np.testing.assert_allclose(result.translate[1:], ct_crop_layer.translate[1:])
+    assert abs(float(result.data.mean()) - float(ct_crop_layer.data[index].mean())) < 10
+
+
+def test_sr_tab_adds_thin_slices_in_the_same_space(panel, ct_crop_layer, qtbot):
+    viewer, panel = panel
+    tab = panel.task_tabs["sr"]
+    factor = 3
+    tab.param_widgets["factor"].value = factor
+    tab.param_widgets["steps"].value = 1
+    tab.param_widgets["planes"].value = "coronal"
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    (result,) = tab.last_result
+    n, rows, cols = ct_crop_layer.data.shape
+    assert result.data.shape == (n * factor, rows, cols)
+    np.testing.assert_allclose(result.scale, (3.0 / factor, 3.0, 3.0))
+    # each group of thin slices is centred on its thick slice (mm)
+    thin_centre = result.translate[0] + (factor - 1) / 2 * result.scale[0]
+    assert thin_centre == pytest.approx(ct_crop_layer.translate[0])
+    np.testing.assert_allclose(result.translate[1:], ct_crop_layer.translate[1:])
+    # averaging the thin slices gives back the thick ones (HU)
+    slabs = result.data.reshape(n, factor, rows, cols).mean(axis=1)
+    assert np.abs(slabs - ct_crop_layer.data).mean() < 40
+
+
+def test_inpaint_tab_replaces_only_the_painted_voxels(panel, ct_crop_layer, qtbot):
+    viewer, panel = panel
+    mask = np.zeros(ct_crop_layer.data.shape, np.uint8)
+    mask[1:3, 15:25, 20:30] = 1
+    viewer.add_labels(mask, name="lesion", scale=ct_crop_layer.scale, translate=ct_crop_layer.translate)
+    tab = panel.task_tabs["inpaint"]
+    tab.param_widgets["mask"].reset_choices()
+    tab.param_widgets["mask"].value = "lesion"
+    tab.param_widgets["steps"].value = 2
+    tab.param_widgets["resample"].value = 0
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    (result,) = tab.last_result
+    assert result.data.shape == ct_crop_layer.data.shape
+    np.testing.assert_allclose(result.scale, ct_crop_layer.scale)
+    np.testing.assert_allclose(result.translate, ct_crop_layer.translate)
+    inside = mask > 0
+    np.testing.assert_allclose(result.data[~inside], ct_crop_layer.data[~inside], atol=0.5)
+    assert np.abs(result.data[inside] - ct_crop_layer.data[inside]).mean() > 1.0
+
+
+@pytest.mark.parametrize("source", ["CT", "MR"])
+def test_translate_tab_marks_synthetic_on_input_grid(panel, ct_crop_layer, mr_lps_path, source, qtbot):
+    viewer, panel = panel
+    if source == "MR":
+        (layer,) = viewer.open(str(mr_lps_path), plugin="napari-mediffuse")
+        layer.data = np.ascontiguousarray(layer.data[:3, 20:60, 20:60])
+    else:
+        layer = ct_crop_layer
+    tab = panel.task_tabs["translate"]
+    tab.refresh_inputs()
+    tab.input_combo.setCurrentText(layer.name)
+    # the model chooser follows the input: only models translating from its modality
+    direction = "ct2mr" if source == "CT" else "mr2ct"
+    assert tab.model_combo.count() == 1 and f"tiny-{direction}" in tab.model_combo.currentText()
+    tab.param_widgets["steps"].value = 1
+    tab.param_widgets["guidance"].value = 1.0
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    (result,) = tab.last_result
+    assert result.data.shape == layer.data.shape
+    np.testing.assert_allclose(result.scale, layer.scale)
+    np.testing.assert_allclose(result.translate, layer.translate)
+    assert result.metadata["synthetic"] is True and "synthetic" in result.name
+    assert result.metadata["modality"] == ("MR" if source == "CT" else "CT")

@@ -170,3 +170,81 @@ def test_compare_side_by_side_and_linked_contrast(make_napari_viewer, ct_small_p
     assert len(panel.compare.link_selected_contrast()) == 2
     ct.contrast_limits = (-1000, 1000)
     assert tuple(other.contrast_limits) == pytest.approx((-1000, 1000))
+
+
+def test_swipe_crop_keeps_world_position():
+    from napari_mediffuse.layers import swipe_crop
+
+    data = np.arange(4 * 6 * 10).reshape(4, 6, 10)
+    view, translate = swipe_crop(data, (3.0, 0.8, 0.7), (-50.0, 10.0, 20.0), axis=2, fraction=0.3)
+    assert view.shape == (4, 6, 7) and np.shares_memory(view, data)
+    # voxel (0, 0, 3) stays at x = 20 + 3 * 0.7 mm
+    assert translate == pytest.approx((-50.0, 10.0, 22.1))
+    assert view[0, 0, 0] == data[0, 0, 3]
+    assert swipe_crop(data, (1, 1, 1), (0, 0, 0), axis=2, fraction=1.0)[0].shape[2] == 1
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        swipe_crop(data, (1, 1, 1), (0, 0, 0), axis=2, fraction=1.5)
+
+
+@pytest.mark.gui
+def test_swipe_shows_input_left_and_result_right(make_napari_viewer, ct_small_path):
+    from napari_mediffuse.gui.panel import MediffusePanel
+
+    viewer = make_napari_viewer(show=True)
+    (ct,) = viewer.open(str(ct_small_path), plugin="napari-mediffuse")
+    ct.contrast_limits = (-2000, 2000)
+    flat_input = viewer.add_image(np.full(ct.data.shape, -2000.0, np.float32), scale=ct.scale,
+                                  translate=ct.translate, contrast_limits=(-2000, 2000), name="input")
+    result = viewer.add_image(np.full(ct.data.shape, 2000.0, np.float32), scale=ct.scale,
+                              translate=ct.translate, contrast_limits=(-2000, 2000), name="result")
+    ct.visible = False
+    panel = MediffusePanel(viewer)
+    box = panel.swipe
+    assert box.layer_combo.currentText() == "result"  # topmost first
+    n_layers = len(viewer.layers)
+    box.slider.setValue(250)
+    box.button.setChecked(True)
+    swipe = box.swipe_layer
+    assert swipe is not None and not result.visible
+    assert viewer.layers.index(swipe) == viewer.layers.index(result) + 1
+    columns = ct.data.shape[2]
+    start = round(0.25 * columns)
+    assert swipe.data.shape[2] == columns - start
+    assert swipe.translate[2] == pytest.approx(ct.translate[2] + start * ct.scale[2])
+
+    def row_profile():
+        image = viewer.screenshot(canvas_only=True, flash=False)[..., 0].astype(int)
+        row = image[image.shape[0] // 2]
+        inside = np.nonzero(row > 0)[0]  # the result is white; input black like the background
+        return inside[0], inside[-1], row.shape[0]
+
+    viewer.reset_view()
+    first_white, last_white, width = row_profile()
+    box.slider.setValue(750)
+    first_white_later, last_white_later, _ = row_profile()
+    assert first_white_later > first_white and last_white_later == pytest.approx(last_white, abs=2)
+    # the line moved by half the image width on screen
+    image_width = (last_white - first_white) / 0.75
+    assert (first_white_later - first_white) == pytest.approx(0.5 * image_width, rel=0.05)
+    # contrast stays linked while swiping; turning it off restores the layer list
+    result.contrast_limits = (0, 4000)
+    assert tuple(swipe.contrast_limits) == pytest.approx((0, 4000))
+    box.button.setChecked(False)
+    assert len(viewer.layers) == n_layers and result.visible and box.swipe_layer is None
+    assert flat_input.visible
+
+
+def test_slab_and_slice_range_keep_world_positions(ct_small_path):
+    from napari_mediffuse.layers import image_layer_data, slice_range_layer_data
+
+    (volume,) = io.read(ct_small_path)
+    slab = volume.slab(5, 8)
+    assert slab.data.shape[0] == 3
+    # voxel (0, 10, 20) of the slab is voxel (5, 10, 20) of the volume, in RAS mm
+    np.testing.assert_allclose(slab.affine @ [0, 10, 20, 1], volume.affine @ [5, 10, 20, 1])
+    data, kwargs, kind = slice_range_layer_data(image_layer_data(slab), 1, 2)
+    assert data.shape == (1,) + volume.data.shape[1:] and kind == "image"
+    np.testing.assert_array_equal(data[0], volume.data[6])
+    full = image_layer_data(volume)[1]
+    assert kwargs["translate"][0] == pytest.approx(full["translate"][0] + 6 * full["scale"][0])
+    np.testing.assert_allclose(kwargs["metadata"]["affine"] @ [0, 0, 0, 1], volume.affine @ [6, 0, 0, 1])

@@ -11,13 +11,12 @@ import torch
 
 from napari_mediffuse import io
 from napari_mediffuse.engine.checkpoint import CheckpointError
-from napari_mediffuse.engine.intensity import DEFAULT_CT_NORMALIZATION, DEFAULT_MR_NORMALIZATION
 from napari_mediffuse.io.volume import Volume
 from napari_mediffuse.tasks.common import RunOptions, TaskInputError
 from napari_mediffuse.tasks.translate import cfg_combine, guided_predictor, translate
 from training import paired
 
-from conftest import TINY_ARCHITECTURE, save_tiny_checkpoint
+from conftest import TINY_ARCHITECTURE, save_tiny_checkpoint, translation_card
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -49,17 +48,6 @@ def ct_crop(ct_and_labels):
     affine = ct.affine.copy()
     affine[:3, 3] = (ct.affine @ np.array([10, 20, 20, 1.0]))[:3]
     return Volume(data=data, affine=affine, modality="CT", name="ct crop")
-
-
-def translation_card(direction="ct2mr"):
-    ct2mr = direction == "ct2mr"
-    return dict(direction=direction, source_modality="CT" if ct2mr else "MR",
-                target_modality="MR" if ct2mr else "CT",
-                source_normalization=DEFAULT_CT_NORMALIZATION if ct2mr else DEFAULT_MR_NORMALIZATION,
-                normalization=DEFAULT_MR_NORMALIZATION if ct2mr else DEFAULT_CT_NORMALIZATION,
-                context_slices=1, slice_spacing_mm=3.0, output_range=[0.0, 1000.0] if ct2mr else None,
-                condition_dropout=0.1, contrast="T1w", trained_on_simulated_pairs=True,
-                schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"})
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import napari
+import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
@@ -18,6 +19,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QScrollArea,
+    QSlider,
     QTabWidget,
     QVBoxLayout,
     QWidget,
@@ -25,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from .. import io
 from ..display import CT_WINDOW_PRESETS, ct_preset_limits, robust_limits
-from ..layers import image_layer_data, layer_to_volume
+from ..layers import image_layer_data, layer_to_volume, swipe_crop
 from ..io.volume import axcodes
 
 
@@ -217,6 +219,124 @@ class CompareBox(QGroupBox):
         return layers
 
 
+class SwipeBox(QGroupBox):
+    """Swipe between a result and what lies beneath it (usually its input):
+    left of the line shows the layers below, right of it the swiped layer.
+
+    napari's 2D image visuals cannot be clipped, so the swipe shows a
+    temporary layer holding a view (no copy) of the right part of the data,
+    with contrast linked to the original, which is hidden meanwhile.
+    """
+
+    def __init__(self, viewer: napari.Viewer, parent=None):
+        super().__init__("Swipe", parent)
+        from qtpy.QtCore import Qt
+
+        self.viewer = viewer
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Layer revealed right of the swipe line (e.g. a result over its input)")
+        self.button = QPushButton("Swipe")
+        self.button.setCheckable(True)
+        self.button.setToolTip("Drag the slider to move the line; the layers below show on its left")
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, 1000)
+        self.slider.setValue(500)
+        self.slider.setToolTip("Position of the swipe line across the image")
+        self.swipe_layer = None
+        self._source = None
+        form = QFormLayout(self)
+        row = QHBoxLayout()
+        row.addWidget(self.layer_combo, 1)
+        row.addWidget(self.button)
+        form.addRow("Layer", row)
+        form.addRow("Line", self.slider)
+        self.button.toggled.connect(self.set_swipe)
+        self.slider.valueChanged.connect(self._update)
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._on_removed)
+        viewer.dims.events.ndisplay.connect(lambda event=None: self.button.setChecked(False))
+        self._refresh_layers()
+
+    def _refresh_layers(self, event=None):
+        current = self.layer_combo.currentText()
+        names = [layer.name for layer in _image_layers(self.viewer) if layer is not self.swipe_layer]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names[::-1])  # topmost (usually the newest result) first
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+
+    def _on_removed(self, event=None):
+        if self.swipe_layer is not None and (self.swipe_layer not in self.viewer.layers
+                                             or self._source not in self.viewer.layers):
+            self.button.setChecked(False)
+        self._refresh_layers()
+
+    def _axis(self, layer) -> int:
+        """Data axis of ``layer`` shown horizontally on screen."""
+        return self.viewer.dims.displayed[-1] - (self.viewer.dims.ndim - layer.ndim)
+
+    def set_swipe(self, enabled: bool) -> None:
+        """Start or stop swiping the chosen layer."""
+        if not enabled:
+            self._stop()
+            return
+        name = self.layer_combo.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        problem = None
+        if layer is None:
+            problem = "choose an image layer to swipe"
+        elif self.viewer.dims.ndisplay != 2:
+            problem = "swipe works in the 2D view"
+        elif layer.multiscale or layer.rgb:
+            problem = f"cannot swipe {layer.name!r}: multiscale and RGB layers are not supported"
+        elif not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)) or \
+                not np.allclose(layer.rotate, np.eye(layer.ndim)):
+            problem = f"cannot swipe {layer.name!r}: it has a rotation or affine transform"
+        if problem:
+            show_error(problem)
+            self.button.blockSignals(True)
+            self.button.setChecked(False)
+            self.button.blockSignals(False)
+            return
+        from napari.experimental import link_layers
+
+        view, translate = self._crop(layer)
+        self._source = layer
+        self.swipe_layer = self.viewer.add_image(
+            view, scale=layer.scale, translate=translate, colormap=layer.colormap,
+            contrast_limits=layer.contrast_limits, gamma=layer.gamma, opacity=layer.opacity,
+            blending=layer.blending, interpolation2d=layer.interpolation2d,
+            name=f"{layer.name} [swipe]", metadata={"swipe_of": layer.name})
+        self.viewer.layers.move(self.viewer.layers.index(self.swipe_layer),
+                                self.viewer.layers.index(layer) + 1)
+        link_layers([layer, self.swipe_layer], ("contrast_limits", "gamma", "colormap", "opacity"))
+        layer.visible = False
+
+    def _crop(self, layer):
+        return swipe_crop(layer.data, layer.scale, layer.translate, axis=self._axis(layer),
+                          fraction=self.slider.value() / 1000)
+
+    def _update(self, value=None):
+        if self.swipe_layer is None:
+            return
+        view, translate = self._crop(self._source)
+        self.swipe_layer.translate = translate
+        self.swipe_layer.data = view
+
+    def _stop(self):
+        swipe, source = self.swipe_layer, self._source
+        self.swipe_layer = self._source = None
+        if source is not None and source in self.viewer.layers:
+            source.visible = True
+        if swipe is not None and swipe in self.viewer.layers:
+            from napari.experimental import unlink_layers
+
+            unlink_layers([swipe])
+            self.viewer.layers.remove(swipe)
+
+
 class MediffusePanel(QWidget):
     """Dock panel of napari-mediffuse: a Scan tab and one tab per task."""
 
@@ -231,8 +351,10 @@ class MediffusePanel(QWidget):
         scan_layout = QVBoxLayout(scan_page)
         self.scan = ScanBox(napari_viewer)
         self.compare = CompareBox(napari_viewer)
+        self.swipe = SwipeBox(napari_viewer)
         scan_layout.addWidget(self.scan)
         scan_layout.addWidget(self.compare)
+        scan_layout.addWidget(self.swipe)
         scan_layout.addStretch(1)
         self.tabs.addTab(scan_page, "Scan")
         self.task_tabs: dict[str, TaskTab] = {}

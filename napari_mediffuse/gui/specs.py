@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..engine.networks import REGIONS
 from ..layers import image_layer_data
-from .task_tab import LABELS_LAYER, Param, TaskSpec
+from .task_tab import INPUT_MODALITY, LABELS_LAYER, Param, TaskSpec
 
 def default(function, name: str):
     """A task function's default for ``name``: the tab starts from the same
@@ -115,8 +115,11 @@ def denoise_spec() -> TaskSpec:
 def _run_sr(volume, values, options):
     from ..tasks.superres import super_resolve
 
+    noise = values["noise_hu"]
     result = super_resolve(volume, factor=values["factor"], method=values["method"], model=values["model"],
-                           steps=values["steps"], options=options)
+                           steps=values["steps"], strength=values["strength"], planes=values["planes"],
+                           lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
+                           noise_hu=None if noise <= 0 else noise, options=options)
     return [image_layer_data(result)]
 
 
@@ -132,6 +135,21 @@ def sr_spec() -> TaskSpec:
                   tooltip="diffusion = DiffPIR on coronal/sagittal planes; cubic / windowed sinc = interpolation"),
             Param("steps", default(super_resolve, "steps"), options={"min": 1, "max": 200},
                   tooltip="Network evaluations per plane"),
+            Param("strength", default(super_resolve, "strength"), options={"min": 0.0, "max": 3.0, "step": 0.1},
+                  tooltip="Start noise of the diffusion (1 = default; 0 = interpolation made consistent "
+                          "with the thick slices)"),
+            Param("planes", default(super_resolve, "planes"),
+                  options={"choices": ["both", "coronal", "sagittal"]}, advanced=True,
+                  tooltip="Planes the prior works on (the slice axis lies in both); both = average, 2x time"),
+            Param("lam", default(super_resolve, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
+                  tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
+            Param("eta", default(super_resolve, "eta"), options={"min": 0.0, "max": 1.0, "step": 0.05},
+                  tooltip="0 = deterministic DDIM; up to 1 = fresh noise at each step", advanced=True),
+            Param("end_hu", default(super_resolve, "end_hu"), label="stop at noise (HU)",
+                  options={"min": 0.0, "max": 200.0, "step": 1.0}, advanced=True,
+                  tooltip="Stop at this noise level and return the posterior mean (larger = smoother)"),
+            Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
+                  tooltip="Noise std of the thick slices; 0 = estimate it from the image", advanced=True),
             SEED, BATCH,
         ])
 
@@ -225,7 +243,7 @@ def translate_spec() -> TaskSpec:
 
     return TaskSpec(
         key="translate", title="Translate", run=_run_translate, modalities=("CT", "MR"),
-        model_task="translation", model_modality=None, preview=True,
+        model_task="translation", model_modality=INPUT_MODALITY, preview=True,
         description="CT -> MR-like image or MR -> synthetic CT, on the input's grid. "
                     "The result is SYNTHETIC: never use it for diagnosis.",
         params=[

@@ -36,12 +36,15 @@ from qtpy.QtWidgets import (
 from ..engine.control import Cancelled
 from ..engine.devices import describe_device, select_device
 from ..engine.registry import list_checkpoints
-from ..layers import layer_to_volume
+from ..layers import layer_to_volume, slice_range_layer_data
+from ..io.volume import Volume
 from ..tasks.common import RunOptions
 
 
 #: ``Param.annotation`` for a chooser of the viewer's Labels layers.
 LABELS_LAYER = "labels_layer"
+#: slices on each side of the previewed slice given to the task as context
+PREVIEW_CONTEXT = 1
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Param:
     options: dict = field(default_factory=dict)  # magicgui options: min, max, step, choices...
     advanced: bool = False
     annotation: Any = None
+
+
+INPUT_MODALITY = "input"
 
 
 @dataclass
@@ -71,6 +77,8 @@ class TaskSpec:
     run: Callable[..., list]
     modalities: tuple[str, ...] = ("CT",)
     model_task: Optional[str] = "ct_prior"
+    #: modality of the checkpoints listed; INPUT_MODALITY = the input layer's
+    #: (a translation model is chosen by its source modality)
     model_modality: Optional[str] = "CT"
     params: list[Param] = field(default_factory=list)
     preview: bool = True  # 'current slice only' makes sense for this task
@@ -166,6 +174,8 @@ class TaskTab(QWidget):
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.device_combo.currentTextChanged.connect(self._update_device_label)
+        if self.spec.model_modality == INPUT_MODALITY:
+            self.input_combo.currentTextChanged.connect(self.refresh_models)
         viewer.layers.events.inserted.connect(self.refresh_inputs)
         viewer.layers.events.removed.connect(self.refresh_inputs)
         self.refresh_inputs()
@@ -245,15 +255,22 @@ class TaskTab(QWidget):
         if self.spec.needs_input and not names:
             self.status.setText(f"Open a {'/'.join(self.spec.modalities)} volume to run {self.spec.title.lower()}.")
 
-    def refresh_models(self):
+    def refresh_models(self, event=None):
+        current = self.model_combo.currentText()
         self.model_combo.clear()
         if not self.spec.model_task:
             return
-        for info in list_checkpoints(task=self.spec.model_task, modality=self.spec.model_modality):
+        modality = self.spec.model_modality
+        if modality == INPUT_MODALITY:
+            layer = self.input_layer()
+            modality = (layer.metadata or {}).get("modality") if layer is not None else None
+        for info in list_checkpoints(task=self.spec.model_task, modality=modality):
             self.model_combo.addItem(info.label(), str(info.path))
             self.model_combo.setItemData(self.model_combo.count() - 1, info.summary or info.name, 3)  # tooltip
         if self.model_combo.count() == 0:
             self.model_combo.addItem("(no checkpoint installed)", None)
+        elif current:
+            self.model_combo.setCurrentText(current)
 
     def _update_device_label(self):
         try:
@@ -266,13 +283,12 @@ class TaskTab(QWidget):
         name = self.input_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _preview_crop(self, layer, volume):
-        """The axial slice under the slider as a 1-slice volume (same geometry)."""
+    def _preview_range(self, layer, n_slices: int) -> tuple[int, int, int]:
+        """Slices ``start:stop`` around the axial slice under the slider (one
+        neighbour each side, context for the task) and that slice's index."""
         world = self.viewer.dims.point[-3]
-        index = int(np.clip(round((world - layer.translate[-3]) / layer.scale[-3]), 0, volume.data.shape[0] - 1))
-        affine = volume.affine.copy()
-        affine[:3, 3] = (volume.affine @ np.array([index, 0, 0, 1.0]))[:3]
-        return volume.with_data(volume.data[index:index + 1], affine=affine), index
+        index = int(np.clip(round((world - layer.translate[-3]) / layer.scale[-3]), 0, n_slices - 1))
+        return max(0, index - PREVIEW_CONTEXT), min(n_slices, index + PREVIEW_CONTEXT + 1), index
 
     def start(self, layer=None):
         """Validate the input and start the task in a worker thread.
@@ -283,6 +299,7 @@ class TaskTab(QWidget):
             return
         self.last_error = ""
         volume = None
+        preview = None  # (start, stop, index) of the previewed slab
         if self.spec.needs_input:
             layer = layer if layer is not None else self.input_layer()
             wanted = "/".join(self.spec.modalities)
@@ -299,8 +316,7 @@ class TaskTab(QWidget):
             except ValueError as exc:
                 return self._fail(str(exc))
             if self.spec.preview and self.preview_check.isChecked():
-                volume, _ = self._preview_crop(layer, volume)
-                volume.name = f"{volume.name} [preview]"
+                preview = self._preview_range(layer, volume.data.shape[0])
         model = self.model_combo.currentData() if self.spec.model_task else None
         if self.spec.model_task and model is None:
             return self._fail(f"{self.spec.title}: no {self.spec.model_task} checkpoint installed "
@@ -310,6 +326,16 @@ class TaskTab(QWidget):
         except ValueError as exc:
             return self._fail(f"{self.spec.title}: {exc}")
         values["model"] = model
+        preview_slice = None
+        if preview is not None:  # the input and any mask on its grid, cut to the slab
+            start, stop, index = preview
+            full_shape = volume.data.shape
+            for key, value in values.items():
+                if isinstance(value, Volume) and value.data.shape == full_shape:
+                    values[key] = value.slab(start, stop)
+            volume = volume.slab(start, stop)
+            volume.name = f"{volume.name} [preview]"
+            preview_slice = index - start
         self._cancel.clear()
         options = RunOptions(device=self.device_combo.currentText(), progress=self._relay.progress.emit,
                              cancel=self._cancel.is_set, seed=values.pop("seed", 0),
@@ -317,7 +343,10 @@ class TaskTab(QWidget):
 
         @thread_worker
         def work():
-            return self.spec.run(volume, values, options)
+            layers = self.spec.run(volume, values, options)
+            if preview_slice is not None:  # keep the slice under the slider, drop the context
+                layers = [slice_range_layer_data(item, preview_slice, preview_slice + 1) for item in layers]
+            return layers
 
         self.worker = work(_ignore_errors=True)  # errors are handled by _on_errored
         self.worker.returned.connect(self._on_returned)

@@ -95,6 +95,13 @@ class Volume:
             )
         return replace(self, data=data, metadata=dict(self.metadata), **changes)
 
+    def slab(self, start: int, stop: int) -> "Volume":
+        """Slices ``start:stop`` along axis 0, with the affine moved so every
+        kept voxel stays at the same world position (mm)."""
+        affine = self.affine.copy()
+        affine[:3, 3] = (self.affine @ np.array([start, 0.0, 0.0, 1.0]))[:3]
+        return self.with_data(self.data[start:stop], affine=affine)
+
     def napari_kwargs(self) -> dict[str, Any]:
         """``scale``, ``translate`` and ``metadata`` for a napari layer."""
         scale, translate = world_scale_translate(self.affine)
