@@ -23,7 +23,7 @@ from napari_mediffuse.engine.registry import load
 from napari_mediffuse.engine.inference import NoisePredictor
 size, batch, repeats, model = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ckpt = load(model)
-pred = NoisePredictor(ckpt.network, device="cpu")
+pred = NoisePredictor(ckpt.network, device="cpu", schedule=ckpt.schedule)
 x = torch.randn(batch, 1, size, size)
 pred(x, 500)
 times = []

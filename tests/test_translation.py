@@ -249,26 +249,38 @@ def test_cfg_formula_and_guided_predictor():
 
 
 def test_v_prediction_loss_and_conversion():
-    """Translation models predict v; the trainer's target and the sampler's
+    """Translation models predict v; the trainer's target and the predictor's
     conversion back to eps agree, exactly where abar is tiny (t = T - 1)."""
+    from napari_mediffuse.engine.inference import NoisePredictor
     from napari_mediffuse.engine.schedulers import alphas_cumprod
-    from napari_mediffuse.engine.sampling import as_epsilon
     from training.trainer import diffusion_loss
 
     schedule = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
     abar = alphas_cumprod(schedule)
     x0 = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
     noise = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+
+    class Returns(torch.nn.Module):  # a network that outputs a fixed tensor
+        size_multiple = 1
+
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+            self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+        def forward(self, x_t, t, *, coords=None, condition=None, region=None):
+            return self.value
+
     for t in (0, 500, 999):
         a = float(abar[t])
         x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
         v = a ** 0.5 * noise - (1 - a) ** 0.5 * x0
-        eps = as_epsilon(lambda x, _t: v, schedule)(x_t, t)
+        eps = NoisePredictor(Returns(v), device="cpu", schedule=schedule)(x_t, t)
+        assert eps.dtype == torch.float64  # float64 in, float64 out: x0 from eps at t = T needs it
         torch.testing.assert_close(eps, noise)
-        x0_hat = (x_t - (1 - a) ** 0.5 * eps) / a ** 0.5  # what the DDIM loop computes
-        assert float((x0_hat - x0).abs().max()) < 1e-4
     sample = {**schedule, "prediction_type": "sample"}
-    torch.testing.assert_close(as_epsilon(lambda x, _t: x0, sample)(x_t, 999), noise)
+    eps = NoisePredictor(Returns(x0), device="cpu", schedule=sample)(x_t, 999)
+    torch.testing.assert_close(eps, noise)
 
     class Oracle(torch.nn.Module):  # returns the exact v of the batch built by the loss
         def forward(self, x_t, t, *, coords=None, condition=None, region=None):
@@ -319,6 +331,38 @@ def test_translate_ct_to_mr_on_input_grid(ct_crop, ct2mr_model):
                        options=options)
     assert guided.data.shape == ct_crop.data.shape and not np.allclose(guided.data, result.data)
     assert guided.metadata["parameters"]["evaluations_per_slice"] == 4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_translate_with_an_oracle_v_model_returns_its_target(ct_crop, ct2mr_model, monkeypatch, sampler):
+    """A network that predicts the exact v of a known target image must give
+    that image back, in HU, with both samplers: guards the v -> eps
+    conversion (it happens once, in the predictor)."""
+    from napari_mediffuse.engine.schedulers import alphas_cumprod
+    from napari_mediffuse.tasks import translate as translate_module
+
+    target_hu = 40.0  # soft tissue
+    target = (target_hu + 1024.0) / 3072.0 * 2 - 1  # the card's HU window [-1024, 2048] -> [-1, 1]
+    original = translate_module.load_translation_model
+
+    def load_oracle(model, direction, options):
+        checkpoint, predictor = original(model, direction, options)
+        abar = alphas_cumprod(checkpoint.schedule).float()
+
+        def oracle_v(x_t, t, *, coords=None, condition=None, region=None):
+            a = abar[t].view(-1, 1, 1, 1).to(x_t.dtype)
+            eps = (x_t - a.sqrt() * target) / (1 - a).sqrt()
+            return a.sqrt() * eps - (1 - a).sqrt() * target
+
+        checkpoint.network.forward = oracle_v
+        return checkpoint, predictor
+
+    monkeypatch.setattr(translate_module, "load_translation_model", load_oracle)
+    mr = Volume(data=np.clip(ct_crop.data + 1000.0, 0, None), affine=ct_crop.affine, modality="MR", name="mr")
+    result = translate(mr, direction="mr2ct", steps=4, guidance=1.0, sampler=sampler,
+                       options=RunOptions(device="cpu", seed=3))
+    assert result.modality == "CT"
+    np.testing.assert_allclose(result.data, target_hu, atol=2.0)
 
 
 def test_translate_mr_to_ct_and_bad_inputs(ct_crop, ct2mr_model):

@@ -37,7 +37,8 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
         raise ValueError("no held-out slices: set data.holdout_fraction in the config")
     slices = slices[np.linspace(0, len(slices) - 1, min(max_slices, len(slices))).round().astype(int)]
     clean = torch.from_numpy(slices)[:, None]
-    predictor = NoisePredictor(network, device=device)
+    # noise estimates whatever the model predicts (epsilon, v or sample)
+    predictor = NoisePredictor(network, device=device, schedule=config.get("schedule"))
     abar = alphas_cumprod(config.get("schedule"))
     gen = make_generator(seed)
     region = torch.full((len(clean),), volumes[0].region)

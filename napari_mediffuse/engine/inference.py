@@ -85,21 +85,25 @@ class NoisePredictor:
                  region=None) -> torch.Tensor:
         """Predicted noise for ``x_t`` (B, C, *spatial) at step ``t``."""
         x_t = x_t.to(self.device)
+        # float64 samplers (x0 from eps where abar ~ 1e-9) get float64 back;
+        # the network itself always runs in float32 (or autocast's half type)
+        dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        x_in = x_t.float()
         if condition is not None:
-            condition = condition.to(self.device)
+            condition = condition.to(self.device).float()
         spatial = tuple(x_t.shape[2:])
         window = self._window_for(spatial)
         with autocast(self.device, self.dtype):
             if window is None:
-                eps = self._whole(x_t, t, condition, region)
+                eps = self._whole(x_in, t, condition, region)
             else:
-                eps = self._sliding(x_t, t, condition, region, window)
+                eps = self._sliding(x_in, t, condition, region, window)
         if self.prediction_type != "epsilon":
             from .sampling import to_epsilon
 
             t_index = int(torch.as_tensor(t).reshape(-1)[0])
-            return to_epsilon(eps.float(), x_t.float(), float(self._abar[t_index]), self.prediction_type)
-        return eps.float()
+            return to_epsilon(eps.to(dtype), x_t.to(dtype), float(self._abar[t_index]), self.prediction_type)
+        return eps.to(dtype)
 
     def _window_for(self, spatial):
         if self.window is None:

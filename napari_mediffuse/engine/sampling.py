@@ -89,24 +89,6 @@ def to_epsilon(output: torch.Tensor, x_t: torch.Tensor, abar_t: float, predictio
     raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
 
 
-def as_epsilon(predict: Predictor, schedule: dict) -> Predictor:
-    """Wrap ``predict(x, t)`` so it returns noise estimates whatever the
-    schedule's ``prediction_type``."""
-    from .schedulers import complete_schedule
-
-    kind = complete_schedule(schedule)["prediction_type"]
-    if kind == "epsilon":
-        return predict
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {kind!r} in the checkpoint's schedule")
-    abar = alphas_cumprod(schedule)
-
-    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        return to_epsilon(predict(x, t), x, float(abar[t]), kind)
-
-    return eps
-
-
 def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, steps: int = 50,
                 t_start: Optional[int] = None, t_end: int = 0, eta: float = 0.0,
                 generator: Optional[torch.Generator] = None,
@@ -184,13 +166,21 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
 
 def sample_with_scheduler(predictor: Predictor, shape, schedule: dict, *, kind: str = "dpm",
                           steps: int = 20, generator: Optional[torch.Generator] = None,
-                          device="cpu", progress: Optional[ProgressCallback] = None,
+                          device="cpu", x_T: Optional[torch.Tensor] = None,
+                          progress: Optional[ProgressCallback] = None,
                           cancel: Optional[CancelCheck] = None) -> torch.Tensor:
-    """Generate from pure noise with a diffusers scheduler (DDPM, DDIM, DPM-Solver++)."""
-    scheduler = make_scheduler(schedule, kind)
+    """Generate from pure noise with a diffusers scheduler (DDPM, DDIM, DPM-Solver++).
+
+    ``predictor`` returns noise estimates (as :class:`NoisePredictor` does
+    for every prediction type), so the scheduler is told 'epsilon'.
+    ``x_T`` gives the start noise (unit variance) instead of drawing it.
+    """
+    scheduler = make_scheduler(schedule, kind, prediction_type="epsilon")
     scheduler.set_timesteps(steps)
     generator = generator or make_generator(None)
-    x = randn(shape, generator, device) * float(scheduler.init_noise_sigma)
+    if x_T is None:
+        x_T = randn(shape, generator, device)
+    x = x_T * float(scheduler.init_noise_sigma)
     timesteps = list(scheduler.timesteps)
     for i, t in enumerate(timesteps):
         check_cancel(cancel)

@@ -25,7 +25,7 @@ def complete_schedule(schedule: dict | None) -> dict:
     return out
 
 
-def make_scheduler(schedule: dict | None = None, kind: str = "ddim"):
+def make_scheduler(schedule: dict | None = None, kind: str = "ddim", *, prediction_type: str | None = None):
     """A diffusers scheduler for a checkpoint's noise schedule.
 
     Parameters
@@ -35,13 +35,17 @@ def make_scheduler(schedule: dict | None = None, kind: str = "ddim"):
         ``beta_end``, ``prediction_type`` (see :data:`DEFAULT_SCHEDULE`).
     kind : {'ddpm', 'ddim', 'dpm'}
         Ancestral DDPM, deterministic DDIM, or DPM-Solver++ (multistep).
+    prediction_type : str, optional
+        What the model outputs passed to ``step`` are, when not the
+        schedule's own: ``'epsilon'`` for a :class:`NoisePredictor`, which
+        already converts v / sample outputs to noise.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     s = complete_schedule(schedule)
     common = dict(num_train_timesteps=s["num_train_timesteps"], beta_schedule=s["beta_schedule"],
                   beta_start=s["beta_start"], beta_end=s["beta_end"],
-                  prediction_type=s["prediction_type"])
+                  prediction_type=prediction_type or s["prediction_type"])
     if kind == "ddpm":
         return DDPMScheduler(clip_sample=s["clip_sample"], **common)
     if kind == "ddim":

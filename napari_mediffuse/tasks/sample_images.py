@@ -40,7 +40,8 @@ def sample_images(count: int = 8, *, model=None, steps: int = 20, eta: float = 0
     if count < 1:
         raise TaskInputError(f"count must be at least 1, got {count}")
     checkpoint = load_model(model, task="image_prior")
-    predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision)
+    predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
+                               schedule=checkpoint.schedule)
     size = int((checkpoint.card.get("patch_size") or [128])[0])
     gen = make_generator(options.seed)
     out = []

@@ -47,8 +47,7 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.control import ProgressSpan, check_cancel
 from ..engine.intensity import denormalize, intensity_range
 from ..engine.networks import REGIONS
-from ..engine.sampling import as_epsilon, ddim_sample, make_generator, randn
-from ..engine.schedulers import make_scheduler
+from ..engine.sampling import ddim_sample, make_generator, randn, sample_with_scheduler
 from ..io.volume import Volume
 from .common import Normalizer, RunOptions, TaskInputError, load_prior, require_volume, result_volume
 
@@ -91,7 +90,6 @@ def guided_predictor(predictor, condition: torch.Tensor, guidance: float, *,
 
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         n = x.shape[0]
-        x = x.float()
         if guidance == 1.0:
             return predictor(x, t, condition=condition, region=regions(n))
         if guidance == 0.0:
@@ -295,11 +293,13 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, c
         x_t = noise.expand(len(idx), 1, *size).clone()
         predict = guided_predictor(predictor, cond_t, guidance, region=region_class)
         span = ProgressSpan(options.progress, b_i * steps, len(batches) * steps, "translating")
-        if sampler == "ddim":  # in float64: x0 from v or eps near t = T needs the precision
-            x0 = ddim_sample(as_epsilon(predict, checkpoint.schedule), x_t.double(), checkpoint.schedule,
-                             steps=steps, eta=0.0, generator=generator, progress=span, cancel=options.cancel)
+        # the predictor returns noise estimates whatever the model predicts (v here)
+        if sampler == "ddim":  # in float64: x0 from eps near t = T (abar ~ 2e-9) needs the precision
+            x0 = ddim_sample(predict, x_t.double(), checkpoint.schedule, steps=steps, eta=0.0,
+                             generator=generator, progress=span, cancel=options.cancel)
         else:
-            x0 = _dpm_sample(predict, x_t, checkpoint.schedule, steps, progress=span, cancel=options.cancel)
+            x0 = sample_with_scheduler(predict, x_t.shape, checkpoint.schedule, kind="dpm", steps=steps,
+                                       x_T=x_t, progress=span, cancel=options.cancel)
         x0 = _resize(x0.clamp(-1, 1).float().cpu(), (h, w))
         out[b] = x0[:, 0].numpy()
 
@@ -330,22 +330,6 @@ def _context(n: int, index: int, k_model: int, k_used: int, step: int) -> np.nda
     outermost used slice is repeated."""
     offsets = np.clip(np.arange(-k_model, k_model + 1), -k_used, k_used)
     return np.clip(index + step * offsets, 0, n - 1)
-
-
-def _dpm_sample(predict, x_t: torch.Tensor, schedule: dict, steps: int, *, progress=None, cancel=None):
-    """DPM-Solver++ (multistep, deterministic) from a given start noise; the
-    scheduler reads the model's prediction type from ``schedule``."""
-    scheduler = make_scheduler(schedule, "dpm")
-    scheduler.set_timesteps(steps)
-    x = x_t * float(scheduler.init_noise_sigma)
-    timesteps = list(scheduler.timesteps)
-    for i, t in enumerate(timesteps):
-        check_cancel(cancel)
-        eps = predict(scheduler.scale_model_input(x, t), int(t)).to(x.dtype)
-        x = scheduler.step(eps, t, x).prev_sample
-        if progress is not None:
-            progress(i + 1, len(timesteps), f"step {i + 1}/{len(timesteps)}")
-    return x
 
 
 def translation_layer_data(result: Volume, **overrides):
