@@ -25,6 +25,7 @@ def test_synthesis_tab_adds_synthetic_ct_layer(panel, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["synthesize"]
     assert tab.model_combo.count() == 1 and "tiny-ct-prior" in tab.model_combo.currentText()
+    assert "tiny-ct-prior" in tab.model_summary.text() and "models" in tab.model_summary.text()
     tab.param_widgets["slices"].value = 16
     tab.param_widgets["rows"].value = 20
     tab.param_widgets["columns"].value = 24
@@ -217,3 +218,24 @@ def test_translate_tab_marks_synthetic_on_input_grid(panel, ct_crop_layer, mr_lp
     np.testing.assert_allclose(result.translate, layer.translate)
     assert result.metadata["synthetic"] is True and "synthetic" in result.name
     assert result.metadata["modality"] == ("MR" if source == "CT" else "CT")
+
+
+def test_2d_samples_tab_adds_an_image_stack(panel, tiny_models, qtbot):
+    from conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tiny_models / "tiny-image-prior", name="tiny-image-prior", task="image_prior",
+                         modality="MR", summary="tiny 2D prior for tests")
+    viewer, panel = panel
+    tab = panel.task_tabs["sample_images"]
+    tab.refresh_models()
+    assert "tiny-image-prior" in tab.model_combo.currentText()
+    assert "tiny 2D prior for tests" in tab.model_summary.text()
+    tab.param_widgets["count"].value = 3
+    tab.param_widgets["steps"].value = 2
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    (layer,) = tab.last_result
+    assert layer.data.shape == (3, 16, 16)  # the checkpoint's 16-pixel patch size
+    assert 0.0 <= float(layer.data.min()) and float(layer.data.max()) <= 1.0
+    assert layer.metadata["synthetic"] is True and "synthetic" in layer.name

@@ -126,8 +126,11 @@ class TaskTab(QWidget):
         for combo in (self.input_combo, self.model_combo):  # long names must not widen the dock
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(18)
+        self.model_summary = QLabel("")  # the chosen model's card summary, always visible
+        self.model_summary.setWordWrap(True)
         if spec.model_task:
             form.addRow("Model", self.model_combo)
+            form.addRow("", self.model_summary)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_combo.setToolTip("auto = CUDA GPU, then Apple MPS, then CPU")
@@ -174,6 +177,7 @@ class TaskTab(QWidget):
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.device_combo.currentTextChanged.connect(self._update_device_label)
+        self.model_combo.currentIndexChanged.connect(self._update_model_summary)
         if self.spec.model_modality == INPUT_MODALITY:
             self.input_combo.currentTextChanged.connect(self.refresh_models)
         viewer.layers.events.inserted.connect(self.refresh_inputs)
@@ -266,11 +270,17 @@ class TaskTab(QWidget):
             modality = (layer.metadata or {}).get("modality") if layer is not None else None
         for info in list_checkpoints(task=self.spec.model_task, modality=modality):
             self.model_combo.addItem(info.label(), str(info.path))
-            self.model_combo.setItemData(self.model_combo.count() - 1, info.summary or info.name, 3)  # tooltip
+            self.model_combo.setItemData(self.model_combo.count() - 1,  # tooltip, and the summary label
+                                         f"{info.summary or info.name} ({info.origin}: {info.path})", 3)
         if self.model_combo.count() == 0:
             self.model_combo.addItem("(no checkpoint installed)", None)
         elif current:
             self.model_combo.setCurrentText(current)
+        self._update_model_summary()
+
+    def _update_model_summary(self, index=None):
+        tooltip = self.model_combo.itemData(self.model_combo.currentIndex(), 3)
+        self.model_summary.setText(tooltip or "")
 
     def _update_device_label(self):
         try:
