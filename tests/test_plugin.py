@@ -207,6 +207,7 @@ def test_swipe_shows_input_left_and_result_right(make_napari_viewer, ct_small_pa
     swipe = box.swipe_layer
     assert swipe is not None and not result.visible
     assert viewer.layers.index(swipe) == viewer.layers.index(result) + 1
+    assert swipe.name not in [box.layer_combo.itemText(i) for i in range(box.layer_combo.count())]
     columns = ct.data.shape[2]
     start = round(0.25 * columns)
     assert swipe.data.shape[2] == columns - start

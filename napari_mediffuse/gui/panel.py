@@ -259,7 +259,7 @@ class SwipeBox(QGroupBox):
 
     def _refresh_layers(self, event=None):
         current = self.layer_combo.currentText()
-        names = [layer.name for layer in _image_layers(self.viewer) if layer is not self.swipe_layer]
+        names = [layer.name for layer in _image_layers(self.viewer) if "swipe_of" not in layer.metadata]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         self.layer_combo.addItems(names[::-1])  # topmost (usually the newest result) first

@@ -375,16 +375,21 @@ def anomaly_result(volume: Volume, reconstruction_hu: np.ndarray, roi: np.ndarra
                   threshold=thr, threshold_rule=(f"max(p{percentile:g} over ROI, {min_threshold:g})"
                                                  if auto else "user"),
                   residual_median_hu=median, residual_scale_hu=scale)
-    heat_vol = result_volume(volume, heat, task="anomaly detection", suffix="anomaly heatmap",
+    # key parameters in the layer names, so runs with other settings are told apart
+    tag = ""
+    if "t" in params:
+        t_text = "+".join(str(v) for v in params["t"]) if isinstance(params["t"], list) else str(params["t"])
+        tag = f" (t={t_text}, {params.get('ensemble', 1)} seeds)"
+    heat_vol = result_volume(volume, heat, task="anomaly detection", suffix=f"anomaly heatmap{tag}",
                              params=params, modality="OT", model=model_name)
     heat_vol.metadata["units"] = ("robust SD of the reconstruction error"
                                   + (f" (1 = {scale:.1f} HU)" if spread_hu is None else " / ensemble spread"))
-    mask_vol = result_volume(volume, mask, task="anomaly detection", suffix="anomaly mask", params=params,
+    mask_vol = result_volume(volume, mask, task="anomaly detection", suffix=f"anomaly mask{tag}", params=params,
                              modality="OT", model=model_name)
     rec_data = reconstruction_hu
     if np.issubdtype(volume.data.dtype, np.integer):
         rec_data = np.round(reconstruction_hu).astype(np.int32)
-    rec_vol = result_volume(volume, rec_data, task="anomaly detection", suffix="healthy reconstruction",
+    rec_vol = result_volume(volume, rec_data, task="anomaly detection", suffix=f"healthy reconstruction{tag}",
                             params=params, synthetic=True, model=model_name)
     roi_vol = result_volume(volume, roi.astype(np.uint8), task="anomaly detection",
                             suffix="anomaly ROI", params=params, modality="OT", model=model_name)

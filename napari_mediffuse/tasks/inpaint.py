@@ -362,7 +362,7 @@ def inpaint(volume: Volume, mask, *, steps: int = DEFAULT_INPAINT_STEPS, resampl
     data[unknown] = synth[unknown].astype(data.dtype)
     params = dict(steps=steps, resample=resample, dilate_mm=dilate_mm, eta=eta, plane=plane,
                   seed=options.seed, inpainted_voxels=int(unknown.sum()), seconds=round(seconds, 2))
-    return result_volume(volume, data, task="inpainting", suffix="inpainted", params=params,
+    return result_volume(volume, data, task="inpainting", suffix=f"inpainted ({steps} steps)", params=params,
                          synthetic=True, model=prior.name)
 
 
