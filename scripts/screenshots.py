@@ -162,6 +162,18 @@ def main(argv=None) -> int:
         s.shot("tab_synthesis")
         viewer.dims.order = (0, 1, 2)
         s.hide_results()
+    if want("tab_samples"):
+        tab = s.panel.task_tabs["sample_images"]
+        if tab.model_combo.currentData() is None:
+            print("tab_samples: no 2D image prior installed, skipped", flush=True)
+        else:
+            ct.visible = False
+            samples, = s.run("sample_images", {"count": 8, "steps": 20}, preview=False)
+            viewer.reset_view()
+            viewer.grid.enabled = False
+            s.shot("tab_samples")
+            samples.visible = False
+            ct.visible = True
     viewer.close()
     return 0
 

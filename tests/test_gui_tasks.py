@@ -21,6 +21,22 @@ def _wait(qtbot, tab, timeout=120_000):
     qtbot.waitUntil(lambda: tab.worker is None, timeout=timeout)
 
 
+def _run(qtbot, tab, **values) -> list:
+    """Set parameters, run the tab to the end, return the layers it added."""
+    for name, value in values.items():
+        tab.param_widgets[name].value = value
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_error == ""
+    return tab.last_result
+
+
+def _assert_on_grid_of(result, layer):
+    assert result.data.shape == layer.data.shape
+    np.testing.assert_allclose(result.scale, layer.scale)
+    np.testing.assert_allclose(result.translate, layer.translate)
+
+
 def test_synthesis_tab_adds_synthetic_ct_layer(panel, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["synthesize"]
@@ -72,14 +88,8 @@ def test_denoise_tab_result_shares_geometry(panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["denoise"]
     assert tab.input_combo.currentText() == ct_crop_layer.name
-    tab.param_widgets["method"].value = "nlm"
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (result,) = tab.last_result
-    assert result.data.shape == ct_crop_layer.data.shape
-    np.testing.assert_allclose(result.scale, ct_crop_layer.scale)
-    np.testing.assert_allclose(result.translate, ct_crop_layer.translate)
+    (result,) = _run(qtbot, tab, method="nlm")
+    _assert_on_grid_of(result, ct_crop_layer)
     assert result.metadata["modality"] == "CT" and "denoised" in result.name
     # NLM smooths: less high-frequency energy than the input, same mean HU within a few HU
     assert np.abs(np.diff(result.data, axis=2)).mean() < np.abs(np.diff(ct_crop_layer.data, axis=2)).mean()
@@ -114,18 +124,11 @@ def test_bad_inputs_get_clear_messages(panel, ct_crop_layer, mr_lps_path):
 def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["anomaly"]
-    tab.param_widgets["t"].value = 200
-    tab.param_widgets["steps"].value = 2
-    tab.param_widgets["ensemble"].value = 1
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    kinds = {type(layer).__name__: layer for layer in tab.last_result}
+    kinds = {type(layer).__name__: layer for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1)}
     heat, mask = kinds["Image"], kinds["Labels"]
     for layer in (heat, mask):
-        assert layer.data.shape == ct_crop_layer.data.shape
-        np.testing.assert_allclose(layer.scale, ct_crop_layer.scale)
-        np.testing.assert_allclose(layer.translate, ct_crop_layer.translate)
+        _assert_on_grid_of(layer, ct_crop_layer)
+    assert "t=200" in heat.name and "t=200" in mask.name
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 
@@ -136,10 +139,7 @@ def test_preview_runs_only_the_slice_under_the_slider(panel, ct_crop_layer, qtbo
     index = 2
     viewer.dims.set_point(0, ct_crop_layer.translate[0] + index * ct_crop_layer.scale[0])
     tab.preview_check.setChecked(True)
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (result,) = tab.last_result
+    (result,) = _run(qtbot, tab)
     assert result.data.shape == (1,) + ct_crop_layer.data.shape[1:]
     assert "preview" in result.name
     # the one slice sits exactly on the input slice it came from (mm)
@@ -152,13 +152,7 @@ def test_sr_tab_adds_thin_slices_in_the_same_space(panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["sr"]
     factor = 3
-    tab.param_widgets["factor"].value = factor
-    tab.param_widgets["steps"].value = 1
-    tab.param_widgets["planes"].value = "coronal"
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (result,) = tab.last_result
+    (result,) = _run(qtbot, tab, factor=factor, steps=1, planes="coronal")
     n, rows, cols = ct_crop_layer.data.shape
     assert result.data.shape == (n * factor, rows, cols)
     np.testing.assert_allclose(result.scale, (3.0 / factor, 3.0, 3.0))
@@ -178,16 +172,8 @@ def test_inpaint_tab_replaces_only_the_painted_voxels(panel, ct_crop_layer, qtbo
     viewer.add_labels(mask, name="lesion", scale=ct_crop_layer.scale, translate=ct_crop_layer.translate)
     tab = panel.task_tabs["inpaint"]
     tab.param_widgets["mask"].reset_choices()
-    tab.param_widgets["mask"].value = "lesion"
-    tab.param_widgets["steps"].value = 2
-    tab.param_widgets["resample"].value = 0
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (result,) = tab.last_result
-    assert result.data.shape == ct_crop_layer.data.shape
-    np.testing.assert_allclose(result.scale, ct_crop_layer.scale)
-    np.testing.assert_allclose(result.translate, ct_crop_layer.translate)
+    (result,) = _run(qtbot, tab, mask="lesion", steps=2, resample=0)
+    _assert_on_grid_of(result, ct_crop_layer)
     inside = mask > 0
     np.testing.assert_allclose(result.data[~inside], ct_crop_layer.data[~inside], atol=0.5)
     assert np.abs(result.data[inside] - ct_crop_layer.data[inside]).mean() > 1.0
@@ -207,15 +193,8 @@ def test_translate_tab_marks_synthetic_on_input_grid(panel, ct_crop_layer, mr_lp
     # the model chooser follows the input: only models translating from its modality
     direction = "ct2mr" if source == "CT" else "mr2ct"
     assert tab.model_combo.count() == 1 and f"tiny-{direction}" in tab.model_combo.currentText()
-    tab.param_widgets["steps"].value = 1
-    tab.param_widgets["guidance"].value = 1.0
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (result,) = tab.last_result
-    assert result.data.shape == layer.data.shape
-    np.testing.assert_allclose(result.scale, layer.scale)
-    np.testing.assert_allclose(result.translate, layer.translate)
+    (result,) = _run(qtbot, tab, steps=1, guidance=1.0)
+    _assert_on_grid_of(result, layer)
     assert result.metadata["synthetic"] is True and "synthetic" in result.name
     assert result.metadata["modality"] == ("MR" if source == "CT" else "CT")
 
@@ -230,12 +209,7 @@ def test_2d_samples_tab_adds_an_image_stack(panel, tiny_models, qtbot):
     tab.refresh_models()
     assert "tiny-image-prior" in tab.model_combo.currentText()
     assert "tiny 2D prior for tests" in tab.model_summary.text()
-    tab.param_widgets["count"].value = 3
-    tab.param_widgets["steps"].value = 2
-    tab.start()
-    _wait(qtbot, tab)
-    assert tab.last_error == ""
-    (layer,) = tab.last_result
+    (layer,) = _run(qtbot, tab, count=3, steps=2)
     assert layer.data.shape == (3, 16, 16)  # the checkpoint's 16-pixel patch size
     assert 0.0 <= float(layer.data.min()) and float(layer.data.max()) <= 1.0
     assert layer.metadata["synthetic"] is True and "synthetic" in layer.name
