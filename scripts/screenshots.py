@@ -19,7 +19,7 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
 
-from napari_mediffuse.gui.panel import MediffusePanel
+from napari_mediffuse.gui.panel import MediffusePanel, viewer_grid
 from napari_mediffuse.plugin import sample_abdomen_ct
 
 #: axial slice shown (through the liver, kidneys and spine of the sample CT)
@@ -52,6 +52,17 @@ class Shooter:
         self.viewer.screenshot(str(self.out / f"{name}.png"), canvas_only=False)
         print(f"wrote {self.out / name}.png", flush=True)
 
+    def grid(self, enabled: bool = True) -> None:
+        viewer_grid(self.viewer).enabled = enabled
+        self.viewer.reset_view()
+
+    def centre_on(self, layer) -> None:
+        """Put every slider at the middle of ``layer`` and fit the view."""
+        for axis in range(layer.ndim):
+            middle = layer.translate[axis] + (layer.data.shape[axis] - 1) / 2 * layer.scale[axis]
+            self.viewer.dims.set_point(axis, middle)
+        self.viewer.reset_view()
+
     def show_tab(self, title: str) -> None:
         titles = [self.panel.tabs.tabText(i) for i in range(self.panel.tabs.count())]
         self.panel.tabs.setCurrentIndex(titles.index(title))
@@ -59,7 +70,7 @@ class Shooter:
     def hide_results(self) -> None:
         for layer in self.viewer.layers:
             layer.visible = layer is self.ct
-        self.viewer.grid.enabled = False
+        viewer_grid(self.viewer).enabled = False
 
     def run(self, key: str, values: dict, *, preview: bool, layer=None) -> list:
         tab = self.panel.task_tabs[key]
@@ -104,7 +115,7 @@ def main(argv=None) -> int:
         s.shot("main")
     if want("tab_denoise"):
         denoised, = s.run("denoise", {"method": "diffusion"}, preview=True)
-        viewer.grid.enabled = True
+        s.grid(True)
         s.shot("tab_denoise")
         s.hide_results()
     if want("tab_anomaly"):
@@ -120,15 +131,15 @@ def main(argv=None) -> int:
         tab.param_widgets["mask"].value = "painted lesion"
         s.run("inpaint", {}, preview=True)
         viewer.layers["painted lesion"].visible = False
-        viewer.grid.enabled = True
+        s.grid(True)
         s.shot("tab_inpaint")
         s.hide_results()
     if want("tab_translate") or want("swipe"):
         mr, = s.run("translate", {"direction": "ct2mr"}, preview=True)
-        viewer.grid.enabled = True
+        s.grid(True)
         if want("tab_translate"):
             s.shot("tab_translate")
-        viewer.grid.enabled = False
+        viewer_grid(viewer).enabled = False
         if want("swipe"):
             mr.visible = True
             s.show_tab("Scan")
@@ -150,15 +161,16 @@ def main(argv=None) -> int:
         s.run("sr", {"factor": 2, "planes": "coronal"}, preview=False, layer=thick_layer)
         viewer.dims.ndisplay = 2
         viewer.dims.order = (1, 0, 2)  # coronal: slice axis vertical on screen
-        viewer.grid.enabled = True
+        s.grid(True)
         thick_layer.visible = True
         s.shot("tab_sr")
         viewer.dims.order = (0, 1, 2)
         s.hide_results()
     if want("tab_synthesis"):
-        result, = s.run("synthesize", {"slices": 32, "steps": 20}, preview=False)
+        result, = s.run("synthesize", {"slices": 64, "steps": 20}, preview=False)
         ct.visible = False
         viewer.dims.order = (1, 0, 2)
+        s.centre_on(result)
         s.shot("tab_synthesis")
         viewer.dims.order = (0, 1, 2)
         s.hide_results()
@@ -170,7 +182,7 @@ def main(argv=None) -> int:
             ct.visible = False
             samples, = s.run("sample_images", {"count": 8, "steps": 20}, preview=False)
             viewer.reset_view()
-            viewer.grid.enabled = False
+            viewer_grid(viewer).enabled = False
             s.shot("tab_samples")
             samples.visible = False
             ct.visible = True

@@ -165,7 +165,9 @@ def test_compare_side_by_side_and_linked_contrast(make_napari_viewer, ct_small_p
                              contrast_limits=(0, 100), name="result")
     panel = MediffusePanel(viewer)
     panel.compare.grid_button.setChecked(True)
-    assert viewer.grid.enabled
+    from napari_mediffuse.gui.panel import viewer_grid
+
+    assert viewer_grid(viewer).enabled
     viewer.layers.selection = {ct, other}
     assert len(panel.compare.link_selected_contrast()) == 2
     ct.contrast_limits = (-1000, 1000)

@@ -31,6 +31,13 @@ from ..layers import image_layer_data, layer_to_volume, swipe_crop
 from ..io.volume import axcodes
 
 
+def viewer_grid(viewer: napari.Viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` since napari 0.9,
+    ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
 def _image_layers(viewer: napari.Viewer):
     return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Image)]
 
@@ -85,7 +92,8 @@ class ScanBox(QGroupBox):
 
     def _refresh_layers(self, event=None):
         current = self.layer_combo.currentText()
-        names = [layer.name for layer in _image_layers(self.viewer)]
+        # the swipe's temporary view layer is not a scan
+        names = [layer.name for layer in _image_layers(self.viewer) if "swipe_of" not in layer.metadata]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         self.layer_combo.addItems(names)
@@ -96,7 +104,7 @@ class ScanBox(QGroupBox):
 
     def _follow_selection(self, event=None):
         active = self.viewer.layers.selection.active
-        if isinstance(active, napari.layers.Image):
+        if isinstance(active, napari.layers.Image) and "swipe_of" not in active.metadata:
             self.layer_combo.setCurrentText(active.name)
 
     def _on_layer_changed(self, name: str):
@@ -198,7 +206,7 @@ class CompareBox(QGroupBox):
 
     def set_side_by_side(self, enabled: bool) -> None:
         """Grid view: one cell per layer, dims (slice position) shared."""
-        self.viewer.grid.enabled = bool(enabled)
+        viewer_grid(self.viewer).enabled = bool(enabled)
 
     def link_selected_contrast(self) -> list:
         """Link contrast limits (and colormap range) of the selected image layers."""
