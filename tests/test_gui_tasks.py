@@ -76,15 +76,19 @@ def test_cancel_stops_and_adds_nothing(panel, qtbot):
 
 
 @pytest.fixture
-def ct_crop_layer(panel, ct_small_path):
-    """A small crop of the real CT opened through the plugin (HU, 3 mm)."""
+def ct_crop_layer(ct_small_path, panel):
+    """A small crop of the real CT opened through the plugin (HU, 3 mm).
+
+    Tests taking it list ``ct_small_path`` before ``panel``: a missing scan
+    then skips before a viewer exists (napari's viewer fixture fails its
+    teardown for tests skipped after it made a viewer)."""
     viewer, _ = panel
     (layer,) = viewer.open(str(ct_small_path), plugin="napari-mediffuse")
     layer.data = np.ascontiguousarray(layer.data[10:14, 20:60, 30:80])
     return layer
 
 
-def test_denoise_tab_result_shares_geometry(panel, ct_crop_layer, qtbot):
+def test_denoise_tab_result_shares_geometry(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["denoise"]
     assert tab.input_combo.currentText() == ct_crop_layer.name
@@ -96,7 +100,7 @@ def test_denoise_tab_result_shares_geometry(panel, ct_crop_layer, qtbot):
     assert abs(float(result.data.mean()) - float(ct_crop_layer.data.mean())) < 10
 
 
-def test_bad_inputs_get_clear_messages(panel, ct_crop_layer, mr_lps_path):
+def test_bad_inputs_get_clear_messages(ct_small_path, mr_lps_path, panel, ct_crop_layer):
     viewer, panel = panel
     tab = panel.task_tabs["denoise"]
     (mr,) = viewer.open(str(mr_lps_path), plugin="napari-mediffuse")
@@ -121,7 +125,7 @@ def test_bad_inputs_get_clear_messages(panel, ct_crop_layer, mr_lps_path):
     assert len(viewer.layers) == n_layers
 
 
-def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(panel, ct_crop_layer, qtbot):
+def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["anomaly"]
     kinds = {type(layer).__name__: layer for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1)}
@@ -132,7 +136,7 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(panel, ct_crop_layer, qtbo
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 
-def test_preview_runs_only_the_slice_under_the_slider(panel, ct_crop_layer, qtbot):
+def test_preview_runs_only_the_slice_under_the_slider(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["denoise"]
     tab.param_widgets["method"].value = "nlm"
@@ -148,7 +152,7 @@ def test_preview_runs_only_the_slice_under_the_slider(panel, ct_crop_layer, qtbo
     assert abs(float(result.data.mean()) - float(ct_crop_layer.data[index].mean())) < 10
 
 
-def test_sr_tab_adds_thin_slices_in_the_same_space(panel, ct_crop_layer, qtbot):
+def test_sr_tab_adds_thin_slices_in_the_same_space(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["sr"]
     factor = 3
@@ -165,7 +169,7 @@ def test_sr_tab_adds_thin_slices_in_the_same_space(panel, ct_crop_layer, qtbot):
     assert np.abs(slabs - ct_crop_layer.data).mean() < 40
 
 
-def test_inpaint_tab_replaces_only_the_painted_voxels(panel, ct_crop_layer, qtbot):
+def test_inpaint_tab_replaces_only_the_painted_voxels(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     mask = np.zeros(ct_crop_layer.data.shape, np.uint8)
     mask[1:3, 15:25, 20:30] = 1
@@ -180,7 +184,8 @@ def test_inpaint_tab_replaces_only_the_painted_voxels(panel, ct_crop_layer, qtbo
 
 
 @pytest.mark.parametrize("source", ["CT", "MR"])
-def test_translate_tab_marks_synthetic_on_input_grid(panel, ct_crop_layer, mr_lps_path, source, qtbot):
+def test_translate_tab_marks_synthetic_on_input_grid(ct_small_path, mr_lps_path, panel, ct_crop_layer, source,
+                                                     qtbot):
     viewer, panel = panel
     if source == "MR":
         (layer,) = viewer.open(str(mr_lps_path), plugin="napari-mediffuse")
