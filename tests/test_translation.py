@@ -314,9 +314,8 @@ def test_translate_ct_to_mr_on_input_grid(ct_crop, ct2mr_model):
     assert result.metadata["parameters"]["context_slices"] == 1
     # napari: same scale and translate as the input, metadata marks it synthetic
     from napari_mediffuse.layers import image_layer_data
-    from napari_mediffuse.tasks.translate import translation_layer_data
 
-    _, kwargs, kind = translation_layer_data(result)
+    _, kwargs, kind = image_layer_data(result)
     _, in_kwargs, _ = image_layer_data(ct_crop)
     assert kind == "image" and kwargs["metadata"]["synthetic"] is True and kwargs["metadata"]["modality"] == "MR"
     np.testing.assert_allclose(kwargs["scale"], in_kwargs["scale"])

@@ -193,13 +193,13 @@ def anomaly_spec() -> TaskSpec:
 
 
 def _run_inpaint(volume, values, options):
-    from ..tasks.inpaint import inpaint, inpainted_layer_data
+    from ..tasks.inpaint import inpaint
 
     if values["mask"] is None:
         raise ValueError("paint the region to replace in a Labels layer and choose it as mask")
     result = inpaint(volume, values["mask"], steps=values["steps"], resample=values["resample"],
                      model=values["model"], options=options)
-    return [inpainted_layer_data(result)]
+    return [image_layer_data(result)]
 
 
 def inpaint_spec() -> TaskSpec:
@@ -222,7 +222,7 @@ def inpaint_spec() -> TaskSpec:
 # -- translation -------------------------------------------------------------------
 
 def _run_translate(volume, values, options):
-    from ..tasks.translate import translate, translation_layer_data
+    from ..tasks.translate import translate
 
     direction = values.get("direction") or "auto"
     if direction == "auto":
@@ -233,7 +233,7 @@ def _run_translate(volume, values, options):
                        guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
                        prompt=values.get("prompt") or None, image_guidance=values.get("image_guidance"),
                        options=options)
-    return [translation_layer_data(result)]
+    return [image_layer_data(result)]  # marked synthetic by the task (name, metadata)
 
 
 def translate_spec() -> TaskSpec:

@@ -375,13 +375,6 @@ def _dilate_in_plane(mask: np.ndarray, volume: Volume, plane: str, mm: float) ->
     return ndimage.binary_dilation(mask, structure=structure)
 
 
-def inpainted_layer_data(result: Volume, **overrides):
-    """napari layer tuple of an inpainted volume (same window as the CT)."""
-    from ..layers import image_layer_data
-
-    return image_layer_data(result, **overrides)
-
-
 # -- CLI ------------------------------------------------------------------------
 
 def add_command(subparsers) -> None:

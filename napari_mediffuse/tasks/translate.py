@@ -332,14 +332,6 @@ def _context(n: int, index: int, k_model: int, k_used: int, step: int) -> np.nda
     return np.clip(index + step * offsets, 0, n - 1)
 
 
-def translation_layer_data(result: Volume, **overrides):
-    """napari layer tuple of a translation result: same scale and translate
-    as the input, metadata marking it synthetic."""
-    from ..layers import image_layer_data
-
-    return image_layer_data(result, **overrides)
-
-
 # -- CLI ----------------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
