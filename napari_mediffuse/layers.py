@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .display import default_contrast_limits, value_range
-from .io.volume import Volume, affine_from_world
+from .io.volume import Volume, affine_from_world, slab_affine
 
 #: Metadata keys every image layer of this plugin carries.
 GEOMETRY_KEYS = ("affine", "modality", "spacing", "source_path")
@@ -133,9 +133,7 @@ def slice_range_layer_data(layer_data: tuple, start: int, stop: int) -> tuple:
     kwargs["translate"] = tuple(translate)
     meta = dict(kwargs.get("metadata") or {})
     if meta.get("affine") is not None:
-        affine = np.array(meta["affine"], dtype=float)
-        affine[:3, 3] = (affine @ np.array([start, 0.0, 0.0, 1.0]))[:3]
-        meta["affine"] = affine
+        meta["affine"] = slab_affine(meta["affine"], start)
     kwargs["metadata"] = meta
     index = [slice(None)] * data.ndim
     index[axis] = slice(start, stop)

@@ -8,7 +8,6 @@ padded with its minimum) and scaled to [-1, 1] by its own robust percentiles
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from skimage import io as skio

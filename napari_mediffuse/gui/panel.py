@@ -38,8 +38,26 @@ def viewer_grid(viewer: napari.Viewer):
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
-def _image_layers(viewer: napari.Viewer):
-    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Image)]
+#: metadata key of the swipe's temporary view layer (names the layer it shows)
+SWIPE_OF = "swipe_of"
+
+
+def _scan_layers(viewer: napari.Viewer) -> list:
+    """Image layers holding scans or results (not the swipe's temporary view)."""
+    return [layer for layer in viewer.layers
+            if isinstance(layer, napari.layers.Image) and SWIPE_OF not in layer.metadata]
+
+
+def _refill(combo: QComboBox, names: list[str]) -> None:
+    """Replace a combo box's items, keeping the current choice if it is
+    still there, without emitting change signals meanwhile."""
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(names)
+    if current in names:
+        combo.setCurrentText(current)
+    combo.blockSignals(False)
 
 
 class ScanBox(QGroupBox):
@@ -91,20 +109,12 @@ class ScanBox(QGroupBox):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def _refresh_layers(self, event=None):
-        current = self.layer_combo.currentText()
-        # the swipe's temporary view layer is not a scan
-        names = [layer.name for layer in _image_layers(self.viewer) if "swipe_of" not in layer.metadata]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
+        _refill(self.layer_combo, [layer.name for layer in _scan_layers(self.viewer)])
         self._on_layer_changed(self.layer_combo.currentText())
 
     def _follow_selection(self, event=None):
         active = self.viewer.layers.selection.active
-        if isinstance(active, napari.layers.Image) and "swipe_of" not in active.metadata:
+        if active in _scan_layers(self.viewer):
             self.layer_combo.setCurrentText(active.name)
 
     def _on_layer_changed(self, name: str):
@@ -266,14 +276,8 @@ class SwipeBox(QGroupBox):
         self._refresh_layers()
 
     def _refresh_layers(self, event=None):
-        current = self.layer_combo.currentText()
-        names = [layer.name for layer in _image_layers(self.viewer) if "swipe_of" not in layer.metadata]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names[::-1])  # topmost (usually the newest result) first
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
+        # topmost (usually the newest result) first
+        _refill(self.layer_combo, [layer.name for layer in _scan_layers(self.viewer)][::-1])
 
     def _on_removed(self, event=None):
         if self.swipe_layer is not None and (self.swipe_layer not in self.viewer.layers
@@ -316,7 +320,7 @@ class SwipeBox(QGroupBox):
             view, scale=layer.scale, translate=translate, colormap=layer.colormap,
             contrast_limits=layer.contrast_limits, gamma=layer.gamma, opacity=layer.opacity,
             blending=layer.blending, interpolation2d=layer.interpolation2d,
-            name=f"{layer.name} [swipe]", metadata={"swipe_of": layer.name})
+            name=f"{layer.name} [swipe]", metadata={SWIPE_OF: layer.name})
         self.viewer.layers.move(self.viewer.layers.index(self.swipe_layer),
                                 self.viewer.layers.index(layer) + 1)
         link_layers([layer, self.swipe_layer], ("contrast_limits", "gamma", "colormap", "opacity"))

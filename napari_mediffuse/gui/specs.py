@@ -18,6 +18,11 @@ def default(function, name: str):
     return inspect.signature(function).parameters[name].default
 
 
+def zero_is_auto(value):
+    """Spin boxes use 0 for 'automatic': the task functions take None."""
+    return None if value <= 0 else value
+
+
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
 BATCH = Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
               tooltip="Slices processed together (larger keeps a GPU busy)")
@@ -33,9 +38,9 @@ def _synthetic_name(kwargs: dict) -> dict:
 def _run_synthesis(volume, values, options):
     from ..tasks.synthesize import synthesize
 
-    spacing = values["spacing_mm"]
+    spacing = zero_is_auto(values["spacing_mm"])
     result = synthesize((values["slices"], values["rows"], values["columns"]),
-                        spacing=None if spacing <= 0 else (spacing,) * 3, region=values["region"],
+                        spacing=None if spacing is None else (spacing,) * 3, region=values["region"],
                         model=values["model"], steps=values["steps"], options=options)
     data, kwargs, kind = image_layer_data(result)
     return [(data, _synthetic_name(kwargs), kind)]
@@ -84,9 +89,8 @@ def image_prior_spec() -> TaskSpec:
 def _run_denoise(volume, values, options):
     from ..tasks.denoise import denoise
 
-    noise = values["noise_hu"]
     result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"],
-                     strength=values["strength"], noise_hu=None if noise <= 0 else noise,
+                     strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
                      lam=values["lam"], options=options)
     return [image_layer_data(result)]
 
@@ -115,11 +119,10 @@ def denoise_spec() -> TaskSpec:
 def _run_sr(volume, values, options):
     from ..tasks.superres import super_resolve
 
-    noise = values["noise_hu"]
     result = super_resolve(volume, factor=values["factor"], method=values["method"], model=values["model"],
                            steps=values["steps"], strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
-                           noise_hu=None if noise <= 0 else noise, options=options)
+                           noise_hu=zero_is_auto(values["noise_hu"]), options=options)
     return [image_layer_data(result)]
 
 
@@ -159,9 +162,8 @@ def sr_spec() -> TaskSpec:
 def _run_anomaly(volume, values, options):
     from ..tasks.anomaly import anomaly_layers, detect_anomalies
 
-    threshold = values["threshold"]
     result = detect_anomalies(volume, roi=values["roi"], t=values["t"], ensemble=values["ensemble"],
-                              steps=values["steps"], threshold=None if threshold <= 0 else threshold,
+                              steps=values["steps"], threshold=zero_is_auto(values["threshold"]),
                               percentile=values["percentile"], model=values["model"], options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 

@@ -98,9 +98,7 @@ class Volume:
     def slab(self, start: int, stop: int) -> "Volume":
         """Slices ``start:stop`` along axis 0, with the affine moved so every
         kept voxel stays at the same world position (mm)."""
-        affine = self.affine.copy()
-        affine[:3, 3] = (self.affine @ np.array([start, 0.0, 0.0, 1.0]))[:3]
-        return self.with_data(self.data[start:stop], affine=affine)
+        return self.with_data(self.data[start:stop], affine=slab_affine(self.affine, start))
 
     def napari_kwargs(self) -> dict[str, Any]:
         """``scale``, ``translate`` and ``metadata`` for a napari layer."""
@@ -116,6 +114,14 @@ class Volume:
             source_path=self.source,
         )
         return {"name": self.name, "scale": scale, "translate": translate, "metadata": meta}
+
+
+def slab_affine(affine: np.ndarray, start: int) -> np.ndarray:
+    """Affine of the slices from ``start`` on (axis 0): same voxel axes, the
+    origin moved to voxel ``(start, 0, 0)``, so kept voxels stay in place (mm)."""
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = (out @ np.array([start, 0.0, 0.0, 1.0]))[:3]
+    return out
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:

@@ -37,7 +37,7 @@ import torch
 
 from napari_mediffuse.engine.checkpoint import load_checkpoint
 from napari_mediffuse.engine.intensity import intensity_range, normalize
-from napari_mediffuse.io.volume import Volume
+from napari_mediffuse.io.volume import Volume, slab_affine
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,6 @@ def _holdout(n: int, data_config: dict) -> slice:
     return slice(n - k, n) if data_config.get("holdout_side", "superior") == "superior" else slice(0, k)
 
 
-def _crop_affine(affine: np.ndarray, start: int) -> np.ndarray:
-    out = np.array(affine, dtype=float)
-    out[:3, 3] = (affine @ np.array([start, 0, 0, 1.0]))[:3]
-    return out
-
-
 def _to_unit_mr(mr: np.ndarray, full: np.ndarray, rule: dict) -> np.ndarray:
     return (normalize(mr, rule, intensity_range(full, rule)) + 1.0) / 2.0
 
@@ -139,7 +133,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
         source, target = (pair.ct, pair.mr) if direction == "ct2mr" else (pair.mr, pair.ct)
         affine = pair.affine if pair.affine is not None else np.diag(list(pair.spacing) + [1.0])
         # the held-out block as its own volume (an MR source is normalised on the block)
-        sub = Volume(data=source[block], affine=_crop_affine(affine, block.start),
+        sub = Volume(data=source[block], affine=slab_affine(affine, block.start),
                      modality="CT" if direction == "ct2mr" else "MR", name=Path(str(pair.source)).name)
         started = time.perf_counter()
         result = translate(sub, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
