@@ -17,6 +17,18 @@ def shared(relative: str) -> Path:
     return path
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """napari's ``make_napari_viewer`` teardown reads ``item.rep_call``, which
+    does not exist when setup skipped (a real scan missing) or failed: give it
+    the setup report then, so such tests skip or fail cleanly instead of
+    erroring in teardown."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "setup" and not report.passed:
+        item.rep_call = report
+
+
 @pytest.fixture
 def ct_small_path() -> Path:
     """Real abdominal CT crop, 122 x 101 x 30 at 3 mm, int16 HU."""

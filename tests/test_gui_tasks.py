@@ -79,9 +79,8 @@ def test_cancel_stops_and_adds_nothing(panel, qtbot):
 def ct_crop_layer(ct_small_path, panel):
     """A small crop of the real CT opened through the plugin (HU, 3 mm).
 
-    Tests taking it list ``ct_small_path`` before ``panel``: a missing scan
-    then skips before a viewer exists (napari's viewer fixture fails its
-    teardown for tests skipped after it made a viewer)."""
+    Tests taking it list ``ct_small_path`` before ``panel``, so a missing
+    scan skips before a viewer and panel are built."""
     viewer, _ = panel
     (layer,) = viewer.open(str(ct_small_path), plugin="napari-mediffuse")
     layer.data = np.ascontiguousarray(layer.data[10:14, 20:60, 30:80])
