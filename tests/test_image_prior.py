@@ -73,3 +73,18 @@ def test_sample_images_cli(image_prior_dir, tmp_path):
                      "--model", str(image_prior_dir)]) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 2 and skio.imread(str(files[0])).shape == (16, 16)
+
+
+def test_bundled_brain_mr_prior_draws_brain_slices():
+    """The shipped demo prior draws skull-stripped brain slices: dark air around
+    a bright, centred head, not noise (the failure of an under-trained prior)."""
+    images = sample_images(4, model="brain-mr-128-demo", steps=20,
+                           options=RunOptions(device="cpu", seed=0, batch_size=4))
+    assert images.shape == (4, 128, 128)
+    for image in images:
+        corners = np.concatenate([image[:16, :16].ravel(), image[:16, -16:].ravel(),
+                                  image[-16:, :16].ravel(), image[-16:, -16:].ravel()])
+        centre = image[48:80, 48:80]
+        assert np.median(corners) < 0.05, "air around the head should be black"
+        assert np.mean(corners > 0.2) < 0.05, "no noise in the background"
+        assert centre.mean() > 0.1, "tissue at the centre"  # every real training slice: > 0.12
