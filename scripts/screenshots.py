@@ -180,9 +180,8 @@ def main(argv=None) -> int:
             print("tab_samples: no 2D image prior installed, skipped", flush=True)
         else:
             ct.visible = False
-            samples, = s.run("sample_images", {"count": 8, "steps": 20}, preview=False)
-            viewer.reset_view()
             viewer_grid(viewer).enabled = False
+            samples, = s.run("sample_images", {"count": 8, "steps": 20}, preview=False)
             s.shot("tab_samples")
             samples.visible = False
             ct.visible = True

@@ -209,6 +209,9 @@ def test_2d_samples_tab_adds_an_image_stack(panel, tiny_models, qtbot):
     save_tiny_checkpoint(tiny_models / "tiny-image-prior", name="tiny-image-prior", task="image_prior",
                          modality="MR", summary="tiny 2D prior for tests")
     viewer, panel = panel
+    # a scan far from the samples' 0..2 stack: its slider position must not hide them
+    viewer.add_image(np.zeros((40, 8, 8), np.float32), scale=(3.0, 1.0, 1.0), translate=(200.0, 0.0, 0.0))
+    viewer.dims.set_point(0, 260.0)
     tab = panel.task_tabs["sample_images"]
     tab.refresh_models()
     assert "tiny-image-prior" in tab.model_combo.currentText()
@@ -217,3 +220,5 @@ def test_2d_samples_tab_adds_an_image_stack(panel, tiny_models, qtbot):
     assert layer.data.shape == (3, 16, 16)  # the checkpoint's 16-pixel patch size
     assert 0.0 <= float(layer.data.min()) and float(layer.data.max()) <= 1.0
     assert layer.metadata["synthetic"] is True and "synthetic" in layer.name
+    assert viewer.dims.point[0] == pytest.approx(1.0)  # the middle sample is on screen
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx((7.5, 7.5))  # framed on the samples

@@ -403,6 +403,8 @@ class TaskTab(QWidget):
         for data, kwargs, layer_type in layer_data:
             add = getattr(self.viewer, f"add_{layer_type}")
             self.last_result.append(add(data, **kwargs))
+        if not self.spec.needs_input and self.last_result:
+            bring_into_view(self.viewer, self.last_result[0])
         seconds = time.monotonic() - self._started
         self.status.setText(f"done in {seconds:.1f} s")
         show_info(f"{self.spec.title}: done in {seconds:.1f} s")
@@ -425,3 +427,25 @@ class TaskTab(QWidget):
         self.last_error = message
         self.status.setText(message)
         show_error(message)
+
+
+def bring_into_view(viewer, layer) -> None:
+    """Put the sliders of the axes not on screen at the middle of ``layer`` and frame it.
+
+    A new image on no input's grid (a synthesis, a stack of 2D samples) would
+    otherwise sit outside the slice on screen and show nothing, or show as a
+    speck beside a large scan.
+    """
+    low, high = layer.extent.world
+    offset = viewer.dims.ndim - layer.ndim
+    for axis in viewer.dims.not_displayed:
+        if 0 <= axis - offset < layer.ndim:
+            viewer.dims.set_point(axis, (low[axis - offset] + high[axis - offset]) / 2)
+    viewer.reset_view()  # fits the whole scene; then zoom from it onto the layer
+    shown = [axis - offset for axis in viewer.dims.displayed if axis >= offset]
+    scene_low, scene_high = viewer.layers.extent.world
+    scene_size = max(scene_high[offset + a] - scene_low[offset + a] for a in shown)
+    layer_size = max(high[a] - low[a] for a in shown)
+    viewer.camera.center = tuple((low[a] + high[a]) / 2 for a in shown)
+    if layer_size > 0:
+        viewer.camera.zoom *= scene_size / layer_size
