@@ -20,6 +20,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from napari_mediffuse.gui.panel import MediffusePanel, viewer_grid
+from napari_mediffuse.gui.task_tab import bring_into_view
 from napari_mediffuse.plugin import sample_abdomen_ct
 
 #: axial slice shown (through the liver, kidneys and spine of the sample CT)
@@ -54,13 +55,6 @@ class Shooter:
 
     def grid(self, enabled: bool = True) -> None:
         viewer_grid(self.viewer).enabled = enabled
-        self.viewer.reset_view()
-
-    def centre_on(self, layer) -> None:
-        """Put every slider at the middle of ``layer`` and fit the view."""
-        for axis in range(layer.ndim):
-            middle = layer.translate[axis] + (layer.data.shape[axis] - 1) / 2 * layer.scale[axis]
-            self.viewer.dims.set_point(axis, middle)
         self.viewer.reset_view()
 
     def show_tab(self, title: str) -> None:
@@ -170,7 +164,7 @@ def main(argv=None) -> int:
         result, = s.run("synthesize", {"slices": 64, "steps": 20}, preview=False)
         ct.visible = False
         viewer.dims.order = (1, 0, 2)
-        s.centre_on(result)
+        bring_into_view(viewer, result)  # again, for the coronal order
         s.shot("tab_synthesis")
         viewer.dims.order = (0, 1, 2)
         s.hide_results()
