@@ -1,15 +1,22 @@
 """Volume synthesis: plane handling, geometry, seeds, bad input, CLI."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from napari_mediffuse import io
 from napari_mediffuse.cli import main as cli_main
-from napari_mediffuse.tasks.common import RunOptions, TaskInputError
+from napari_mediffuse.engine.checkpoint import load_checkpoint
+from napari_mediffuse.engine.sampling import make_generator
+from napari_mediffuse.tasks.common import RunOptions, TaskInputError, predictor_for
 from napari_mediffuse.tasks.synthesize import (
+    DEFAULT_REFINE_FROM,
     alternating_plane_predictor,
+    draw_coarse_layout,
+    place_box,
     plane_stack,
     synthesize,
     volume_from_stack,
@@ -103,3 +110,110 @@ def test_synthesis_metrics_on_known_volumes(ct_small_path):
     assert adjacent_slice_difference(shuffled) > 2 * adjacent_slice_difference(real)
     assert ms_ssim_between(real, real) == pytest.approx(1.0, abs=1e-4)
     assert ms_ssim_between(real, shuffled) < 0.95
+    # a block of the real CT is found in it; an upside-down copy is not
+    from training.evaluate.synthesis import correlation_to_real
+
+    assert correlation_to_real(real[4:24], real) == pytest.approx(1.0, abs=1e-3)  # edges filtered apart
+    assert correlation_to_real(real[4:24, ::-1], real) < 0.9
+
+
+# -- coarse-to-fine synthesis (coarse whole-body prior, then the 2D prior) -----------
+
+COARSE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "ct_prior_coarse.yaml"
+
+
+def _phantom_ct(path, shape=(40, 30, 36), spacing=3.0):
+    """A NIfTI 'body': a water ellipsoid with a bone cylinder in air, display orientation."""
+    s, p, l = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[(p / 12) ** 2 + (l / 15) ** 2 <= 1] = 40.0
+    hu[(p - 6) ** 2 + l ** 2 <= 4] = 700.0
+    vol = io.Volume(data=hu, affine=io.volume.affine_from_world((spacing,) * 3, (0.0, 0.0, 0.0)),
+                    modality="CT", name="phantom")
+    io.write_nifti(vol, path)
+    return path
+
+
+@pytest.fixture
+def tiny_coarse_config(tmp_path):
+    from tests.conftest import TINY_ARCHITECTURE
+    from training.trainer import load_config
+
+    config = load_config(COARSE_CONFIG)
+    config["data"]["train"] = [{"path": str(_phantom_ct(tmp_path / "phantom.nii.gz")), "region": "abdomen"}]
+    config["data"]["spacing_mm"] = 12.0
+    config["data"]["volume_shape"] = [12, 12, 12]  # 144 mm a side
+    config["architecture"] = dict(TINY_ARCHITECTURE, image_channels=12)
+    config["train"].update(batch_size=2, max_steps=2, validation_samples=2, log_every=1, validate_every=2)
+    return config
+
+
+def test_coarse_volumes_are_whole_bodies_in_an_air_box(tiny_coarse_config):
+    from training.trainer import make_datasets
+
+    train_set, val_set = make_datasets(tiny_coarse_config)
+    sample = next(iter(val_set))
+    box = sample["image"].numpy()
+    assert box.shape == (12, 12, 12) and sample["coords"].shape == (2, 12, 12)
+    assert int(sample["region"]) == 3
+    # 40 x 30 x 36 voxels of 3 mm -> 10 x 7.5 x 9 voxels of 12 mm, centred in the 12^3 box
+    inside = box > -0.9
+    rows = np.flatnonzero(inside.any(axis=(0, 2)))
+    assert rows[0] >= 2 and rows[-1] <= 9  # the 25 mm half-axis body in P: +-2 voxels of 12 mm around centre
+    assert np.all(box[:, 0, 0] == -1.0)  # corners are air
+    water = (40 + 1024) / 1536 - 1  # 40 HU in the [-1024, 2048] window
+    assert np.max(box) < water + 0.3  # the bone cylinder is partial-volumed at 12 mm
+    assert box[6, 6, 6] == pytest.approx(water, abs=0.05)
+    augmented = next(iter(train_set))["image"].numpy()
+    assert augmented.shape == box.shape and augmented.min() == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_place_box_keeps_world_positions_in_mm():
+    # a box of 9^3 voxels of 8 mm whose values are the superior coordinate in mm
+    z = (np.arange(9) - 4) * 8.0
+    box = np.broadcast_to(z[:, None, None], (9, 9, 9)).astype(np.float32)
+    out = place_box(box, (8.0, 8.0, 8.0), (41, 5, 6), (2.0, 3.0, 3.0), fill=-999.0)
+    world = (np.arange(41) - 20) * 2.0  # output slices' superior coordinate
+    inside = np.abs(world) <= 32
+    np.testing.assert_allclose(out[inside, 2, 2], world[inside], atol=1e-4)
+    assert np.all(out[np.abs(world) > 32.5, 2, 2] == -999.0)  # outside the 72 mm box: fill
+
+
+def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models, tiny_coarse_config):
+    from training.trainer import train
+
+    folder = train(tiny_coarse_config, tmp_path / "coarse-run", device="cpu", command="pytest")
+    ckpt = load_checkpoint(folder, task="ct_prior_coarse", modality="CT")
+    assert ckpt.card["volume_shape"] == [12, 12, 12] and ckpt.card["voxel_spacing_mm"] == [12.0] * 3
+    import shutil
+    shutil.copytree(folder, tiny_models / "tiny-coarse")
+
+    opts = RunOptions(device="cpu", seed=5, batch_size=8)
+    # refine_from=1: almost no noise is added, so the result is the coarse layout
+    vol = synthesize((20, 16, 18), model="tiny-ct-prior", steps=4, refine_from=1, options=opts)
+    params = vol.metadata["parameters"]
+    assert params["coarse_model"] == "ct-prior-coarse-demo" and params["refine_from"] == 1
+    gen = make_generator(5)
+    box = draw_coarse_layout(ckpt, predictor_for(ckpt, opts), region=3, steps=4, generator=gen)
+    expected = place_box(box, (12.0,) * 3, (20, 16, 18), (3.0,) * 3, fill=-1024.0)
+    assert np.median(np.abs(vol.data - np.clip(expected, -1024, 2048))) < 20  # HU
+    again = synthesize((20, 16, 18), model="tiny-ct-prior", steps=4, refine_from=1, options=opts)
+    np.testing.assert_array_equal(vol.data, again.data)
+    # the default refinement step redraws the detail: far from the layout, same geometry
+    default = synthesize((20, 16, 18), model="tiny-ct-prior", steps=4, options=opts)
+    assert default.metadata["parameters"]["refine_from"] == DEFAULT_REFINE_FROM
+    assert default.metadata["parameters"]["refine_steps"] == 2
+    np.testing.assert_array_equal(default.affine, vol.affine)
+    # no coarse stage when asked, or with an unknown region; a missing coarse model is an error
+    plain = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)
+    assert plain.metadata["parameters"]["coarse_model"] is None
+    with pytest.raises(TaskInputError, match="no checkpoint named 'nope'"):
+        synthesize((16, 16, 16), model="tiny-ct-prior", coarse_model="nope", options=opts)
+    with pytest.raises(TaskInputError, match="refine_from"):
+        synthesize((16, 16, 16), model="tiny-ct-prior", refine_from=1000, options=opts)
+
+
+def test_synthesis_without_a_coarse_prior_installed(tiny_models):
+    vol = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, options=RunOptions(device="cpu"))
+    assert vol.metadata["parameters"]["coarse_model"] is None
+    assert vol.metadata["parameters"]["refine_from"] is None

@@ -30,7 +30,7 @@ from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
 
 from . import distributed
-from .data import MultiLevelSlices, load_volumes
+from .data import CoarseVolumes, MultiLevelSlices, load_volumes
 
 log = logging.getLogger("training")
 
@@ -47,7 +47,8 @@ def load_config(path) -> dict:
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
-    """(train, validation) datasets: multi-level CT slices, paired
+    """(train, validation) datasets: multi-level CT slices, whole coarse
+    volumes (``data.kind: coarse_volume``) for the coarse 3D prior, paired
     source/target slices (``data.pairs``, :mod:`training.paired`) for
     translation models, or whole 2D images (``data.kind: image_folder``,
     :mod:`training.images`) for the 2D image prior."""
@@ -60,6 +61,9 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
 
         return image_datasets(config, seed=seed, rank=rank)
     volumes = load_volumes(config["data"], config["normalization"])
+    if config["data"].get("kind") == "coarse_volume":
+        return (CoarseVolumes(volumes, config["data"], seed=seed, rank=rank),
+                CoarseVolumes(volumes, config["data"], seed=seed, part="val"))
     return (MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank),
             MultiLevelSlices(volumes, config["data"], seed=seed, part="val"))
 
@@ -263,6 +267,9 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         from .paired import card_fields
 
         extra = card_fields(config)
+    if data.get("kind") == "coarse_volume":  # the box the coarse prior draws, in mm
+        extra = {"volume_shape": [int(n) for n in data["volume_shape"]],
+                 "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
     card = make_card(
         name=config["name"], task=config["task"], modality=config["modality"],
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),

@@ -41,7 +41,9 @@ def _run_synthesis(volume, values, options):
     spacing = zero_is_auto(values["spacing_mm"])
     result = synthesize((values["slices"], values["rows"], values["columns"]),
                         spacing=None if spacing is None else (spacing,) * 3, region=values["region"],
-                        model=values["model"], steps=values["steps"], options=options)
+                        model=values["model"], steps=values["steps"],
+                        coarse_model="auto" if values["coarse_layout"] else None,
+                        refine_from=zero_is_auto(values["refine_from"]), options=options)
     data, kwargs, kind = image_layer_data(result)
     return [(data, _synthetic_name(kwargs), kind)]
 
@@ -58,6 +60,12 @@ def synthesis_spec() -> TaskSpec:
                   tooltip="Isotropic voxel spacing; 0 = the model's native spacing"),
             Param("region", "abdomen", options={"choices": list(REGIONS)}, tooltip="Body region to synthesise"),
             Param("steps", 50, options={"min": 1, "max": 1000}, tooltip="DDIM steps over the whole volume"),
+            Param("coarse_layout", True, label="coarse layout first",
+                  tooltip="Draw the body's layout with the coarse whole-body prior (if installed), "
+                          "then refine it with the 2D prior"),
+            Param("refine_from", 0, label="refine from step", options={"min": 0, "max": 999}, advanced=True,
+                  tooltip="Step (of 1000) at which the 2D prior takes over from the coarse layout; "
+                          "higher redraws more; 0 = the default"),
             SEED, BATCH,
         ])
 

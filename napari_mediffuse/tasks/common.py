@@ -74,9 +74,13 @@ def require_volume(volume: Volume, *, task: str, modality: str | None = None, mi
 def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: str = "CT"):
     """Load a checkpoint (name, path or default) and wrap it in a predictor."""
     checkpoint: Checkpoint = load_model(model, task=task, modality=modality)
-    predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
-                               window=options.window, schedule=checkpoint.schedule)
-    return checkpoint, predictor
+    return checkpoint, predictor_for(checkpoint, options)
+
+
+def predictor_for(checkpoint: Checkpoint, options: RunOptions) -> NoisePredictor:
+    """A loaded checkpoint's network on the run's device, precision and window."""
+    return NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
+                          window=options.window, schedule=checkpoint.schedule)
 
 
 def slices_of(array: np.ndarray, plane: str) -> np.ndarray:

@@ -13,6 +13,21 @@ and gets each pixel's coordinates); with ``RunOptions.window`` the predictor
 uses overlapping sliding windows with blended noise estimates instead, so
 any size works.
 
+Alternating planes give continuity but not anatomy: the three plane views
+of a 2D prior do not agree on any one body, and their consensus is tissue
+without structure. So, when a coarse prior (task ``ct_prior_coarse``) is
+installed, synthesis runs in two stages, as MedDiff-FM's coarse-to-fine
+levels:
+
+1. :func:`draw_coarse_layout`: the coarse prior draws the whole body (outline,
+   bones, organs, gas) in one box (48^3 voxels of 8 mm for the demo), as a
+   2D image whose channels are the box's axial slices;
+2. :func:`place_box` resamples that box onto the output grid (both centred
+   on the RAS origin; air outside the box), it is noised to the refinement
+   step ``refine_from`` and the 2D prior's alternating-plane sampler runs
+   from there, adding the detail the coarse box cannot hold while keeping
+   its layout (detail below ~ the noise level at that step is redrawn).
+
 The images are generated at the checkpoint's native pixel spacing and
 resampled to the requested spacing when it differs.
 """
@@ -23,12 +38,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..engine.control import ProgressSpan, check_cancel
-from ..engine.intensity import denormalize, intensity_range
+from ..engine.checkpoint import CheckpointError
+from ..engine.intensity import denormalize, intensity_range, normalize
+from ..engine.registry import list_checkpoints
+from ..engine.registry import load as load_model
 from ..engine.sampling import ddim_sample, make_generator, randn
+from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
-from .common import RunOptions, TaskInputError, load_prior
+from .common import RunOptions, TaskInputError, load_prior, predictor_for
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -82,6 +102,83 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
     return predict
 
 
+#: Step of the 1000-step schedule at which the 2D prior takes over from the
+#: coarse layout (noise std ~0.7 of the [-1, 1] range with the cosine schedule:
+#: the 8 mm layout survives, finer detail is redrawn).
+DEFAULT_REFINE_FROM = 500
+
+
+def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, generator,
+                       progress=None, cancel=None) -> np.ndarray:
+    """One draw of a coarse whole-body prior, in HU.
+
+    Parameters
+    ----------
+    checkpoint, predictor
+        A ``ct_prior_coarse`` checkpoint and its noise predictor: a 2D
+        network whose image channels are the box's axial slices.
+    region : int
+        Region class index.
+    steps : int
+        DDIM steps.
+    generator : torch.Generator
+        Seeded noise source.
+
+    Returns
+    -------
+    ndarray (S, P, L)
+        The box (``checkpoint.card['volume_shape']``) in HU, centred on the
+        RAS origin, voxels of ``checkpoint.card['voxel_spacing_mm']``.
+    """
+    shape = tuple(int(n) for n in checkpoint.card["volume_shape"])
+    x_T = randn((1,) + shape, generator, predictor.device)  # (1, S as channels, P, L)
+
+    def predict(x, t):
+        return predictor(x, t, region=region)
+
+    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=steps, generator=generator,
+                     progress=progress, cancel=cancel)
+    return denormalize(x0[0].float().cpu().numpy(), intensity_range(None, checkpoint.normalization))
+
+
+def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> np.ndarray:
+    """Resample a box centred on the origin onto a grid centred on the origin.
+
+    Both are in display orientation (S, P, L) with axis-aligned voxels, so the
+    map is a per-axis scale and shift: output voxel ``i`` lies at
+    ``(i - (n - 1) / 2) * spacing`` mm. Linear interpolation; ``fill``
+    (air) outside the box.
+    """
+    box_spacing = np.asarray(box_spacing, dtype=float)
+    spacing = np.asarray(spacing, dtype=float)
+    scale = spacing / box_spacing
+    offset = (np.asarray(box.shape) - 1) / 2.0 - scale * (np.asarray(shape) - 1) / 2.0
+    return ndimage.affine_transform(np.asarray(box, dtype=np.float32), scale, offset=offset,
+                                    output_shape=tuple(shape), order=1, mode="constant", cval=fill)
+
+
+def resolve_coarse_prior(coarse_model, region: str):
+    """The coarse checkpoint to use: ``'auto'`` = the default ``ct_prior_coarse``
+    checkpoint if one is installed (else none), ``None``/``'none'`` = none,
+    otherwise a name or folder (which must exist)."""
+    from .common import load_model
+
+    if coarse_model is None or str(coarse_model).lower() == "none":
+        return None
+    if str(coarse_model).lower() == "auto":
+        if not list_checkpoints(task="ct_prior_coarse", modality="CT"):
+            return None
+        coarse_model = None
+    try:
+        checkpoint = load_model(coarse_model, task="ct_prior_coarse", modality="CT")
+    except CheckpointError as exc:
+        raise TaskInputError(str(exc)) from exc
+    regions = checkpoint.card.get("regions") or []
+    if region not in regions:
+        raise TaskInputError(f"coarse prior {checkpoint.name!r} knows the regions {regions}; got {region!r}")
+    return checkpoint
+
+
 def synthesis_affine(shape, spacing) -> np.ndarray:
     """Display-orientation (S, P, L) affine whose volume centre is the RAS origin."""
     affine = affine_from_world(spacing, (0.0, 0.0, 0.0))
@@ -91,7 +188,8 @@ def synthesis_affine(shape, spacing) -> np.ndarray:
 
 
 def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, steps: int = 50,
-               planes=PLANES, eta: float = 0.0, options: RunOptions | None = None) -> Volume:
+               planes=PLANES, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
+               options: RunOptions | None = None) -> Volume:
     """Generate a CT volume (HU) from the CT prior.
 
     Parameters
@@ -113,6 +211,16 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         Planes alternated at successive steps (3D coherence).
     eta : float
         0 = deterministic DDIM from the seeded noise; 1 = ancestral.
+    coarse_model : str or None
+        Coarse whole-body prior for the layout (first stage): ``'auto'``
+        (default) uses the installed ``ct_prior_coarse`` checkpoint if there
+        is one, ``None`` or ``'none'`` samples from noise with the 2D prior
+        alone, or a checkpoint name or folder.
+    refine_from : int, optional
+        Diffusion step (of the schedule's 1000) at which the 2D prior starts
+        from the noised coarse layout (:data:`DEFAULT_REFINE_FROM`); higher
+        redraws more. The 2D stage then runs ``steps * refine_from / 1000``
+        DDIM steps (at least 2).
     options : RunOptions
         Device, seed, batch size, progress and cancel.
 
@@ -142,18 +250,44 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"shape {shape} at {spacing} mm is {native_shape} voxels at the model's {native:g} mm; "
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
+    coarse = resolve_coarse_prior(coarse_model, region)
+
     started = time.monotonic()
     gen = make_generator(options.seed)
-    x_T = randn((1, 1) + native_shape, gen, predictor.device)
     predict = alternating_plane_predictor(predictor, tuple(planes), batch_size=options.batch_size,
                                           region=regions.index(region), cancel=options.cancel)
-    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=steps, eta=eta, generator=gen,
-                     progress=ProgressSpan(options.progress, 0, steps, "synthesis"), cancel=options.cancel)
+    n_train = int(checkpoint.schedule["num_train_timesteps"])
+    if coarse is None:
+        t_start, fine_steps, coarse_steps = None, steps, 0
+        x_t = randn((1, 1) + native_shape, gen, predictor.device)
+    else:
+        t_start = DEFAULT_REFINE_FROM if refine_from is None else int(refine_from)
+        if not 1 <= t_start < n_train:
+            raise TaskInputError(f"refine_from must be a step in [1, {n_train - 1}], got {t_start}")
+        fine_steps = max(2, round(steps * t_start / n_train))
+        coarse_steps = steps
+        box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options), region=coarse.card["regions"].index(region),
+                                    steps=coarse_steps, generator=gen, cancel=options.cancel,
+                                    progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
+                                                          "coarse layout"))
+        hu_range = intensity_range(None, checkpoint.normalization)
+        layout = normalize(place_box(box_hu, coarse.card["voxel_spacing_mm"], native_shape, (native,) * 3,
+                                     fill=hu_range[0]), checkpoint.normalization, hu_range)
+        abar_t = float(alphas_cumprod(checkpoint.schedule)[t_start])
+        noise = randn((1, 1) + native_shape, gen, predictor.device)
+        x_t = abar_t ** 0.5 * torch.from_numpy(layout)[None, None].to(noise) + (1 - abar_t) ** 0.5 * noise
+    x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
+                     generator=gen, cancel=options.cancel,
+                     progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + fine_steps,
+                                           "synthesis"))
     if native_shape != shape:
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
     hu = denormalize(x0[0, 0].float().cpu().numpy(), intensity_range(None, checkpoint.normalization))
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
-              "planes": list(planes), "seed": options.seed, "seconds": round(time.monotonic() - started, 1)}
+              "planes": list(planes), "seed": options.seed,
+              "coarse_model": None if coarse is None else coarse.name,
+              "refine_from": t_start, "refine_steps": fine_steps if coarse is not None else None,
+              "seconds": round(time.monotonic() - started, 1)}
     return Volume(
         data=hu.astype(np.float32), affine=synthesis_affine(shape, spacing), modality="CT",
         name=f"synthetic CT ({region}, seed {options.seed})", source="",
@@ -172,6 +306,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
                    help="voxel spacing in mm (default: the model's native spacing)")
     p.add_argument("--region", default="abdomen", help="body region (abdomen, chest, head-neck, unknown)")
+    p.add_argument("--coarse-model", default="auto", metavar="NAME|FOLDER|none",
+                   help="coarse whole-body prior drawing the layout first (default: the installed one, if any; "
+                        "'none': the 2D prior alone)")
+    p.add_argument("--refine-from", type=int, default=None, metavar="T",
+                   help=f"step (of 1000) at which the 2D prior refines the coarse layout "
+                        f"(default {DEFAULT_REFINE_FROM}; higher redraws more)")
     add_common_options(p, steps=50)
 
     def run(args) -> int:
@@ -180,7 +320,8 @@ def add_command(subparsers) -> None:
         check_output_free(args.output, args.overwrite)
         options = options_from_args(args, progress=cli_progress(args.verbose))
         volume = synthesize(args.shape, spacing=args.spacing, region=args.region, model=args.model,
-                            steps=args.steps, options=options)
+                            steps=args.steps, coarse_model=args.coarse_model, refine_from=args.refine_from,
+                            options=options)
         io.write_nifti(volume, args.output, overwrite=args.overwrite)
         print(f"wrote {args.output}")
         return 0

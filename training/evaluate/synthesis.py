@@ -11,7 +11,14 @@ Reports, for samples of the CT prior and for the real CT:
   voxels of a sample and of the real CT;
 * diversity: MS-SSIM between the axial slices of different samples (lower =
   more diverse);
+* closeness to the training CT: the highest correlation between a sample and
+  any same-sized block of the real CT, both at 8 mm (near 1 = a copy of the
+  real patient; a prior trained on one CT can only vary that one body);
 * seconds per volume.
+
+Samples use the two-stage method (coarse layout, then the 2D prior) when a
+coarse prior is installed; the 2D prior alone and independent axial draws
+are reported beside them.
 
 It writes ``synthesis.json``, ``synthesis.md`` and ``synthesis.png`` (axial,
 coronal and sagittal mid-planes of each sample beside the real CT).
@@ -28,6 +35,7 @@ from scipy.stats import wasserstein_distance
 
 from napari_mediffuse import io
 from napari_mediffuse.tasks.common import RunOptions
+from napari_mediffuse.tasks.synthesize import PLANES as PLANES_ALL
 from napari_mediffuse.tasks.synthesize import synthesize
 
 BODY_HU = -500.0
@@ -92,8 +100,30 @@ def picture(volumes: list[np.ndarray], labels: list[str], path: Path) -> None:
                                         " (mid-planes, soft-tissue window W400 L40)\n")
 
 
+def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: float = 3.0,
+                        coarse_mm: float = 8.0) -> float:
+    """Highest Pearson correlation between ``sample_hu`` and a block of ``real_hu``
+    of the same shape (every offset along the first axis; the other axes
+    centre-cropped or padded with air), both smoothed to ``coarse_mm``."""
+    from scipy import ndimage
+
+    from training.data import centre_fit
+
+    sigma = 0.4 * coarse_mm / voxel_mm
+    n = sample_hu.shape[0]
+    a = ndimage.gaussian_filter(sample_hu.astype(np.float32), sigma)
+    real = ndimage.gaussian_filter(real_hu.astype(np.float32), sigma)
+    if real.shape[0] < n:
+        real = centre_fit(real, (n,) + real.shape[1:], fill=-1024.0)
+    best = -1.0
+    for start in range(0, real.shape[0] - n + 1, 2):
+        block = centre_fit(real[start:start + n], a.shape, fill=-1024.0)
+        best = max(best, float(np.corrcoef(a.ravel(), block.ravel())[0, 1]))
+    return best
+
+
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
-             device="cpu", out=None) -> dict:
+             device="cpu", coarse_model="auto", refine_from=None, out=None) -> dict:
     real = io.read(real_path)[0]
     real_hu = real.data.astype(np.float32)
     results = {"real": {"path": str(real_path), "shape": list(real_hu.shape),
@@ -102,24 +132,30 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                                            "model": model or "default ct_prior", "device": device,
                                            "torch_threads": torch.get_num_threads()}}
     volumes = []
+
+    def scored(vol, seconds) -> dict:
+        return {"seconds": round(seconds, 1), "adjacent_slice_mad_hu": adjacent_slice_difference(vol.data),
+                "hu_wasserstein_to_real": histogram_distance(vol.data, real_hu),
+                "correlation_to_real": correlation_to_real(vol.data, real_hu, voxel_mm=float(vol.spacing[0]))}
+
     for seed in range(samples):
         start = time.monotonic()
-        vol = synthesize(shape, region=region, model=model, steps=steps,
-                         options=RunOptions(device=device, seed=seed, batch_size=8))
-        seconds = time.monotonic() - start
+        vol = synthesize(shape, region=region, model=model, steps=steps, coarse_model=coarse_model,
+                         refine_from=refine_from, options=RunOptions(device=device, seed=seed, batch_size=8))
         volumes.append(vol.data)
-        results["samples"].append({
-            "seed": seed, "seconds": round(seconds, 1),
-            "adjacent_slice_mad_hu": adjacent_slice_difference(vol.data),
-            "hu_wasserstein_to_real": histogram_distance(vol.data, real_hu),
-        })
-    # Independent 2D draws (axial plane only) for contrast: the 3D coupling's effect.
-    start = time.monotonic()
-    flat = synthesize(shape, region=region, model=model, steps=steps, planes=("axial",),
-                      options=RunOptions(device=device, seed=0, batch_size=8))
-    results["axial_only_baseline"] = {"seconds": round(time.monotonic() - start, 1),
-                                      "adjacent_slice_mad_hu": adjacent_slice_difference(flat.data),
-                                      "hu_wasserstein_to_real": histogram_distance(flat.data, real_hu)}
+        params = vol.metadata["parameters"]
+        results["samples"].append({"seed": seed, **scored(vol, time.monotonic() - start)})
+    results["settings"].update(coarse_model=params["coarse_model"], refine_from=params["refine_from"])
+    # For contrast: the 2D prior alone (alternating planes from noise) and
+    # independent 2D draws (axial plane only, no 3D coupling).
+    baselines = {"prior_2d_alone": {"planes": PLANES_ALL}, "axial_only_baseline": {"planes": ("axial",)}}
+    extra_volumes = []
+    for key, kwargs in baselines.items():
+        start = time.monotonic()
+        vol = synthesize(shape, region=region, model=model, steps=steps, coarse_model=None,
+                         options=RunOptions(device=device, seed=0, batch_size=8), **kwargs)
+        results[key] = scored(vol, time.monotonic() - start)
+        extra_volumes.append(vol.data)
     if samples >= 2:
         results["ms_ssim_between_samples"] = ms_ssim_between(volumes[0], volumes[1])
     real_mad = results["real"]["adjacent_slice_mad_hu"]
@@ -130,9 +166,9 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
         out.mkdir(parents=True, exist_ok=True)
         (out / "synthesis.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "synthesis.md").write_text(markdown(results))
-        picture([v for v in volumes] + [flat.data, real_hu[: shape[0]]],
-                [f"sample seed {i}" for i in range(len(volumes))] + ["axial-only draws", "real CT"],
-                out / "synthesis.png")
+        picture(volumes + extra_volumes + [real_hu[: shape[0]]],
+                [f"sample seed {i}" for i in range(len(volumes))]
+                + ["2D prior alone", "axial-only draws", "real CT"], out / "synthesis.png")
     return results
 
 
@@ -140,18 +176,24 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"Shape {tuple(s['shape'])}, {s['steps']} DDIM steps, region {s['region']}, model {s['model']}, "
-        f"device {s['device']} ({s['torch_threads']} threads).",
+        f"device {s['device']} ({s['torch_threads']} threads); coarse layout: {s.get('coarse_model') or 'none'}"
+        + (f", refined from step {s['refine_from']}." if s.get("refine_from") else "."),
         "",
-        "| volume | adjacent-slice MAD (HU) | HU Wasserstein to real (HU) | seconds |",
-        "|---|---|---|---|",
-        f"| real CT | {results['real']['adjacent_slice_mad_hu']:.1f} | 0 | - |",
+        "| volume | adjacent-slice MAD (HU) | HU Wasserstein to real (HU) | correlation to real CT (8 mm) "
+        "| seconds |",
+        "|---|---|---|---|---|",
+        f"| real CT | {results['real']['adjacent_slice_mad_hu']:.1f} | 0 | 1 | - |",
     ]
-    for r in results["samples"]:
-        lines.append(f"| sample seed {r['seed']} (alternating planes) | {r['adjacent_slice_mad_hu']:.1f} | "
-                     f"{r['hu_wasserstein_to_real']:.1f} | {r['seconds']:.0f} |")
-    b = results["axial_only_baseline"]
-    lines.append(f"| axial-only (independent 2D draws) | {b['adjacent_slice_mad_hu']:.1f} | "
-                 f"{b['hu_wasserstein_to_real']:.1f} | {b['seconds']:.0f} |")
+
+    def row(label, r):
+        return (f"| {label} | {r['adjacent_slice_mad_hu']:.1f} | {r['hu_wasserstein_to_real']:.1f} | "
+                f"{r.get('correlation_to_real', float('nan')):.2f} | {r['seconds']:.0f} |")
+
+    method = "coarse layout + alternating planes" if s.get("coarse_model") else "alternating planes"
+    lines += [row(f"sample seed {r['seed']} ({method})", r) for r in results["samples"]]
+    if "prior_2d_alone" in results:
+        lines.append(row("2D prior alone (alternating planes from noise)", results["prior_2d_alone"]))
+    lines.append(row("axial-only (independent 2D draws)", results["axial_only_baseline"]))
     lines += ["", f"Continuity ratio (samples / real): {results['continuity_ratio_to_real']:.2f} (target <= 1.5)."]
     if "ms_ssim_between_samples" in results:
         lines.append(f"MS-SSIM between two samples: {results['ms_ssim_between_samples']:.3f} (lower = more diverse).")
@@ -167,11 +209,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--model")
     p.add_argument("--region", default="abdomen")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
+    p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
     p.add_argument("--out", default="docs/evaluation/synthesis")
 
     def run(args) -> int:
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
-                           region=args.region, device=args.device, out=args.out)
+                           region=args.region, device=args.device, coarse_model=args.coarse_model,
+                           refine_from=args.refine_from, out=args.out)
         print(markdown(results))
         return 0
 
