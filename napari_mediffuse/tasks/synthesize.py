@@ -103,9 +103,9 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
 
 
 #: Step of the 1000-step schedule at which the 2D prior takes over from the
-#: coarse layout (noise std ~0.7 of the [-1, 1] range with the cosine schedule:
-#: the 8 mm layout survives, finer detail is redrawn).
-DEFAULT_REFINE_FROM = 500
+#: coarse layout (noise std 0.65 of the [-1, 1] range with the cosine schedule:
+#: the 12 mm layout survives, finer detail is redrawn).
+DEFAULT_REFINE_FROM = 450
 
 
 def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, generator,

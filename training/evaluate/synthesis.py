@@ -20,7 +20,7 @@ Samples use the two-stage method (coarse layout, then the 2D prior) when a
 coarse prior is installed; the 2D prior alone and independent axial draws
 are reported beside them.
 
-It writes ``synthesis.json``, ``synthesis.md`` and ``synthesis.png`` (axial,
+It writes ``synthesis.json``, ``synthesis_table.md`` and ``synthesis.png`` (axial,
 coronal and sagittal mid-planes of each sample beside the real CT).
 """
 from __future__ import annotations
@@ -165,7 +165,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "synthesis.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "synthesis.md").write_text(markdown(results))
+        (out / "synthesis_table.md").write_text(markdown(results))  # synthesis.md is the hand-written page
         picture(volumes + extra_volumes + [real_hu[: shape[0]]],
                 [f"sample seed {i}" for i in range(len(volumes))]
                 + ["2D prior alone", "axial-only draws", "real CT"], out / "synthesis.png")
