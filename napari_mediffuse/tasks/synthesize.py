@@ -157,6 +157,19 @@ def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> n
                                     output_shape=tuple(shape), order=1, mode="constant", cval=fill)
 
 
+def noised_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, checkpoint, t: int,
+                  generator, device) -> torch.Tensor:
+    """The 2D stage's start: a coarse box placed on the (isotropic ``voxel_mm``)
+    grid of ``shape``, in ``checkpoint``'s normalised units (air outside the
+    box), noised to step ``t`` of its schedule: (1, 1, S, P, L)."""
+    hu_range = intensity_range(None, checkpoint.normalization)
+    layout = normalize(place_box(box_hu, box_spacing, shape, (voxel_mm,) * 3, fill=hu_range[0]),
+                       checkpoint.normalization, hu_range)
+    abar_t = float(alphas_cumprod(checkpoint.schedule)[t])
+    noise = randn((1, 1) + tuple(shape), generator, device)
+    return abar_t ** 0.5 * torch.from_numpy(layout)[None, None].to(noise) + (1 - abar_t) ** 0.5 * noise
+
+
 def resolve_coarse_prior(coarse_model, region: str):
     """The coarse checkpoint to use: ``'auto'`` = the default ``ct_prior_coarse``
     checkpoint if one is installed (else none), ``None``/``'none'`` = none,
@@ -266,16 +279,13 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             raise TaskInputError(f"refine_from must be a step in [1, {n_train - 1}], got {t_start}")
         fine_steps = max(2, round(steps * t_start / n_train))
         coarse_steps = steps
-        box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options), region=coarse.card["regions"].index(region),
-                                    steps=coarse_steps, generator=gen, cancel=options.cancel,
+        box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
+                                    region=coarse.card["regions"].index(region), steps=coarse_steps,
+                                    generator=gen, cancel=options.cancel,
                                     progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
                                                           "coarse layout"))
-        hu_range = intensity_range(None, checkpoint.normalization)
-        layout = normalize(place_box(box_hu, coarse.card["voxel_spacing_mm"], native_shape, (native,) * 3,
-                                     fill=hu_range[0]), checkpoint.normalization, hu_range)
-        abar_t = float(alphas_cumprod(checkpoint.schedule)[t_start])
-        noise = randn((1, 1) + native_shape, gen, predictor.device)
-        x_t = abar_t ** 0.5 * torch.from_numpy(layout)[None, None].to(noise) + (1 - abar_t) ** 0.5 * noise
+        x_t = noised_layout(box_hu, coarse.card["voxel_spacing_mm"], native_shape, native, checkpoint,
+                            t_start, gen, predictor.device)
     x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
                      generator=gen, cancel=options.cancel,
                      progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + fine_steps,
