@@ -96,6 +96,16 @@ def test_synthesize_cli(tiny_models, tmp_path, capsys):
     assert cli_main(["synthesize", "-o", str(bad), "--shape", "4", "16", "16", "--model", "tiny-ct-prior",
                      "--device", "cpu"]) == 2
     assert not bad.exists()
+    # sliding windows: 16 x 16 windows over 16 x 40 / 40 x 20 planes, blended, same grid
+    windowed = tmp_path / "windowed.nii.gz"
+    assert cli_main(["synthesize", "-o", str(windowed), "--shape", "16", "40", "20", "--steps", "2",
+                     "--window", "16", "--device", "cpu", "--model", "tiny-ct-prior"]) == 0
+    vol = io.read_nifti(windowed)
+    assert vol.data.shape == (16, 40, 20) and np.isfinite(vol.data).all()
+    assert vol.data.min() >= -1024 and vol.data.max() <= 2048
+    assert cli_main(["synthesize", "-o", str(bad), "--shape", "16", "16", "16", "--window", "4",
+                     "--device", "cpu", "--model", "tiny-ct-prior"]) == 2
+    assert "--window" in capsys.readouterr().err and not bad.exists()
 
 
 def test_synthesis_metrics_on_known_volumes(ct_small_path):

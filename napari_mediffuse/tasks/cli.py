@@ -39,6 +39,9 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=4, help="slices processed together")
+    parser.add_argument("--window", type=int, default=None, metavar="PIXELS",
+                        help="evaluate the network in overlapping PIXELS x PIXELS windows with blended "
+                             "estimates (less memory for large slices; default: whole slices)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
 
 
@@ -46,7 +49,10 @@ def options_from_args(args, progress=None):
     """:class:`~.common.RunOptions` from parsed CLI arguments."""
     from .common import RunOptions
 
-    return RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    if args.window is not None and args.window < 8:
+        raise ValueError(f"--window must be at least 8 pixels, got {args.window}")
+    return RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size, window=args.window,
+                      progress=progress)
 
 
 def read_single_volume(path):
