@@ -80,8 +80,18 @@ def test_synthesis_resamples_to_requested_spacing(tiny_models):
 def test_synthesis_bad_input(tiny_models):
     with pytest.raises(TaskInputError, match="at least the model's patch size"):
         synthesize((8, 32, 32), model="tiny-ct-prior", options=RunOptions(device="cpu"))
-    with pytest.raises(TaskInputError, match="knows the regions"):
+    with pytest.raises(TaskInputError, match="unknown body region 'knee'; choose one of"):
         synthesize((16, 16, 16), region="knee", model="tiny-ct-prior", options=RunOptions(device="cpu"))
+    # a region the checkpoint's training data did not have
+    from tests.conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tiny_models / "abdomen-only", name="abdomen-only",
+                         training={"data": [{"path": "ct.nii.gz", "region": "abdomen"}]})
+    with pytest.raises(TaskInputError, match="trained on abdomen only.*'chest'"):
+        synthesize((16, 16, 16), region="chest", model="abdomen-only", options=RunOptions(device="cpu"))
+    vol = synthesize((16, 16, 16), region="abdomen", model="abdomen-only", steps=1,
+                     options=RunOptions(device="cpu"))
+    assert vol.metadata["parameters"]["region"] == "abdomen"
 
 
 def test_synthesize_cli(tiny_models, tmp_path, capsys):

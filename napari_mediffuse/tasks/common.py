@@ -163,26 +163,38 @@ def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, p
 
 # -- body regions ----------------------------------------------------------------
 
+def trained_regions(card: dict) -> list[str]:
+    """Body regions named in a checkpoint's training data (empty when its card
+    does not record them: then any region is accepted)."""
+    names = {entry.get("region") for entry in card.get("training", {}).get("data", [])
+             if isinstance(entry, dict)}
+    return [name for name in REGIONS if name in names]
+
+
 def default_region(card: dict) -> int:
     """Body-region class for a prior: the region it was trained on when it
     was trained on one only (a demo prior), else 0 ('unknown')."""
-    regions = {entry.get("region") for entry in card.get("training", {}).get("data", [])
-               if isinstance(entry, dict)}
-    if len(regions) == 1:
-        (name,) = regions
-        if name in REGIONS:
-            return REGIONS.index(name)
-    return 0
+    regions = trained_regions(card)
+    return REGIONS.index(regions[0]) if len(regions) == 1 else 0
 
 
 def region_index(region: str | int | None, card: dict) -> int:
-    """Region class from a name ('abdomen'), an index, or None (prior's default)."""
+    """Region class from a name ('abdomen'), an index, or None (prior's default).
+
+    A name must be one the checkpoint was trained on, when its card says: a
+    region class it never saw would condition the network on an untrained
+    embedding.
+    """
     if region is None or region == "":
         return default_region(card)
     if isinstance(region, int):
         return region
     if region not in REGIONS:
         raise ValueError(f"unknown body region {region!r}; choose one of {', '.join(REGIONS)}")
+    trained = trained_regions(card)
+    if trained and region not in trained:
+        raise ValueError(f"checkpoint {card.get('name', '')!r} was trained on {', '.join(trained)} only; "
+                         f"it does not know the region {region!r}")
     return REGIONS.index(region)
 
 

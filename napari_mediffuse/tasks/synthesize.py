@@ -48,7 +48,7 @@ from ..engine.registry import load as load_model
 from ..engine.sampling import ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
-from .common import RunOptions, TaskInputError, load_prior, predictor_for
+from .common import RunOptions, TaskInputError, load_prior, predictor_for, region_index
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -186,9 +186,10 @@ def resolve_coarse_prior(coarse_model, region: str):
         checkpoint = load_model(coarse_model, task="ct_prior_coarse", modality="CT")
     except CheckpointError as exc:
         raise TaskInputError(str(exc)) from exc
-    regions = checkpoint.card.get("regions") or []
-    if region not in regions:
-        raise TaskInputError(f"coarse prior {checkpoint.name!r} knows the regions {regions}; got {region!r}")
+    try:
+        region_index(region, checkpoint.card)
+    except ValueError as exc:
+        raise TaskInputError(f"coarse prior: {exc}") from exc
     return checkpoint
 
 
@@ -253,9 +254,10 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     spacing = (native,) * 3 if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise TaskInputError(f"spacing must be three positive numbers in mm, got {spacing}")
-    regions = card.get("regions") or []
-    if region not in regions:
-        raise TaskInputError(f"checkpoint {checkpoint.name!r} knows the regions {regions}; got {region!r}")
+    try:
+        region_class = region_index(region, card)
+    except ValueError as exc:
+        raise TaskInputError(str(exc)) from exc
     # generate at the prior's native spacing, then resample
     native_shape = tuple(max(1, int(round(n * s / native))) for n, s in zip(shape, spacing))
     if min(native_shape) < patch:
@@ -268,7 +270,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     started = time.monotonic()
     gen = make_generator(options.seed)
     predict = alternating_plane_predictor(predictor, tuple(planes), batch_size=options.batch_size,
-                                          region=regions.index(region), cancel=options.cancel)
+                                          region=region_class, cancel=options.cancel)
     n_train = int(checkpoint.schedule["num_train_timesteps"])
     if coarse is None:
         t_start, fine_steps, coarse_steps = None, steps, 0
@@ -280,7 +282,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         fine_steps = max(2, round(steps * t_start / n_train))
         coarse_steps = steps
         box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
-                                    region=coarse.card["regions"].index(region), steps=coarse_steps,
+                                    region=region_index(region, coarse.card), steps=coarse_steps,
                                     generator=gen, cancel=options.cancel,
                                     progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
                                                           "coarse layout"))
