@@ -273,7 +273,7 @@ def centre_fit(volume: np.ndarray, shape, fill: float = -1.0) -> np.ndarray:
 class CoarseVolumes(SampleStream):
     """Endless stream of whole coarse volumes for the coarse 3D prior.
 
-    Each sample is one training volume at ``spacing_mm`` (coarse, e.g. 8 mm),
+    Each sample is one training volume at ``spacing_mm`` (coarse, e.g. 12 mm),
     centred in a ``volume_shape`` (S, P, L) box of air, randomly rotated,
     scaled and shifted in 3D (MONAI ``RandAffine``), and laid out as a 2D
     image whose channels are the axial slices: ``image`` (S, P, L),

@@ -275,7 +275,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),
         normalization=config["normalization"],
         pixel_spacing_mm=[data.get("spacing_mm")] * 2 if data.get("spacing_mm") else None,
-        patch_size=[data.get("patch_size") or data.get("image_size")] * 2,
+        patch_size=[patch] * 2 if (patch := data.get("patch_size") or data.get("image_size")) else None,
         training={
             "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data.get("train", data.get("pairs", []))],
             "holdout_fraction": data.get("holdout_fraction", 0.0),

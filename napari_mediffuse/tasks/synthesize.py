@@ -20,7 +20,7 @@ installed, synthesis runs in two stages, as MedDiff-FM's coarse-to-fine
 levels:
 
 1. :func:`draw_coarse_layout`: the coarse prior draws the whole body (outline,
-   bones, organs, gas) in one box (48^3 voxels of 8 mm for the demo), as a
+   bones, organs, gas) in one box (32^3 voxels of 12 mm for the demo), as a
    2D image whose channels are the box's axial slices;
 2. :func:`place_box` resamples that box onto the output grid (both centred
    on the RAS origin; air outside the box), it is noised to the refinement
@@ -48,7 +48,7 @@ from ..engine.registry import load as load_model
 from ..engine.sampling import ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
-from .common import RunOptions, TaskInputError, load_prior, predictor_for, region_index
+from .common import RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -132,11 +132,7 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
     """
     shape = tuple(int(n) for n in checkpoint.card["volume_shape"])
     x_T = randn((1,) + shape, generator, predictor.device)  # (1, S as channels, P, L)
-
-    def predict(x, t):
-        return predictor(x, t, region=region)
-
-    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=steps, generator=generator,
+    x0 = ddim_sample(bind_region(predictor, region), x_T, checkpoint.schedule, steps=steps, generator=generator,
                      progress=progress, cancel=cancel)
     return denormalize(x0[0].float().cpu().numpy(), intensity_range(None, checkpoint.normalization))
 
@@ -174,8 +170,6 @@ def resolve_coarse_prior(coarse_model, region: str):
     """The coarse checkpoint to use: ``'auto'`` = the default ``ct_prior_coarse``
     checkpoint if one is installed (else none), ``None``/``'none'`` = none,
     otherwise a name or folder (which must exist)."""
-    from .common import load_model
-
     if coarse_model is None or str(coarse_model).lower() == "none":
         return None
     if str(coarse_model).lower() == "auto":
