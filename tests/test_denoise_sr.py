@@ -329,3 +329,24 @@ def test_cli_bad_inputs_give_a_clear_error_and_write_nothing(ct_small_path, mr_l
     assert "too small for the model" in capsys.readouterr().err and not out.exists()
     assert main(["sr", str(small), "-o", str(out), "--factor", "2"]) == 2
     assert "too small for the model" in capsys.readouterr().err and not out.exists()
+
+
+def test_denoise_evaluation_with_white_noise_scores_methods_against_the_reference(ct_small_path, tmp_path):
+    """``--white-noise-hu`` replaces the low-dose simulation by white noise of that std."""
+    from training.evaluate.restoration import evaluate_denoising, write_outputs
+
+    report, images = evaluate_denoising(ct_small_path, methods=("nlm",), slices=2, holdout_fraction=0.5,
+                                        white_noise_hu=30.0, seed=3)
+    assert report["white_noise_hu"] == 30.0 and report["dose_fraction"] is None
+    assert report["added_noise_std_hu"] == pytest.approx(30.0, abs=0.5)
+    inp, nlm = report["results"]["input"], report["results"]["nlm"]
+    # 30 HU of noise in the 400 HU window: 22.5 dB where the whole noise counts; clipping to
+    # the window removes it outside (air, bone), so the PSNR is higher, but at most as if
+    # only the pixels well inside the window (>= 2 sigma from its edges) carried noise
+    reference = images["reference"]
+    inside = np.mean((reference > -160 + 60) & (reference < 240 - 60))
+    assert 22.5 < inp["psnr_soft"] < 22.5 - 10 * np.log10(inside)
+    assert nlm["psnr_soft_gain"] > 1.0 and nlm["psnr_soft"] == pytest.approx(inp["psnr_soft"] + nlm["psnr_soft_gain"])
+    report["command"] = "python -m training.evaluate denoise --white-noise-hu 30"
+    write_outputs(report, images, tmp_path, "white")
+    assert "input (+30 HU white noise)" in (tmp_path / "white.md").read_text()

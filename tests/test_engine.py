@@ -194,6 +194,33 @@ def test_network_handles_any_size_with_padding_and_conditions():
         predictor(x, 100)
 
 
+def test_condition_windows_stretch_soft_tissue_and_are_saved(tmp_path):
+    from napari_mediffuse.engine.networks import window_channels
+
+    # -250..350 HU of the wide CT window [-1024, 2048] HU
+    soft = [(-250 + 1024) / 1536 * 2 - 1, (350 + 1024) / 1536 * 2 - 1]
+    hu = torch.tensor([-1000.0, -250.0, 0.0, 50.0, 350.0, 1000.0])
+    wide = (hu + 1024) / 1536 * 2 - 1
+    stretched = window_channels(wide, *soft)
+    # 0 and 50 HU: 0.065 apart in the wide window, 0.167 (= 50 / 300) in the soft one
+    torch.testing.assert_close(stretched, torch.tensor([-1.0, -1.0, -1 / 6, 0.0, 1.0, 1.0]))
+    arch = {**TINY, "condition_channels": 3, "condition_windows": [soft]}
+    net = DiffusionNetwork(arch)
+    # one soft-tissue view more for each of the 3 condition channels
+    plain = DiffusionNetwork({**TINY, "condition_channels": 3})
+    assert net.backbone.conv_in.in_channels - plain.backbone.conv_in.in_channels == 3 * net.stem_stride ** 2
+    card = ckpt.make_card(name="w", task="translation", modality="CT", architecture=arch)
+    ckpt.save_checkpoint(tmp_path / "w", net, card)
+    loaded = ckpt.load_checkpoint(tmp_path / "w").network
+    assert loaded.condition_windows == [tuple(soft)]
+    x, cond = torch.randn(2, 1, 16, 16), torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, torch.tensor([5, 9]), condition=cond),
+                                   net.eval()(x, torch.tensor([5, 9]), condition=cond))
+    with pytest.raises(ValueError, match="low < high"):
+        DiffusionNetwork({**arch, "condition_windows": [[0.5, 0.1]]})
+
+
 # -- checkpoint ------------------------------------------------------------
 
 def _save_tiny(folder, **card_changes):

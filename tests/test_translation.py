@@ -436,11 +436,15 @@ def test_train_translation_then_translate_and_evaluate(tmp_path, ct_and_labels, 
                                              "labels": str(shared("ct/abdomen_ct_3mm_small_seg.nii.gz")),
                                              "contrast": "T1", "variants": 1}, "region": "abdomen"}]
     config["data"]["patch_size"] = 32
-    config["architecture"] = dict(TINY_ARCHITECTURE, condition_channels=3)
+    # the demo config's soft-tissue view of the CT goes through training, export and inference
+    windows = config["architecture"]["condition_windows"]
+    assert windows and all(-1 < low < high < 1 for low, high in windows)
+    config["architecture"] = dict(TINY_ARCHITECTURE, condition_channels=3, condition_windows=windows)
     config["train"].update(batch_size=2, warmup_steps=1, log_every=1, validate_every=2, checkpoint_every=2,
                            validation_samples=4)
     folder = train(config, tmp_path / "run", max_steps=2, device="cpu")
     card = json.loads((folder / "mediffuse.json").read_text())
+    assert card["architecture"]["condition_windows"] == windows
     assert card["task"] == "translation" and card["modality"] == "CT" and card["direction"] == "ct2mr"
     assert card["source_normalization"]["type"] == "hu_window"
     assert card["normalization"]["type"] == "robust_percentile" and card["trained_on_simulated_pairs"]
@@ -450,9 +454,35 @@ def test_train_translation_then_translate_and_evaluate(tmp_path, ct_and_labels, 
     o = report["overall"]
     assert o["slices"] == 3 and np.isfinite(o["psnr_db"]) and -1 <= o["ssim"] <= 1 and o["mae"] > 0
     assert report["speed"]["seconds_per_slice"] > 0
+    assert np.isfinite(report["baseline_lookup"]["psnr_db"])
     paths = write_report(report, tmp_path / "eval")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     assert "PSNR" in paths[1].read_text() and json.loads(paths[0].read_text())["direction"] == "ct2mr"
+
+
+def test_lookup_baseline_recovers_a_voxelwise_mapping_from_training_slices_only():
+    """The baseline fits source level -> target on the training slices and is
+    scored on the held-out block: exact for a voxelwise map, blind to a
+    held-out-only change."""
+    from training.evaluate.translation import lookup_baseline
+    from training.paired import PairedVolume
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1000, (20, 24, 24)).astype(np.float32)
+    mr = np.where(ct < -100, 0.0, np.where(ct < 200, 800.0 + ct, 100.0)).astype(np.float32)
+    pair = PairedVolume(ct=ct, mr=mr, mask=np.ones(ct.shape, bool), spacing=(3.0, 3.0, 3.0), region=3,
+                        source="synthetic", affine=np.eye(4))
+    data = {"holdout_fraction": 0.25}
+    rules = ({"type": "hu_window", "low": -1024.0, "high": 2048.0},
+             {"type": "robust_percentile", "low_pct": 0.0, "high_pct": 100.0})
+    exact = lookup_baseline([pair], data, "ct2mr", *rules, bins=4096, smooth_voxels=0)
+    assert exact["psnr_db"] > 30 and exact["ssim"] > 0.95
+    # brighter MR in the held-out block only: the table never saw it
+    shifted = mr.copy()
+    shifted[15:] = np.where(shifted[15:] > 0, shifted[15:] * 0.5, 0)
+    pair_shifted = PairedVolume(ct=ct, mr=shifted, mask=pair.mask, spacing=pair.spacing, region=3,
+                                source="synthetic", affine=np.eye(4))
+    assert lookup_baseline([pair_shifted], data, "ct2mr", *rules, bins=4096, smooth_voxels=0)["psnr_db"] < 15
 
 
 def test_masked_metrics():

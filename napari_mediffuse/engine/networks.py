@@ -29,6 +29,11 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "spatial_dims": 2,
     "image_channels": 1,
     "condition_channels": 0,
+    # Extra views of every condition channel, each a window [low, high] of the
+    # condition's normalised units stretched to [-1, 1] and clipped (a CT in
+    # the wide HU window gets a soft-tissue window: its 50 HU contrasts are
+    # otherwise 0.03 units, which the first convolution barely sees).
+    "condition_windows": [],
     "position_frequencies": 4,
     "num_regions": len(REGIONS),
     # Space-to-depth stem: the UNet runs at 1/stride resolution on
@@ -90,6 +95,11 @@ def _build_backbone(config: dict, in_channels: int, out_channels: int) -> nn.Mod
                               out_channels=out_channels, num_class_embeds=num_regions, **kwargs)
 
 
+def window_channels(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x`` in ``[low, high]`` stretched to [-1, 1], clipped outside."""
+    return torch.clamp((x - low) * (2.0 / (high - low)) - 1.0, -1.0, 1.0)
+
+
 class DiffusionNetwork(nn.Module):
     """Noise-prediction network with position, region and image conditioning.
 
@@ -107,8 +117,13 @@ class DiffusionNetwork(nn.Module):
         self.spatial_dims = c["spatial_dims"]
         self.image_channels = c["image_channels"]
         self.condition_channels = c["condition_channels"]
+        self.condition_windows = [(float(low), float(high)) for low, high in c["condition_windows"]]
+        if any(not high > low for low, high in self.condition_windows):
+            raise ValueError(f"condition_windows need low < high, got {c['condition_windows']}")
+        if self.condition_windows and not self.condition_channels:
+            raise ValueError("condition_windows need condition_channels")
         self.position_frequencies = c["position_frequencies"]
-        in_channels = (self.image_channels + self.condition_channels
+        in_channels = (self.image_channels + self.condition_channels * (1 + len(self.condition_windows))
                        + num_position_channels(self.spatial_dims, self.position_frequencies))
         self.stem_stride = int(c["stem_stride"])
         if self.stem_stride > 1 and self.spatial_dims != 2:
@@ -157,7 +172,9 @@ class DiffusionNetwork(nn.Module):
             if condition is None or condition.shape[1] != self.condition_channels:
                 got = None if condition is None else condition.shape[1]
                 raise ValueError(f"network expects {self.condition_channels} condition channels, got {got}")
-            parts.append(condition.to(sample.dtype))
+            condition = condition.to(sample.dtype)
+            parts.append(condition)
+            parts.extend(window_channels(condition, low, high) for low, high in self.condition_windows)
         parts.append(encode_positions(coords.to(sample.dtype), self.position_frequencies))
         x = torch.cat(parts, dim=1)
         if self.stem_stride > 1:
