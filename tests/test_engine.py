@@ -197,12 +197,13 @@ def test_network_handles_any_size_with_padding_and_conditions():
 def test_condition_windows_stretch_soft_tissue_and_are_saved(tmp_path):
     from napari_mediffuse.engine.networks import window_channels
 
-    # -250..350 HU of the wide CT window [-1024, 2048] HU
-    soft = [(-250 + 1024) / 1536 * 2 - 1, (350 + 1024) / 1536 * 2 - 1]
+    # -250..350 HU of the wide CT window [-1024, 2048] HU (the demo config's values)
+    soft = [(-250 + 1024) / 3072 * 2 - 1, (350 + 1024) / 3072 * 2 - 1]
+    assert soft == pytest.approx([-0.49609375, -0.10546875])
     hu = torch.tensor([-1000.0, -250.0, 0.0, 50.0, 350.0, 1000.0])
-    wide = (hu + 1024) / 1536 * 2 - 1
+    wide = (hu + 1024) / 3072 * 2 - 1
     stretched = window_channels(wide, *soft)
-    # 0 and 50 HU: 0.065 apart in the wide window, 0.167 (= 50 / 300) in the soft one
+    # 0 and 50 HU: 0.033 apart in the wide window, 0.167 (= 50 / 300) in the soft one
     torch.testing.assert_close(stretched, torch.tensor([-1.0, -1.0, -1 / 6, 0.0, 1.0, 1.0]))
     arch = {**TINY, "condition_channels": 3, "condition_windows": [soft]}
     net = DiffusionNetwork(arch)
