@@ -288,6 +288,8 @@ class CoarseVolumes(SampleStream):
         self.shape = tuple(int(n) for n in data_config["volume_shape"])
         self.boxes = [centre_fit(v.data, self.shape) for v in volumes]
         self.regions = [v.region for v in volumes]
+        # every sample is the whole box: the same coordinates each time
+        self.coords = coordinate_grid([(0, n) for n in self.shape[1:]], self.shape[1:])
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.seed, self.rank, self.part = seed, rank, part
 
@@ -296,10 +298,9 @@ class CoarseVolumes(SampleStream):
         box = self.boxes[k]
         if augment is not None:
             box = augment(box)
-        coords = coordinate_grid([(0, n) for n in self.shape[1:]], self.shape[1:]).numpy()
         return {
             "image": torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32)),
-            "coords": torch.from_numpy(coords),
+            "coords": self.coords,
             "region": torch.tensor(self.regions[k], dtype=torch.long),
         }
 

@@ -45,7 +45,7 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
 from ..engine.registry import load as load_model
-from ..engine.sampling import ddim_sample, make_generator, randn
+from ..engine.sampling import add_noise, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
 from .common import RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
@@ -161,30 +161,29 @@ def noised_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, check
     hu_range = intensity_range(None, checkpoint.normalization)
     layout = normalize(place_box(box_hu, box_spacing, shape, (voxel_mm,) * 3, fill=hu_range[0]),
                        checkpoint.normalization, hu_range)
-    abar_t = float(alphas_cumprod(checkpoint.schedule)[t])
-    noise = randn((1, 1) + tuple(shape), generator, device)
-    return abar_t ** 0.5 * torch.from_numpy(layout)[None, None].to(noise) + (1 - abar_t) ** 0.5 * noise
+    x0 = torch.from_numpy(layout)[None, None].to(device=device, dtype=torch.float32)
+    return add_noise(x0, t, alphas_cumprod(checkpoint.schedule), generator)
 
 
 def resolve_coarse_prior(coarse_model, region: str):
-    """The coarse checkpoint to use: ``'auto'`` = the default ``ct_prior_coarse``
-    checkpoint if one is installed (else none), ``None``/``'none'`` = none,
-    otherwise a name or folder (which must exist)."""
+    """The coarse checkpoint to use and its class for ``region``: ``'auto'`` =
+    the default ``ct_prior_coarse`` checkpoint if one is installed (else
+    none), ``None``/``'none'`` = none, otherwise a name or folder (which must
+    exist). Returns ``(checkpoint, region_class)`` or ``(None, None)``."""
     if coarse_model is None or str(coarse_model).lower() == "none":
-        return None
+        return None, None
     if str(coarse_model).lower() == "auto":
         if not list_checkpoints(task="ct_prior_coarse", modality="CT"):
-            return None
+            return None, None
         coarse_model = None
     try:
         checkpoint = load_model(coarse_model, task="ct_prior_coarse", modality="CT")
     except CheckpointError as exc:
         raise TaskInputError(str(exc)) from exc
     try:
-        region_index(region, checkpoint.card)
+        return checkpoint, region_index(region, checkpoint.card)
     except ValueError as exc:
         raise TaskInputError(f"coarse prior: {exc}") from exc
-    return checkpoint
 
 
 def synthesis_affine(shape, spacing) -> np.ndarray:
@@ -259,7 +258,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"shape {shape} at {spacing} mm is {native_shape} voxels at the model's {native:g} mm; "
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
-    coarse = resolve_coarse_prior(coarse_model, region)
+    coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
 
     started = time.monotonic()
     gen = make_generator(options.seed)
@@ -276,7 +275,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         fine_steps = max(2, round(steps * t_start / n_train))
         coarse_steps = steps
         box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
-                                    region=region_index(region, coarse.card), steps=coarse_steps,
+                                    region=coarse_region, steps=coarse_steps,
                                     generator=gen, cancel=options.cancel,
                                     progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
                                                           "coarse layout"))
