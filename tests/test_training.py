@@ -1,6 +1,7 @@
 """training/: data sampling, tiny train -> export -> load -> sample, 2-process DDP."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mediffuse.engine.checkpoint import load_checkpoint
+from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
 from napari_mediffuse.engine.inference import NoisePredictor
 from napari_mediffuse.engine.sampling import ddim_sample, make_generator
 from training.data import MultiLevelSlices, image_level, load_volumes, patch_level
@@ -88,6 +89,22 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
     train(tiny_config, tmp_path / "run", resume=True, device="cpu")
     steps = [r["step"] for r in read_log(tmp_path / "run") if "loss" in r]
     assert steps[-2:] == [7, 8]
+
+    # warm start: another run (other prediction type) starts from these weights
+    warm = copy.deepcopy(tiny_config)
+    warm["schedule"]["prediction_type"] = "sample"
+    warm["train"].update(init_from=str(folder), max_steps=1, learning_rate=0.0, warmup_steps=0)
+    warm_folder = train(warm, tmp_path / "warm", device="cpu")
+    start, again = load_checkpoint(folder).network.state_dict(), load_checkpoint(warm_folder).network.state_dict()
+    for key in start:  # learning rate 0: the weights are the initial ones
+        torch.testing.assert_close(again[key], start[key])
+    assert load_checkpoint(warm_folder).schedule["prediction_type"] == "sample"
+
+    # a checkpoint of another network is refused with its path in the message
+    other = copy.deepcopy(warm)
+    other["architecture"]["backbone_config"]["block_out_channels"] = [16, 16]
+    with pytest.raises(CheckpointError, match="init_from .*architecture differs"):
+        train(other, tmp_path / "other", device="cpu")
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ output folder::
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -39,11 +40,28 @@ LOG_FILE = "log.jsonl"
 
 
 def load_config(path) -> dict:
+    """Read a YAML config. ``base: other.yaml`` (relative to this file) loads
+    that config first and merges this one over it, key by key (a fine-tune
+    states only what it changes)."""
+    path = Path(path)
     with open(path) as handle:
-        config = yaml.safe_load(handle)
+        config = yaml.safe_load(handle) or {}
+    if "base" in config:
+        config = merge_configs(load_config(path.parent / config.pop("base")), config)
     config.setdefault("train", {})
     config["config_path"] = str(path)
     return config
+
+
+def merge_configs(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s keys put over it; nested dicts merge, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
@@ -143,7 +161,10 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
                                          num_workers=int(tcfg.get("num_workers", 0)))
     val_batch = val_set.fixed_batch(int(tcfg.get("validation_samples", 64)))
 
-    network = DiffusionNetwork(config["architecture"]).to(info.device)
+    network = DiffusionNetwork(config["architecture"])
+    if tcfg.get("init_from") and not (resume and (output / STATE_FILE).exists()):
+        init_weights(network, tcfg["init_from"], config["architecture"])
+    network = network.to(info.device)
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.get("ema_decay", 0.999))))
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(tcfg["learning_rate"]), weight_decay=0.0)
     autocast, scaler = _amp(info.device, precision)
@@ -228,6 +249,24 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     distributed.barrier(info)
     distributed.teardown(info)
     return output / "ema"
+
+
+def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> None:
+    """Warm start: copy a checkpoint folder's weights into ``network``.
+
+    The checkpoint's architecture must equal ``architecture`` (the run's
+    config); the noise schedule and prediction type may differ, so a model can
+    be fine-tuned to another parameterisation or on other data.
+    """
+    from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
+    from napari_mediffuse.engine.networks import complete_architecture
+
+    source = load_checkpoint(checkpoint)
+    if complete_architecture(source.card["architecture"]) != complete_architecture(architecture):
+        raise CheckpointError(f"train.init_from {checkpoint}: its architecture differs from the config's; "
+                              "a warm start needs the same network")
+    network.load_state_dict(source.network.state_dict())
+    log.info("initialised from %s (%s)", checkpoint, source.name)
 
 
 @torch.no_grad()
