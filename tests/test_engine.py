@@ -141,6 +141,16 @@ def test_dpm_solver_with_exact_score_matches_gaussian_statistics():
     assert abs(stds["dpm"] - s) < abs(stds["ddim"] - s)
 
 
+def test_quadratic_timestep_spacing():
+    # step i of n at t_end + (t_start - t_end) * ((n - i) / n)^2; t_end itself is not evaluated
+    assert timestep_sequence(1000, 4, spacing="quadratic") == [999, 562, 250, 62]
+    assert timestep_sequence(1000, 3, spacing="quadratic") == [999, 444, 111]
+    assert timestep_sequence(1000, 4, 100, t_end=20, spacing="quadratic") == [100, 65, 40, 25]
+    assert timestep_sequence(1000, 4) == [999, 666, 333, 0]  # linear keeps both ends
+    with pytest.raises(ValueError, match="spacing"):
+        timestep_sequence(1000, 4, spacing="cubic")
+
+
 def test_timestep_sequence_and_noise_level_matching():
     seq = timestep_sequence(1000, 10)
     assert seq[0] == 999 and seq[-1] == 0 and len(seq) == 10

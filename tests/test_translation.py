@@ -329,7 +329,35 @@ def test_translate_ct_to_mr_on_input_grid(ct_crop, ct2mr_model):
     guided = translate(ct_crop, direction="ct2mr", steps=2, guidance=2.0, sampler="dpm", context_slices=0,
                        options=options)
     assert guided.data.shape == ct_crop.data.shape and not np.allclose(guided.data, result.data)
-    assert guided.metadata["parameters"]["evaluations_per_slice"] == 4
+    # 2 steps x 2 (guidance: conditional and unconditional) x 2 samples (the default ensemble)
+    assert guided.metadata["parameters"]["evaluations_per_slice"] == 8
+
+
+def test_ensemble_averages_antithetic_samples(ct_crop, ct2mr_model, monkeypatch):
+    """ensemble=2 is the mean of the samples drawn from noise z and -z, where
+    z is the single-sample run's noise (same seed)."""
+    from napari_mediffuse.tasks import translate as translate_module
+
+    generator = torch.Generator().manual_seed(0)
+    members = translate_module.ensemble_noise((1, 1, 4, 4), 3, generator)
+    torch.testing.assert_close(members[1], -members[0])
+    assert not torch.allclose(members[2].abs(), members[0].abs())
+    first = translate_module.ensemble_noise((1, 1, 4, 4), 1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first[0], members[0])
+
+    options = RunOptions(device="cpu", seed=5)
+    one = translate(ct_crop, direction="ct2mr", steps=2, ensemble=1, options=options)
+    both = translate(ct_crop, direction="ct2mr", steps=2, ensemble=2, options=options)
+    original = translate_module.ensemble_noise
+    monkeypatch.setattr(translate_module, "ensemble_noise",
+                        lambda shape, n, gen: [-z for z in original(shape, n, gen)])
+    mirrored = translate(ct_crop, direction="ct2mr", steps=2, ensemble=1, options=options)
+    np.testing.assert_allclose(both.data, (one.data + mirrored.data) / 2, atol=0.05)  # MR units 0-1000
+    assert not np.allclose(one.data, mirrored.data, atol=1.0)
+    p = both.metadata["parameters"]
+    assert p["ensemble"] == 2 and p["evaluations_per_slice"] == 4 and p["spacing"] == "quadratic"
+    with pytest.raises(TaskInputError, match="ensemble"):
+        translate(ct_crop, direction="ct2mr", ensemble=0, options=options)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])

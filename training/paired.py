@@ -369,6 +369,7 @@ class PairedVolume:
     region: int
     source: str
     affine: np.ndarray | None = None
+    mr_clean: np.ndarray | None = None  # simulated pairs: the MR without bias field and noise
 
 
 def read_pair(files: PairFiles, *, region=None) -> PairedVolume:
@@ -427,7 +428,7 @@ def simulated_pairs(spec: dict, *, region=None) -> list[PairedVolume]:
         out.append(PairedVolume(ct=ct, mr=sim.mr, mask=sim.mask, spacing=ct_vol.spacing,
                                 region=region_index(region), source=f"{spec['ct']} (simulated "
                                 f"{sim.contrast}w, seed {int(spec.get('seed', 0)) + v})",
-                                affine=ct_vol.affine))
+                                affine=ct_vol.affine, mr_clean=sim.clean))
     return out
 
 
@@ -468,12 +469,27 @@ def translation_rules(config: dict) -> tuple[dict, dict]:
 def normalize_pair(pair: PairedVolume, config: dict) -> tuple[np.ndarray, np.ndarray]:
     """(source, target) of a pair in [-1, 1]. MR: the volume's robust range
     (the same :func:`~napari_mediffuse.engine.intensity.intensity_range` as at
-    inference); CT: the fixed HU window."""
+    inference); CT: the fixed HU window.
+
+    ``data.mr_target: clean`` (CT -> MR, simulated pairs): the target is the
+    simulator's MR without bias field and noise, in the acquired MR's range
+    (so in the same units). Neither can be predicted from the CT: a model
+    trained on acquired MR learns to draw a random bias field and noise, which
+    are artefacts, not anatomy.
+    """
     src_rule, tgt_rule = translation_rules(config)
     ct_first = config["direction"] == "ct2mr"
     src_data, tgt_data = (pair.ct, pair.mr) if ct_first else (pair.mr, pair.ct)
+    mr_target = config["data"].get("mr_target", "acquired")
+    if mr_target not in ("acquired", "clean"):
+        raise ValueError(f"data.mr_target must be 'acquired' or 'clean', got {mr_target!r}")
+    tgt_range = intensity_range(tgt_data, tgt_rule)
+    if mr_target == "clean" and ct_first:
+        if pair.mr_clean is None:
+            raise ValueError(f"{pair.source}: data.mr_target 'clean' needs simulated pairs")
+        tgt_data = pair.mr_clean
     return (normalize(src_data, src_rule, intensity_range(src_data, src_rule)),
-            normalize(tgt_data, tgt_rule, intensity_range(tgt_data, tgt_rule)))
+            normalize(tgt_data, tgt_rule, tgt_range))
 
 
 @dataclass

@@ -41,20 +41,36 @@ def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def timestep_sequence(num_train_timesteps: int, steps: int, t_start: Optional[int] = None,
-                      t_end: int = 0) -> list[int]:
-    """Evenly spaced steps from ``t_start`` (default T-1) down to ``t_end`` (default 0), descending.
+#: How the sampled steps are spread between ``t_start`` and ``t_end``.
+SPACINGS = ("linear", "quadratic")
 
-    ``steps`` is the number of network evaluations; the sequence always
-    includes ``t_start`` and ends at ``t_end``.
+
+def timestep_sequence(num_train_timesteps: int, steps: int, t_start: Optional[int] = None,
+                      t_end: int = 0, spacing: str = "linear") -> list[int]:
+    """The steps a sampler evaluates, from ``t_start`` (default T-1) down towards ``t_end``.
+
+    ``steps`` is the number of network evaluations.
+
+    * ``'linear'``: evenly spaced, including both ``t_start`` and ``t_end``.
+    * ``'quadratic'`` (DDIM paper, Song et al. 2021, section 5): step ``i``
+      of ``n`` at ``t_end + (t_start - t_end) * ((n - i) / n)^2``, denser
+      where the noise is small and the details are drawn. ``t_end`` itself
+      is not evaluated: at ``t_end = 0`` the image is already clean, so the
+      last estimate (at ``(t_start - t_end) / n^2`` above it) is returned
+      instead of spending a network evaluation on an identity step.
     """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; known: {SPACINGS}")
     t_start = num_train_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= t_start < num_train_timesteps:
         raise ValueError(f"t_start must be in [0, {num_train_timesteps - 1}], got {t_start}")
     t_end = min(max(int(t_end), 0), t_start)
     steps = max(1, min(int(steps), t_start - t_end + 1))
-    seq = np.round(np.linspace(t_start, t_end, steps)).astype(int)
-    return [int(t) for t in dict.fromkeys(seq.tolist())]
+    if spacing == "linear":
+        seq = np.linspace(t_start, t_end, steps)
+    else:
+        seq = t_end + (t_start - t_end) * (np.arange(steps, 0, -1) / steps) ** 2
+    return [int(t) for t in dict.fromkeys(np.round(seq).astype(int).tolist())]
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Tensor:
@@ -94,7 +110,7 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
                 generator: Optional[torch.Generator] = None,
                 x0_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
                 xt_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
-                clip: Optional[tuple[float, float]] = (-1.0, 1.0),
+                clip: Optional[tuple[float, float]] = (-1.0, 1.0), spacing: str = "linear",
                 progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelCheck] = None) -> torch.Tensor:
     """Run the reverse process from ``x_t`` at ``t_start`` down to a clean image.
@@ -125,6 +141,8 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
         See the module docstring.
     clip : (float, float) or None
         Range the x0 estimate is clipped to (the data range, [-1, 1]).
+    spacing : {'linear', 'quadratic'}
+        How the steps are spread (:func:`timestep_sequence`).
     progress, cancel :
         Called / checked once per step.
 
@@ -134,7 +152,7 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
         The final x0 estimate.
     """
     abar = alphas_cumprod(schedule)
-    seq = timestep_sequence(len(abar), steps, t_start, t_end)
+    seq = timestep_sequence(len(abar), steps, t_start, t_end, spacing)
     generator = generator or make_generator(None)
     x = x_t
     for i, t in enumerate(seq):

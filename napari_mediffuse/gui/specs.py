@@ -238,9 +238,11 @@ def _run_translate(volume, values, options):
     if direction == "auto":
         direction = "ct2mr" if volume.modality == "CT" else "mr2ct"
     folder = values.get("diffusers_folder")
-    model = str(folder) if folder and str(folder) not in ("", ".") else values.get("model")
+    pipeline = bool(folder) and str(folder) not in ("", ".")
+    model = str(folder) if pipeline else values.get("model")
     result = translate(volume, direction=direction, model=model, steps=values.get("steps"),
                        guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
+                       ensemble=None if pipeline else values.get("ensemble"),
                        prompt=values.get("prompt") or None, image_guidance=values.get("image_guidance"),
                        options=options)
     return [image_layer_data(result)]  # marked synthetic by the task (name, metadata)
@@ -249,7 +251,7 @@ def _run_translate(volume, values, options):
 def translate_spec() -> TaskSpec:
     from pathlib import Path
 
-    from ..tasks.translate import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+    from ..tasks.translate import DEFAULT_ENSEMBLE, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 
     return TaskSpec(
         key="translate", title="Translate", run=_run_translate, modalities=("CT", "MR"),
@@ -264,6 +266,8 @@ def translate_spec() -> TaskSpec:
                   tooltip="image guidance scale (1 = plain model; >1 follows the source more, 2x slower); "
                           "text guidance for Stable Diffusion pipelines",
                   options={"min": 0.0, "max": 20.0, "step": 0.1}),
+            Param("ensemble", DEFAULT_ENSEMBLE, options={"min": 1, "max": 16},
+                  tooltip="samples averaged per slice (1 = one sample, half the time); our models only"),
             Param("sampler", "ddim", options={"choices": list(SAMPLERS)}, advanced=True),
             Param("diffusers_folder", Path(""), annotation=Path, advanced=True,
                   tooltip="a Stable Diffusion InstructPix2Pix / ControlNet pipeline folder "

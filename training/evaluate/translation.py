@@ -145,6 +145,7 @@ def lookup_baseline(pairs, data_config: dict, direction: str, source_rule: dict,
 
 
 def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, guidance: float | None = None,
+                         ensemble: int | None = None,
                          sampler: str = "ddim", max_slices: int | None = None, new_noise: bool = True,
                          device: str = "cpu", seed: int = 0, speed_size: int | None = 256,
                          batch_size: int = 4) -> dict:
@@ -154,7 +155,8 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
     (``mae_hu`` for MR -> CT) and ``seconds_per_slice``.
     """
     from napari_mediffuse.tasks.common import RunOptions
-    from napari_mediffuse.tasks.translate import DEFAULT_GUIDANCE, DEFAULT_STEPS, translate
+    from napari_mediffuse.tasks.translate import (DEFAULT_ENSEMBLE, DEFAULT_GUIDANCE, DEFAULT_SPACING,
+                                                  DEFAULT_STEPS, translate)
 
     from ..paired import load_pairs
 
@@ -169,6 +171,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
     pairs = load_pairs(data_config)
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    ensemble = DEFAULT_ENSEMBLE if ensemble is None else int(ensemble)
     options = RunOptions(device=device, seed=seed, batch_size=batch_size)
     target_rule = card["normalization"]
     per_pair, stacks = [], {"pred": [], "ref": [], "mask": []}
@@ -184,7 +187,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
                      modality="CT" if direction == "ct2mr" else "MR", name=Path(str(pair.source)).name)
         started = time.perf_counter()
         result = translate(sub, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
-                           sampler=sampler, options=options)
+                           ensemble=ensemble, sampler=sampler, options=options)
         seconds = time.perf_counter() - started
         mask = pair.mask[block]
         if direction == "ct2mr":
@@ -220,7 +223,8 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
     report = {
         "checkpoint": str(checkpoint), "model": ckpt.name, "direction": direction,
         "trained_on_simulated_pairs": bool(card.get("trained_on_simulated_pairs")),
-        "steps": int(steps), "guidance": float(guidance), "sampler": sampler, "seed": seed,
+        "steps": int(steps), "guidance": float(guidance), "ensemble": ensemble, "sampler": sampler, "seed": seed,
+        "spacing": DEFAULT_SPACING if sampler == "ddim" else None,
         "new_noise_draws": bool(new_noise), "overall": overall, "pairs": per_pair,
         "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch": torch.__version__, "device": device},
@@ -229,13 +233,14 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
     }
     if speed_size:
         report["speed"] = measure_speed(checkpoint, card, size=int(speed_size), steps=steps, guidance=guidance,
+                                        ensemble=ensemble,
                                         sampler=sampler, device=device, batch_size=batch_size)
     report["_picture"] = picture
     return report
 
 
 def measure_speed(checkpoint, card: dict, *, size: int = 256, slices: int = 4, steps: int = 4,
-                  guidance: float = 1.0, sampler: str = "ddim", device: str = "cpu", batch_size: int = 4) -> dict:
+                  guidance: float = 1.0, ensemble: int = 1, sampler: str = "ddim", device: str = "cpu", batch_size: int = 4) -> dict:
     """Seconds per ``size`` x ``size`` slice at the model's pixel size (model
     already loaded once: a warm-up run is not timed)."""
     from napari_mediffuse.tasks.common import RunOptions
@@ -257,10 +262,10 @@ def measure_speed(checkpoint, card: dict, *, size: int = 256, slices: int = 4, s
               guidance=guidance, sampler=sampler, options=options)
     started = time.perf_counter()
     translate(volume, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
-              sampler=sampler, options=options)
+              ensemble=ensemble, sampler=sampler, options=options)
     seconds = (time.perf_counter() - started) / slices
     return {"slice_size": [size, size], "slices": slices, "seconds_per_slice": round(seconds, 3),
-            "steps": steps, "guidance": guidance, "cpu_threads": torch.get_num_threads()}
+            "steps": steps, "guidance": guidance, "ensemble": ensemble, "cpu_threads": torch.get_num_threads()}
 
 
 def markdown(report: dict) -> str:
@@ -271,8 +276,9 @@ def markdown(report: dict) -> str:
         f"## Translation {d}: {report['model']}",
         "",
         f"Held-out {'simulated ' if report['trained_on_simulated_pairs'] else ''}pairs, metrics inside the "
-        f"body mask; {report['steps']} {report['sampler'].upper()} steps, guidance {report['guidance']:g}, "
-        f"seed {report['seed']}.",
+        f"body mask; {report['steps']} {report['sampler'].upper()} steps"
+        f"{' (' + report['spacing'] + ' spacing)' if report.get('spacing') else ''}, "
+        f"{report.get('ensemble', 1)} sample(s) averaged, guidance {report['guidance']:g}, seed {report['seed']}.",
         "",
         "| pair | slices | PSNR (dB) | SSIM | MAE | s / slice |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -291,7 +297,7 @@ def markdown(report: dict) -> str:
     if "speed" in report:
         s = report["speed"]
         lines += ["", f"Speed: {s['seconds_per_slice']:.2f} s per {s['slice_size'][0]} x {s['slice_size'][1]} "
-                      f"slice ({s['steps']} steps, {s['cpu_threads']} CPU threads, {report['machine']['device']})."]
+                      f"slice ({s['steps']} steps x {s.get('ensemble', 1)} sample(s), {s['cpu_threads']} CPU threads, {report['machine']['device']})."]
     ref = report["reference_mediffuse"]["instruct-pix2pix"]
     lines += ["", f"For reference only (other data, other hardware): Mediffuse's SD 1.5 InstructPix2Pix "
                   f"CT -> MR reached PSNR {ref['psnr_db']} dB, SSIM {ref['ssim']} at {ref['seconds_per_slice']} s "
@@ -344,6 +350,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--output", required=True, help="folder for the JSON, Markdown and picture")
     p.add_argument("--steps", type=int, help="sampler steps (default: the task's)")
     p.add_argument("--guidance", type=float, help="image guidance scale (default: the task's)")
+    p.add_argument("--ensemble", type=int, help="samples averaged per slice (default: the task's)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
     p.add_argument("--max-slices", type=int, help="at most this many held-out slices per pair")
     p.add_argument("--same-noise", action="store_true",
@@ -359,6 +366,7 @@ def _cmd(args) -> int:
 
     config = yaml.safe_load(Path(args.config).read_text())
     report = evaluate_translation(args.checkpoint, config, steps=args.steps, guidance=args.guidance,
+                                  ensemble=args.ensemble,
                                   sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
                                   device=args.device, seed=args.seed, speed_size=args.speed_size or None)
     for path in write_report(report, args.output):
