@@ -488,6 +488,35 @@ def test_train_translation_then_translate_and_evaluate(tmp_path, ct_and_labels, 
     assert "PSNR" in paths[1].read_text() and json.loads(paths[0].read_text())["direction"] == "ct2mr"
 
 
+def test_clean_mr_target_uses_the_acquired_mr_units():
+    """data.mr_target 'clean': the target is the simulator's bias- and
+    noise-free MR, normalised with the acquired MR's robust range (so the
+    model's units are the reference's); pairs without it are refused."""
+    from napari_mediffuse.engine.intensity import intensity_range, normalize
+    from training.paired import PairedVolume, normalize_pair
+
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 30, (4, 16, 16)).astype(np.float32)
+    clean = np.full(ct.shape, 500.0, np.float32)
+    clean[:, :8] = 900.0
+    acquired = clean * 1.1 + rng.normal(0, 20, ct.shape).astype(np.float32)
+    pair = PairedVolume(ct=ct, mr=acquired, mask=np.ones(ct.shape, bool), spacing=(3.0, 3.0, 3.0), region=3,
+                        source="sim", mr_clean=clean)
+    rule = {"type": "robust_percentile", "low_pct": 0.5, "high_pct": 99.5}
+    config = {"direction": "ct2mr", "normalization": rule, "data": {"mr_target": "clean"}}
+    _, target = normalize_pair(pair, config)
+    low, high = intensity_range(acquired, rule)
+    assert high > 1000  # the acquired range, not the clean one (500-900)
+    np.testing.assert_allclose(target, normalize(clean, rule, (low, high)), atol=1e-6)
+    _, acquired_target = normalize_pair(pair, dict(config, data={}))
+    np.testing.assert_allclose(acquired_target, normalize(acquired, rule, (low, high)), atol=1e-6)
+    with pytest.raises(ValueError, match="needs simulated pairs"):
+        normalize_pair(PairedVolume(ct=ct, mr=acquired, mask=pair.mask, spacing=pair.spacing, region=3,
+                                    source="real pair"), config)
+    with pytest.raises(ValueError, match="mr_target"):
+        normalize_pair(pair, dict(config, data={"mr_target": "denoised"}))
+
+
 def test_lookup_baseline_recovers_a_voxelwise_mapping_from_training_slices_only():
     """The baseline fits source level -> target on the training slices and is
     scored on the held-out block: exact for a voxelwise map, blind to a
