@@ -99,6 +99,8 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
     for key in start:  # learning rate 0: the weights are the initial ones
         torch.testing.assert_close(again[key], start[key])
     assert load_checkpoint(warm_folder).schedule["prediction_type"] == "sample"
+    provenance = load_checkpoint(warm_folder).card["training"]["init_from"]
+    assert provenance["path"] == str(folder) and provenance["steps"] == 8  # the resumed run's card
 
     # a checkpoint of another network is refused with its path in the message
     other = copy.deepcopy(warm)

@@ -269,6 +269,23 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
     log.info("initialised from %s (%s)", checkpoint, source.name)
 
 
+def _init_provenance(folder) -> dict:
+    """Where a fine-tune started: the folder and its card's training summary."""
+    from napari_mediffuse.engine.checkpoint import CheckpointError, read_card
+
+    out = {"path": str(folder)}
+    try:
+        card = read_card(folder)
+    except (CheckpointError, OSError):
+        return out
+    training = card.get("training", {})
+    out.update(name=card.get("name"), steps=training.get("steps"), wall_seconds=training.get("wall_seconds"),
+               command=training.get("command"), config=training.get("config"))
+    if training.get("init_from"):
+        out["init_from"] = training["init_from"]
+    return out
+
+
 @torch.no_grad()
 def validation_loss(network, batch: dict, abar: torch.Tensor, device, prediction_type: str = "epsilon") -> float:
     """Loss on fixed held-out samples at fixed steps (comparable across runs)."""
@@ -325,6 +342,8 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
             "processes": world_size, "wall_seconds": round(seconds, 1),
             "command": command or " ".join(sys.argv), "config": config.get("config_path"),
             "torch": torch.__version__,
+            **({"init_from": _init_provenance(config["train"]["init_from"])} if config["train"].get("init_from") else {}),
+            **({"mr_target": data["mr_target"]} if data.get("mr_target") else {}),
         },
         metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},
         summary=config.get("summary", ""),
