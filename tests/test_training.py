@@ -109,6 +109,26 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
         train(other, tmp_path / "other", device="cpu")
 
 
+def test_config_base_is_merged_key_by_key(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "name: parent\nschedule: {prediction_type: v_prediction, num_train_timesteps: 1000}\n"
+        "data: {orientations: {axial: 0.5, coronal: 0.5}, spacing_mm: 3.0}\ntrain: {max_steps: 100}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "base: ../parent.yaml\nschedule: {prediction_type: sample}\ndata: {orientations: {coronal: 0.0}}\n"
+        "train: {init_from: somewhere}\n")
+    config = load_config(tmp_path / "sub" / "child.yaml")
+    assert config["name"] == "parent" and "base" not in config
+    assert config["schedule"] == {"prediction_type": "sample", "num_train_timesteps": 1000}
+    assert config["data"] == {"orientations": {"axial": 0.5, "coronal": 0.0}, "spacing_mm": 3.0}
+    assert config["train"] == {"max_steps": 100, "init_from": "somewhere"}
+    # the demo fine-tune config states only what it changes
+    clean = load_config(REPO / "training" / "configs" / "translate_ct2mr_clean.yaml")
+    stage1 = load_config(REPO / "training" / "configs" / "translate_ct2mr.yaml")
+    assert clean["architecture"] == stage1["architecture"] and clean["data"]["mr_target"] == "clean"
+    assert clean["data"]["pairs"] == stage1["data"]["pairs"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

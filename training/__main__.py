@@ -45,14 +45,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_evaluate_prior(args) -> int:
-    import yaml
-
     from napari_mediffuse.engine.checkpoint import load_checkpoint
 
     from .evaluate_prior import one_step_denoising
+    from .trainer import load_config
 
     checkpoint = load_checkpoint(args.checkpoint)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = load_config(args.config)  # resolves base: configs
     print(json.dumps(one_step_denoising(checkpoint.network, config), indent=2))
     return 0
 

@@ -362,9 +362,9 @@ def add_command(subparsers) -> None:
 
 
 def _cmd(args) -> int:
-    import yaml
+    from ..trainer import load_config
 
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = load_config(args.config)  # resolves base: configs
     report = evaluate_translation(args.checkpoint, config, steps=args.steps, guidance=args.guidance,
                                   ensemble=args.ensemble,
                                   sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
