@@ -124,6 +124,8 @@ def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: fl
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
              device="cpu", coarse_model="auto", refine_from=None, out=None) -> dict:
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1 (the scores describe generated volumes), got {samples}")
     real = io.read(real_path)[0]
     real_hu = real.data.astype(np.float32)
     results = {"real": {"path": str(real_path), "shape": list(real_hu.shape),
