@@ -164,6 +164,8 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     network = DiffusionNetwork(config["architecture"])
     if tcfg.get("init_from") and not (resume and (output / STATE_FILE).exists()):
         init_weights(network, tcfg["init_from"], config["architecture"])
+    # read once: every exported card records where a fine-tune started
+    init_from = _init_provenance(tcfg["init_from"]) if tcfg.get("init_from") else None
     network = network.to(info.device)
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.get("ema_decay", 0.999))))
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(tcfg["learning_rate"]), weight_decay=0.0)
@@ -205,7 +207,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             torch.save(state, tmp)
             tmp.replace(state_path)
             export_ema(config, ema.module, output / "ema", step=step, seconds=elapsed(),
-                       world_size=info.world_size, command=command)
+                       world_size=info.world_size, command=command, init_from=init_from)
 
     while step < total_steps and not (max_seconds and elapsed() >= max_seconds):
         for group in optimizer.param_groups:
@@ -313,8 +315,10 @@ def read_log(output) -> list[dict]:
 
 def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: int, seconds: float,
                world_size: int = 1, command: str | None = None, dtype=torch.float32,
-               metrics: dict | None = None) -> Path:
-    """Write EMA weights and a full card (plugin checkpoint format)."""
+               metrics: dict | None = None, init_from: dict | None = None) -> Path:
+    """Write EMA weights and a full card (plugin checkpoint format).
+
+    ``init_from``: where a fine-tune started (:func:`_init_provenance`), recorded in the card."""
     records = read_log(folder.parent) if (folder.parent / LOG_FILE).exists() else []
     val = [r["val_loss"] for r in records if "val_loss" in r]
     data = config["data"]
@@ -342,7 +346,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
             "processes": world_size, "wall_seconds": round(seconds, 1),
             "command": command or " ".join(sys.argv), "config": config.get("config_path"),
             "torch": torch.__version__,
-            **({"init_from": _init_provenance(config["train"]["init_from"])} if config["train"].get("init_from") else {}),
+            **({"init_from": init_from} if init_from else {}),
             **({"mr_target": data["mr_target"]} if data.get("mr_target") else {}),
         },
         metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},

@@ -155,8 +155,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
     (``mae_hu`` for MR -> CT) and ``seconds_per_slice``.
     """
     from napari_mediffuse.tasks.common import RunOptions
-    from napari_mediffuse.tasks.translate import (DEFAULT_ENSEMBLE, DEFAULT_GUIDANCE, DEFAULT_SPACING,
-                                                  DEFAULT_STEPS, translate)
+    from napari_mediffuse.tasks.translate import DEFAULT_ENSEMBLE, DEFAULT_GUIDANCE, DEFAULT_STEPS, translate
 
     from ..paired import load_pairs
 
@@ -224,7 +223,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
         "checkpoint": str(checkpoint), "model": ckpt.name, "direction": direction,
         "trained_on_simulated_pairs": bool(card.get("trained_on_simulated_pairs")),
         "steps": int(steps), "guidance": float(guidance), "ensemble": ensemble, "sampler": sampler, "seed": seed,
-        "spacing": DEFAULT_SPACING if sampler == "ddim" else None,
+        "spacing": result.metadata["parameters"]["spacing"],  # as the task recorded it
         "new_noise_draws": bool(new_noise), "overall": overall, "pairs": per_pair,
         "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch": torch.__version__, "device": device},
