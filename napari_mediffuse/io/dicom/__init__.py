@@ -1,0 +1,124 @@
+"""DICOM reading with pydicom: files, folders, folder trees and DICOMDIRs.
+
+:func:`read_dicom` turns whatever the user points at into one
+:class:`~napari_mediffuse.io.volume.Volume` per image series:
+
+1. **Find files** -- a single file, every file under a folder (recursively),
+   or the files a DICOMDIR references.
+2. **Read headers** (pixel data deferred) and describe every 2D frame -- a
+   single-frame file is one frame, an enhanced multi-frame file holds many --
+   with its position, orientation, pixel spacing and rescale.
+3. **Group** frames by SeriesInstanceUID, then split groups that mix
+   orientations, image sizes or pixel spacings, and groups where several
+   frames share a slice position (echoes, phases, repeated acquisitions).
+4. **Stack** each group: slices are sorted by their position projected on
+   the slice normal (never by file name or InstanceNumber), the slice
+   spacing comes from the positions, uneven spacing (missing slices) is
+   resampled onto a regular grid, a gantry tilt is kept in a sheared affine.
+5. **Decode** pixels, apply RescaleSlope/RescaleIntercept slice by slice (CT
+   in Hounsfield units), build the index -> RAS+ affine from the LPS patient
+   coordinates and reorient to the display orientation (S, P, L).
+
+Geometry of a DICOM frame (all in LPS millimetres, DICOM's patient system)::
+
+    position(r, c) = ImagePositionPatient
+                     + c * PixelSpacing[1] * row_cosines      # IOP[:3]
+                     + r * PixelSpacing[0] * column_cosines   # IOP[3:]
+
+where ``r`` is the row index (down the image) and ``c`` the column index
+(across). Our arrays stack frames as ``data[slice, r, c]``.
+
+Files that cannot be used (not DICOM, no pixel data, no patient geometry,
+colour, corrupt) are skipped with a warning when other series are readable;
+:class:`~napari_mediffuse.io.errors.ReadError` is raised only when nothing
+readable remains. Messages never contain patient-identifying tags.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ReadError
+from ..volume import Volume
+from .assembly import _build_with_retries, _group_frames, _make_names_unique
+from .discovery import (
+    DicomReadWarning, _Frame, _frames_from_file, _input_files, _quiet_pydicom, _Skip,  # noqa: F401 (dicom_write)
+    _SkipLog, _warn, is_dicom_file,
+)
+
+__all__ = ["DicomReadWarning", "is_dicom_file", "read_dicom"]
+
+
+def read_dicom(path) -> list[Volume]:
+    """Read every CT/MR image series under ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A DICOM file, a folder (searched recursively; it may hold several
+        series, studies or patients) or a DICOMDIR file (only the files it
+        references are read).
+
+    Returns
+    -------
+    list of Volume
+        One volume per series (or per part of a series that mixes
+        orientations or repeats slice positions), sorted by SeriesNumber.
+        ``data`` is ``(S, P, L)`` ordered; CT values are Hounsfield units.
+        Integer int16/int32 when the rescale is integral, float32 otherwise
+        (and after resampling). ``name`` is ``"<SeriesDescription> (<Modality>)"``
+        (unique within the list), ``source`` the given path. ``metadata``
+        holds ``series_instance_uid``, ``study_instance_uid``,
+        ``series_description``, ``series_number``, ``modality``,
+        ``slice_thickness_mm``, ``slice_spacing_mm``, ``pixel_spacing_mm``,
+        ``gantry_tilt_deg``, ``manufacturer``, ``transfer_syntax``, ``files``
+        (source files in slice order), ``warnings`` and ``dicom_reference``
+        (non-identifying tags for writing derived series).
+
+    Raises
+    ------
+    ReadError
+        The path does not exist, holds no DICOM image with patient geometry,
+        or (for a single file) the file is corrupt, non-image, 2D without
+        patient geometry, colour, or cannot be decoded.
+
+    Warns
+    -----
+    DicomReadWarning
+        Skipped files (when other series were readable), uneven slice spacing
+        (resampled), gantry tilt, assumed slice thickness.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ReadError(f"{path}: no such file or folder")
+    files, single = _input_files(path)
+
+    skips = _SkipLog()
+    frames: list[_Frame] = []
+    for file in files:
+        try:
+            frames.extend(_frames_from_file(file))
+        except _Skip as skip:
+            if single:
+                raise ReadError(f"{file} {skip.reason}") from None
+            skips.add(file, skip.kind, skip.reason)
+
+    volumes: list[tuple[tuple, Volume]] = []
+    for group in _group_frames(frames):
+        built = _build_with_retries(group, skips, single)
+        if built is not None:
+            for note in built.metadata["warnings"]:
+                _warn(note)
+            volumes.append((group.sort_key, built))
+
+    if not volumes:
+        raise ReadError(skips.error_message(path, len(files)))
+    if skips:
+        _warn(skips.warning_message(path, len(files)))
+
+    volumes.sort(key=lambda item: item[0])
+    result = [vol for _, vol in volumes]
+    _make_names_unique(result)
+    for vol in result:
+        vol.source = str(path)
+    return result
+
