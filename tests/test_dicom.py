@@ -341,7 +341,12 @@ def test_enhanced_frames_with_different_orientations_are_separate_volumes(tmp_pa
     path = tmp_path / "enhanced.dcm"
     ds.save_as(path)
 
-    volumes = read_dicom(path)
+    with pytest.warns(DicomReadWarning) as record:
+        volumes = read_dicom(path)
+    (message,) = [str(w.message) for w in record]
+    assert message == (f"{path}: series 'two stacks': slices disagree in orientation "
+                       "(5 axial, 5 sagittal) and no orientation holds most of them; "
+                       "each is read as a separate volume")
     assert sorted(v.name for v in volumes) == ["two stacks (MR) axial", "two stacks (MR) sagittal"]
     axial = next(v for v in volumes if v.name.endswith("axial"))
     sagittal = next(v for v in volumes if v.name.endswith("sagittal"))
@@ -358,8 +363,9 @@ def test_enhanced_frames_with_different_orientations_are_separate_volumes(tmp_pa
 #: (name, slices along the slice axis) of every volume in pydicom's DICOMDIR
 #: test set, in SeriesNumber order. The tri-plane localisers and the radial
 #: MIPs share a SeriesInstanceUID across orientations and split into one
-#: volume per orientation; "Routine Brain" has a 202.5 mm gap and is
-#: resampled at 1.25 mm (4 slices -> 165).
+#: volume per orientation; "Routine Brain" has a 202.5 mm gap: its 4 slices
+#: stay at their true places on a 1.25 mm grid of 165 slices (not
+#: interpolated). The CT scouts (ImageType LOCALIZER) are listed last.
 DICOMDIR_VOLUMES = {
     "FAST LOCALIZER (MR)": 1,
     "FAST LOCALIZER (MR) #2": 1,
@@ -372,12 +378,12 @@ DICOMDIR_VOLUMES = {
     "T/S/C RF FAST PILOT (MR) coronal #2": 1,
     "T/S/C RF FAST PILOT (MR) sagittal #2": 1,
     "T/S/C RF FAST PILOT (MR) axial #2": 1,
-    "Scout (CT) sagittal": 1,
-    "Scout (CT) coronal": 1,
     "SmartScore - Gated 0.5 sec (CT)": 5,
     **{f"ANGIO Projected from C (MR) {name}": 1 for name in (
         "coronal", "coronal #2", "coronal #3", "sagittal", "sagittal #2",
         "sagittal #3", "sagittal #4")},
+    "Scout (CT) sagittal [localizer]": 1,
+    "Scout (CT) coronal [localizer]": 1,
 }
 
 
@@ -396,8 +402,13 @@ def test_dicomdir_series_and_slice_counts(dicomdir_root):
         volumes = read_dicom(dicomdir_root / "DICOMDIR")
     assert {v.name: _slice_count(v) for v in volumes} == DICOMDIR_VOLUMES
     assert [v.name for v in volumes] == list(DICOMDIR_VOLUMES)  # SeriesNumber order
-    numbers = [v.metadata["series_number"] for v in volumes]
+    numbers = [v.metadata["series_number"] for v in volumes if not v.metadata["localizer"]]
     assert numbers == sorted(numbers)
+    assert [v.name for v in volumes if v.metadata["localizer"]] == list(DICOMDIR_VOLUMES)[-2:]
+    brain = volumes[list(DICOMDIR_VOLUMES).index("Routine Brain (CT)")]
+    assert brain.data.dtype == np.int16 and not brain.metadata["resampled"]
+    assert len(brain.metadata["missing_slices"]["indices"]) == 161
+    assert_voxels_at_dicom_positions(brain, brain.metadata["files"], step=7)
     messages = [str(w.message) for w in record]
     # The three CR radiographs have no patient geometry; nothing else skipped.
     skipped = [m for m in messages if "skipped" in m]
@@ -473,7 +484,7 @@ def test_slices_sorted_by_position_not_file_name_or_instance_number(tmp_path):
     assert_voxels_at_dicom_positions(vol, files, step=3)
 
 
-def test_missing_slice_is_resampled_with_a_warning(tmp_path):
+def test_missing_slice_is_reported_and_slices_stay_in_place(tmp_path):
     positions = axial_positions(7, spacing=2.0)
     files = write_series(tmp_path / "gap", positions, description="gappy")
     files[4].unlink()  # the slice at 8 mm is missing: a 4 mm gap
@@ -482,11 +493,25 @@ def test_missing_slice_is_resampled_with_a_warning(tmp_path):
         (vol,) = read_dicom(tmp_path / "gap")
     message = str(record[0].message)
     assert str(tmp_path / "gap") in message and "gappy" in message
-    assert "4 mm between slices 4 and 5" in message
-    assert vol.metadata["warnings"] == [message] and vol.metadata["resampled"]
-    assert vol.data.shape[0] == 7 and vol.data.dtype == np.float32
+    assert "1 missing" in message and "4 mm between slices 4 and 5" in message
+    assert "nothing is interpolated" in message
+    assert vol.metadata["warnings"] == [message] and not vol.metadata["resampled"]
+    # Integer HU kept; the 6 acquired slices exact at their true positions.
+    assert vol.data.shape[0] == 7 and vol.data.dtype == np.int16
     assert vol.metadata["slice_spacing_mm"] == pytest.approx(2.0)
-    assert_voxels_at_dicom_positions(vol, kept, step=3)  # true slices exact
+    assert vol.metadata["missing_slices"] == {"axis": 0, "indices": [4]}
+    assert_voxels_at_dicom_positions(vol, kept, step=3)
+    assert np.all(vol.data[4] == vol.data.min())
+
+
+def test_missing_slice_is_interpolated_only_when_asked(tmp_path):
+    files = write_series(tmp_path / "gap", axial_positions(7, spacing=2.0))
+    files[4].unlink()
+    with pytest.warns(DicomReadWarning, match="resampled by linear interpolation"):
+        (vol,) = read_dicom(tmp_path / "gap", resample=True)
+    assert vol.metadata["resampled"] and vol.data.dtype == np.float32
+    assert "missing_slices" not in vol.metadata
+    assert_voxels_at_dicom_positions(vol, files[:4] + files[5:], step=3)
     expected = (vol.data[3].astype(np.float64) + vol.data[5]) / 2
     np.testing.assert_allclose(vol.data[4], expected, atol=1e-3)
 
@@ -514,24 +539,40 @@ def test_thickness_differs_from_spacing(tmp_path):
     assert_voxels_at_dicom_positions(vol, files, step=4)
 
 
-def test_mixed_orientations_in_one_series_are_split(tmp_path):
+def test_slices_of_another_orientation_are_set_apart_as_localizer(tmp_path):
     uid = generate_uid()
     axial = write_series(tmp_path / "mix", axial_positions(3), series_uid=uid,
-                         description="localizer")
+                         description="stack")
     sagittal_positions = [np.array([-10.0 + 4.0 * k, -100.0, 50.0]) for k in range(4)]
     sagittal = write_series(tmp_path / "mix" / "sag", sagittal_positions, iop=SAGITTAL,
-                            series_uid=uid, description="localizer")
-    volumes = read_dicom(tmp_path / "mix")
-    names = {v.name: v for v in volumes}
-    assert set(names) == {"localizer (CT) axial", "localizer (CT) sagittal"}
-    assert names["localizer (CT) axial"].data.shape == (3, 128, 128)
-    assert names["localizer (CT) sagittal"].data.shape == (128, 128, 4)
-    assert_voxels_at_dicom_positions(names["localizer (CT) axial"], axial, step=5)
-    assert_voxels_at_dicom_positions(names["localizer (CT) sagittal"], sagittal, step=5)
+                            series_uid=uid, description="stack")
+    with pytest.warns(DicomReadWarning) as record:
+        volumes = read_dicom(tmp_path / "mix")
+    # The 4 sagittal slices are the stack; the 3 axial ones are listed after it.
+    assert [v.name for v in volumes] == ["stack (CT)", "stack (CT) axial [localizer]"]
+    assert [v.metadata["localizer"] for v in volumes] == [False, True]
+    assert volumes[0].data.shape == (128, 128, 4)
+    assert volumes[1].data.shape == (3, 128, 128)
+    assert_voxels_at_dicom_positions(volumes[0], sagittal, step=5)
+    assert_voxels_at_dicom_positions(volumes[1], axial, step=5)
+    (message,) = [str(w.message) for w in record]
+    assert "slices disagree in orientation; 3 axial set apart as localizer(s) from the " \
+           "4-slice sagittal stack" in message and str(tmp_path / "mix") in message
+
+
+def test_image_type_localizer_is_listed_last(tmp_path):
+    write_series(tmp_path / "scout", axial_positions(1), description="topogram",
+                 per_slice=[{"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                             "SeriesNumber": 1}])
+    files = write_series(tmp_path / "ct", axial_positions(4), description="abdomen",
+                         per_slice=[{"SeriesNumber": 2}] * 4)
+    volumes = read_dicom(tmp_path)
+    assert [v.name for v in volumes] == ["abdomen (CT)", "topogram (CT) [localizer]"]
+    assert_voxels_at_dicom_positions(volumes[0], files, step=6)
 
 
 @pytest.mark.parametrize("tags", ["echo", "none", "unique times"])
-def test_repeated_positions_split_by_echo_or_acquisition_order(tmp_path, tags):
+def test_repeated_positions_make_one_4d_volume(tmp_path, tags):
     positions = axial_positions(4) * 2
     per_slice = [{"EchoNumbers": 1 + k // 4} if tags == "echo" else
                  {"AcquisitionTime": f"1200{k:02d}"} if tags == "unique times" else {}
@@ -539,12 +580,13 @@ def test_repeated_positions_split_by_echo_or_acquisition_order(tmp_path, tags):
     # Without an echo tag the two repeats go by InstanceNumber (1-4, then 5-8);
     # a tag unique to every slice (AcquisitionTime) must not split per slice.
     files = write_series(tmp_path / "echo", positions, per_slice=per_slice, shuffle=False)
-    volumes = read_dicom(tmp_path / "echo")
+    (vol,) = read_dicom(tmp_path / "echo")
     labels = ["echo 1", "echo 2"] if tags == "echo" else ["part 1", "part 2"]
-    assert [v.name for v in volumes] == [f"synthetic (CT) {label}" for label in labels]
-    for vol, part in zip(volumes, (files[:4], files[4:])):
-        assert vol.data.shape == (4, 128, 128)
-        assert_voxels_at_dicom_positions(vol, part, step=6)
+    assert vol.name == "synthetic (CT)" and vol.metadata["phase_labels"] == labels
+    assert vol.data.shape == (2, 4, 128, 128) and vol.data.dtype == np.int16
+    assert vol.metadata["files"] == [str(f) for f in files]
+    for phase, part in zip(vol.data, (files[:4], files[4:])):
+        assert_voxels_at_dicom_positions(vol.with_data(phase), part, step=6)
 
 
 def test_rescale_applied_per_slice(tmp_path):

@@ -48,7 +48,7 @@ from .discovery import (
 __all__ = ["DicomReadWarning", "is_dicom_file", "read_dicom"]
 
 
-def read_dicom(path) -> list[Volume]:
+def read_dicom(path, *, resample: bool = False) -> list[Volume]:
     """Read every CT/MR image series under ``path``.
 
     Parameters
@@ -58,21 +58,35 @@ def read_dicom(path) -> list[Volume]:
         series, studies or patients) or a DICOMDIR file (only the files it
         references are read).
 
+    resample : bool
+        Interpolate an unevenly spaced stack (missing slices, irregular gaps)
+        linearly onto its regular grid (float32). By default the acquired
+        slices are kept unchanged at their true places on the grid, missing
+        grid slices hold the series' lowest value and are listed in
+        ``metadata['missing_slices']``.
+
     Returns
     -------
     list of Volume
         One volume per series (or per part of a series that mixes
-        orientations or repeats slice positions), sorted by SeriesNumber.
-        ``data`` is ``(S, P, L)`` ordered; CT values are Hounsfield units.
-        Integer int16/int32 when the rescale is integral, float32 otherwise
-        (and after resampling). ``name`` is ``"<SeriesDescription> (<Modality>)"``
-        (unique within the list), ``source`` the given path. ``metadata``
-        holds ``series_instance_uid``, ``study_instance_uid``,
+        orientations), sorted by SeriesNumber; localizers (ImageType
+        LOCALIZER, or slices whose orientation differs from the series'
+        stack) come last, named ``... [localizer]`` with
+        ``metadata['localizer']`` True. Echoes, phases or repeats at the same
+        positions make one 4D volume ``(phase, S, P, L)`` with
+        ``metadata['phase_labels']``. ``data`` is ``(S, P, L)`` ordered; CT
+        values are Hounsfield units. Integer int16/int32 when the rescale is
+        integral, float32 otherwise (and after interpolation). ``name`` is
+        ``"<SeriesDescription> (<Modality>)"`` (unique within the list),
+        ``source`` the given path. ``metadata`` holds
+        ``series_instance_uid``, ``study_instance_uid``,
         ``series_description``, ``series_number``, ``modality``,
         ``slice_thickness_mm``, ``slice_spacing_mm``, ``pixel_spacing_mm``,
         ``gantry_tilt_deg``, ``manufacturer``, ``transfer_syntax``, ``files``
-        (source files in slice order), ``warnings`` and ``dicom_reference``
-        (non-identifying tags for writing derived series).
+        (source files in slice order), ``sop_instance_uids``, ``warnings``
+        and ``dicom_reference`` (non-identifying tags for writing derived
+        series). A DICOM SEG gives a labels volume (see
+        :mod:`~napari_mediffuse.io.dicom.seg`).
 
     Raises
     ------
@@ -84,8 +98,9 @@ def read_dicom(path) -> list[Volume]:
     Warns
     -----
     DicomReadWarning
-        Skipped files (when other series were readable), uneven slice spacing
-        (resampled), gantry tilt, assumed slice thickness.
+        Skipped files (when other series were readable), duplicated
+        instances dropped, localizers set apart, missing slices or uneven
+        spacing, gantry tilt, assumed slice thickness.
     """
     path = Path(path)
     if not path.exists():
@@ -104,8 +119,7 @@ def read_dicom(path) -> list[Volume]:
 
     volumes: list[tuple[tuple, Volume]] = []
     for group in _group_frames(frames):
-        built = _build_with_retries(group, skips, single)
-        if built is not None:
+        for built in _build_with_retries(group, skips, single, resample=resample):
             for note in built.metadata["warnings"]:
                 _warn(note)
             volumes.append((group.sort_key, built))

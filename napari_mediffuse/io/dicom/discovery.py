@@ -218,6 +218,8 @@ class _Frame:
     intercept: float
     instance_number: int
     split_keys: dict[str, str] = field(default_factory=dict)
+    sop_uid: str = ""  # SOPInstanceUID of the file (duplicates are dropped)
+    image_type: str = ""  # ImageType / FrameType values joined by '\\'
 
     @property
     def normal(self) -> np.ndarray:
@@ -343,6 +345,8 @@ def _single_frame(ds: Dataset, path: Path) -> _Frame:
         intercept=_float_or(ds.get("RescaleIntercept"), 0.0),
         instance_number=_int_or(ds.get("InstanceNumber"), 0),
         split_keys=keys,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        image_type=keys["type"].upper(),
     )
 
 
@@ -388,6 +392,8 @@ def _enhanced_frame(ds: Dataset, path: Path, index: int) -> _Frame:
         thickness=_optional_float(_get(measures, ds, "SliceThickness")),
         slope=_float_or(slope, 1.0), intercept=_float_or(intercept, 0.0),
         instance_number=index, split_keys=keys,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        image_type=(keys["type"] or _key_text(ds.get("ImageType"))).upper(),
     )
 
 
