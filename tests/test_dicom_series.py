@@ -214,3 +214,64 @@ def test_localizer_in_the_series_is_listed_apart(tmp_path, ct_slices):
     assert [v.name for v in volumes] == ["abdomen (CT)", "abdomen (CT) coronal [localizer]"]
     np.testing.assert_array_equal(volumes[0].data, ct_slices[:8])
     assert volumes[1].metadata["localizer"] and not volumes[0].metadata["localizer"]
+
+
+# ---------------------------------------------------------------------------
+# CLI: --series and --modality on every task that reads a scan
+# ---------------------------------------------------------------------------
+
+TASKS_WITH_INPUT = ("denoise", "sr", "inpaint", "translate", "anomaly")
+
+
+def test_every_task_with_an_input_takes_series_and_modality():
+    from napari_mediffuse.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in TASKS_WITH_INPUT:
+        options = {o for a in subparsers[name]._actions for o in a.option_strings}
+        assert {"--series", "--modality"} <= options, name
+    for name in ("synthesize", "sample-images"):  # no INPUT: no --series
+        if name in subparsers:
+            options = {o for a in subparsers[name]._actions for o in a.option_strings}
+            assert "--series" not in options, name
+
+
+def test_series_chosen_by_index_uid_or_description(tmp_path, ct_slices):
+    from napari_mediffuse.tasks.cli import read_single_volume
+
+    uid = generate_uid()
+    write_ct_series(tmp_path / "a", ct_slices[:4], 2.5 * np.arange(4), description="arterial",
+                    series_uid=uid, SeriesNumber=1)
+    write_ct_series(tmp_path / "b", ct_slices[4:10], 2.5 * np.arange(6), description="venous",
+                    SeriesNumber=2)
+    with pytest.raises(io.ReadError) as error:
+        read_single_volume(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}: holds 2 series (0: arterial (CT), 1: venous (CT))")
+    assert "--series" in message and "\n" not in message
+    assert read_single_volume(tmp_path, series="1").data.shape == (6, 48, 48)
+    assert read_single_volume(tmp_path, series=uid).data.shape == (4, 48, 48)
+    assert read_single_volume(tmp_path, series="VENOUS").metadata["series_description"] == "venous"
+    for bad, reason in (("7", "there are only 2 series"), ("delayed", "matches no series"),
+                        ("(CT)", "matches 2 series")):
+        with pytest.raises(io.ReadError, match=reason):
+            read_single_volume(tmp_path, series=bad)
+
+
+def test_modality_override_lets_denoise_run_on_a_crop_guessed_mr(tmp_path, capsys):
+    from napari_mediffuse.cli import main
+
+    img = nib.load(shared("ct/abdomen_ct_3mm_small.nii.gz"))
+    crop = np.asanyarray(img.dataobj)[50:74, 40:64, 10:16]  # liver/soft tissue: no air
+    nib.save(nib.Nifti1Image(crop.astype(np.int16), img.affine), tmp_path / "crop.nii.gz")
+    assert io.read(tmp_path / "crop.nii.gz")[0].modality == "MR"  # what the guess says
+
+    out = tmp_path / "den.nii.gz"
+    args = ["denoise", str(tmp_path / "crop.nii.gz"), "-o", str(out), "--method", "nlm"]
+    assert main(args) == 2 and not out.exists()
+    assert "MR" in capsys.readouterr().err
+    assert main(args + ["--modality", "CT"]) == 0
+    result = io.read(out)[0]
+    assert result.data.shape == (6, 24, 24)
+    assert abs(float(result.data.mean()) - float(crop.mean())) < 20  # HU kept

@@ -491,7 +491,7 @@ def _run_cli(args) -> int:
         if not io.is_nifti_path(path):
             raise io.WriteError(f"{path}: outputs are NIfTI files (.nii or .nii.gz); nothing was written")
         check_output_free(path, args.overwrite)
-    volume = read_single_volume(args.input)
+    volume = read_single_volume(args.input, series=args.series, modality=args.modality)
     roi = None
     if args.roi:
         roi = mask_volume_on_grid(read_single_volume(args.roi), volume, what="ROI", values=args.roi_labels)

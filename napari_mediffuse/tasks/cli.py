@@ -43,6 +43,19 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
                         help="evaluate the network in overlapping PIXELS x PIXELS windows with blended "
                              "estimates (less memory for large slices; default: whole slices)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    if any(action.dest == "input" for action in parser._actions):  # tasks that read a scan
+        add_input_options(parser)
+
+
+def add_input_options(parser) -> None:
+    """``--series`` and ``--modality``: which series of INPUT, and what it is."""
+    parser.add_argument("--series", default=None, metavar="INDEX|UID|DESCRIPTION",
+                        help="the series to use when INPUT holds several: its index in the list "
+                             "the error shows (0, 1, ...), its SeriesInstanceUID, or text of its "
+                             "description (default: the only series that is not a localizer)")
+    parser.add_argument("--modality", default=None, type=str.upper, choices=["CT", "MR"],
+                        help="what INPUT is, overriding DICOM's Modality or the guess made for "
+                             "NIfTI (e.g. a CT crop without air guessed MR)")
 
 
 def options_from_args(args, progress=None):
@@ -55,15 +68,16 @@ def options_from_args(args, progress=None):
                       progress=progress)
 
 
-def read_single_volume(path):
-    """The one 3D series in ``path`` (a clear error if there are several)."""
+def read_single_volume(path, *, series=None, modality=None):
+    """The one series in ``path``, or the one ``series`` names (a clear error
+    listing the choices if there are several), with ``modality`` ('CT'/'MR')
+    overriding the one read (see :mod:`napari_mediffuse.io.selection`).
+    """
     from .. import io
+    from ..io.selection import override_modality, select_series
 
-    volumes = io.read(path)
-    if len(volumes) > 1:
-        names = ", ".join(v.name for v in volumes)
-        raise io.ReadError(f"{path}: holds {len(volumes)} series ({names}); pass one series folder or file")
-    return volumes[0]
+    volume = select_series(io.read(path), series, where=str(path))
+    return override_modality(volume, modality)
 
 
 def check_output_free(path, overwrite: bool) -> None:
@@ -90,7 +104,8 @@ def prepare_volume_command(args):
     if not io.is_nifti_path(args.output):
         raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
     check_output_free(args.output, args.overwrite)
-    volume = read_single_volume(args.input)
+    volume = read_single_volume(args.input, series=getattr(args, "series", None),
+                                modality=getattr(args, "modality", None))
     return volume, options_from_args(args, progress=cli_progress())
 
 
