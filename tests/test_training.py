@@ -155,3 +155,99 @@ def test_two_process_ddp_training_on_cpu(tmp_path, ct_small_path):
     records = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 3  # only rank 0 logs: no duplicate lines
     assert len([r for r in records if "loss" in r]) == 3
+
+
+def _write_ct(path: Path, shape=(12, 10, 8), spacing=(2.0, 1.0, 1.0), value=40) -> Path:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.full(shape, value, dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag(list(spacing) + [1.0])), str(path))
+    return path
+
+
+def test_config_with_missing_file_or_patient_in_both_splits_is_refused(tmp_path, capsys):
+    from training.__main__ import main
+    from training.data import ConfigError, check_data_config
+
+    for n in (1, 2):
+        _write_ct(tmp_path / "train" / f"pt_{n}" / "ct.nii.gz")
+        _write_ct(tmp_path / "train" / f"pt_{n}" / "structures.nii.gz")
+    _write_ct(tmp_path / "validation" / "pt_3" / "ct.nii.gz")
+    data = {"train": [{"path": str(tmp_path / "train"), "glob": "*/ct.nii.gz", "region": "head-neck"}],
+            "validation": [{"path": str(tmp_path / "validation"), "glob": "*/ct.nii.gz"}]}
+    # the glob keeps the structures out; patients are named by their folders
+    assert check_data_config(data) == {"train": ["pt_1", "pt_2"], "validation": ["pt_3"], "evaluation_only": []}
+
+    # the same patient (folder pt_2) in the validation split is refused, naming both files
+    _write_ct(tmp_path / "validation" / "pt_2" / "ct.nii.gz")
+    with pytest.raises(ConfigError, match=r"patient 'pt_2' is in data.train \(.*train/pt_2/ct.nii.gz\) "
+                                          r"and in data.validation"):
+        check_data_config(data)
+    # the same file named in training and as evaluation-only
+    single = {"train": [str(tmp_path / "train" / "pt_1" / "ct.nii.gz")],
+              "evaluation_only": [str(tmp_path / "train" / "pt_1" / "ct.nii.gz")]}
+    with pytest.raises(ConfigError, match="evaluation_only"):
+        check_data_config(single)
+
+    # a missing file stops `python -m training train` with one line naming it, before any output is written
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"name: bad\ntask: ct_prior\nmodality: CT\ndata:\n  train:\n"
+                      f"    - path: {tmp_path / 'nowhere.nii.gz'}\n  patch_size: 16\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere.nii.gz not found" in err and str(config) in err
+    assert not (tmp_path / "run").exists()
+    # and the trainer itself refuses before creating its output folder
+    with pytest.raises(ConfigError, match="pt_2"):
+        train({"name": "x", "task": "ct_prior", "modality": "CT", "data": data, "train": {}}, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
+
+
+def test_multi_resolution_slices_and_region_weights(tmp_path):
+    from training.data import (draw_pixel_size, excluded_blocks, plane_spacing, resample_plane,
+                               volume_probabilities)
+
+    # a coronal slice of a 0.9 x 0.9 x 2.5 mm chest CT is never drawn finer than 2.5 mm
+    rng = np.random.default_rng(0)
+    spacing = plane_spacing((2.5, 0.9, 0.9), "coronal")
+    assert spacing == (2.5, 0.9)
+    drawn = [draw_pixel_size(rng, spacing, (0.6, 4.0)) for _ in range(200)]
+    assert min(drawn) >= 2.5 and max(drawn) <= 4.0
+    axial = [draw_pixel_size(rng, (0.9, 0.9), (0.6, 4.0)) for _ in range(400)]
+    assert min(axial) >= 0.9 and np.median(axial) == pytest.approx(np.sqrt(0.9 * 4.0), rel=0.15)  # log-uniform
+    assert draw_pixel_size(rng, (4.7, 3.0), (0.6, 4.0)) == pytest.approx(4.7)  # a 4.7 mm neck box stays native
+
+    # resampling keeps the extent in mm: 100 x 50 pixels of 1 x 2 mm -> 50 x 50 pixels of 2 mm
+    plane = np.zeros((100, 50), np.float32)
+    plane[:, 25:] = 1.0
+    out = resample_plane(plane, (1.0, 2.0), 2.0)
+    assert out.shape == (50, 50) and out[:, :24].max() == 0 and out[:, 26:].min() == 1
+
+    # a lung tumour on axial slices 32-34 of 5 mm slices with a 15 mm margin: slices 29-37 are never drawn
+    mask = np.zeros((48, 4, 4), bool)
+    mask[32:35, 1, 1] = True
+    assert excluded_blocks(mask, 5.0, 15.0, 4) == [slice(0, 29), slice(38, 48)]
+
+    # region weights: 3 neck boxes share 0.5, one abdomen gets 0.5, whatever their sizes
+    p = volume_probabilities([10, 10, 20, 5], [1, 1, 1, 3], {"head-neck": 0.5, "abdomen": 0.5, "chest": 0.3})
+    np.testing.assert_allclose(p, [0.125, 0.125, 0.25, 0.5])
+
+    # the stream: anisotropic volumes, one region each, 16-px samples with coordinates
+    from training.data import TrainingVolume
+
+    noise = np.random.default_rng(1)
+    volumes = [TrainingVolume(data=noise.uniform(-1, 1, (20, 40, 40)).astype(np.float32), region=1, source="a",
+                              holdout_start=20, spacing_mm=(2.5, 0.9, 0.9)),
+               TrainingVolume(data=noise.uniform(-1, 1, (30, 20, 20)).astype(np.float32), region=3, source="b",
+                              holdout_start=30, spacing_mm=(3.0, 3.0, 3.0))]
+    cfg = {"patch_size": 16, "pixel_sizes_mm": [0.6, 4.0], "augment": True, "image_level_probability": 0.5,
+           "orientations": {"axial": 0.5, "coronal": 0.5}, "region_weights": {"head-neck": 0.5, "abdomen": 0.5}}
+    stream = MultiLevelSlices(volumes, cfg, seed=0)
+    batch = stream.fixed_batch(40)
+    assert batch["image"].shape == (40, 1, 16, 16) and batch["coords"].shape == (40, 2, 16, 16)
+    assert 8 < int((batch["region"] == 3).sum()) < 32
+    # a resumed run draws a new stream, not the first run's samples again
+    first = next(iter(stream))["image"]
+    stream.start_step = 1000
+    assert not torch.equal(first, next(iter(stream))["image"])

@@ -12,9 +12,19 @@ import torch
 
 
 def _cmd_train(args) -> int:
+    from .data import ConfigError, check_data_config
     from .trainer import load_config, train
 
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+        if "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
+            check_data_config(config["data"])
+    except (ConfigError, FileNotFoundError) as exc:  # one line naming the file, no traceback
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: data config OK")
+        return 0
     command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     folder = train(config, args.output, resume=args.resume, device=args.device,
                    precision=args.precision, max_steps=args.max_steps, command=command)
@@ -74,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", help="auto (bf16/fp16 AMP on GPU), fp32, fp16, bf16")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--check", action="store_true", help="check the config's data (files, patient split) and stop")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="export a run's EMA weights as a plugin checkpoint")

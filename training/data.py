@@ -6,6 +6,20 @@ and resized to the patch size) or *patch level* (a crop at native
 resolution), with the coordinates of its pixels in the whole slice
 (normalised to [-1, 1]) for the network's position channels, and the
 volume's body-region class.
+
+Two spacing modes:
+
+* ``data.spacing_mm``: every volume resampled to one isotropic spacing at
+  load (the demo priors);
+* ``data.pixel_sizes_mm: [low, high]``: volumes kept at their own voxel
+  size and each slice resampled, when drawn, to a pixel size drawn
+  log-uniformly in ``[low, high]`` (never finer than the slice's coarser
+  axis: no axis is upsampled), so one prior learns 0.6-4 mm pixels.
+
+Patients are split by the config: ``data.validation`` (held-out patients,
+the validation loss) and ``data.evaluation_only`` (scans that must never be
+trained on) are checked against ``data.train`` by
+:func:`check_data_config` before anything is loaded.
 """
 from __future__ import annotations
 
@@ -35,10 +49,12 @@ ORIENTATIONS = ("axial", "coronal", "sagittal")
 class TrainingVolume:
     """A normalised CT volume in display orientation, split into train/held-out."""
 
-    data: np.ndarray  # float32 in [-1, 1], (S, P, L), isotropic spacing
+    data: np.ndarray  # float32 in [-1, 1], (S, P, L)
     region: int
     source: str
     holdout_start: int  # axial index where the held-out block starts
+    spacing_mm: tuple = (1.0, 1.0, 1.0)  # (S, P, L) voxel size of ``data``
+    patient: str = ""
 
     def train_part(self) -> np.ndarray:
         return self.data[: self.holdout_start]
@@ -57,45 +73,171 @@ def region_index(name) -> int:
     return task_region_index(name, {})
 
 
+class ConfigError(ValueError):
+    """A training config that cannot run (missing file, patient in both splits...)."""
+
+
+#: File names that say nothing about the patient: the folder names it (OpenKBP's pt_N/ct.nii.gz).
+GENERIC_NAMES = ("ct", "image", "img", "volume", "scan", "structures")
+
+
+def patient_id(path: Path) -> str:
+    """The patient a file belongs to: its name without extension, or its
+    folder's name when the file name is generic (``pt_12/ct.nii.gz`` -> ``pt_12``)."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return path.parent.name if name.lower() in GENERIC_NAMES else name
+
+
+def _entries(entries) -> list[dict]:
+    return [{"path": e} if isinstance(e, str) else dict(e) for e in (entries or [])]
+
+
 def dataset_files(entries) -> list[tuple[Path, int]]:
     """(path, region) for each config entry; a folder entry contributes every
-    NIfTI file in it and every DICOM series below it."""
+    NIfTI file in it (or those matching the entry's ``glob``, e.g.
+    ``*/ct.nii.gz``) and every DICOM series below it."""
+    return [(path, region) for path, region, _ in _entry_files(entries)]
+
+
+def _entry_files(entries) -> list[tuple[Path, int, dict]]:
     files = []
-    for entry in entries:
-        entry = {"path": entry} if isinstance(entry, str) else entry
+    for entry in _entries(entries):
         path = resolve_path(entry["path"])
         region = region_index(entry.get("region"))
         if path.is_dir():
-            nifti = sorted(p for p in path.rglob("*") if io.is_nifti_path(p))
-            files.extend((p, region) for p in nifti)
+            pattern = entry.get("glob", "*")
+            nifti = sorted(p for p in path.glob(pattern) if io.is_nifti_path(p))
+            if pattern == "*":
+                nifti = sorted(p for p in path.rglob("*") if io.is_nifti_path(p))
+            if entry.get("glob") and not nifti:
+                raise ConfigError(f"training data {path}: no file matches glob {pattern!r}")
+            files.extend((p, region, entry) for p in nifti)
             if not nifti:
-                files.append((path, region))  # a DICOM tree: read as series
+                files.append((path, region, entry))  # a DICOM tree: read as series
         elif path.exists():
-            files.append((path, region))
+            files.append((path, region, entry))
         else:
             raise FileNotFoundError(f"training data {path} not found (paths are relative to {Path.cwd()})")
+        mask = entry.get("exclude_mask")
+        if mask and not resolve_path(mask).exists():
+            raise FileNotFoundError(f"exclude_mask {resolve_path(mask)} of {path} not found")
     return files
 
 
-def load_volumes(data_config: dict, normalization: dict) -> list[TrainingVolume]:
-    """Read, resample to isotropic spacing and normalise every training volume."""
+def check_data_config(data_config: dict) -> dict:
+    """Check a config's data before any training: every file exists and no
+    patient is in two splits. Returns ``{split: [patient ids]}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file or folder named by the config does not exist (the message names it).
+    ConfigError
+        A patient (same file or same patient id) is in ``train`` and in
+        ``validation`` or ``evaluation_only``.
+    """
+    splits = {"train": data_config.get("train"), "validation": data_config.get("validation"),
+              "evaluation_only": data_config.get("evaluation_only")}
+    if not splits["train"]:
+        raise ConfigError("data.train names no training data")
+    found = {}
+    for split, entries in splits.items():
+        found[split] = {(p.resolve(), patient_id(p)) for p, _, _ in _entry_files(entries)}
+    train_paths = {p for p, _ in found["train"]}
+    train_ids = {i: p for p, i in found["train"]}
+    for split in ("validation", "evaluation_only"):
+        for path, pid in sorted(found[split]):
+            if path in train_paths or pid in train_ids:
+                other = path if path in train_paths else train_ids[pid]
+                raise ConfigError(f"patient {pid!r} is in data.train ({other}) and in data.{split} ({path}): "
+                                  "split by patient")
+    return {split: sorted(i for _, i in found[split]) for split in splits}
+
+
+def body_box(data: np.ndarray, threshold: float, margin: int = 4) -> tuple:
+    """Slices of the bounding box of voxels above ``threshold`` (the body,
+    table included), grown by ``margin`` voxels: a neck in a 576 mm box of air
+    becomes a neck with a little air round it."""
+    inside = data > threshold
+    if not inside.any():
+        return tuple(slice(0, n) for n in data.shape)
+    box = []
+    for axis, n in enumerate(data.shape):
+        other = tuple(a for a in range(data.ndim) if a != axis)
+        idx = np.nonzero(inside.any(axis=other))[0]
+        box.append(slice(max(0, idx[0] - margin), min(n, idx[-1] + 1 + margin)))
+    return tuple(box)
+
+
+def excluded_blocks(mask: np.ndarray, spacing_s: float, margin_mm: float, min_slices: int) -> list[slice]:
+    """Contiguous axial blocks clear of a label (e.g. a tumour) by ``margin_mm``:
+    a scan may be trained on outside its lesion. Blocks thinner than
+    ``min_slices`` are dropped."""
+    hit = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+    n = mask.shape[0]
+    if hit.size == 0:
+        return [slice(0, n)]
+    grow = int(math.ceil(margin_mm / spacing_s))
+    keep = np.ones(n, dtype=bool)
+    for i in hit:
+        keep[max(0, i - grow): i + grow + 1] = False
+    blocks, start = [], None
+    for i in range(n + 1):
+        if i < n and keep[i]:
+            start = i if start is None else start
+        elif start is not None:
+            if i - start >= min_slices:
+                blocks.append(slice(start, i))
+            start = None
+    return blocks
+
+
+def load_volumes(data_config: dict, normalization: dict, split: str = "train") -> list[TrainingVolume]:
+    """Read, resample (``spacing_mm``) or keep at native spacing
+    (``pixel_sizes_mm``), crop to the body (``crop_to_body_hu``) and normalise
+    every volume of ``data_config[split]``.
+
+    Training volumes keep their most superior ``holdout_fraction`` of axial
+    slices for validation; ``validation`` volumes are held out whole.
+    """
     spacing = float(data_config.get("spacing_mm", 0) or 0)
-    holdout = float(data_config.get("holdout_fraction", 0.0))
+    holdout = float(data_config.get("holdout_fraction", 0.0)) if split == "train" else 1.0
+    crop_hu = data_config.get("crop_to_body_hu")
     volumes = []
-    for path, region in dataset_files(data_config["train"]):
+    for path, region, entry in _entry_files(data_config[split]):
         for vol in io.read(path):
             if vol.data.ndim != 3:
                 log.warning("%s: skipping %dD series %s", path, vol.data.ndim, vol.name)
                 continue
             data = vol.data.astype(np.float32)
-            if spacing:
-                data = resample_isotropic(data, vol.spacing, spacing)
-            data = normalize(data, normalization)
-            n = data.shape[0]
-            start = n - int(round(holdout * n)) if holdout else n
-            volumes.append(TrainingVolume(data=data, region=region, source=str(path), holdout_start=start))
+            voxel = tuple(float(v) for v in vol.spacing)
+            blocks = [slice(0, data.shape[0])]
+            if entry.get("exclude_mask"):
+                mask = io.read(resolve_path(entry["exclude_mask"]))[0].data
+                if mask.shape != data.shape:
+                    raise ConfigError(f"exclude_mask {entry['exclude_mask']} has shape {mask.shape}, "
+                                      f"its scan {path} {data.shape}")
+                blocks = excluded_blocks(mask > 0, voxel[0], float(entry.get("exclude_margin_mm", 10.0)),
+                                         int(entry.get("min_slices", 4)))
+            for block in blocks:
+                part = data[block]
+                if crop_hu is not None:
+                    part = part[body_box(part, float(crop_hu))]
+                if spacing:
+                    part = resample_isotropic(part, voxel, spacing)
+                    part_spacing = (spacing,) * 3
+                else:
+                    part_spacing = voxel
+                part = np.ascontiguousarray(normalize(part, normalization), dtype=np.float32)
+                n = part.shape[0]
+                start = n - int(round(holdout * n)) if holdout else n
+                volumes.append(TrainingVolume(data=part, region=region, source=str(path), holdout_start=start,
+                                              spacing_mm=part_spacing, patient=patient_id(path)))
     if not volumes:
-        raise ValueError("no training volumes found")
+        raise ValueError(f"no {split} volumes found")
     return volumes
 
 
@@ -185,6 +327,7 @@ class SampleStream(torch.utils.data.IterableDataset):
 
     seed: int = 0
     rank: int = 0
+    start_step: int = 0  # a resumed run draws a fresh stream, not the first run's again
 
     def sample(self, rng: np.random.Generator, augment=None) -> dict:
         raise NotImplementedError
@@ -196,7 +339,8 @@ class SampleStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed, self.rank, worker])
+        key = [self.seed, self.rank, worker] + ([int(self.start_step)] if self.start_step else [])
+        rng = np.random.default_rng(key)
         augment = self.augmentation(int(rng.integers(2**31)))
         while True:
             yield self.sample(rng, augment)
@@ -221,26 +365,36 @@ class MultiLevelSlices(SampleStream):
         self.orientations = [o for o in ORIENTATIONS if orient.get(o, 0) > 0]
         weights = np.array([orient[o] for o in self.orientations], dtype=float)
         self.orientation_p = weights / weights.sum()
+        sizes = data_config.get("pixel_sizes_mm")
+        self.pixel_sizes = (float(sizes[0]), float(sizes[1])) if sizes else None
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.seed = seed
         self.rank = rank
         self.part = part
+        self.volume_p = volume_probabilities([self._array(v).size for v in volumes],
+                                             [v.region for v in volumes], data_config.get("region_weights"))
+
+    def _array(self, volume: TrainingVolume) -> np.ndarray:
+        return volume.train_part() if self.part == "train" else volume.holdout_part()
 
     def _arrays(self):
-        return [v.train_part() if self.part == "train" else v.holdout_part() for v in self.volumes]
+        return [self._array(v) for v in self.volumes]
 
     def sample(self, rng: np.random.Generator, augment=None) -> dict:
-        arrays = self._arrays()
-        sizes = np.array([a.size for a in arrays], dtype=float)
-        k = int(rng.choice(len(arrays), p=sizes / sizes.sum()))
-        array = arrays[k]
+        k = int(rng.choice(len(self.volumes), p=self.volume_p))
+        array = self._array(self.volumes[k])
         orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
         index = int(rng.integers(0, array.shape[PLANE_AXIS[orientation]]))
         plane = take_slice(array, orientation, index)
-        if augment is not None:
-            plane = augment(plane)
+        if self.pixel_sizes is not None:
+            spacing = plane_spacing(self.volumes[k].spacing_mm, orientation)
+            plane = resample_plane(plane, spacing, draw_pixel_size(rng, spacing, self.pixel_sizes))
         if rng.random() < self.p_image:
+            if augment is not None:
+                plane = augment(plane)
             image, coords = image_level(plane, self.patch)
+        elif augment is not None:
+            image, coords = augmented_patch(plane, self.patch, rng, augment)
         else:
             image, coords = patch_level(plane, self.patch, rng)
         return {
@@ -251,6 +405,70 @@ class MultiLevelSlices(SampleStream):
 
     def augmentation(self, seed: int):
         return make_augmentation(seed) if self.augment else None
+
+
+def volume_probabilities(sizes, regions, region_weights: dict | None = None) -> np.ndarray:
+    """Probability of drawing each volume: by size (voxels), or with
+    ``region_weights`` ({region name: weight}) first a region by its weight
+    and then a volume of it by size, so 170 neck boxes do not drown the one
+    abdomen. Regions without volumes drop out (the others are renormalised)."""
+    sizes = np.asarray(sizes, dtype=float)
+    if sizes.sum() <= 0:
+        raise ValueError("no slices to draw: every volume of this split is empty "
+                         "(a validation stream needs data.validation or holdout_fraction > 0)")
+    if not region_weights:
+        return sizes / sizes.sum()
+    p = np.zeros_like(sizes)
+    for name, weight in region_weights.items():
+        members = np.array([r == region_index(name) for r in regions]) & (sizes > 0)
+        if members.any() and weight > 0:
+            p[members] = float(weight) * sizes[members] / sizes[members].sum()
+    if p.sum() <= 0:
+        raise ValueError(f"region_weights {region_weights} select none of the volumes")
+    return p / p.sum()
+
+
+def plane_spacing(spacing_mm, orientation: str) -> tuple[float, float]:
+    """(row, column) pixel size in mm of a slice of an (S, P, L) volume."""
+    s, p, l_ = spacing_mm
+    return {"axial": (p, l_), "coronal": (s, l_), "sagittal": (s, p)}[orientation]
+
+
+def draw_pixel_size(rng: np.random.Generator, spacing: tuple[float, float], sizes: tuple[float, float]) -> float:
+    """A pixel size in mm, log-uniform in ``sizes`` but never finer than the
+    slice's coarser axis (a 2.5 mm axis is not upsampled to 1 mm; a 4.5 mm
+    neck box stays at 4.5 mm)."""
+    floor = max(spacing)
+    low, high = max(sizes[0], floor), max(sizes[1], floor)
+    return float(np.exp(rng.uniform(np.log(low), np.log(high)))) if high > low else low
+
+
+def resample_plane(plane: np.ndarray, spacing: tuple[float, float], pixel_mm: float) -> np.ndarray:
+    """A slice resampled to square ``pixel_mm`` pixels (bilinear, antialiased
+    when made coarser)."""
+    shape = tuple(max(1, int(round(n * s / pixel_mm))) for n, s in zip(plane.shape, spacing))
+    if shape == plane.shape:
+        return plane
+    tensor = torch.from_numpy(np.ascontiguousarray(plane))[None, None]
+    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+
+
+def augmented_patch(plane: np.ndarray, size: int, rng: np.random.Generator, augment) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``size`` crop with geometric augmentation applied to a window
+    1.5x larger around it (not the whole slice: a 500-px slice costs ~10x more
+    to warp), so rotation brings in tissue, not padding, at the corners.
+    Coordinates are those of the crop in the slice."""
+    h, w = plane.shape
+    margin = size // 4
+    r0 = int(rng.integers(0, max(h, size) - size + 1))
+    c0 = int(rng.integers(0, max(w, size) - size + 1))
+    window = np.full((size + 2 * margin, size + 2 * margin), -1.0, dtype=np.float32)
+    rs, cs = r0 - margin, c0 - margin
+    src = plane[max(rs, 0):min(rs + window.shape[0], h), max(cs, 0):min(cs + window.shape[1], w)]
+    window[max(-rs, 0):max(-rs, 0) + src.shape[0], max(-cs, 0):max(-cs, 0) + src.shape[1]] = src
+    crop = augment(window)[margin:margin + size, margin:margin + size]
+    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
+    return np.ascontiguousarray(crop), coords
 
 
 def centre_fit(volume: np.ndarray, shape, fill: float = -1.0) -> np.ndarray:

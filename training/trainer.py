@@ -31,7 +31,7 @@ from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
 
 from . import distributed
-from .data import CoarseVolumes, MultiLevelSlices, load_volumes
+from .data import CoarseVolumes, MultiLevelSlices, check_data_config, load_volumes
 
 log = logging.getLogger("training")
 
@@ -64,8 +64,10 @@ def merge_configs(base: dict, override: dict) -> dict:
     return merged
 
 
-def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
-    """(train, validation) datasets: multi-level CT slices, whole coarse
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):
+    """(train, validation) datasets: multi-level CT slices (validation: the
+    ``data.validation`` patients when the config names them, else the held-out
+    block of each training volume), whole coarse
     volumes (``data.kind: coarse_volume``) for the coarse 3D prior, paired
     source/target slices (``data.pairs``, :mod:`training.paired`) for
     translation models, or whole 2D images (``data.kind: image_folder``,
@@ -82,8 +84,11 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):
     if config["data"].get("kind") == "coarse_volume":
         return (CoarseVolumes(volumes, config["data"], seed=seed, rank=rank),
                 CoarseVolumes(volumes, config["data"], seed=seed, part="val"))
-    return (MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank),
-            MultiLevelSlices(volumes, config["data"], seed=seed, part="val"))
+    train_set = MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank)
+    train_set.start_step = start_step
+    if config["data"].get("validation"):
+        volumes = load_volumes(config["data"], config["normalization"], split="validation")
+    return train_set, MultiLevelSlices(volumes, config["data"], seed=seed, part="val")
 
 
 #: What the network predicts (the schedule's ``prediction_type``, diffusers names).
@@ -141,6 +146,8 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def train(config: dict, output, *, resume: bool = False, device: str = "auto",
           precision: str = "auto", max_steps: int | None = None, command: str | None = None) -> Path:
     """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder."""
+    if "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
+        check_data_config(config["data"])  # missing files, patients in two splits: before anything runs
     info = distributed.setup(device)
     output = Path(output)
     tcfg = dict(config["train"])
@@ -156,7 +163,12 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     distributed.barrier(info)
 
-    train_set, val_set = make_datasets(config, seed=seed, rank=info.rank)
+    state_path = output / STATE_FILE
+    state = None
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location=info.device, weights_only=True)
+    train_set, val_set = make_datasets(config, seed=seed, rank=info.rank,
+                                       start_step=int(state["step"]) if state else 0)
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(tcfg["batch_size"]),
                                          num_workers=int(tcfg.get("num_workers", 0)))
     val_batch = val_set.fixed_batch(int(tcfg.get("validation_samples", 64)))
@@ -175,9 +187,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     prediction_type = complete_schedule(config.get("schedule"))["prediction_type"]
 
     step, elapsed_before = 0, 0.0
-    state_path = output / STATE_FILE
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location=info.device, weights_only=True)
+    if state is not None:
         network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -185,6 +195,8 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             scaler.load_state_dict(state["scaler"])
         step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         log.info("resumed from %s at step %d", state_path, step)
+        _log(output, info, {"step": step, "resumed": True, "seconds": round(elapsed_before, 1)})
+        del state
     generator = torch.Generator().manual_seed(seed * 1000 + info.rank + step)
 
     accumulate = int(tcfg.get("grad_accumulation", 1))
@@ -193,6 +205,11 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     start = time.monotonic()
     batches = iter(loader)
     running = []
+    # a state file at least every checkpoint_minutes of wall time as well as
+    # every checkpoint_every steps; SIGTERM (end of a session) saves and stops
+    checkpoint_seconds = float(tcfg.get("checkpoint_minutes", 0) or 0) * 60
+    last_save = time.monotonic()
+    stop = _StopFlag()
 
     def elapsed():
         return elapsed_before + time.monotonic() - start
@@ -209,7 +226,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             export_ema(config, ema.module, output / "ema", step=step, seconds=elapsed(),
                        world_size=info.world_size, command=command, init_from=init_from)
 
-    while step < total_steps and not (max_seconds and elapsed() >= max_seconds):
+    while step < total_steps and not (max_seconds and elapsed() >= max_seconds) and not stop.requested:
         for group in optimizer.param_groups:
             group["lr"] = base_lr * _lr_factor(step, warmup, total_steps)
         model.train()
@@ -244,13 +261,41 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             val = validation_loss(ema.module, val_batch, abar, info.device, prediction_type=prediction_type)
             _log(output, info, {"step": step, "val_loss": distributed.mean_across(val, info),
                                 "seconds": round(elapsed(), 1)})
-        if step % int(tcfg.get("checkpoint_every", 1000)) == 0:
+        if step % int(tcfg.get("checkpoint_every", 1000)) == 0 or (
+                checkpoint_seconds and time.monotonic() - last_save >= checkpoint_seconds):
             save_state()
+            last_save = time.monotonic()
 
+    stop.restore()
+    if stop.requested:
+        log.info("SIGTERM: saving step %d and stopping", step)
     save_state()
     distributed.barrier(info)
     distributed.teardown(info)
     return output / "ema"
+
+
+class _StopFlag:
+    """Set by SIGTERM (main thread only), so the loop stops after the current step and saves."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> None:
@@ -340,6 +385,10 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
             "data": [dict(e) if isinstance(e, dict) else {"path": e} for e in data.get("train", data.get("pairs", []))],
             "holdout_fraction": data.get("holdout_fraction", 0.0),
             "orientations": data.get("orientations"),
+            **({"pixel_sizes_mm": data["pixel_sizes_mm"]} if data.get("pixel_sizes_mm") else {}),
+            **({"region_weights": data["region_weights"]} if data.get("region_weights") else {}),
+            **({split: [dict(e) if isinstance(e, dict) else {"path": e} for e in data[split]]
+                for split in ("validation", "evaluation_only") if data.get(split)}),
             "image_level_probability": data.get("image_level_probability"),
             "steps": step, "batch_size_per_process": config["train"]["batch_size"],
             "grad_accumulation": config["train"].get("grad_accumulation", 1),
