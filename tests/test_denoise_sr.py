@@ -17,7 +17,12 @@ import torch
 from napari_mediffuse import io
 from napari_mediffuse.cli import main
 from napari_mediffuse.engine.schedulers import alphas_cumprod
-from napari_mediffuse.tasks.common import Normalizer, RunOptions, TaskInputError, to_tensor
+from napari_mediffuse.tasks.common import Normalizer, RunOptions, TaskInputError
+
+
+def to_tensor(batch):
+    """(B, H, W) array -> (B, 1, H, W) float32 CPU tensor."""
+    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
 from napari_mediffuse.tasks.denoise import denoise, diffpir_denoise, estimate_noise_hu
 from napari_mediffuse.tasks.diffpir import SlabOperator, denoise_data_step, rho_t, sigma_t
 from napari_mediffuse.tasks.superres import (

@@ -37,8 +37,17 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     return gen
 
 
-def randn(shape, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU and moved to ``device`` once.
+
+    ``generator`` is a CPU ``torch.Generator`` or a per-sample
+    :class:`~.runner.SliceNoise` (sample b from stream b).
+    """
+    if hasattr(generator, "randn"):
+        noise = generator.randn(shape)
+    else:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
 
 
 #: How the sampled steps are spread between ``t_start`` and ``t_end``.
@@ -81,7 +90,7 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Ten
 def add_noise(x0: torch.Tensor, t: int, abar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Forward diffusion q(x_t | x0) at step ``t``."""
     a = float(abar[t])
-    return a ** 0.5 * x0 + (1.0 - a) ** 0.5 * randn(x0.shape, generator, x0.device)
+    return a ** 0.5 * x0 + (1.0 - a) ** 0.5 * randn(x0.shape, generator, x0.device, x0.dtype)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -175,7 +184,7 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
             direction = max(1.0 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps_hat
             x = a_prev ** 0.5 * x0 + direction
             if sigma:
-                x = x + sigma * randn(x.shape, generator, x.device)
+                x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
             if xt_hook is not None:
                 x = xt_hook(x, t_prev)
         report(progress, i + 1, len(seq), f"step {i + 1}/{len(seq)}")
@@ -205,7 +214,9 @@ def sample_with_scheduler(predictor: Predictor, shape, schedule: dict, *, kind: 
         model_input = scheduler.scale_model_input(x, t)
         eps = predictor(model_input, int(t)).to(x.dtype)
         # diffusers schedulers take an optional CPU generator for their noise
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample if kind == "ddpm" \
+        # diffusers take one CPU generator, or a list of them (one per sample)
+        step_generator = getattr(generator, "generators", generator)
+        x = scheduler.step(eps, t, x, generator=step_generator).prev_sample if kind == "ddpm" \
             else scheduler.step(eps, t, x).prev_sample
         report(progress, i + 1, len(timesteps), f"step {i + 1}/{len(timesteps)}")
     return x

@@ -34,7 +34,9 @@ from scipy import ndimage
 
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume
-from .common import PLANE_AXIS, Normalizer, RunOptions, TaskInputError, require_volume, result_volume
+from .common import (PLANE_AXIS, Normalizer, RunOptions, TaskInputError, mark_out_of_domain, require_volume,
+                     result_volume)
+from .domain import check_domain
 from .inpaint import Prior, masked_reconstruction, prepare_prior
 from .masks import resolve_roi
 
@@ -270,10 +272,13 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                   eta=eta, plane=plane, seed=options.seed, roi="body (automatic)" if roi is None else "given",
                   score=score, patch_mm=patch_mm or None, t_end=int(t_end), seconds=round(seconds, 2),
                   seconds_per_slice=round(seconds / max(n_slices, 1), 3))
-    return anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
-                          min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
-                          spread_hu=spread_hu if score == "spread" else None,
-                          plane=plane, params=params, model_name=prior.name)
+    result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
+                            min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
+                            spread_hu=spread_hu if score == "spread" else None,
+                            plane=plane, params=params, model_name=prior.name)
+    mark_out_of_domain([result.heatmap, result.mask, result.reconstruction, result.roi],
+                       check_domain(prior.card, volume, task="anomaly detection", region=region))
+    return result
 
 
 def cell_phases(shape, spacing, *, plane: str = "axial", cell_mm: float, offset: float = 0.0,

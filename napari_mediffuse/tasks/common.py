@@ -19,6 +19,7 @@ from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
 from ..engine.registry import load as load_model
+from ..engine.runner import device_of
 from ..io.volume import Volume
 
 #: Display orientation axes: index of the slice axis for each plane.
@@ -83,6 +84,12 @@ def predictor_for(checkpoint: Checkpoint, options: RunOptions) -> NoisePredictor
                           window=options.window, schedule=checkpoint.schedule)
 
 
+def slice_offset(volume: Volume, plane: str = "axial") -> int:
+    """Index in the whole scan of the volume's first ``plane`` slice (a slab cut
+    along the axial axis, as the panel's preview is, starts further on)."""
+    return int(volume.metadata.get("slice_offset", 0)) if PLANE_AXIS[plane] == 0 else 0
+
+
 def slices_of(array: np.ndarray, plane: str) -> np.ndarray:
     """View of a (S, P, L) array as a stack of 2D slices of ``plane``."""
     return np.moveaxis(array, PLANE_AXIS[plane], 0)
@@ -107,15 +114,6 @@ def map_slices(array: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray],
         out[index] = fn(np.ascontiguousarray(stack[index], dtype=np.float32), index)
         report(progress, index.stop, n, message or f"slice {index.stop}/{n}")
     return np.moveaxis(out, 0, PLANE_AXIS[plane])
-
-
-def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """(B, H, W) array -> (B, 1, H, W) float tensor."""
-    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
-
-
-def to_numpy(batch: torch.Tensor) -> np.ndarray:
-    return batch[:, 0].detach().float().cpu().numpy()
 
 
 class Normalizer:
@@ -144,7 +142,8 @@ def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, p
 
     The name is ``"<input> <suffix>"``; metadata records the task, its
     parameters, the model and the source, and ``synthetic`` marks generated
-    images (never to be mistaken for acquired ones).
+    images (never to be mistaken for acquired ones). The result keeps the
+    source's ``layout``, so it is saved in the input's array layout.
     """
     metadata = {
         "derived_from": source.name,
@@ -158,7 +157,20 @@ def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, p
         metadata["files"] = source.metadata["files"]  # lets DICOM export file into the same study
     return Volume(data=data, affine=source.affine if affine is None else affine,
                   modality=modality or source.modality, name=f"{source.name} {suffix}",
-                  source="", metadata=metadata)
+                  source="", metadata=metadata, layout=source.layout)  # written like its input
+
+
+def mark_out_of_domain(results, warnings: list[str]) -> None:
+    """Record domain warnings (:func:`~.domain.check_domain`) on result volumes:
+    in their warnings, ``metadata['out_of_domain']`` (the NIfTI description
+    says it) and their names (the panel's layer names)."""
+    if not warnings:
+        return
+    for result in results:
+        result.metadata.setdefault("warnings", []).extend(warnings)
+        result.metadata["out_of_domain"] = True
+        if "outside the model's domain" not in result.name:
+            result.name += " [outside the model's domain]"
 
 
 # -- body regions ----------------------------------------------------------------
@@ -203,4 +215,5 @@ def bind_region(predictor, region: int):
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long))
 
+    predict.device = device_of(predictor)  # where its inputs must live
     return predict

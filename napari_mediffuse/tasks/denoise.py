@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..engine.control import ProgressSpan
-from ..engine.sampling import make_generator
+from ..engine.runner import SliceRunner
 from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import bm3d_slices, nlm_slices
@@ -51,9 +50,10 @@ from .common import (
     region_index,
     require_volume,
     result_volume,
-    to_numpy,
-    to_tensor,
+    mark_out_of_domain,
+    slice_offset,
 )
+from .domain import check_domain
 from .diffpir import denoise_data_step, rho_t, run_diffpir
 
 log = logging.getLogger(__name__)
@@ -232,28 +232,31 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
     params["seconds"] = round(time.perf_counter() - started, 3)
     result = result_volume(volume, out.astype(np.float32), task="denoise", suffix=suffix,
                            params=params, model=model_name)
-    result.metadata["warnings"].extend(warnings)
+    mark_out_of_domain([result], warnings)
     return result
 
 
 def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, steps: int = DEFAULT_STEPS,
                     strength: float = 1.0, lam: float = DENOISE_LAMBDA, eta: float = 0.0,
-                    generator: Optional[torch.Generator] = None, progress=None, cancel=None) -> torch.Tensor:
-    """DiffPIR denoising of a batch of normalised slices.
+                    generator=None, progress=None, cancel=None) -> torch.Tensor:
+    """DiffPIR denoising of a batch of normalised slices that share one start step.
 
     Parameters
     ----------
     predictor : callable
         ``eps = predictor(x_t, t)``.
     y : Tensor (B, 1, H, W)
-        Noisy slices, normalised intensities.
+        Noisy slices, normalised intensities, on the predictor's device.
     sigma_n : float or array (B,)
         Noise std of each slice, normalised units.
     schedule : dict
         The prior's noise schedule.
     steps, strength, lam, eta :
-        See :func:`denoise`. The start step matches the batch's median
-        ``strength * sigma_n``.
+        See :func:`denoise`. The start step matches the largest
+        ``strength * sigma_n`` of the batch (:func:`start_step`; the
+        volume task groups slices by their own start step).
+    generator : torch.Generator or SliceNoise
+        Noise source (per slice: :class:`~napari_mediffuse.engine.runner.SliceNoise`).
 
     Returns
     -------
@@ -261,11 +264,11 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
         Denoised slices (normalised); ``y`` itself when the start step is 0.
     """
     sigma = np.array(np.broadcast_to(np.asarray(sigma_n, dtype=np.float64), (y.shape[0],)))
-    t_start = timestep_for_noise_level(max(float(np.median(sigma)) * strength, 1e-6), schedule)
+    t_start = start_step(float(np.max(sigma)), strength, schedule)
     if t_start == 0 or strength <= 0:
         return y
     # strength scales the noise the method assumes y carries (no noise is added)
-    s_n = torch.as_tensor(sigma * strength, dtype=y.dtype).view(-1, 1, 1, 1)
+    s_n = torch.as_tensor(sigma * strength, dtype=y.dtype).view(-1, 1, 1, 1).to(y.device)
 
     def step(x0, t, abar_t):
         return denoise_data_step(x0, y, rho_t(abar_t, 1.0, lam) * s_n ** 2)
@@ -274,43 +277,45 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
                        eta=eta, generator=generator, progress=progress, cancel=cancel)
 
 
+def start_step(sigma_n: float, strength: float, schedule: dict) -> int:
+    """The step whose noise level is ``strength * sigma_n`` (normalised units)."""
+    return timestep_for_noise_level(max(float(strength) * float(sigma_n), 1e-6), schedule)
+
+
 def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta, region, options):
     checkpoint, predictor = load_prior(model, options)
     card = checkpoint.card
     norm = Normalizer(checkpoint.normalization, data)
     low, high = norm.range
-    scale = norm.units_per_step
     schedule = checkpoint.schedule
     predict = bind_region(predictor, region_index(region, card))
-    generator = make_generator(options.seed)
-    n = data.shape[0]
-    batch = max(1, int(options.batch_size))
-    sigma_n = sigmas / scale  # normalised noise std per slice
-    t_all = np.array([timestep_for_noise_level(max(strength * s, 1e-6), schedule) for s in sigma_n])
+    runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
+    sigma_n = sigmas / norm.units_per_step  # normalised noise std per slice
+    # each slice starts at the step of its own noise level, whatever batch it is in
+    t_all = np.array([start_step(s, strength, schedule) for s in sigma_n])
     steps = max(1, int(steps))
-    warnings = []
-    spacing = card.get("pixel_spacing_mm")
-    if spacing and not 0.5 <= float(np.mean(volume.spacing[1:])) / float(np.mean(spacing)) <= 2.0:
-        warnings.append(f"pixel size {np.mean(volume.spacing[1:]):.2g} mm is far from the prior's "
-                        f"{np.mean(spacing):.2g} mm; the prior may fit this image poorly")
-    batches = [slice(s, min(n, s + batch)) for s in range(0, n, batch)]
-    per_batch = [min(steps, int(np.median(t_all[b])) + 1) for b in batches]
-    total = int(sum(per_batch))
-    done = 0
-    out = np.empty_like(data)
-    for b, nsteps in zip(batches, per_batch):
-        y_hu = data[b]
-        x0 = diffpir_denoise(predict, to_tensor(norm.forward(y_hu)), sigma_n[b], schedule, steps=nsteps,
-                             strength=strength, lam=lam, eta=eta, generator=generator,
-                             progress=ProgressSpan(options.progress, done, total, "diffusion denoising"),
-                             cancel=options.cancel)
-        done += nsteps
-        restored = norm.inverse(to_numpy(x0))
+    per_slice_steps = np.minimum(steps, t_all + 1)
+    warnings = check_domain(card, volume, task="denoise", region=region)
+
+    def restore(index, noise, progress):
+        y_hu = data[index]
+        y = runner.tensor(norm.forward(y_hu))
+        x0 = y.clone()
+        # slices with the same start step run together (one timestep sequence)
+        for t in np.unique(t_all[index]):
+            group = np.flatnonzero(t_all[index] == t)
+            x0[group] = diffpir_denoise(predict, y[group], sigma_n[index][group], schedule,
+                                        steps=int(per_slice_steps[index][group[0]]), strength=strength,
+                                        lam=lam, eta=eta, generator=noise.subset(group),
+                                        cancel=options.cancel)
+        restored = norm.inverse(runner.numpy(x0))
         # HU the prior's window clipped away (air, dense bone, metal): from the input
-        out[b] = restored + (y_hu - np.clip(y_hu, low, high))
-    info = {"steps": int(max(per_batch)), "t_start": int(np.median(t_all)), "lambda": float(lam),
+        return restored + (y_hu - np.clip(y_hu, low, high))
+
+    out = runner.run(range(data.shape[0]), restore, message="diffusion denoising")
+    info = {"steps": int(per_slice_steps.max()), "t_start": int(np.median(t_all)), "lambda": float(lam),
             "eta": float(eta), "warnings": warnings}
-    return out, info, checkpoint.name
+    return out.astype(np.float32), info, checkpoint.name
 
 
 # -- CLI ------------------------------------------------------------------------------

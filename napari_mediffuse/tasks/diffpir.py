@@ -185,7 +185,7 @@ DataStep = Callable[[torch.Tensor, int, float], torch.Tensor]
 
 
 def start_sample(y: torch.Tensor, abar_t: float, noise_in_y,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator) -> torch.Tensor:
     """``x_t`` at a step from an image ``y`` that already carries noise.
 
     ``y`` is taken as ``x0 + noise_in_y * eps``: it is scaled by
@@ -193,17 +193,16 @@ def start_sample(y: torch.Tensor, abar_t: float, noise_in_y,
     ``sqrt(1 - abar_t)`` (none when ``y`` is already at least that noisy).
     ``noise_in_y`` is a float or a tensor broadcasting to ``y`` (per slice).
     """
-    noise_in_y = torch.as_tensor(noise_in_y, dtype=y.dtype, device=y.device)
+    noise_in_y = torch.as_tensor(noise_in_y, dtype=y.dtype).to(y.device)
     extra = (1.0 - abar_t - abar_t * noise_in_y ** 2).clamp(min=0.0)
-    x = abar_t ** 0.5 * y
-    if bool((extra > 0).any()):
-        x = x + extra.sqrt() * randn(y.shape, generator, y.device)
-    return x
+    # drawn even where extra is 0, so each slice's noise stream advances
+    # the same way whichever slices share its batch
+    return abar_t ** 0.5 * y + extra.sqrt() * randn(y.shape, generator, y.device, y.dtype)
 
 
 def run_diffpir(predictor, y: torch.Tensor, schedule: dict, data_step: DataStep, *,
                 t_start: int, steps: int, t_end: int = 0, noise_in_y=0.0, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None,
+                generator=None,
                 progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelCheck] = None) -> torch.Tensor:
     """Restore ``y`` (normalised, (B, 1, H, W)) from step ``t_start``.

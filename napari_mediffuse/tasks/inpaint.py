@@ -19,7 +19,7 @@ of pure noise, is the healthy reconstruction of :mod:`.anomaly`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -29,7 +29,8 @@ from scipy import ndimage
 
 from ..engine.checkpoint import Checkpoint
 from ..engine.control import ProgressSpan, check_cancel
-from ..engine.sampling import Predictor, add_noise, ddim_sample, make_generator, predict_x0, timestep_sequence
+from ..engine.runner import SliceNoise, SliceRunner, device_of, resolve_seed
+from ..engine.sampling import Predictor, add_noise, ddim_sample, make_generator, predict_x0, randn, timestep_sequence
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume
 from .common import (
@@ -42,8 +43,11 @@ from .common import (
     region_index,
     require_volume,
     result_volume,
+    mark_out_of_domain,
+    slice_offset,
     slices_of,
 )
+from .domain import check_domain
 
 #: Default sampler steps for inpainting (from pure noise) and RePaint resampling.
 DEFAULT_INPAINT_STEPS = 50
@@ -78,6 +82,7 @@ class Prior:
     name: str = "prior"
     modality: str = "CT"
     pixel_spacing_mm: Optional[tuple] = None
+    card: dict = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, predictor, *, region=None) -> "Prior":
@@ -86,7 +91,7 @@ class Prior:
         return cls(predictor=bind_region(predictor, region_index(region, card)),
                    schedule=checkpoint.schedule, normalization=checkpoint.normalization,
                    name=checkpoint.name, modality=card.get("modality", "CT"),
-                   pixel_spacing_mm=tuple(spacing) if spacing else None)
+                   pixel_spacing_mm=tuple(spacing) if spacing else None, card=card)
 
 
 def prepare_prior(volume: Volume, model, options: RunOptions, *, task: str, region=None) -> Prior:
@@ -160,7 +165,7 @@ def in_plane_spacing(volume: Volume, plane: str) -> tuple[float, float]:
 
 def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedule: dict, *,
             t_start: Optional[int] = None, steps: int = DEFAULT_INPAINT_STEPS, resample: int = 0,
-            eta: float = 0.0, t_end: int = 0, generator: Optional[torch.Generator] = None,
+            eta: float = 0.0, t_end: int = 0, generator=None,
             progress=None, cancel=None) -> torch.Tensor:
     """Regenerate the unknown part of ``x0`` consistently with the known part.
 
@@ -214,7 +219,7 @@ def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedul
             check_cancel(cancel)
             # jump back: q(x_t | x_t_prev), then redo the deterministic step
             ratio = a_t / a_prev
-            noise = torch.randn(x_prev.shape, generator=generator, dtype=torch.float32).to(x_prev.device)
+            noise = randn(x_prev.shape, generator, x_prev.device, x_prev.dtype)
             x_t = ratio ** 0.5 * x_prev + (1.0 - ratio) ** 0.5 * noise
             eps = predictor(x_t, t).to(x_t.dtype)
             x0_hat = predict_x0(x_t, eps, a_t).clamp(-1.0, 1.0)
@@ -253,34 +258,40 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
     grid = SliceGrid(in_plane_spacing(volume, plane), prior.pixel_spacing_mm, x_all.shape[1:])
     t_list = [t_start] if t_start is None or np.isscalar(t_start) else list(t_start)
     runs = [(t, s) for t in t_list for s in seeds]
-    batch = max(1, int(options.batch_size))
-    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     n_train = len(alphas_cumprod(prior.schedule))
     per_run = [len(timestep_sequence(n_train, steps, t, min(t_end, n_train - 1 if t is None else t)))
                * (1 + int(resample)) for t, _ in runs]
-    total = max(1, len(batches) * sum(per_run))
-    done = 0
-    for index in batches:
-        check_cancel(options.cancel)
-        x0 = torch.from_numpy(np.ascontiguousarray(x_all[index], dtype=np.float32))[:, None]
-        u = torch.from_numpy(np.ascontiguousarray(u_all[index], dtype=np.float32))[:, None]
-        x0_m, known_m = grid.to_model(x0), 1.0 - grid.to_model(u, mask=True)
+    run_seeds = [resolve_seed(seed) for _, seed in runs]
+    runner = SliceRunner(device_of(prior.predictor), seed=options.seed, batch_size=options.batch_size,
+                         progress=options.progress, cancel=options.cancel,
+                         index_offset=slice_offset(volume, plane))
+
+    def reconstruct(index, _noise, span):
+        x0_m = grid.to_model(runner.tensor(x_all[index]))
+        known_m = 1.0 - grid.to_model(runner.tensor(u_all[index]), mask=True)
         results = []
-        for (t, seed), cost in zip(runs, per_run):
-            gen = make_generator(None if seed is None else int(seed) * 100_003 + int(index[0]))
-            rec = repaint(prior.predictor, x0_m, known_m, prior.schedule, t_start=t, steps=steps,
-                          resample=resample, eta=eta, t_end=t_end, generator=gen,
-                          progress=_scaled_progress(options.progress, done, cost, total, message),
-                          cancel=options.cancel)
-            results.append(rec)
-            done += cost
-        stacked = torch.stack(results).cpu()
-        back = grid.from_model(stacked.mean(0))
+        for r, (t, _) in enumerate(runs):
+            # each run's noise is its own seed's stream of each slice
+            noise = SliceNoise.for_slices(run_seeds[r], index + runner.index_offset)
+            results.append(repaint(prior.predictor, x0_m, known_m, prior.schedule, t_start=t, steps=steps,
+                                   resample=resample, eta=eta, t_end=t_end, generator=noise,
+                                   progress=_scaled_progress(span, sum(per_run[:r]), per_run[r],
+                                                             sum(per_run), message),
+                                   cancel=options.cancel))
+        stacked = torch.stack([grid.from_model(rec) for rec in results])
         u_np = u_all[index].astype(bool)
-        out[index] = np.where(u_np, back[:, 0].numpy(), x_all[index])
-        if spread is not None and len(results) > 1:
-            std = grid.from_model(stacked.std(0))
-            spread[index] = np.where(u_np, std[:, 0].numpy(), 0.0)
+        mean = np.where(u_np, runner.numpy(stacked.mean(0)), x_all[index])
+        if spread is None:
+            return mean
+        std = runner.numpy(stacked.std(0)) if len(results) > 1 else np.zeros_like(mean)
+        return np.stack([mean, np.where(u_np, std, 0.0)], axis=1)
+
+    if len(todo):
+        done = runner.run(todo, reconstruct, cost=sum(per_run), message=message)
+        if spread is None:
+            out[todo] = done
+        else:
+            out[todo], spread[todo] = done[:, 0], done[:, 1]
     out = np.moveaxis(out, 0, PLANE_AXIS[plane])
     if spread is not None:
         return out, np.moveaxis(spread, 0, PLANE_AXIS[plane])
@@ -362,8 +373,10 @@ def inpaint(volume: Volume, mask, *, steps: int = DEFAULT_INPAINT_STEPS, resampl
     data[unknown] = synth[unknown].astype(data.dtype)
     params = dict(steps=steps, resample=resample, dilate_mm=dilate_mm, eta=eta, plane=plane,
                   seed=options.seed, inpainted_voxels=int(unknown.sum()), seconds=round(seconds, 2))
-    return result_volume(volume, data, task="inpainting", suffix=f"inpainted ({steps} steps)", params=params,
-                         synthetic=True, model=prior.name)
+    result = result_volume(volume, data, task="inpainting", suffix=f"inpainted ({steps} steps)", params=params,
+                           synthetic=True, model=prior.name)
+    mark_out_of_domain([result], check_domain(prior.card, volume, task="inpainting", region=region))
+    return result
 
 
 def _dilate_in_plane(mask: np.ndarray, volume: Volume, plane: str, mm: float) -> np.ndarray:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.control import ProgressSpan
 from ..engine.registry import load as load_model
 from ..engine.inference import NoisePredictor
-from ..engine.sampling import ddim_sample, make_generator, randn
+from ..engine.runner import SliceRunner
+from ..engine.sampling import ddim_sample, randn
 from .common import RunOptions, TaskInputError
 
 
@@ -43,17 +43,16 @@ def sample_images(count: int = 8, *, model=None, steps: int = 20, eta: float = 0
     predictor = NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
                                schedule=checkpoint.schedule)
     size = int((checkpoint.card.get("patch_size") or [128])[0])
-    gen = make_generator(options.seed)
-    out = []
-    batches = range(0, count, options.batch_size)
-    for b, start in enumerate(batches):
-        n = min(options.batch_size, count - start)
-        x_T = randn((n, 1, size, size), gen, predictor.device)
-        x0 = ddim_sample(predictor, x_T, checkpoint.schedule, steps=steps, eta=eta, generator=gen,
-                         progress=ProgressSpan(options.progress, b * steps, len(batches) * steps, "sampling"),
-                         cancel=options.cancel)
-        out.append(((x0[:, 0].float().cpu().numpy() + 1.0) / 2.0).clip(0, 1))
-    return np.concatenate(out).astype(np.float32)
+    runner = SliceRunner.for_predictor(predictor, options)
+
+    def sample(index, noise, span):
+        # each image from its own noise stream: the same seed gives the same images at any batch size
+        x_T = randn((len(index), 1, size, size), noise, runner.device, runner.sample_dtype)
+        x0 = ddim_sample(predictor, x_T, checkpoint.schedule, steps=steps, eta=eta, generator=noise,
+                         progress=span, cancel=options.cancel)
+        return ((runner.numpy(x0) + 1.0) / 2.0).clip(0, 1)
+
+    return runner.run(range(count), sample, cost=steps, message="sampling").astype(np.float32)
 
 
 def add_command(subparsers) -> None:

@@ -45,8 +45,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from ..engine.control import ProgressSpan
-from ..engine.sampling import make_generator
+from ..engine.runner import SliceRunner, device_of
 from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import cubic_along, cubic_matrix, sinc_along, thin_positions  # noqa: F401
@@ -57,10 +56,10 @@ from .common import (
     bind_region,
     load_prior,
     region_index,
+    mark_out_of_domain,
     result_volume,
-    to_numpy,
-    to_tensor,
 )
+from .domain import check_domain
 from .denoise import check_ct_volume, estimate_noise_hu
 from .diffpir import DEFAULT_LAMBDA, SlabOperator, rho_t, run_diffpir
 
@@ -149,7 +148,7 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
                    strength: float = 1.0, end_hu: float = DEFAULT_END_HU, noise_hu: float = 0.0,
                    lam: float = DEFAULT_LAMBDA, eta: float = 0.0, smooth: bool = False,
                    region: Optional[str] = None, batch_size: int = 4, seed: Optional[int] = 0,
-                   progress=None, cancel=None, flip_rows: bool = True) -> np.ndarray:
+                   progress=None, cancel=None, flip_rows: bool = True, stream: int = 0) -> np.ndarray:
     """DiffPIR super-resolution of 2D planes whose rows run along the slice axis.
 
     Parameters
@@ -170,6 +169,8 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
     flip_rows : bool
         Present rows superior-up, as the prior saw coronal / sagittal slices
         in training (rows of the display orientation run inferior -> superior).
+    stream : int
+        Noise stream of these planes (coronal and sagittal runs draw apart).
 
     Returns
     -------
@@ -203,34 +204,35 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         work_op = SlabOperator(work_op.weights[::-1, ::-1])
         work_p = None if work_p is None else work_p[::-1, ::-1]
     predict = bind_region(predictor, region_index(region, card))
-    generator = make_generator(seed)
+    runner = SliceRunner(device_of(predictor), seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
     sigma_n = max(float(noise_hu), 1e-3) / norm.units_per_step
     t_start = timestep_for_noise_level(max(strength * DEFAULT_START_SIGMA, 1e-6), schedule)
     t_end = min(timestep_for_noise_level(max(end_hu, 0.0) / norm.units_per_step, schedule), t_start)
     nsteps = max(1, min(int(steps), t_start - t_end + 1))
-    batches = [slice(s, min(n, s + max(1, batch_size))) for s in range(0, n, max(1, batch_size))]
-    out = np.empty_like(initial, dtype=np.float32)
-    for bi, b in enumerate(batches):
-        init = initial[b]
-        init_w = _resize(init, shape) if resample else init
-        y = norm.forward(thick_planes[b])
-        x = norm.forward(init_w)
+
+    def restore(index, noise, span):
+        init = initial[index]
+        thick = thick_planes[index]
+        if resample:
+            # the measured rows keep their slab positions; only the columns
+            # change to the prior's pixel size, as for the initial estimate
+            init_w, thick_w = _resize(init, shape), _resize(thick, (thick.shape[1], shape[1]))
+        else:
+            init_w, thick_w = init, thick
+        y, x = norm.forward(thick_w), norm.forward(init_w)
         if flip_rows:
             y, x = y[:, ::-1], x[:, ::-1]
-        y_t, x_t = to_tensor(y), to_tensor(x)
+        y_t, x_t = runner.tensor(y), runner.tensor(x)
 
-        def step(x0, t, abar_t, y_t=y_t):
+        def step(x0, t, abar_t):
             return work_op.data_step(x0, y_t, rho_t(abar_t, sigma_n, lam), axis=2, right_inverse=work_p)
 
         if strength <= 0 or t_start == 0:
             x0 = step(x_t, 0, 1.0)
         else:
             x0 = run_diffpir(predict, x_t, schedule, step, t_start=t_start, t_end=t_end, steps=nsteps,
-                             eta=eta, generator=generator,
-                             progress=ProgressSpan(progress, bi * nsteps, len(batches) * nsteps,
-                                                   "diffusion super-resolution"),
-                             cancel=cancel)
-        result = to_numpy(x0)
+                             eta=eta, generator=noise, progress=span, cancel=cancel)
+        result = runner.numpy(x0)
         if flip_rows:
             result = result[:, ::-1]
         result = norm.inverse(result)
@@ -241,10 +243,10 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         # HU outside the prior's window come from the interpolation
         result = result + (init - np.clip(init, low, high))
         # exact consistency with the measured slabs on the output grid
-        result = op.data_step(result.astype(np.float64), thick_planes[b].astype(np.float64), 0.0,
-                              axis=1, right_inverse=out_p)
-        out[b] = result
-    return out
+        return op.data_step(result.astype(np.float64), thick.astype(np.float64), 0.0,
+                            axis=1, right_inverse=out_p).astype(np.float32)
+
+    return runner.run(range(n), restore, cost=nsteps, stream=stream, message="diffusion super-resolution")
 
 
 def _resize(stack: np.ndarray, shape) -> np.ndarray:
@@ -330,6 +332,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     params = {"method": method, "factor": k, "thick_spacing_mm": spacing, "slice_thickness_mm": thickness,
               "thin_spacing_mm": spacing / k}
     model_name = None
+    domain_warnings = []
     if method == "cubic":
         out = cubic_along(data, k, axis=0)
     elif method == "sinc":
@@ -337,6 +340,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     else:
         checkpoint, predictor = load_prior(model, options)
         model_name = checkpoint.name
+        domain_warnings = check_domain(checkpoint.card, volume, task="super-resolution", region=region)
         op = slab_operator(n_thick, k, spacing, thickness)
         initial = cubic_along(data, k, axis=0)
         if noise_hu is None:
@@ -354,7 +358,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
                 plane_spacing_mm=(spacing / k, col_mm), steps=steps, strength=strength,
                 end_hu=end_hu, smooth=smooth, noise_hu=noise_hu, lam=lam, eta=eta, region=region,
                 batch_size=options.batch_size,
-                seed=options.seed,
+                seed=options.seed, stream=i,
                 progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel)
             results.append(np.moveaxis(sr, 0, axis))
         out = np.mean(results, axis=0)
@@ -368,6 +372,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     result = result_volume(volume, out.astype(np.float32), task="super_resolution", suffix=suffix,
                            params=params, affine=affine, model=model_name)
     result.metadata["slice_thickness_mm"] = spacing / k
+    mark_out_of_domain([result], domain_warnings)
     return result
 
 

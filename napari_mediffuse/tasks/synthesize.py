@@ -45,6 +45,7 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
 from ..engine.registry import load as load_model
+from ..engine.runner import SliceRunner
 from ..engine.sampling import add_noise, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
@@ -134,7 +135,7 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
     x_T = randn((1,) + shape, generator, predictor.device)  # (1, S as channels, P, L)
     x0 = ddim_sample(bind_region(predictor, region), x_T, checkpoint.schedule, steps=steps, generator=generator,
                      progress=progress, cancel=cancel)
-    return denormalize(x0[0].float().cpu().numpy(), intensity_range(None, checkpoint.normalization))
+    return denormalize(SliceRunner.host(x0[0]).numpy(), intensity_range(None, checkpoint.normalization))
 
 
 def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> np.ndarray:
@@ -287,7 +288,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
                                            "synthesis"))
     if native_shape != shape:
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
-    hu = denormalize(x0[0, 0].float().cpu().numpy(), intensity_range(None, checkpoint.normalization))
+    hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), intensity_range(None, checkpoint.normalization))
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
               "planes": list(planes), "seed": options.seed,
               "coarse_model": None if coarse is None else coarse.name,

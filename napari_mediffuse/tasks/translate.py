@@ -47,8 +47,10 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.control import ProgressSpan, check_cancel
 from ..engine.intensity import denormalize, intensity_range
 from ..engine.networks import REGIONS
+from ..engine.runner import SliceRunner
 from ..engine.sampling import ddim_sample, make_generator, randn, sample_with_scheduler
 from ..io.volume import Volume
+from .domain import check_domain
 from .common import Normalizer, RunOptions, TaskInputError, load_prior, require_volume, result_volume
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,7 @@ def translate(volume: Volume, *, direction: str = "ct2mr", model: Optional[str] 
               ensemble: Optional[int] = None,
               context_slices: Optional[int] = None, sampler: str = "ddim", region: Optional[str] = None,
               prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
-              image_guidance: Optional[float] = None, resolution: int = 512,
+              image_guidance: Optional[float] = None, resolution: int = 512, force: bool = False,
               options: Optional[RunOptions] = None) -> Volume:
     """Translate a CT to an MR-like image, or an MR to a synthetic CT.
 
@@ -199,7 +201,12 @@ def translate(volume: Volume, *, direction: str = "ct2mr", model: Optional[str] 
     sampler : {'ddim', 'dpm'}
         Deterministic DDIM, or DPM-Solver++ (multistep).
     region : str, optional
-        Body region for region-conditioned models (default: the model's).
+        The scan's body region: conditions region-aware models (default: the
+        model's) and is what the domain check compares with the model's
+        regions (default: DICOM BodyPartExamined, else judged from the scan).
+    force : bool
+        Run even when the scan's region is not one the model saw (its output
+        is then meaningless; the result says so).
     prompt, negative_prompt : str, optional
         Stable Diffusion pipelines only (defaults: Mediffuse's prompts).
     image_guidance : float, optional
@@ -221,6 +228,8 @@ def translate(volume: Volume, *, direction: str = "ct2mr", model: Optional[str] 
     TaskInputError
         Unknown direction, wrong modality, not 3D, slices too small, a
         diffusers folder that is not an InstructPix2Pix/ControlNet pipeline.
+    OutOfDomainError
+        A scan of a body region the model never saw, without ``force``.
     CheckpointError
         No checkpoint, or one for another task or direction.
     """
@@ -250,7 +259,7 @@ def translate(volume: Volume, *, direction: str = "ct2mr", model: Optional[str] 
                                 guidance=DEFAULT_GUIDANCE if guidance is None else float(guidance),
                                 ensemble=DEFAULT_ENSEMBLE if ensemble is None else int(ensemble),
                                 context_slices=context_slices, sampler=sampler, region=region,
-                                options=options)
+                                force=force, options=options)
 
 
 def load_translation_model(model, direction: str, options: RunOptions):
@@ -268,7 +277,7 @@ def load_translation_model(model, direction: str, options: RunOptions):
 
 
 def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, ensemble, context_slices,
-                         sampler, region, options: RunOptions) -> Volume:
+                         sampler, region, force, options: RunOptions) -> Volume:
     started = time.perf_counter()
     checkpoint, predictor = load_translation_model(model, direction, options)
     card = checkpoint.card
@@ -291,39 +300,42 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, e
     slice_mm = card.get("slice_spacing_mm") or (card.get("pixel_spacing_mm") or [None])[0]
     step = max(1, int(round(float(slice_mm) / volume.spacing[0]))) if slice_mm else 1
     warnings = [SYNTHETIC_WARNING]
+    # before any slice is computed: refused when the model never saw this body region
+    out_of_domain = check_domain(card, volume, task="translate", region=region if isinstance(region, str) else None,
+                                 refuse_other_region=True, force=force)
+    warnings += out_of_domain
     if card.get("trained_on_simulated_pairs"):
         warnings.append("the model was trained on simulated CT/MR pairs, not real ones")
     if size != (h, w):
         warnings.append(f"slices resampled from {volume.spacing[1]:.2g} x {volume.spacing[2]:.2g} mm to the "
                         f"model's {card['pixel_spacing_mm'][0]:.2g} mm pixels and back")
 
-    generator = make_generator(options.seed)
-    noises = ensemble_noise((1, 1) + tuple(size), ensemble, generator)
-    batch = max(1, int(options.batch_size))
-    batches = [slice(s, min(n, s + batch)) for s in range(0, n, batch)]
+    runner = SliceRunner.for_predictor(predictor, options)
+    # one start noise per ensemble member, shared by every slice of the volume
+    noises = ensemble_noise((1, 1) + tuple(size), ensemble, make_generator(runner.seed))
     evals = steps * ensemble * (1 if guidance in (0.0, 1.0) else 2)
-    out = np.empty_like(data)
-    total = len(batches) * ensemble * steps
-    for b_i, b in enumerate(batches):
-        check_cancel(options.cancel)
-        idx = range(b.start, b.stop)
-        cond = np.stack([source[_context(n, i, k_model, k_used, step)] for i in idx])
-        cond_t = _resize(torch.from_numpy(cond), size)
+    dtype = runner.sample_dtype  # x0 from eps near t = T (abar ~ 2e-9) needs float64 where there is one
+
+    def translate_batch(index, slice_noise, span):
+        cond = np.stack([source[_context(n, i, k_model, k_used, step)] for i in index])
+        cond_t = _resize(runner.tensor(cond, channel=False), size)
         predict = guided_predictor(predictor, cond_t, guidance, region=region_class)
-        mean = torch.zeros((len(idx), 1) + tuple(size), dtype=torch.float64)
+        mean = torch.zeros((len(index), 1) + tuple(size), dtype=torch.float64)
         for m, noise in enumerate(noises):
-            x_t = noise.expand(len(idx), 1, *size).clone()
-            span = ProgressSpan(options.progress, (b_i * ensemble + m) * steps, total, "translating")
+            x_t = noise.expand(len(index), 1, *size).to(device=runner.device, dtype=dtype)
+            member = ProgressSpan(span, m * steps, ensemble * steps)
             # the predictor returns noise estimates whatever the model predicts (v here)
-            if sampler == "ddim":  # in float64: x0 from eps near t = T (abar ~ 2e-9) needs the precision
-                x0 = ddim_sample(predict, x_t.double(), checkpoint.schedule, steps=steps, eta=0.0,
-                                 spacing=DEFAULT_SPACING, generator=generator, progress=span,
+            if sampler == "ddim":
+                x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=steps, eta=0.0,
+                                 spacing=DEFAULT_SPACING, generator=slice_noise, progress=member,
                                  cancel=options.cancel)
             else:
                 x0 = sample_with_scheduler(predict, x_t.shape, checkpoint.schedule, kind="dpm", steps=steps,
-                                           x_T=x_t, progress=span, cancel=options.cancel)
-            mean += x0.clamp(-1, 1).double().cpu() / ensemble
-        out[b] = _resize(mean.float(), (h, w))[:, 0].numpy()
+                                           x_T=x_t, progress=member, cancel=options.cancel)
+            mean += runner.host(x0.clamp(-1, 1)).double() / ensemble
+        return _resize(mean.float(), (h, w))[:, 0].numpy()
+
+    out = runner.run(range(n), translate_batch, cost=ensemble * steps, message="translating")
 
     target = TARGET_MODALITY[direction]
     if target == "CT":
@@ -345,6 +357,9 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, e
                            synthetic=True, model=checkpoint.name)
     result.metadata.update(units=units, contrast=contrast, translation_direction=direction)
     result.metadata["warnings"].extend(warnings)
+    result.metadata["out_of_domain"] = bool(out_of_domain)
+    if out_of_domain:
+        result.name += " [outside the model's domain]"
     return result
 
 
@@ -398,6 +413,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim or dpm (DPM-Solver++)")
     p.add_argument("--context-slices", type=int, default=None,
                    help="neighbour source slices per side (default: the model's)")
+    p.add_argument("--region", choices=[r for r in REGIONS if r != "unknown"],
+                   help="the scan's body region (default: DICOM BodyPartExamined, else judged from the scan); "
+                        "a region the model never saw is refused unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="run even on a body region the model never saw (the output is marked so)")
     p.add_argument("--input-modality", choices=["CT", "MR"],
                    help="override the modality read from INPUT (NIfTI stores none; it is guessed)")
     p.add_argument("--prompt", help="Stable Diffusion pipelines: text prompt (default: Mediffuse's)")
@@ -418,7 +438,7 @@ def _cmd_translate(args) -> int:
     check_direction(volume, args.direction)  # before loading any model
     result = translate(volume, direction=args.direction, model=args.model, steps=args.steps,
                        guidance=args.guidance, ensemble=args.ensemble, context_slices=args.context_slices,
-                       sampler=args.sampler,
+                       sampler=args.sampler, region=args.region, force=args.force,
                        prompt=args.prompt, negative_prompt=args.negative_prompt,
                        image_guidance=args.image_guidance, resolution=args.resolution, options=options)
     p = result.metadata["parameters"]

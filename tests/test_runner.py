@@ -1,0 +1,85 @@
+"""The slice runner, per-slice noise, devices and precision (engine level)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mediffuse.engine.devices import autocast_dtype, available_devices, sampler_dtype, select_device
+from napari_mediffuse.engine.runner import SliceNoise, SliceRunner, slice_seed
+from napari_mediffuse.engine.sampling import randn
+
+
+def test_slice_noise_is_the_same_alone_and_in_a_batch():
+    batch = SliceNoise.for_slices(7, [3, 4, 5]).randn((3, 1, 8, 8))
+    alone = SliceNoise.for_slices(7, [4]).randn((1, 1, 8, 8))
+    np.testing.assert_array_equal(batch[1], alone[0])
+    assert not torch.equal(batch[0], batch[1])
+    other_stream = SliceNoise.for_slices(7, [4], stream=1).randn((1, 1, 8, 8))
+    assert not torch.equal(alone, other_stream)
+    assert slice_seed(7, 0, 4) != slice_seed(8, 0, 4)
+
+
+def test_randn_takes_slice_noise_and_places_on_the_device_in_the_sampler_dtype():
+    noise = randn((2, 1, 4, 4), SliceNoise.for_slices(0, [0, 1]), torch.device("meta"), torch.float64)
+    assert noise.device.type == "meta" and noise.dtype == torch.float64
+    with pytest.raises(ValueError, match="noise for 3 samples"):
+        SliceNoise.for_slices(0, [0, 1]).randn((3, 1, 4, 4))
+
+
+def test_runner_batches_keys_noise_by_slice_index_and_offset():
+    seen = {}
+
+    def fn(index, noise, progress):
+        draws = noise.randn((len(index), 2))
+        for i, d in zip(index, draws):
+            seen.setdefault(int(i), []).append(d)
+        return draws.numpy()
+
+    a = SliceRunner("cpu", seed=1, batch_size=1).run(range(4), fn)
+    b = SliceRunner("cpu", seed=1, batch_size=3).run(range(4), fn)
+    np.testing.assert_array_equal(a, b)
+    # a slab starting at slice 2 draws what slices 2.. drew in the whole run
+    c = SliceRunner("cpu", seed=1, batch_size=2, index_offset=2).run(range(2), fn)
+    np.testing.assert_array_equal(c, a[2:])
+
+
+def test_runner_reports_progress_and_cancels_between_batches():
+    from napari_mediffuse.engine.control import Cancelled
+
+    calls = []
+    SliceRunner("cpu", batch_size=2, progress=lambda d, n, m="": calls.append((d, n))).run(
+        range(5), lambda i, n, p: np.zeros(len(i)), cost=3)
+    assert calls[-1] == (9, 9)
+    with pytest.raises(Cancelled):
+        SliceRunner("cpu", cancel=lambda: True).run(range(2), lambda i, n, p: np.zeros(len(i)))
+
+
+def test_runner_dry_run_on_meta_gives_zeros_of_the_shape():
+    runner = SliceRunner(torch.device("meta"))
+    t = runner.tensor(np.ones((2, 5, 6), np.float32))
+    assert t.device.type == "meta" and t.shape == (2, 1, 5, 6)
+    out = runner.numpy(t)
+    assert out.shape == (2, 5, 6) and not out.any()
+
+
+def test_missing_devices_are_named_with_the_ones_present():
+    assert available_devices(cuda_available=False, mps_is_available=False) == ["cpu"]
+    with pytest.raises(ValueError, match=r"devices here: cpu, mps"):
+        select_device("cuda", cuda_available=False, mps_is_available=True)
+    with pytest.raises(ValueError, match=r"devices here: cpu$"):
+        select_device("mps", cuda_available=False, mps_is_available=False)
+    with pytest.raises(ValueError, match="cuda:N"):
+        select_device("cuda:x", cuda_available=True)
+    assert select_device(torch.device("meta")).type == "meta"
+
+
+def test_bf16_is_refused_on_a_gpu_without_it_and_mps_samples_in_float32():
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="bf16.*fp16 or fp32"):
+        autocast_dtype(cuda, "bf16", bf16_supported=False)
+    assert autocast_dtype(cuda, "bf16", bf16_supported=True) == torch.bfloat16
+    assert autocast_dtype(cuda, "fp16", bf16_supported=False) == torch.float16
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert sampler_dtype(torch.device("mps")) == torch.float32
+    assert sampler_dtype(torch.device("cuda")) == torch.float64
