@@ -14,7 +14,7 @@ import numpy as np
 
 from . import io
 from .io.volume import Volume
-from .layers import image_layer_data, labels_layer_data, layer_to_volume
+from .layers import display_note, image_layer_data, labels_layer_data, layer_to_volume
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,23 @@ _NULL_LAYER = [(None,)]  # napari's "read fine, nothing to add" sentinel
 def sample_ct_path() -> Path:
     """Path of the bundled abdominal CT (NIfTI, HU, 3 mm)."""
     return Path(str(resources.files("napari_mediffuse") / "data" / "sample" / SAMPLE_CT))
+
+
+def _notify_warning(message: str) -> None:
+    log.warning(message)
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:  # napari not installed: headless use
+        return
+    show_warning(message)
+
+
+def _with_display_notes(layers: list[tuple]) -> list[tuple]:
+    """Notify, for each layer an oblique grid made us resample for display, that it was."""
+    for layer in layers:
+        if display_note(layer):
+            _notify_warning(display_note(layer))
+    return layers
 
 
 def _notify_error(message: str) -> None:
@@ -60,7 +77,7 @@ def read_layers(path) -> list[tuple]:
     except io.ReadError as exc:
         _notify_error(str(exc))
         return _NULL_LAYER
-    return [image_layer_data(v) for v in volumes]
+    return _with_display_notes([image_layer_data(v) for v in volumes])
 
 
 # -- writers ----------------------------------------------------------------
@@ -93,6 +110,10 @@ class _LayerView:
         ndim = self.data.ndim
         self.scale = attributes.get("scale", (1.0,) * ndim)
         self.translate = attributes.get("translate", (0.0,) * ndim)
+        # the rest of napari's data-to-world transform, when the writer gets it
+        self.rotate = attributes.get("rotate")
+        self.shear = attributes.get("shear")
+        self.affine = attributes.get("affine")
         self.metadata = attributes.get("metadata", {}) or {}
 
 

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import ReadError, WriteError
+from .geometry import layout_of
 from .volume import Volume, reorient
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -87,6 +88,7 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
         raise ReadError(f"{path}: unsupported voxel type {raw.dtype} (RGB or complex)")
 
     affine = _best_affine(img)
+    layout = layout_of(affine)  # the file's own layout: outputs are written back in it
     data = raw
     if data.ndim == 4:
         data = np.moveaxis(data, 3, 0)  # time first: napari slider
@@ -105,7 +107,7 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
         "warnings": [],
     }
     return Volume(data=data, affine=affine, modality=modality, name=name,
-                  source=str(path), metadata=metadata)
+                  source=str(path), metadata=metadata, layout=layout)
 
 
 def _best_affine(img) -> np.ndarray:
@@ -146,9 +148,11 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
     Returns
     -------
     Path
-        The written file. Both sform and qform hold ``volume.affine`` (the
-        qform to float32 precision; the sform is exact when the affine has
-        shear, which a qform cannot represent).
+        The written file, in ``volume.layout`` when set (the input file's
+        layout: same array shape and affine as the input), else as
+        ``volume.data`` is. Both sform and qform hold the affine (the qform
+        to float32 precision; the sform is exact when the affine has shear,
+        which a qform cannot represent).
     """
     path = Path(path)
     if not is_nifti_path(path):
@@ -157,7 +161,8 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
         raise WriteError(f"{path}: file exists; choose another name (nothing was written)")
     if not path.parent.exists():
         raise WriteError(f"{path}: folder {path.parent} does not exist")
-    data = np.asarray(volume.data)
+    data, affine = volume.in_layout()
+    data = np.asarray(data)
     if data.dtype == bool:
         data = data.astype(np.uint8)
     if dtype is not None:
@@ -166,10 +171,10 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
         data = data.astype(np.float32)
     if data.ndim == 4:
         data = np.moveaxis(data, 0, 3)
-    img = nib.Nifti1Image(data, volume.affine)
+    img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
-    img.set_sform(volume.affine, code=1)  # scanner anatomical
-    img.set_qform(volume.affine, code=1)
+    img.set_sform(affine, code=1)  # scanner anatomical
+    img.set_qform(affine, code=1)
     img.header["descrip"] = f"modality={volume.modality} mediffuse"[:79]
     # Write to a temporary name first so an interrupted write never leaves a
     # half-written file under the user's chosen name.

@@ -14,9 +14,20 @@ Geometry conventions (used everywhere in napari_mediffuse):
   convention), exactly like a PACS viewer. Reorienting is lossless (axis
   flips and permutations); the affine is updated so every voxel keeps its RAS
   position.
+* ``Volume.layout`` records the array layout the volume came in (axis codes
+  such as ``('L', 'A', 'S')``: the file's own for NIfTI, dcm2niix's for
+  DICOM). Writers put the array back in that layout, so an output file has
+  exactly the input's array shape and affine; results of tasks carry their
+  source's layout.
 * napari world coordinates are ``(S, P, L)`` millimetres, i.e.
-  ``(z, -y, -x)`` in RAS. Layers use ``scale`` = voxel spacing in mm and
-  ``translate`` = world position of voxel (0, 0, 0), so layers of different
+  ``(z, -y, -x)`` in RAS, for every layer of the plugin. napari draws 2D
+  slices along the array axes only, so every layer is shown on an
+  axis-aligned grid: ``scale`` = voxel spacing in mm and ``translate`` =
+  world position of voxel (0, 0, 0) are then its whole index-to-world
+  transform. An oblique or gantry-tilted grid is resampled for display onto
+  an axis-aligned grid of the same spacing (see
+  :mod:`napari_mediffuse.io.geometry`); the original voxels and affine stay
+  in the layer metadata for the tasks and for saving. Layers of different
   scans of one patient overlay in the scanner frame.
 """
 from __future__ import annotations
@@ -28,11 +39,10 @@ import numpy as np
 import nibabel as nib
 from nibabel import orientations as nio
 
+from .geometry import RAS_TO_WORLD, display_grid
+
 #: Axis codes of the display orientation (see module docstring).
 DISPLAY_AXCODES = ("S", "P", "L")
-
-#: RAS -> napari world (S, P, L) axis map.
-RAS_TO_WORLD = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
 
 
 @dataclass
@@ -54,6 +64,9 @@ class Volume:
     metadata : dict
         Extra information: DICOM series tags, slice thickness (mm), warnings,
         provenance of derived results.
+    layout : tuple of str, optional
+        Axis codes of the array layout to write the volume in (the input
+        file's, e.g. ``('L', 'A', 'S')``); None writes ``data`` as it is.
     """
 
     data: np.ndarray
@@ -62,6 +75,7 @@ class Volume:
     name: str = "volume"
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    layout: tuple[str, str, str] | None = None
 
     def __post_init__(self):
         self.affine = np.asarray(self.affine, dtype=float)
@@ -71,6 +85,10 @@ class Volume:
             raise ValueError(
                 f"a Volume needs at least 3 dimensions, got shape {self.data.shape}"
             )
+        if self.layout is not None:
+            self.layout = tuple(str(code) for code in self.layout)
+            if len(self.layout) != 3 or sorted(nio.axcodes2ornt(self.layout)[:, 0].tolist()) != [0, 1, 2]:
+                raise ValueError(f"layout must be three axis codes such as ('L', 'A', 'S'), got {self.layout}")
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -97,18 +115,43 @@ class Volume:
 
     def slab(self, start: int, stop: int) -> "Volume":
         """Slices ``start:stop`` along axis 0, with the affine moved so every
-        kept voxel stays at the same world position (mm)."""
-        return self.with_data(self.data[start:stop], affine=slab_affine(self.affine, start))
+        kept voxel stays at the same world position (mm).
+
+        ``metadata['slice_offset']`` records where the slab starts in the
+        scan: tasks key each slice's noise by its index in the scan, so a slab
+        (the panel's preview) gives the same slices as the whole run."""
+        out = self.with_data(self.data[start:stop], affine=slab_affine(self.affine, start))
+        out.metadata["slice_offset"] = int(self.metadata.get("slice_offset", 0)) + int(start)
+        return out
+
+    def in_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(data, affine)`` in :attr:`layout` (as they are when it is None).
+
+        Lossless flips and permutations; every voxel keeps its RAS position.
+        """
+        if self.layout is None:
+            return self.data, self.affine
+        return reorient(self.data, self.affine, self.layout)
 
     def napari_kwargs(self) -> dict[str, Any]:
-        """``scale``, ``translate`` and ``metadata`` for a napari layer."""
-        scale, translate = world_scale_translate(self.affine)
+        """``scale``, ``translate`` and ``metadata`` for a napari layer of ``data``.
+
+        For a grid napari can draw as it is (see
+        :func:`~napari_mediffuse.io.geometry.display_grid`); an oblique grid
+        must be resampled first (:func:`napari_mediffuse.layers.image_layer_data`
+        does). The metadata holds the exact ``affine``, the ``layout`` to save
+        in, and ``display_affine``: what ``scale`` and ``translate`` say.
+        """
+        grid = display_grid(self.affine, self.spatial_shape)
+        scale, translate = world_scale_translate(grid.affine)
         extra = self.data.ndim - 3
         scale = (1.0,) * extra + scale
         translate = (0.0,) * extra + translate
         meta = dict(self.metadata)
         meta.update(
             affine=self.affine.copy(),
+            display_affine=grid.affine,
+            layout=self.layout,
             modality=self.modality,
             spacing=self.spacing,
             source_path=self.source,
@@ -139,10 +182,9 @@ def world_scale_translate(affine: np.ndarray) -> tuple[tuple, tuple]:
     """napari ``scale`` and ``translate`` (world = (S, P, L) mm) of an affine.
 
     The scale is the voxel spacing; the translate is the world position of
-    voxel (0, 0, 0). For a volume in display orientation the world axes match
-    the array axes; an oblique rotation is not representable by scale and
-    translate and is dropped for display only (the exact affine stays in the
-    layer metadata).
+    voxel (0, 0, 0). Exact for an axis-aligned grid in display orientation
+    (what every layer of the plugin shows, see
+    :func:`~napari_mediffuse.io.geometry.display_grid`).
     """
     affine = np.asarray(affine, dtype=float)
     origin_world = RAS_TO_WORLD @ affine[:3, 3]
