@@ -77,7 +77,8 @@ def read_layers(path) -> list[tuple]:
     except io.ReadError as exc:
         _notify_error(str(exc))
         return _NULL_LAYER
-    return _with_display_notes([image_layer_data(v) for v in volumes])
+    return _with_display_notes([labels_layer_data(v) if v.metadata.get("layer_type") == "labels"
+                                else image_layer_data(v) for v in volumes])
 
 
 # -- writers ----------------------------------------------------------------

@@ -632,7 +632,7 @@ def test_folder_without_dicom(tmp_path):
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("rtstruct.dcm", r"has no image data \(RT Structure Set Storage\)"),
+    ("rtstruct.dcm", r"is an RT Structure Set \(RTSTRUCT\): contours are not supported yet"),
     ("test-SR.dcm", r"has no image data \(Comprehensive SR Storage\)"),
     ("JPEG2000.dcm", "is a 2D image without patient geometry"),
     ("SC_rgb.dcm", r"is a colour \(RGB\) image"),
@@ -694,7 +694,7 @@ def test_good_series_survive_bad_files_with_a_warning(tmp_path):
     message = " ".join(str(w.message) for w in record)
     assert "skipped 4 of 8 files" in message
     for expected in ("rtstruct.dcm", "rgb.dcm", "notes.txt", "zz_truncated.dcm",
-                     "colour image", "no image data", "not a DICOM file",
+                     "colour image", "RT structure set (not supported yet)", "not a DICOM file",
                      "pixel data cannot be decoded"):
         assert expected in message
     assert "CompressedSamples" not in message  # CT_small's patient name
@@ -707,7 +707,7 @@ def test_nothing_readable_summarises_reasons(tmp_path):
         read_dicom(tmp_path)
     message = str(err.value)
     assert message.startswith(f"{tmp_path}: no readable CT/MR image series among 4 files")
-    for expected in ("no image data (RT Structure Set Storage): 1 file (rtstruct.dcm)",
+    for expected in ("RT structure set (not supported yet): 1 file (rtstruct.dcm)",
                      "colour image: 1 file (SC_rgb.dcm)",
                      "2D image without patient geometry: 1 file (JPEG2000.dcm)"):
         assert expected in message

@@ -49,6 +49,9 @@ def ct_dataset(pixels_hu: np.ndarray, position, *, series_uid: str, study_uid: s
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientName, ds.PatientID = "Test^Series", "TS001"
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", ""
+    ds.ReferringPhysicianName = ""
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid])
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, instance

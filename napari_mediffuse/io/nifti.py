@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ReadError, WriteError
 from .geometry import layout_of
+from .labels import looks_like_label_map
 from .volume import Volume, reorient
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -95,8 +96,10 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
     data, affine = reorient(data, affine)
 
     descrip = _header_text(img.header.get("descrip"))
-    if modality is None:
-        modality = guess_modality(data, descrip)
+    labels = modality is None and looks_like_label_map(
+        data, intent_code=int(img.header.get("intent_code", 0)), description=descrip)
+    if modality is None:  # a label map (TotalSegmentator, a mask) is no MR image
+        modality = "SEG" if labels else guess_modality(data, descrip)
     name = path.name
     for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -106,6 +109,8 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
         "slice_thickness_mm": float(abs(np.linalg.norm(affine[:3, 0]))),
         "warnings": [],
     }
+    if labels:
+        metadata["layer_type"] = "labels"
     return Volume(data=data, affine=affine, modality=modality, name=name,
                   source=str(path), metadata=metadata, layout=layout)
 

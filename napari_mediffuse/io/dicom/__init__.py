@@ -41,9 +41,10 @@ from ..errors import ReadError
 from ..volume import Volume
 from .assembly import _build_with_retries, _group_frames, _make_names_unique
 from .discovery import (
-    DicomReadWarning, _Frame, _frames_from_file, _input_files, _quiet_pydicom, _Skip,  # noqa: F401 (dicom_write)
-    _SkipLog, _warn, is_dicom_file,
+    DicomReadWarning, _Frame, _frames_from_file, _input_files, _quiet_pydicom,  # noqa: F401
+    _Segmentation, _Skip, _SkipLog, _warn, is_dicom_file,
 )
+from .seg import read_segmentation
 
 __all__ = ["DicomReadWarning", "is_dicom_file", "read_dicom"]
 
@@ -109,9 +110,12 @@ def read_dicom(path, *, resample: bool = False) -> list[Volume]:
 
     skips = _SkipLog()
     frames: list[_Frame] = []
+    segmentations: list[Path] = []
     for file in files:
         try:
             frames.extend(_frames_from_file(file))
+        except _Segmentation:
+            segmentations.append(file)
         except _Skip as skip:
             if single:
                 raise ReadError(f"{file} {skip.reason}") from None
@@ -123,6 +127,20 @@ def read_dicom(path, *, resample: bool = False) -> list[Volume]:
             for note in built.metadata["warnings"]:
                 _warn(note)
             volumes.append((group.sort_key, built))
+
+    images = [vol for _, vol in sorted(volumes, key=lambda item: item[0])]
+    for file in segmentations:  # after the images: a SEG goes on its series' grid
+        try:
+            labels = read_segmentation(file, images)
+        except _Skip as skip:
+            if single:
+                raise ReadError(f"{file} {skip.reason}") from None
+            skips.add(file, skip.kind, skip.reason)
+            continue
+        for vol in labels:
+            for note in vol.metadata["warnings"]:
+                _warn(note)
+            volumes.append(((False, 10**10, 0, 0), vol))  # after the images, before localizers
 
     if not volumes:
         raise ReadError(skips.error_message(path, len(files)))

@@ -43,6 +43,12 @@ from ..errors import ReadError
 #: SOP class of a DICOMDIR (Media Storage Directory Storage).
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
+#: Segmentation Storage (read by :mod:`.seg` as labels).
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+#: RT Structure Set Storage (contours: not supported yet).
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
 #: Skipped files named in a warning or error before "and N more".
 MAX_LISTED_FILES = 5
 
@@ -233,6 +239,14 @@ class _Frame:
         return (self.instance_number, str(self.path), self.frame_index or 0)
 
 
+class _Segmentation(Exception):
+    """A DICOM SEG file: read as labels after the image series (see :mod:`.seg`)."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
 class _Skip(Exception):
     """A file that cannot be used.
 
@@ -266,6 +280,12 @@ def _frames_from_file(path: Path) -> list[_Frame]:
     sop_class = _sop_class(ds)
     if sop_class == DICOMDIR_SOP_CLASS:
         return []
+    if sop_class == SEG_SOP_CLASS:
+        raise _Segmentation(path)
+    if sop_class == RTSTRUCT_SOP_CLASS:
+        raise _Skip("RT structure set (not supported yet)",
+                    "is an RT Structure Set (RTSTRUCT): contours are not supported yet; "
+                    "export the structures as a DICOM SEG or a NIfTI label map")
     try:
         with _quiet_pydicom():
             _check_image(ds, sop_class)
