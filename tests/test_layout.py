@@ -39,6 +39,7 @@ from napari_mediffuse.layers import (
     layer_affine,
     layer_to_volume,
     slice_range_layer_data,
+    world_to_grid_index,
 )
 
 
@@ -388,6 +389,23 @@ def test_layer_affine_reads_napari_transforms():
     world[:3] = RAS_TO_WORLD @ layer_affine(layer)[:3]
     for index in [(0, 0, 0), (3, 4, 5), (1, 2, 3)]:
         np.testing.assert_allclose(world[:3, :3] @ index + world[:3, 3], layer.data_to_world(index), atol=1e-9)
+
+
+def test_reader_notifies_the_resampling_and_preview_finds_the_true_slice(tilted_ct, caplog):
+    """Opening the tilted series says it is shown resampled; the world point
+    of slice 20's centre maps back to slice 20 of the grid the tasks get."""
+    from napari.layers import Image
+
+    folder, _, _ = tilted_ct
+    with caplog.at_level("WARNING", logger="napari_mediffuse.plugin"):
+        (layer_data,) = plugin.read_layers(str(folder))
+    assert any("resampled onto an axis-aligned" in r.getMessage() for r in caplog.records)
+    data, kwargs, _ = layer_data
+    layer = Image(data, **kwargs)
+    volume = layer_to_volume(layer)
+    centre = volume.affine @ np.array([20.0, 31.5, 31.5, 1.0])
+    point = layer.data_to_world(layer.world_to_data(_world(centre[:3])))
+    np.testing.assert_allclose(world_to_grid_index(layer, point), [20.0, 31.5, 31.5], atol=1e-6)
 
 
 @pytest.mark.parametrize("start, stop", [(15, 16), (9, 21)])

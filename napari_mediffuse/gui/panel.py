@@ -9,7 +9,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -160,9 +160,14 @@ class ScanBox(QGroupBox):
         except io.ReadError as exc:
             show_error(str(exc))
             return []
+        except Exception as exc:  # never a traceback into napari; loaded layers stay
+            show_error(f"{folder}: cannot read ({type(exc).__name__}: {exc})")
+            return []
         added = []
         for volume in volumes:
             data, kwargs, _ = image_layer_data(volume)
+            if kwargs["metadata"].get("display_note"):  # an oblique series drawn resampled
+                show_warning(kwargs["metadata"]["display_note"])
             added.append(self.viewer.add_image(data, **kwargs))
         return added
 

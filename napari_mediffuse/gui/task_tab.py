@@ -36,7 +36,8 @@ from qtpy.QtWidgets import (
 from ..engine.control import Cancelled
 from ..engine.devices import describe_device, select_device
 from ..engine.registry import list_checkpoints
-from ..layers import layer_to_volume, slice_range_layer_data
+from ..layers import layer_to_volume, slice_range_layer_data, world_to_grid_index
+from ..io import validate
 from ..io.volume import Volume
 from ..tasks.common import RunOptions
 
@@ -296,8 +297,8 @@ class TaskTab(QWidget):
     def _preview_range(self, layer, n_slices: int) -> tuple[int, int, int]:
         """Slices ``start:stop`` around the axial slice under the slider (one
         neighbour each side, context for the task) and that slice's index."""
-        world = self.viewer.dims.point[-3]
-        index = int(np.clip(round((world - layer.translate[-3]) / layer.scale[-3]), 0, n_slices - 1))
+        # in the grid the task gets (an oblique layer is drawn resampled)
+        index = int(np.clip(round(world_to_grid_index(layer, self.viewer.dims.point)[0]), 0, n_slices - 1))
         return max(0, index - PREVIEW_CONTEXT), min(n_slices, index + PREVIEW_CONTEXT + 1), index
 
     def start(self, layer=None):
@@ -322,7 +323,8 @@ class TaskTab(QWidget):
             if modality not in self.spec.modalities:
                 return self._fail(f"{self.spec.title}: {layer.name!r} is {modality}; it needs a {wanted} volume")
             try:
-                volume = layer_to_volume(layer)
+                # the reader's checks for layers from any reader: finite affine, NaN/inf voxels replaced
+                volume = validate.check_volume(layer_to_volume(layer), where=f"layer {layer.name!r}")
             except ValueError as exc:
                 return self._fail(str(exc))
             if self.spec.preview and self.preview_check.isChecked():
