@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,18 +59,37 @@ def describe(volume: io.Volume) -> str:
 
 
 def _cmd_info(args) -> int:
-    for volume in io.read(args.input):
+    # The read's warnings are listed under each volume; print only the others
+    # (e.g. skipped files), once, in the CLI's one-line form.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volumes = io.read(args.input)
+    listed = {w for v in volumes for w in v.metadata.get("warnings", [])}
+    for item in caught:
+        text = str(item.message)
+        if text not in listed:
+            listed.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+    for volume in volumes:
         print(describe(volume))
     return 0
 
 
 def _cmd_convert(args) -> int:
+    out = Path(args.output)
+    # The output is checked before the input is read: no work is lost to a bad name.
+    if io.is_nifti_path(out):
+        io.validate.check_output_file(out, inputs=[args.input])
+    else:
+        io.validate.check_output_folder(out)
     volumes = io.read(args.input)
     if len(volumes) > 1 and args.series is None:
         names = ", ".join(f"{i}: {v.name}" for i, v in enumerate(volumes))
         raise io.ReadError(f"{args.input}: holds {len(volumes)} series ({names}); choose one with --series")
+    if args.series is not None and not 0 <= args.series < len(volumes):
+        raise io.ReadError(f"{args.input}: --series {args.series} does not exist "
+                           f"(it holds {len(volumes)} series, 0 to {len(volumes) - 1})")
     volume = volumes[args.series or 0]
-    out = Path(args.output)
     if io.is_nifti_path(out):
         io.write_nifti(volume, out)
     else:
@@ -109,22 +129,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for users: ``warning: <message>`` on one line,
+    no source path or code line."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    saved_showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
-        return args.func(args)
+        with io.validate.library_log_lines() as library_lines:
+            code = args.func(args)
+        for line in dict.fromkeys(library_lines):  # not folded into a volume's warnings
+            print(f"warning: {line}", file=sys.stderr)
+        return code
     except io.MediffuseIOError as exc:
         print(f"mediffuse: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad parameters from the core: say why, no traceback
-        print(f"mediffuse: error: {exc}", file=sys.stderr)
+        print(f"mediffuse: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mediffuse: cancelled; nothing was written", file=sys.stderr)
+    except MemoryError:
+        print(f"mediffuse: error: {getattr(args, 'input', '')}: not enough memory (nothing was written)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # WriteCancelled says whether the file was written
+        print(f"mediffuse: {exc or 'cancelled; nothing was written'}", file=sys.stderr)
         return 130
+    except (OSError, ArithmeticError, LookupError, RuntimeError, TypeError) as exc:
+        # A fault no check foresaw: one line naming the input, not a traceback
+        # (-v shows the traceback for a bug report).
+        log.debug("unexpected error", exc_info=True)
+        where = getattr(args, "input", None)
+        print(f"mediffuse: error: {where + ': ' if where else ''}{type(exc).__name__}: {_one_line(exc)} "
+              "(nothing was written; run with -v for details)", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
+    finally:
+        warnings.showwarning = saved_showwarning
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -58,27 +58,44 @@ def _notify_error(message: str) -> None:
 # -- reader -----------------------------------------------------------------
 
 def get_reader(path):
-    """npe2 reader hook: a reader function if ``path`` looks like ours."""
-    if isinstance(path, list):
-        if len(path) != 1:
-            return None  # stacks of files: a DICOM folder is the way to pass a series
-        path = path[0]
-    if not io.can_read(path):
+    """npe2 reader hook: a reader function if ``path`` looks like ours.
+
+    Never raises (npe2 would show a traceback): an odd path is either declined
+    or offered, and then :func:`read_layers` says what is wrong with it.
+    """
+    try:
+        if isinstance(path, (list, tuple)):
+            if len(path) != 1:
+                return None  # stacks of files: a DICOM folder is the way to pass a series
+            path = path[0]
+        if not io.can_read(path):
+            return None
+    except Exception:  # a path object npe2 passes that we cannot even inspect
         return None
     return read_layers
 
 
 def read_layers(path) -> list[tuple]:
-    """Read ``path`` into napari layer data; errors become a notification."""
-    if isinstance(path, list):
-        path = path[0]
+    """Read ``path`` into napari layer data.
+
+    Every failure (a bad file, a library error, running out of memory)
+    becomes one notification naming the file and the reason; napari's layers
+    already loaded are never touched.
+    """
+    if isinstance(path, (list, tuple)):
+        path = path[0] if path else ""
     try:
         volumes = io.read(path)
+        return _with_display_notes([labels_layer_data(v) if v.metadata.get("layer_type") == "labels"
+                                    else image_layer_data(v) for v in volumes])
     except io.ReadError as exc:
         _notify_error(str(exc))
-        return _NULL_LAYER
-    return _with_display_notes([labels_layer_data(v) if v.metadata.get("layer_type") == "labels"
-                                else image_layer_data(v) for v in volumes])
+    except MemoryError:
+        _notify_error(f"{path}: not enough memory to read it")
+    except Exception as exc:  # a fault no check foresaw: still one line, never a traceback into napari
+        log.debug("reading %s failed", path, exc_info=True)
+        _notify_error(f"{path}: cannot read ({type(exc).__name__}: {exc})")
+    return _NULL_LAYER
 
 
 # -- writers ----------------------------------------------------------------

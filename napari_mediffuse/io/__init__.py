@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MediffuseIOError, ReadError, WriteError
+from .errors import InputWarning, MediffuseIOError, ReadError, WriteCancelled, WriteError
+from . import validate
 from .volume import (
     DISPLAY_AXCODES,
     Volume,
@@ -27,24 +28,37 @@ __all__ = [
     "DISPLAY_AXCODES", "MediffuseIOError", "ReadError", "WriteError", "Volume",
     "affine_from_world", "is_dicom_file", "is_nifti_path", "read", "read_dicom",
     "read_nifti", "reorient", "voxel_spacing", "world_scale_translate",
-    "write_dicom_series", "write_nifti", "can_read",
+    "write_dicom_series", "write_nifti", "can_read", "InputWarning", "WriteCancelled", "validate",
 ]
 
 
 def can_read(path) -> bool:
-    """Cheap check: is ``path`` something :func:`read` should try?"""
-    path = Path(path)
-    if path.is_dir():
-        return True
-    if is_nifti_path(path):
-        return True
-    if path.name.upper() == "DICOMDIR" or path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return True
-    return path.is_file() and is_dicom_file(path)
+    """Cheap check: is ``path`` something :func:`read` should try?
+
+    Never raises: an odd path (too long, a link loop, no permission) is
+    offered when its name looks like ours, so :func:`read` can say what is wrong.
+    """
+    try:
+        path = Path(path)
+        if is_nifti_path(path):
+            return True
+        if path.name.upper() == "DICOMDIR" or path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+            return True
+        if path.is_dir():
+            return True
+        return path.is_file() and is_dicom_file(path)
+    except (OSError, ValueError):
+        return False
 
 
 def read(path) -> list[Volume]:
     """Read a NIfTI file, a DICOM file, a DICOM folder (tree) or a DICOMDIR.
+
+    Every input first goes through :mod:`~napari_mediffuse.io.validate`
+    (path, NIfTI header against the file size, affine), and every volume
+    read through the non-finite voxel rule: NaN/inf voxels are replaced
+    (NaN and -inf by the smallest finite value, +inf by the largest) with a
+    warning, so no task ever computes on them.
 
     Returns
     -------
@@ -56,14 +70,19 @@ def read(path) -> list[Volume]:
     ReadError
         With a message naming the path and the reason.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ReadError(f"{path}: no such file or folder")
-    if is_nifti_path(path):
-        return [read_nifti(path)]
-    if path.is_dir() or is_dicom_file(path) or path.name.upper() == "DICOMDIR":
-        return read_dicom(path)
-    raise ReadError(
-        f"{path}: not a NIfTI (.nii, .nii.gz) or DICOM file "
-        "(no DICOM preamble and not a DICOM data set)"
-    )
+    path = validate.check_input_path(path)
+    if is_nifti_path(path) and not path.is_dir():
+        volumes = [read_nifti(path)]
+    elif path.is_dir() or is_dicom_file(path) or path.name.upper() == "DICOMDIR":
+        volumes = read_dicom(path)
+    else:
+        raise ReadError(
+            f"{path}: not a NIfTI (.nii, .nii.gz) or DICOM file "
+            "(no DICOM preamble and not a DICOM data set)"
+        )
+    return [validate.check_volume(volume, where=_where(path, volume, len(volumes))) for volume in volumes]
+
+
+def _where(path: Path, volume: Volume, n: int) -> str:
+    """How messages name a volume: the file, plus the series in a folder."""
+    return str(path) if n == 1 and not path.is_dir() else f"{path} [{volume.name}]"

@@ -39,7 +39,8 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat, PersonName
 
 from .dicom import DicomReadWarning, _quiet_pydicom
-from .errors import WriteError
+from .errors import WriteCancelled, WriteError
+from .validate import check_output_folder
 from .volume import Volume
 
 __all__ = ["write_dicom_series"]
@@ -118,6 +119,7 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
         (files written so far are removed).
     """
     folder = Path(folder)
+    check_output_folder(folder, overwrite=overwrite)  # parent writable, name accepted, empty
     data = np.asarray(volume.data)
     if data.ndim != 3:
         raise WriteError(f"{folder}: only 3D volumes can be written as a DICOM series "
@@ -125,6 +127,7 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     geometry = _slice_geometry(volume.affine, folder, data.shape[0])
     stored, slope, intercept = _quantise(data, folder)
     source = _source_dataset(volume, source_files, folder)
+    created = not folder.exists()
     _prepare_folder(folder, overwrite)  # only now: nothing is touched on bad input
 
     template = _series_template(volume, series_description, source, geometry,
@@ -137,10 +140,19 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
             ds = _slice_dataset(template, geometry, k, stored[k])
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
-    except OSError as exc:
-        for path in written:
+    except BaseException as exc:  # OS error, Ctrl-C, anything: the series is complete or absent
+        for path in [*written, folder / f"IM{len(written) + 1:05d}.dcm"]:
             path.unlink(missing_ok=True)
-        raise WriteError(f"{folder}: cannot write DICOM files ({exc}); nothing was kept") from exc
+        if created:
+            try:
+                folder.rmdir()  # only if empty: never another program's files
+            except OSError:
+                pass
+        if isinstance(exc, KeyboardInterrupt):
+            raise WriteCancelled(f"{folder}: cancelled while writing; nothing was kept") from None
+        if isinstance(exc, OSError):
+            raise WriteError(f"{folder}: cannot write DICOM files ({exc}); nothing was kept") from exc
+        raise
     return written
 
 

@@ -15,3 +15,13 @@ class ReadError(MediffuseIOError):
 
 class WriteError(MediffuseIOError):
     """A result could not be written (e.g. the target exists); nothing was written."""
+
+
+class WriteCancelled(KeyboardInterrupt):
+    """Ctrl-C while a result was written; the message says whether the
+    complete file is there or nothing was written."""
+
+
+class InputWarning(UserWarning):
+    """Something in an input was repaired or assumed (e.g. non-finite voxels
+    replaced); the message names the file."""

@@ -1,15 +1,15 @@
 """NIfTI reading and writing with nibabel."""
 from __future__ import annotations
 
-import gzip
-import os
-import zlib
+import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .errors import ReadError, WriteError
+from .errors import InputWarning, ReadError, WriteError
+from .validate import (atomic_output, check_nifti_header, check_output_file, effective_nifti_shape,
+                       library_log_lines)
 from .geometry import layout_of
 from .labels import looks_like_label_map
 from .volume import Volume, reorient
@@ -35,6 +35,7 @@ def guess_modality(data: np.ndarray, description: str = "") -> str:
         if f"MODALITY={modality}" in text:
             return modality
     sample = np.asarray(data[..., :: max(1, data.shape[-1] // 64)], dtype=np.float32)
+    sample = sample[np.isfinite(sample)]  # one NaN would make every percentile NaN
     if sample.size == 0:
         return "OT"
     low, median, high = np.percentile(sample, [1, 50, 99])
@@ -66,21 +67,21 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
         Missing, truncated or corrupt file, or not a 3D/4D image.
     """
     path = Path(path)
-    if not path.exists():
-        raise ReadError(f"{path}: no such file")
-    try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise ReadError(f"{path}: not a NIfTI image ({type(img).__name__})")
-        raw = np.asanyarray(img.dataobj)
-    except ReadError:
-        raise
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
-            nib.filebasedimages.ImageFileError) as exc:
-        raise ReadError(f"{path}: cannot read NIfTI file ({exc})") from exc
+    header = check_nifti_header(path)  # before any voxel is read (validate.py)
+    shape = effective_nifti_shape(int(d) for d in header["dim"][1:int(header["dim"][0]) + 1])
+    with library_log_lines() as notes:  # nibabel's header fixes, as our warnings
+        try:
+            img = nib.load(str(path))
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise ReadError(f"{path}: not a NIfTI image ({type(img).__name__})")
+            raw = np.asanyarray(img.dataobj).reshape(shape)
+        except ReadError:
+            raise
+        except MemoryError:
+            raise ReadError(f"{path}: not enough memory for {' x '.join(map(str, shape))} voxels") from None
+        except Exception as exc:  # nibabel/numpy/zlib faults vary: one line, no traceback
+            raise ReadError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc})") from None
 
-    if raw.ndim == 5 and raw.shape[3] == 1:
-        raw = raw[:, :, :, 0, :]  # NIfTI vector images keep time in axis 3
     if raw.ndim == 2:
         raw = raw[:, :, None]
     if raw.ndim not in (3, 4):
@@ -107,8 +108,10 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
     metadata = {
         "nifti_description": descrip,
         "slice_thickness_mm": float(abs(np.linalg.norm(affine[:3, 0]))),
-        "warnings": [],
+        "warnings": [f"{path.name}: {note}" for note in dict.fromkeys(notes)],
     }
+    for note in metadata["warnings"]:
+        warnings.warn(InputWarning(note), stacklevel=2)
     if labels:
         metadata["layer_type"] = "labels"
     return Volume(data=data, affine=affine, modality=modality, name=name,
@@ -162,10 +165,7 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
     path = Path(path)
     if not is_nifti_path(path):
         raise WriteError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
-    if path.exists() and not overwrite:
-        raise WriteError(f"{path}: file exists; choose another name (nothing was written)")
-    if not path.parent.exists():
-        raise WriteError(f"{path}: folder {path.parent} does not exist")
+    check_output_file(path, overwrite=overwrite)  # folder, name, existing file or link
     data, affine = volume.in_layout()
     data = np.asarray(data)
     if data.dtype == bool:
@@ -181,13 +181,13 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
     img.set_sform(affine, code=1)  # scanner anatomical
     img.set_qform(affine, code=1)
     img.header["descrip"] = f"modality={volume.modality} mediffuse"[:79]
-    # Write to a temporary name first so an interrupted write never leaves a
-    # half-written file under the user's chosen name.
-    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix nibabel needs
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot write ({exc})") from exc
+    # A unique temporary file in the target folder, renamed only when complete:
+    # an interrupted or failed write leaves the user's name untouched.
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        try:
+            nib.save(img, str(tmp))
+        except OSError:
+            raise
+        except Exception as exc:  # nibabel refusing the data: one line, nothing written
+            raise WriteError(f"{path}: cannot write NIfTI ({exc}); nothing was written") from None
     return path

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import numpy as np
+
 
 def task_modules():
     """Task modules that define ``add_command``, in name order."""
@@ -72,6 +74,10 @@ def read_single_volume(path, *, series=None, modality=None):
     """The one series in ``path``, or the one ``series`` names (a clear error
     listing the choices if there are several), with ``modality`` ('CT'/'MR')
     overriding the one read (see :mod:`napari_mediffuse.io.selection`).
+
+    Goes through :func:`napari_mediffuse.io.read`, so the input is validated
+    (header against file size, affine) and non-finite voxels are replaced
+    with a warning before any task sees them.
     """
     from .. import io
     from ..io.selection import override_modality, select_series
@@ -80,17 +86,13 @@ def read_single_volume(path, *, series=None, modality=None):
     return override_modality(volume, modality)
 
 
-def check_output_free(path, overwrite: bool) -> None:
-    """Refuse early (before any computation) if OUTPUT exists."""
-    from pathlib import Path
-
+def check_output_free(path, overwrite: bool, inputs=()) -> None:
+    """Refuse early (before any computation) an OUTPUT that cannot or may not
+    be written: see :func:`napari_mediffuse.io.validate.check_output_file`
+    (folder, name, existing file or symbolic link, an input)."""
     from .. import io
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise io.WriteError(f"{path}: file exists; choose another name or pass --overwrite (nothing was written)")
-    if not path.parent.exists():
-        raise io.WriteError(f"{path}: folder {path.parent} does not exist")
+    io.validate.check_output_file(path, overwrite=overwrite, inputs=inputs)
 
 
 def prepare_volume_command(args):
@@ -103,16 +105,26 @@ def prepare_volume_command(args):
 
     if not io.is_nifti_path(args.output):
         raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
-    check_output_free(args.output, args.overwrite)
+    inputs = [args.input] + [getattr(args, name) for name in ("mask", "roi") if getattr(args, name, None)]
+    check_output_free(args.output, args.overwrite, inputs=inputs)
     volume = read_single_volume(args.input, series=getattr(args, "series", None),
                                 modality=getattr(args, "modality", None))
     return volume, options_from_args(args, progress=cli_progress())
 
 
 def finish_volume_command(args, result, summary: str = "") -> int:
-    """Write the result to OUTPUT and report it (with the result's warnings)."""
+    """Write the result to OUTPUT and report it (with the result's warnings).
+
+    A result with NaN or infinite voxels is refused (nothing is written): it
+    would be a fault of the task, never something to hand to the user.
+    """
     from .. import io
 
+    data = np.asarray(result.data)
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise io.WriteError(f"{args.output}: the result has {bad} NaN or infinite voxels; "
+                            "nothing was written (please report this with the input)")
     io.write_nifti(result, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}" + (f" ({summary})" if summary else ""))
     for warning in result.metadata.get("warnings", []):
