@@ -251,3 +251,44 @@ def test_multi_resolution_slices_and_region_weights(tmp_path):
     first = next(iter(stream))["image"]
     stream.start_step = 1000
     assert not torch.equal(first, next(iter(stream))["image"])
+
+
+def test_noise_power_spectrum_of_white_smoothed_and_simulated_noise():
+    from scipy import ndimage
+
+    from training.degrade import low_dose_noise
+    from training.noise_power import nps_2d, nps_summary, radial_nps, uniform_roi_corners
+
+    rng = np.random.default_rng(0)
+    # white noise of 20 HU on 0.5 mm pixels: flat NPS at sigma^2 dx^2 = 100 HU^2 mm^2, integral = variance
+    white = rng.normal(0.0, 20.0, (64, 32, 32))
+    nps, freqs = nps_2d(white, 0.5)
+    assert freqs.max() == pytest.approx(1.0 - 1 / 16.0) and freqs.min() == pytest.approx(-1.0)  # Nyquist 1/mm
+    f, radial = radial_nps(nps, freqs)
+    assert np.median(radial) == pytest.approx(100.0, rel=0.1)
+    summary = nps_summary(nps, freqs)
+    assert summary["std_hu"] == pytest.approx(20.0, rel=0.1)  # the quadratic trend takes 6 of 1024 dof
+    # smoothing moves the power to low frequencies
+    smooth = np.stack([ndimage.gaussian_filter(r, 1.0) for r in white])
+    assert nps_summary(*nps_2d(smooth, 0.5))["mean_frequency_per_mm"] < 0.6 * summary["mean_frequency_per_mm"]
+
+    # ROIs only where the local mean is soft tissue: a 100 HU square in air
+    slice_hu = np.full((40, 40), -1000.0)
+    slice_hu[8:32, 8:32] = 100.0
+    corners = uniform_roi_corners(slice_hu, 8)
+    assert corners and all(8 <= r and r + 8 <= 32 and 8 <= c and c + 8 <= 32 for r, c in corners)
+
+    # simulated dose noise in a 288 mm water disc: its NPS integral scales as sqrt(1/dose - 1)
+    # (the extra noise of a dose reduction), sqrt(3) = 1.73 between a quarter and half dose
+    yy, xx = np.mgrid[:96, :96]
+    disc = np.where(np.hypot(yy - 47.5, xx - 47.5) < 48, 0.0, -1000.0).astype(np.float32)
+
+    def noise_std(dose):
+        gen = np.random.default_rng(5)
+        rois = np.concatenate([np.stack([n[r:r + 16, c:c + 16] for r in (24, 40, 56) for c in (24, 40, 56)])
+                               for n in [low_dose_noise(disc, 3.0, dose, rng=gen) for _ in range(3)]])
+        return nps_summary(*nps_2d(rois, 3.0))["std_hu"]
+
+    quarter, half = noise_std(0.25), noise_std(0.5)
+    assert 10.0 < quarter < 60.0  # tens of HU, the design of DEFAULT_PHOTONS
+    assert quarter / half == pytest.approx(np.sqrt(3.0), rel=0.15)
