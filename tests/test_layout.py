@@ -100,6 +100,28 @@ def test_super_resolution_output_keeps_the_input_layout(nifti_case, tmp_path):
     np.testing.assert_allclose(back.data, result.data, atol=1e-3)
 
 
+def test_anomaly_and_inpaint_outputs_have_the_input_shape_and_affine(nifti_case, tiny_models, tmp_path):
+    """Diffusion tasks with a tiny random prior (geometry only, not quality):
+    heatmap, mask, reconstruction and inpainted scan, each on the input's grid."""
+    from napari_mediffuse.tasks.anomaly import detect_anomalies
+    from napari_mediffuse.tasks.common import RunOptions
+    from napari_mediffuse.tasks.inpaint import inpaint
+
+    (volume,) = io.read(nifti_case)
+    options = RunOptions(device="cpu", seed=0)
+    found = detect_anomalies(volume, t=100, ensemble=1, steps=2, options=options)
+    for name, result in [("heat", found.heatmap), ("mask", found.mask), ("rec", found.reconstruction)]:
+        assert_same_grid(io.write_nifti(result, tmp_path / f"{name}.nii.gz"), nifti_case)
+    lesion = np.zeros(volume.data.shape, np.uint8)
+    lesion[2:4, 8:12, 10:14] = 1
+    filled = inpaint(volume, volume.with_data(lesion), steps=2, options=options)
+    out = io.write_nifti(filled, tmp_path / "inpainted.nii.gz")
+    assert_same_grid(out, nifti_case)
+    raw = np.asanyarray(nib.load(str(nifti_case)).dataobj)
+    kept = io.volume.reorient(lesion, volume.affine, volume.layout)[0] == 0  # the mask in the file's layout
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata()[kept], raw[kept], atol=1e-3)
+
+
 def test_result_volume_carries_the_source_layout(nifti_case):
     from napari_mediffuse.tasks.common import result_volume
 
@@ -447,3 +469,47 @@ def test_tilted_and_oblique_layers_overlay_in_a_viewer(make_napari_viewer, tilte
         np.testing.assert_array_less(np.linalg.norm(centroids - true_landmarks_ras(), axis=1), half_voxel)
         found.append(centroids)
     np.testing.assert_array_less(np.linalg.norm(found[0] - found[1], axis=1), 2.0)
+
+
+@pytest.mark.gui
+def test_panel_result_of_a_tilted_ct_overlays_and_saves_on_the_input_grid(make_napari_viewer, tiny_models,
+                                                                          tilted_ct, qtbot, tmp_path):
+    """Denoise (NLM) from the panel on the tilted CT, whole volume and preview:
+    the result layers are drawn where the CT is, and the saved result has
+    dcm2niix's array shape with the true affine."""
+    from napari_mediffuse.gui.panel import MediffusePanel
+
+    folder, _, uncorrected = tilted_ct
+    viewer = make_napari_viewer()
+    panel = MediffusePanel(viewer)
+    (ct,) = viewer.open(str(folder), plugin="napari-mediffuse")
+    tab = panel.task_tabs["denoise"]
+    tab.param_widgets["method"].value = "nlm"
+    tab.start(layer=ct)
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    assert tab.last_error == ""
+    (result,) = tab.last_result
+    assert result.data.shape == ct.data.shape
+    np.testing.assert_allclose(result.scale, ct.scale)
+    np.testing.assert_allclose(result.translate, ct.translate)
+    source, denoised = layer_to_volume(ct), layer_to_volume(result)
+    assert denoised.data.shape == source.data.shape
+    np.testing.assert_allclose(denoised.affine, source.affine, atol=1e-9)
+    data, state, _ = result.as_layer_data_tuple()
+    (written,) = plugin.write_image(str(tmp_path / "denoised.nii.gz"), data, state)
+    saved_ct = io.write_nifti(source, tmp_path / "ct.nii.gz")
+    assert nib.load(written).shape == nib.load(str(uncorrected)).shape == nib.load(str(saved_ct)).shape
+    np.testing.assert_allclose(nib.load(written).affine, nib.load(str(saved_ct)).affine, atol=1e-4)
+    # Preview of slice 15 (landmark 1): drawn where slice 15 of the CT is.
+    centre = source.affine @ np.array([15.0, 31.5, 31.5, 1.0])
+    viewer.dims.point = tuple(ct.data_to_world(ct.world_to_data(_world(centre[:3]))))
+    tab.preview_check.setChecked(True)
+    tab.start(layer=ct)
+    qtbot.waitUntil(lambda: tab.worker is None, timeout=120_000)
+    assert tab.last_error == ""
+    (preview,) = tab.last_result
+    drawn = _drawn_landmarks((np.asarray(preview.data), {"scale": preview.scale, "translate": preview.translate},
+                              "image"), which=[1])
+    cut = source.slab(15, 16)
+    np.testing.assert_allclose(drawn, landmark_centroids(cut.data, cut.affine, which=[1]),
+                               atol=0.5 * min(source.spacing))
