@@ -818,3 +818,33 @@ def test_dicom_series_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(io.WriteCancelled, match="series: cancelled while writing; nothing was kept"):
         io.write_dicom_series(volume, tmp_path / "series", series_description="x")
     assert sorted(os.listdir(tmp_path)) == ["ct.nii"]
+
+
+def test_panel_check_converts_float16_and_replaces_non_finite():
+    """What the panel runs on a layer from any reader before a task starts."""
+    from napari_mediffuse.io.volume import Volume
+
+    data = ct_values((2, 16, 16)).astype(np.float16)
+    data[1, 2, 3] = np.nan
+    volume = Volume(data=data, affine=RAS_2MM, modality="CT", name="from tif")
+    with pytest.warns(io.InputWarning, match=r"layer 'from tif': 1 non-finite voxel \(1 NaN; first at index \[1, 2, 3\]\)"):
+        checked = validate.check_volume(volume, where="layer 'from tif'")
+    assert checked.data.dtype == np.float32 and np.all(np.isfinite(checked.data))
+    assert checked.data[1, 2, 3] == np.float32(np.nanmin(data))
+    assert np.isnan(volume.data[1, 2, 3])  # the layer's own data is not modified
+    bad_affine = Volume(data=np.zeros((2, 4, 4), np.float32), affine=np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(io.ReadError, match="layer 'x': the voxel -> mm affine is singular"):
+        validate.check_volume(bad_affine, where="layer 'x'")
+
+
+def test_task_api_refuses_non_finite_volume():
+    """A volume built in Python (not through io.read) with NaN never reaches bm3d."""
+    from napari_mediffuse.io.volume import Volume
+    from napari_mediffuse.tasks.common import TaskInputError
+    from napari_mediffuse.tasks.denoise import denoise
+
+    data = ct_values((2, 16, 16)).astype(np.float32)
+    data[0, 5, 5] = np.inf
+    volume = Volume(data=data, affine=RAS_2MM, modality="CT", name="api", source="api.nii")
+    with pytest.raises(TaskInputError, match=r"'api' \(api\.nii\) has NaN or infinite voxels"):
+        denoise(volume, method="bm3d")

@@ -70,6 +70,10 @@ def require_volume(volume: Volume, *, task: str, modality: str | None = None, mi
     if min(volume.data.shape[1:]) < min_size:
         raise TaskInputError(f"{task}: {label} is too small ({volume.data.shape}); "
                              f"slices must be at least {min_size} pixels")
+    if volume.data.dtype.kind == "f" and not np.all(np.isfinite(volume.data)):
+        # io.read and the panel replace them (io/validate.py); a volume built in Python may not
+        raise TaskInputError(f"{task}: {label} has NaN or infinite voxels; pass it through "
+                             "napari_mediffuse.io.validate.check_volume (replaces them, with a warning)")
 
 
 def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: str = "CT"):
