@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -143,11 +144,13 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     saved_showwarning = warnings.showwarning
     warnings.showwarning = _one_line_warning
+    outputs = _output_states(args)  # to say, on Ctrl-C, which outputs were completed
     try:
         with io.validate.library_log_lines() as library_lines:
             code = args.func(args)
+        where = f"{args.input}: " if isinstance(getattr(args, "input", None), str) else ""
         for line in dict.fromkeys(library_lines):  # not folded into a volume's warnings
-            print(f"warning: {line}", file=sys.stderr)
+            print(f"warning: {where}{line}", file=sys.stderr)
         return code
     except io.MediffuseIOError as exc:
         print(f"mediffuse: error: {exc}", file=sys.stderr)
@@ -159,8 +162,15 @@ def main(argv=None) -> int:
         print(f"mediffuse: error: {getattr(args, 'input', '')}: not enough memory (nothing was written)",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # WriteCancelled says whether the file was written
-        print(f"mediffuse: {exc or 'cancelled; nothing was written'}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # Outputs are written atomically: one that changed is complete.
+        written = [path for path, state in outputs.items() if _path_state(path) not in (state, None)]
+        message = str(exc) or "cancelled"  # WriteCancelled names the file being written
+        if written:
+            message += f"; complete output{'s' if len(written) > 1 else ''} written before: {', '.join(written)}"
+        elif "nothing was written" not in message:
+            message += "; nothing was written"
+        print(f"mediffuse: {message}", file=sys.stderr)
         return 130
     except (OSError, ArithmeticError, LookupError, RuntimeError, TypeError) as exc:
         # A fault no check foresaw: one line naming the input, not a traceback
@@ -174,6 +184,23 @@ def main(argv=None) -> int:
         return 1
     finally:
         warnings.showwarning = saved_showwarning
+
+
+def _output_states(args) -> dict:
+    """The OUTPUT paths of a command (``output`` and ``*_out`` options) and
+    their current state."""
+    paths = [value for key, value in vars(args).items()
+             if (key == "output" or key.endswith("_out")) and isinstance(value, str) and value]
+    return {path: _path_state(path) for path in paths}
+
+
+def _path_state(path: str):
+    """Identity of what is at ``path`` (None if nothing): inode and mtime."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):
+        return None
+    return info.st_ino, info.st_mtime_ns
 
 
 def _one_line(exc: BaseException) -> str:

@@ -765,6 +765,21 @@ def test_interrupted_write_message_in_cli(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["ct.nii"]
 
 
+def test_interrupt_after_the_write_says_the_file_is_complete(tmp_path, monkeypatch, capsys):
+    src = save_nifti(tmp_path / "ct.nii", ct_values())
+    real = io.write_nifti
+
+    def write_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the summary is printed
+
+    monkeypatch.setattr(io, "write_nifti", write_then_interrupt)
+    code, _, err = run_cli(capsys, "denoise", str(src), "-o", str(tmp_path / "r.nii"), "--method", "bm3d")
+    assert code == 130
+    assert err.strip().endswith(f"cancelled; complete output written before: {tmp_path / 'r.nii'}")
+    assert np.all(np.isfinite(io.read(tmp_path / "r.nii")[0].data))
+
+
 def test_file_appearing_during_compute_is_not_replaced(tmp_path):
     volume = io.read(save_nifti(tmp_path / "ct.nii", ct_values()))[0]
     target = tmp_path / "r.nii"

@@ -23,12 +23,13 @@ from .volume import (
 from .nifti import is_nifti_path, read_nifti, write_nifti
 from .dicom import is_dicom_file, read_dicom
 from .dicom_write import write_dicom_series
+from .derived import write_dicom_seg, write_parametric_map
 
 __all__ = [
     "DISPLAY_AXCODES", "MediffuseIOError", "ReadError", "WriteError", "Volume",
     "affine_from_world", "is_dicom_file", "is_nifti_path", "read", "read_dicom",
     "read_nifti", "reorient", "voxel_spacing", "world_scale_translate",
-    "write_dicom_series", "write_nifti", "can_read", "InputWarning", "WriteCancelled", "validate",
+    "write_dicom_seg", "write_dicom_series", "write_nifti", "write_parametric_map", "can_read", "InputWarning", "WriteCancelled", "validate",
 ]
 
 

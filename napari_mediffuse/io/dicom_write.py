@@ -38,6 +38,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat, PersonName
 
+from .derived import is_task_result, mark_synthetic, source_image_references
 from .dicom import DicomReadWarning, _quiet_pydicom
 from .errors import WriteCancelled, WriteError
 from .validate import check_output_folder
@@ -78,8 +79,16 @@ _MODALITY_KEYWORDS = {
 def write_dicom_series(volume: Volume, folder, series_description: str, *,
                        source_files: Sequence | None = None, overwrite: bool = False,
                        series_number: int | None = None,
-                       derivation_description: str | None = None) -> list[Path]:
+                       derivation_description: str | None = None,
+                       keep_source_study: bool = False) -> list[Path]:
     """Write ``volume`` as a derived DICOM series, one file per slice.
+
+    A task's result (``metadata['task']``, or a synthetic series read back)
+    is marked synthetic (see :func:`~napari_mediffuse.io.derived.mark_synthetic`):
+    SeriesDescription ``SYNTHETIC <task> <model>: ...``, DerivationDescription
+    with the parameters, and a new study for the same patient unless
+    ``keep_source_study``. Every slice references the source images at its
+    position (SourceImageSequence).
 
     Parameters
     ----------
@@ -103,7 +112,11 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     series_number : int, optional
         SeriesNumber; default 1000 + the source's SeriesNumber (or 1000).
     derivation_description : str, optional
-        DerivationDescription; default names the series and this software.
+        DerivationDescription; default names the series and this software
+        (a task's result: its task, model and parameters).
+    keep_source_study : bool
+        File a task's result into the source study instead of a new one
+        (the default keeps synthetic images out of the acquired study).
 
     Returns
     -------
@@ -127,17 +140,18 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     geometry = _slice_geometry(volume.affine, folder, data.shape[0])
     stored, slope, intercept = _quantise(data, folder)
     source = _source_dataset(volume, source_files, folder)
+    references = _source_references(volume, source_files, geometry)
     created = not folder.exists()
     _prepare_folder(folder, overwrite)  # only now: nothing is touched on bad input
 
     template = _series_template(volume, series_description, source, geometry,
                                 slope, intercept, series_number, derivation_description,
-                                data)
+                                data, keep_source_study=keep_source_study)
     written: list[Path] = []
     try:
         for k in range(data.shape[0]):
             path = folder / f"IM{k + 1:05d}.dcm"
-            ds = _slice_dataset(template, geometry, k, stored[k])
+            ds = _slice_dataset(template, geometry, k, stored[k], references[k])
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     except BaseException as exc:  # OS error, Ctrl-C, anything: the series is complete or absent
@@ -314,7 +328,7 @@ def _sop_class_for(modality: str) -> str:
 def _series_template(volume: Volume, description: str, source: Dataset | None,
                      geometry, slope: float, intercept: float,
                      series_number: int | None, derivation: str | None,
-                     data: np.ndarray) -> Dataset:
+                     data: np.ndarray, *, keep_source_study: bool = False) -> Dataset:
     """Dataset with every tag shared by the slices of the new series."""
     modality = (volume.modality or "OT").upper()
     sop_class = _sop_class_for(modality)
@@ -388,12 +402,26 @@ def _series_template(volume: Volume, description: str, source: Dataset | None,
     ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
     center, width = _window(data, modality)
     ds.WindowCenter, ds.WindowWidth = _ds(center), _ds(width)
+    if is_task_result(volume):  # never to pass for an acquired series
+        mark_synthetic(ds, volume, description, source, keep_source_study=keep_source_study)
     return ds
 
 
-def _slice_dataset(template: Dataset, geometry, k: int, pixels: np.ndarray) -> Dataset:
-    """The dataset of slice ``k`` (new SOP Instance UID, its position, pixels)."""
+def _source_references(volume: Volume, source_files, geometry) -> list[list[Dataset]]:
+    """SourceImageSequence items of each slice (empty without a DICOM source)."""
+    files = list(source_files) if source_files is not None else list(volume.metadata.get("files") or [])
+    if not files:
+        return [[] for _ in range(len(geometry.positions))]
+    return source_image_references(files, geometry.positions, geometry.normal, geometry.spacing)
+
+
+def _slice_dataset(template: Dataset, geometry, k: int, pixels: np.ndarray,
+                   references: list[Dataset] | None = None) -> Dataset:
+    """The dataset of slice ``k`` (new SOP Instance UID, its position, pixels,
+    the source images it was computed from)."""
     ds = copy.deepcopy(template)
+    if references:
+        ds.SourceImageSequence = references
     sop_uid = generate_uid()
     ds.SOPInstanceUID = sop_uid
     ds.InstanceNumber = k + 1

@@ -651,7 +651,16 @@ def _metadata(geometry: _StackGeometry, modality: str, description: str) -> dict
         "sop_instance_uids": _sop_uids_of(frames),
         "warnings": list(geometry.notes),
         "dicom_reference": _dicom_reference(header),
+        # A synthetic export read back stays marked (layer name, NIfTI, re-export).
+        "synthetic": _is_synthetic(header, description),
+        "derivation_description": str(header.get("DerivationDescription", "") or ""),
     }
+
+
+def _is_synthetic(header: Dataset, description: str) -> bool:
+    """True for a series marked SYNTHETIC (upper case, as :mod:`..derived` writes it)."""
+    comments = str(header.get("ImageComments", "") or "")
+    return description.startswith("SYNTHETIC") or comments.startswith("SYNTHETIC")
 
 
 #: Non-identifying tags kept in metadata['dicom_reference'].
