@@ -292,3 +292,24 @@ def test_noise_power_spectrum_of_white_smoothed_and_simulated_noise():
     quarter, half = noise_std(0.25), noise_std(0.5)
     assert 10.0 < quarter < 60.0  # tens of HU, the design of DEFAULT_PHOTONS
     assert quarter / half == pytest.approx(np.sqrt(3.0), rel=0.15)
+
+
+def test_one_step_denoising_on_held_out_patients_of_two_sizes_and_regions(tmp_path):
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+    from training.evaluate_prior import one_step_denoising
+
+    from conftest import TINY_ARCHITECTURE
+
+    _write_ct(tmp_path / "neck" / "pt_9" / "ct.nii.gz", shape=(10, 24, 20), spacing=(3.0, 4.5, 4.5))
+    _write_ct(tmp_path / "chest.nii.gz", shape=(10, 40, 36), spacing=(1.0, 0.8, 0.8))
+    config = {"data": {"train": [str(tmp_path / "chest.nii.gz")],
+                       "validation": [{"path": str(tmp_path / "neck"), "glob": "*/ct.nii.gz", "region": "head-neck"},
+                                      {"path": str(tmp_path / "chest.nii.gz"), "region": "chest"}]},
+              "normalization": {"type": "hu_window", "low": -1024.0, "high": 2048.0}}
+    torch.manual_seed(0)
+    results = one_step_denoising(DiffusionNetwork(TINY_ARCHITECTURE), config, noise_hu=(50.0,), max_slices=3)
+    entry = results["noise_50HU"]
+    assert entry["slices"] == 6 and set(results["by_region"]) == {"head-neck", "chest"}
+    assert results["by_region"]["chest"]["noise_50HU"]["slices"] == 3
+    # 50 HU of Gaussian noise on a uniform 40 HU scan: 20 log10(400 / 50) = 18.1 dB in [-160, 240] HU
+    assert entry["psnr_noisy_soft"] == pytest.approx(18.06, abs=0.3)

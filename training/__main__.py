@@ -60,9 +60,14 @@ def _cmd_evaluate_prior(args) -> int:
     from .evaluate_prior import one_step_denoising
     from .trainer import load_config
 
+    from napari_mediffuse.engine.networks import REGIONS
+
     checkpoint = load_checkpoint(args.checkpoint)
     config = load_config(args.config)  # resolves base: configs
-    print(json.dumps(one_step_denoising(checkpoint.network, config), indent=2))
+    region = REGIONS.index(args.region) if args.region else None
+    results = one_step_denoising(checkpoint.network, config, max_slices=args.max_slices, region=region)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "config": args.config, "region": args.region,
+                      **results}, indent=2))
     return 0
 
 
@@ -97,7 +102,10 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("evaluate-prior", help="one-step denoising PSNR of a CT prior on held-out slices")
     p.add_argument("checkpoint")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="the held-out data: data.validation, else held-out blocks")
+    p.add_argument("--max-slices", type=int, default=16, help="slices (per region with data.validation)")
+    p.add_argument("--region", choices=["unknown", "head-neck", "chest", "abdomen"],
+                   help="region class for every slice (default: each slice's own); e.g. abdomen for ct-prior-demo")
     p.set_defaults(func=_cmd_evaluate_prior)
 
     p = sub.add_parser("plot-log", help="PNG of a run's training and validation loss")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from napari_mediffuse.engine.inference import NoisePredictor
+from napari_mediffuse.engine.networks import REGIONS
 from napari_mediffuse.engine.intensity import hu_per_unit, intensity_range
 from napari_mediffuse.engine.sampling import make_generator, predict_x0
 from napari_mediffuse.engine.schedulers import alphas_cumprod, timestep_for_noise_level
@@ -21,44 +22,80 @@ from .data import load_volumes
 from .metrics import psnr_hu
 
 
+def heldout_slices(config: dict, normalization: dict, max_slices: int = 16) -> list[tuple[np.ndarray, int]]:
+    """Held-out axial slices (normalised) with their region class.
+
+    With ``data.validation`` (held-out patients): up to ``max_slices`` per
+    region, evenly spread over the central 60 % of the axial slices of that
+    region's patients (several patients, no skull cap or neck box edge);
+    otherwise ``max_slices`` slices of the held-out blocks of the training
+    volumes."""
+    data = config["data"]
+    if data.get("validation"):
+        volumes = load_volumes(data, normalization, split="validation")
+        picks = []
+        for region in sorted({v.region for v in volumes}):
+            pool = [(v, i) for v in volumes if v.region == region
+                    for i in range(int(0.2 * v.data.shape[0]), max(int(0.8 * v.data.shape[0]), 1))]
+            chosen = np.linspace(0, len(pool) - 1, min(max_slices, len(pool))).round().astype(int)
+            picks += [(pool[k][0].data[pool[k][1]], region) for k in chosen]
+        return picks
+    volumes = load_volumes(data, normalization)
+    picks = [(s, v.region) for v in volumes for s in v.holdout_part()]
+    if not picks:
+        raise ValueError("no held-out slices: set data.validation or data.holdout_fraction in the config")
+    return [picks[k] for k in np.linspace(0, len(picks) - 1, min(max_slices, len(picks))).round().astype(int)]
+
+
 def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), max_slices: int = 16,
-                       seed: int = 0, device: str = "cpu") -> dict:
+                       seed: int = 0, device: str = "cpu", region: int | None = None) -> dict:
     """PSNR (dB) before/after one-step denoising of held-out slices.
 
     Returns ``{"noise_25HU": {"psnr_noisy_soft": ..., "psnr_denoised_soft": ...,
-    "psnr_noisy_full": ..., "psnr_denoised_full": ..., "t": ..., "slices": n}, ...}``.
+    "psnr_noisy_full": ..., "psnr_denoised_full": ..., "t": ..., "slices": n}, ...}``
+    (PSNR of all the slices' pixels together), and with ``data.validation``
+    the same per region under ``"by_region"``. ``region``: the class given
+    to the network (default: each slice's own; a prior trained on one region
+    gets that one).
     """
     normalization = config["normalization"]
     scale = hu_per_unit(normalization)
     low, high = intensity_range(None, normalization)
-    volumes = load_volumes(config["data"], normalization)
-    slices = np.concatenate([v.holdout_part() for v in volumes], axis=0)
-    if len(slices) == 0:
-        raise ValueError("no held-out slices: set data.holdout_fraction in the config")
-    slices = slices[np.linspace(0, len(slices) - 1, min(max_slices, len(slices))).round().astype(int)]
-    clean = torch.from_numpy(slices)[:, None]
+    picks = heldout_slices(config, normalization, max_slices)
     # noise estimates whatever the model predicts (epsilon, v or sample)
     predictor = NoisePredictor(network, device=device, schedule=config.get("schedule"))
     abar = alphas_cumprod(config.get("schedule"))
     gen = make_generator(seed)
-    region = torch.full((len(clean),), volumes[0].region)
+    to_hu = lambda x: (x.numpy().ravel() + 1) * scale + low  # noqa: E731
+    groups = {"all": list(range(len(picks)))}
+    if config["data"].get("validation"):
+        for k, (_, r) in enumerate(picks):
+            groups.setdefault(REGIONS[r], []).append(k)
     results = {}
     for level in noise_hu:
         sigma = level / scale
         t = timestep_for_noise_level(sigma, config.get("schedule"))
         a = float(abar[t])
-        noisy = clean + sigma * torch.randn(clean.shape, generator=gen)
-        # x_t = sqrt(a) * noisy is the noisy image at step t (noise std sigma*sqrt(a)
-        # matches sqrt(1-a) up to the nearest step)
-        eps = predictor(noisy * a ** 0.5, t, region=region)
-        denoised = predict_x0(noisy * a ** 0.5, eps, a).clamp(-1, 1)
-        to_hu = lambda x: (x.numpy()[:, 0] + 1) * scale + low  # noqa: E731
-        ref, noisy_hu, den_hu = to_hu(clean), to_hu(noisy), to_hu(denoised)
-        results[f"noise_{int(level)}HU"] = {
-            "t": t, "slices": int(len(clean)),
-            "psnr_noisy_soft": psnr_hu(noisy_hu, ref, (-160, 240)),
-            "psnr_denoised_soft": psnr_hu(den_hu, ref, (-160, 240)),
-            "psnr_noisy_full": psnr_hu(noisy_hu, ref, (low, high)),
-            "psnr_denoised_full": psnr_hu(den_hu, ref, (low, high)),
-        }
+        per_slice = []
+        for slice_2d, r in picks:  # one at a time: held-out slices differ in size
+            clean = torch.from_numpy(np.ascontiguousarray(slice_2d))[None, None]
+            noisy = clean + sigma * torch.randn(clean.shape, generator=gen)
+            # x_t = sqrt(a) * noisy is the noisy image at step t (noise std sigma*sqrt(a)
+            # matches sqrt(1-a) up to the nearest step)
+            eps = predictor(noisy * a ** 0.5, t, region=torch.full((1,), r if region is None else region))
+            denoised = predict_x0(noisy * a ** 0.5, eps, a).clamp(-1, 1)
+            per_slice.append((to_hu(clean), to_hu(noisy), to_hu(denoised)))
+        for name, members in groups.items():
+            ref, noisy_hu, den_hu = (np.concatenate([per_slice[k][j] for k in members]) for j in range(3))
+            entry = {
+                "t": t, "slices": len(members),
+                "psnr_noisy_soft": psnr_hu(noisy_hu, ref, (-160, 240)),
+                "psnr_denoised_soft": psnr_hu(den_hu, ref, (-160, 240)),
+                "psnr_noisy_full": psnr_hu(noisy_hu, ref, (low, high)),
+                "psnr_denoised_full": psnr_hu(den_hu, ref, (low, high)),
+            }
+            if name == "all":
+                results[f"noise_{int(level)}HU"] = entry
+            else:
+                results.setdefault("by_region", {}).setdefault(name, {})[f"noise_{int(level)}HU"] = entry
     return results
