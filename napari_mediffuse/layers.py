@@ -154,6 +154,23 @@ def layer_to_volume(layer, *, modality: str | None = None) -> Volume:
     )
 
 
+def onto_source_grid(volume: Volume, layer) -> Volume:
+    """A volume on the grid ``layer`` is drawn on (a mask the user painted
+    over an oblique layer shown resampled), moved onto the layer's original
+    grid, the one :func:`layer_to_volume` gives the tasks: nearest for
+    integer data, linear otherwise. Any other volume is returned as it is."""
+    meta = getattr(layer, "metadata", None) or {}
+    shown, affine = _matrix(meta.get("display_affine")), _matrix(meta.get("affine"))
+    if meta.get("grid_data") is None or shown is None or affine is None:
+        return volume
+    if volume.data.shape[-3:] != np.asarray(layer.data).shape[-3:] or not np.allclose(volume.affine, shown, atol=1e-3):
+        return volume
+    integer = volume.data.dtype.kind in "biu"
+    data = resample_to_grid(volume.data, shown, affine, np.asarray(meta["grid_data"]).shape[-3:],
+                            order=0 if integer else 1, cval=0.0 if integer else float(np.nanmin(volume.data)))
+    return volume.with_data(data, affine=affine, layout=meta.get("layout"))
+
+
 def layer_affine(layer) -> np.ndarray:
     """Index -> RAS mm affine of a layer's last three axes, from everything
     napari composes into its data-to-world transform (``affine`` after

@@ -38,6 +38,7 @@ from napari_mediffuse.layers import (
     labels_layer_data,
     layer_affine,
     layer_to_volume,
+    onto_source_grid,
     slice_range_layer_data,
     world_to_grid_index,
 )
@@ -349,6 +350,24 @@ def test_an_edited_resampled_layer_is_resampled_back_onto_its_grid(tilted_ct):
     agree = np.mean((back.data == 2) == (mask.data == 1))
     assert agree > 0.995
     assert any("resampled back" in w for w in back.metadata["warnings"])
+
+
+def test_a_mask_painted_over_a_resampled_layer_goes_onto_the_grid_the_task_gets(tilted_ct):
+    """A Labels layer the user paints over the tilted CT (on the grid napari
+    draws) reaches the task on the CT's original grid, nearest label."""
+    from napari.layers import Image, Labels
+
+    folder, _, _ = tilted_ct
+    (volume,) = read_quietly(folder)
+    data, kwargs, _ = image_layer_data(volume)
+    ct = Image(data, **kwargs)
+    painted = Labels((data > 500).astype(np.uint8), scale=ct.scale, translate=ct.translate)
+    mask = onto_source_grid(layer_to_volume(painted), ct)
+    assert mask.data.shape == volume.data.shape and mask.data.dtype == np.uint8
+    np.testing.assert_allclose(mask.affine, volume.affine, atol=1e-9)
+    assert np.mean(mask.data == (volume.data > 500)) > 0.995
+    unrelated = volume.with_data(np.zeros(volume.data.shape, np.uint8))
+    assert onto_source_grid(unrelated, ct) is unrelated
 
 
 def _oblique_mr(folder, rot, size=48, n=14):

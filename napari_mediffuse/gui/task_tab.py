@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 from ..engine.control import Cancelled
 from ..engine.devices import describe_device, select_device
 from ..engine.registry import list_checkpoints
-from ..layers import layer_to_volume, slice_range_layer_data, world_to_grid_index
+from ..layers import layer_to_volume, onto_source_grid, slice_range_layer_data, world_to_grid_index
 from ..io import validate
 from ..io.volume import Volume
 from ..tasks.common import RunOptions
@@ -338,6 +338,8 @@ class TaskTab(QWidget):
         except ValueError as exc:
             return self._fail(f"{self.spec.title}: {exc}")
         values["model"] = model
+        if layer is not None:  # a mask painted over an oblique layer: onto the grid the task gets
+            values = {k: onto_source_grid(v, layer) if isinstance(v, Volume) else v for k, v in values.items()}
         preview_slice = None
         if preview is not None:  # the input and any mask on its grid, cut to the slab
             start, stop, index = preview
