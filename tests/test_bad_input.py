@@ -178,6 +178,10 @@ nifti_case("nifti2", "ok", version=2)
 nifti_case("slope_nan_means_unscaled", "ok", edit=set_fields(scl_slope=np.nan, scl_inter=5.0))
 
 # Refused NIfTI
+nifti_case("slope_overflows_float32", "refused", "beyond what tasks compute with",
+           data=np.clip(ct_values() + 1024, 0, None), dtype=np.int16, edit=set_fields(scl_slope=1e36, scl_inter=0.0))
+nifti_case("float64_beyond_float32", "refused", "beyond what tasks compute with",
+           data=np.where(np.arange(512).reshape(SHAPE) == 7, 1e300, ct_values()))
 nifti_case("all_nan", "refused", "no finite voxel", data=np.full(SHAPE, np.nan, np.float32))
 nifti_case("scl_inter_nan", "refused", "scl_inter", edit=set_fields(scl_slope=2.0, scl_inter=np.nan))
 nifti_case("scl_slope_inf", "refused", "scl_slope", edit=set_fields(scl_slope=np.inf))
@@ -243,6 +247,12 @@ def _(tmp):
 def _(tmp):
     path = save_nifti(tmp / "plain.nii", ct_values())
     return path.rename(tmp / "plain.nii.gz")
+
+
+@case("gzip_named_nii", "refused", "rename it to .nii.gz")
+def _(tmp):
+    path = save_nifti(tmp / "packed.nii.gz", ct_values())
+    return path.rename(tmp / "packed.nii")
 
 
 @case("text_named_nii", "refused", "not a NIfTI")

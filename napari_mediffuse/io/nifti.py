@@ -34,7 +34,7 @@ def guess_modality(data: np.ndarray, description: str = "") -> str:
     for modality in ("CT", "MR", "PT"):
         if f"MODALITY={modality}" in text:
             return modality
-    sample = np.asarray(data[..., :: max(1, data.shape[-1] // 64)], dtype=np.float32)
+    sample = np.asarray(data[..., :: max(1, data.shape[-1] // 64)], dtype=np.float64)  # no overflow
     sample = sample[np.isfinite(sample)]  # one NaN would make every percentile NaN
     if sample.size == 0:
         return "OT"

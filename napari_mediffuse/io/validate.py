@@ -57,6 +57,9 @@ from .errors import InputWarning, ReadError, WriteCancelled, WriteError
 #: deflate cannot compress better than about 1032:1 (RFC 1951 block limits).
 GZIP_MAX_RATIO = 1032
 
+#: Largest value tasks can compute with (they work in float32).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 #: Voxel kinds a task can compute with (bool comes from labels layers).
 SUPPORTED_KINDS = "biuf"
 
@@ -156,7 +159,7 @@ def check_nifti_header(path):
     offset = _nifti_data_offset(path, header)
     needed = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
     _check_file_holds(path, needed, compressed, shape, dtype, offset)
-    _check_scaling(path, header)
+    _check_scaling(path, header, dtype)
     _check_header_affine(path, header)
     return header
 
@@ -169,6 +172,8 @@ def _nifti_head(path: Path, compressed: bool) -> bytes:
             if compressed and magic != b"\x1f\x8b":
                 raise ReadError(f"{path}: named .gz but not gzip-compressed "
                                 "(rename it to .nii if it is an uncompressed NIfTI)")
+            if not compressed and magic == b"\x1f\x8b":
+                raise ReadError(f"{path}: gzip-compressed but named .nii (rename it to .nii.gz)")
             fh.seek(0)
             if compressed:
                 with gzip.GzipFile(fileobj=fh) as gz:
@@ -304,7 +309,7 @@ def _gzip_length_at_least(path: Path, needed: int, chunk: int = 1 << 22) -> int:
     return total
 
 
-def _check_scaling(path: Path, header) -> None:
+def _check_scaling(path: Path, header, dtype: np.dtype) -> None:
     slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
     if np.isnan(slope) or slope == 0:
         return  # NIfTI: no scaling (the intercept is ignored)
@@ -312,6 +317,12 @@ def _check_scaling(path: Path, header) -> None:
         raise ReadError(f"{path}: invalid scl_slope {slope} in the header")
     if not np.isfinite(inter):
         raise ReadError(f"{path}: invalid scl_inter {inter} in the header (scl_slope is {slope:g})")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        top = abs(slope) * max(abs(float(info.min)), float(info.max)) + abs(inter)
+        if top > FLOAT32_MAX:
+            raise ReadError(f"{path}: scl_slope {slope:g} and scl_inter {inter:g} can scale the voxels to "
+                            f"{top:.3g}, beyond what tasks compute with (float32, {FLOAT32_MAX:.3g})")
 
 
 def _check_header_affine(path: Path, header) -> None:
@@ -417,6 +428,9 @@ def check_volume(volume, *, where: str | None = None):
     if data.dtype == np.float16:  # torch/scipy/bm3d compute in float32 anyway
         data = data.astype(np.float32)
     data, note = finite_voxels(data, where)
+    if data.dtype.kind == "f" and data.size and float(np.max(np.abs(data))) > FLOAT32_MAX:
+        raise ReadError(f"{where}: values up to {float(np.max(np.abs(data))):.3g}, beyond what tasks compute "
+                        f"with (float32, {FLOAT32_MAX:.3g})")
     if data is volume.data:
         return volume
     metadata = dict(volume.metadata)
