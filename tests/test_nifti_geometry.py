@@ -136,3 +136,18 @@ def test_not_medical_file_is_refused(tmp_path):
         io.read(text)
     with pytest.raises(io.ReadError, match="no such file"):
         io.read(tmp_path / "missing.nii.gz")
+
+
+def test_layout_is_three_axis_codes_and_in_layout_is_lossless():
+    from napari_mediffuse.io.volume import Volume
+
+    data = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    with pytest.raises(ValueError, match="three axis codes"):
+        Volume(data, np.eye(4), layout=("L", "R", "S"))
+    plain = Volume(data, np.eye(4))
+    assert plain.in_layout()[0] is data  # no layout: written as it is
+    affine = np.diag([-0.8, 0.9, 3.0, 1.0])  # LAS
+    display, display_affine = reorient(data, affine)
+    back, back_affine = Volume(display, display_affine, layout=("L", "A", "S")).in_layout()
+    np.testing.assert_array_equal(back, data)
+    np.testing.assert_allclose(back_affine, affine)
