@@ -199,3 +199,44 @@ def test_nifti_label_map_opens_as_labels_never_as_mr():
         assert volume.modality == modality and "layer_type" not in volume.metadata, scan
     tumour = io.read(shared("ct/chest_ct_lung1_5mm_tumour.nii.gz"))[0]
     assert tumour.metadata["layer_type"] == "labels"
+
+
+def test_panel_opens_seg_as_labels_exports_paintings_and_overrides_modality(
+        make_napari_viewer, tmp_path, ct_files):
+    import napari
+
+    from napari_mediffuse.gui.panel import AS_READ, MediffusePanel
+
+    folder = tmp_path / "study"
+    shutil.copytree(ct_files[0].parent, folder / "ct")
+    write_seg(ct_files, folder / "seg.dcm", expected_masks(overlap=False))
+    viewer = make_napari_viewer()
+    panel = MediffusePanel(viewer)
+    image, labels = panel.scan.open_folder(folder)
+    assert isinstance(labels, napari.layers.Labels) and isinstance(image, napari.layers.Image)
+    assert labels.features["segment"].tolist() == ["background", "liver", "lesion"]
+
+    # A user's painting on the scan leaves as a DICOM SEG referencing the scan.
+    painting = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale,
+                                 translate=image.translate, name="my painting")
+    painting.data[5, 10:14, 20:30] = 3
+    viewer.layers.selection.active = painting
+    panel.scan.layer_combo.setCurrentText(image.name)
+    (path,) = panel.scan.export_dicom(tmp_path / "out")
+    seg = pydicom.dcmread(path)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image.metadata["series_instance_uid"]
+    shutil.copy(path, folder / "painting.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = [v for v in read_dicom(folder) if v.name.startswith("my painting")]
+    (back,) = back
+    np.testing.assert_array_equal(back.data, painting.data)
+
+    # The modality box overrides what the tasks see, and restores it.
+    viewer.layers.selection.active = image
+    panel.scan.modality_combo.setCurrentText("MR")
+    assert image.metadata["modality"] == "MR"
+    translate_inputs = [layer.name for layer in panel.task_tabs["translate"].compatible_layers()]
+    assert image.name in translate_inputs
+    panel.scan.modality_combo.setCurrentText(AS_READ)
+    assert image.metadata["modality"] == "CT" and "modality_override" not in image.metadata

@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from .. import io
 from ..display import CT_WINDOW_PRESETS, ct_preset_limits, robust_limits
-from ..layers import image_layer_data, layer_to_volume, swipe_crop
+from ..layers import image_layer_data, labels_layer_data, layer_to_volume, swipe_crop
 from ..io.volume import axcodes
 
 
@@ -37,6 +37,9 @@ def viewer_grid(viewer: napari.Viewer):
     canvas = getattr(viewer, "canvas", None)
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
+
+#: the modality box's entry that keeps the modality read from the file
+AS_READ = "(as read)"
 
 #: metadata key of the swipe's temporary view layer (names the layer it shows)
 SWIPE_OF = "swipe_of"
@@ -75,17 +78,26 @@ class ScanBox(QGroupBox):
         self.window_combo.setToolTip(
             "CT window preset (level/width in HU); MR uses robust percentiles"
         )
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems([AS_READ, "CT", "MR"])
+        self.modality_combo.setToolTip(
+            "What the selected scan is, for the tasks: overrides DICOM's Modality or the guess "
+            "made for NIfTI (a CT crop without air is guessed MR); like --modality"
+        )
         open_button = QPushButton("Open DICOM folder…")
         open_button.setToolTip("Read every CT/MR series under a folder (one layer per series)")
         export_button = QPushButton("Export as DICOM series…")
         export_button.setToolTip(
-            "Write the selected layer as a derived DICOM series "
-            "(new UIDs, ImageType DERIVED, source geometry kept)"
+            "Write the selected layer as a derived DICOM series (new UIDs, ImageType DERIVED, "
+            "source geometry kept; a task's result is marked SYNTHETIC in a new study); "
+            "an active labels layer is written as a DICOM SEG, a task's heatmap as a "
+            "Parametric Map"
         )
 
         form = QFormLayout()
         form.addRow("Layer", self.layer_combo)
         form.addRow("Window", self.window_combo)
+        form.addRow("Modality", self.modality_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.info)
@@ -96,6 +108,7 @@ class ScanBox(QGroupBox):
 
         self.layer_combo.currentTextChanged.connect(self._on_layer_changed)
         self.window_combo.currentTextChanged.connect(self.apply_window)
+        self.modality_combo.currentTextChanged.connect(self.set_modality)
         open_button.clicked.connect(self._open_folder_dialog)
         export_button.clicked.connect(self._export_dialog)
         viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -123,6 +136,10 @@ class ScanBox(QGroupBox):
             self.info.setText("no image layer")
             return
         meta = layer.metadata or {}
+        self.modality_combo.blockSignals(True)
+        self.modality_combo.setCurrentText(meta.get("modality") if "modality_override" in meta
+                                           else AS_READ)
+        self.modality_combo.blockSignals(False)
         spacing = tuple(float(s) for s in layer.scale[-3:]) if layer.ndim >= 3 else tuple(layer.scale)
         lines = [
             f"modality: {meta.get('modality', 'unknown')}",
@@ -139,6 +156,21 @@ class ScanBox(QGroupBox):
         self.info.setText("\n".join(lines))
 
     # -- actions ----------------------------------------------------------------
+    def set_modality(self, choice: str):
+        """Override the selected scan's modality ('CT', 'MR') or restore the one read."""
+        layer = self.selected_layer()
+        if layer is None:
+            return
+        meta = layer.metadata
+        override = meta.get("modality_override") or {"read": meta.get("modality", "OT")}
+        if choice == AS_READ:
+            meta["modality"] = override["read"]
+            meta.pop("modality_override", None)
+        else:
+            meta["modality"] = choice
+            meta["modality_override"] = {"read": override["read"], "chosen": choice}
+        self._on_layer_changed(layer.name)  # the task tabs read the modality when they run
+
     def apply_window(self, preset: str):
         """Set the selected layer's contrast limits from a preset name."""
         layer = self.selected_layer()
@@ -165,6 +197,10 @@ class ScanBox(QGroupBox):
             return []
         added = []
         for volume in volumes:
+            if volume.metadata.get("layer_type") == "labels":  # a DICOM SEG
+                data, kwargs, _ = labels_layer_data(volume)
+                added.append(self.viewer.add_labels(data, **kwargs))
+                continue
             data, kwargs, _ = image_layer_data(volume)
             if kwargs["metadata"].get("display_note"):  # an oblique series drawn resampled
                 show_warning(kwargs["metadata"]["display_note"])
@@ -177,10 +213,18 @@ class ScanBox(QGroupBox):
             self.open_folder(folder)
 
     def export_dicom(self, folder) -> list[Path]:
+        """Write the active labels layer as a DICOM SEG, a task's heatmap as a
+        Parametric Map, any other scan layer as a derived series, into ``folder``."""
+        active = self.viewer.layers.selection.active
+        if isinstance(active, napari.layers.Labels):
+            return self._export_derived(active, Path(folder) / "SEG00001.dcm", io.write_dicom_seg)
         layer = self.selected_layer()
         if layer is None:
             show_error("select an image layer to export")
             return []
+        meta = layer.metadata or {}
+        if meta.get("task") and meta.get("modality") not in ("CT", "MR"):  # a map, not an image
+            return self._export_derived(layer, Path(folder) / "PM00001.dcm", io.write_parametric_map)
         try:
             volume = layer_to_volume(layer)
             files = io.write_dicom_series(
@@ -193,6 +237,23 @@ class ScanBox(QGroupBox):
             return []
         show_info(f"wrote {len(files)} DICOM files to {folder}")
         return files
+
+    def _export_derived(self, layer, path: Path, writer) -> list[Path]:
+        """One SEG or Parametric Map file referencing the layer's source series
+        (a user's painting takes the scan selected in the box as its source)."""
+        source = (layer.metadata or {}).get("files")
+        scan = self.selected_layer()
+        if not source and scan is not None:
+            source = (scan.metadata or {}).get("files")
+        try:
+            if not path.parent.exists():
+                path.parent.mkdir(parents=True)
+            written = writer(layer_to_volume(layer), path, source_files=source)
+        except (io.MediffuseIOError, ValueError, OSError) as exc:
+            show_error(str(exc))
+            return []
+        show_info(f"wrote {written}")
+        return [written]
 
     def _export_dialog(self):
         folder = QFileDialog.getExistingDirectory(self, "Export DICOM series into (empty) folder")
@@ -379,9 +440,16 @@ class MediffusePanel(QWidget):
             tab = TaskTab(napari_viewer, spec)
             self.task_tabs[spec.key] = tab
             self.tabs.addTab(_scrollable(tab), spec.title)
+        # a modality override changes which tabs take the scan (after ScanBox.set_modality)
+        self.scan.modality_combo.currentTextChanged.connect(self._refresh_task_inputs)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
+
+
+    def _refresh_task_inputs(self, _choice: str = "") -> None:
+        for tab in self.task_tabs.values():
+            tab.refresh_inputs()
 
 
 def _scrollable(widget: QWidget) -> QScrollArea:

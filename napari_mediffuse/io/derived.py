@@ -250,9 +250,12 @@ def write_dicom_seg(labels: Volume, path, *, source_files: Sequence | None = Non
         raise WriteError(f"{path}: a DICOM SEG needs integer labels >= 0; this volume holds "
                          "other values (write a heatmap as a Parametric Map instead)")
     data = data.astype(np.int64)
-    numbers = [int(v) for v in np.unique(data) if v > 0]
-    if not numbers:
+    present = [int(v) for v in np.unique(data) if v > 0]
+    if not present:
         raise WriteError(f"{path}: the label map is empty; nothing to write")
+    # SEG numbers its segments 1..N: every value up to the largest gets a
+    # segment (absent ones stay empty), so label values survive the round trip.
+    numbers = list(range(1, max(present) + 1))
     sources = _source_datasets(labels, source_files, path)
     segments = segments or labels.metadata.get("segments") or {}
     meta = labels.metadata
