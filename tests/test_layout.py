@@ -206,6 +206,35 @@ def test_dicom_input_is_written_in_dcm2niix_layout(tmp_path, orientation):
     np.testing.assert_allclose(nib.load(str(out)).get_fdata(), nib.load(str(theirs)).get_fdata(), atol=1e-3)
 
 
+@pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
+def test_derived_dicom_of_a_dicom_input_converts_to_the_input_grid(tmp_path, orientation):
+    """A task result exported as DICOM is written in the source's own slice
+    stack: dcm2niix gives it the input's array shape and affine, and every
+    slice references the source slice at its position."""
+    from napari_mediffuse.tasks.denoise import denoise
+
+    if orientation == "oblique":
+        rot = rotation(20.0, 0.0, 30.0)
+        row, col = rot[:, 0], rot[:, 1]
+    else:
+        row, col = np.array(SAGITTAL)
+    normal = np.cross(row, col)
+    write_dicom_series(tmp_path / "dcm", stack_positions((-30.0, -40.0, -20.0), 3.0 * normal, 10),
+                       row_cosines=row, column_cosines=col, pixel_spacing=2.0, size=24, thickness=3.0)
+    (volume,) = read_quietly(tmp_path / "dcm")
+    result = denoise(volume, method="nlm")
+    files = io.write_dicom_series(result, tmp_path / "derived", "denoised")
+    (source_nifti,) = run_dcm2niix(tmp_path / "dcm", tmp_path / "n1")
+    (derived_nifti,) = run_dcm2niix(tmp_path / "derived", tmp_path / "n2")
+    assert_same_grid(derived_nifti, source_nifti)
+    import pydicom
+
+    first = pydicom.dcmread(files[0])
+    np.testing.assert_allclose([float(v) for v in first.ImageOrientationPatient], np.concatenate([row, col]),
+                               atol=1e-5)
+    assert first.Rows == first.Columns == 24 and len(files) == 10
+
+
 def test_real_oblique_mr_written_as_dcm2niix_writes_it(tmp_path):
     """pydicom's MR2_UNCI (one oblique 1024 x 1024 slice): read, shown
     resampled, recovered exactly from the layer and written in dcm2niix's

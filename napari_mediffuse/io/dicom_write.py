@@ -12,9 +12,12 @@ Values are stored as int16 with RescaleSlope/RescaleIntercept: integral data
 (CT in HU, masks) is stored exactly with slope 1; other data is quantised to
 65535 levels spanning its range (error at most half a slope).
 
-Slices are written along the first array axis (axial for a volume in the
-display orientation (S, P, L)); rows along the second axis, columns along the
-third.
+A volume with a ``layout`` (read from DICOM or NIfTI, or a task's result)
+is written in the slice stack dcm2niix converts back to that layout (for a
+DICOM source: the source's own slices, rows and columns), so the derived
+series converts to the input's array shape and affine. Otherwise slices are
+written along the first array axis (axial for a volume in the display
+orientation (S, P, L)); rows along the second axis, columns along the third.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ from .derived import is_task_result, mark_synthetic, source_image_references
 from .dicom import DicomReadWarning, _quiet_pydicom
 from .errors import WriteCancelled, WriteError
 from .validate import check_output_folder
-from .volume import Volume
+from .geometry import dicom_stack_layout
+from .volume import Volume, reorient
 
 __all__ = ["write_dicom_series"]
 
@@ -93,7 +97,8 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     Parameters
     ----------
     volume : Volume
-        3D volume (spatial axes only); slices are written along axis 0.
+        3D volume (spatial axes only); slices are written in the stack of
+        its ``layout`` (see the module docstring), else along axis 0.
         ``modality`` 'CT' gives CT Image Storage, 'MR' MR Image Storage,
         anything else Secondary Capture Image Storage (with patient geometry).
     folder : str or Path
@@ -137,7 +142,10 @@ def write_dicom_series(volume: Volume, folder, series_description: str, *,
     if data.ndim != 3:
         raise WriteError(f"{folder}: only 3D volumes can be written as a DICOM series "
                          f"(got shape {data.shape})")
-    geometry = _slice_geometry(volume.affine, folder, data.shape[0])
+    affine = volume.affine
+    if volume.layout is not None:  # the source's own slice stack: dcm2niix gives back its layout
+        data, affine = reorient(data, affine, dicom_stack_layout(volume.layout))
+    geometry = _slice_geometry(affine, folder, data.shape[0])
     stored, slope, intercept = _quantise(data, folder)
     source = _source_dataset(volume, source_files, folder)
     references = _source_references(volume, source_files, geometry)

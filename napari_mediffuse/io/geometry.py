@@ -86,6 +86,17 @@ def dcm2niix_layout(stack_affine: np.ndarray) -> tuple[str, str, str]:
     return layout_of(layout)
 
 
+def dicom_stack_layout(layout) -> tuple[str, str, str]:
+    """Axis codes ``(slice, row, column)`` of the DICOM stack that dcm2niix
+    converts to ``layout`` (the inverse of :func:`dcm2niix_layout`): slices
+    along dcm2niix's axis 2, rows down its axis 1 reversed, columns along its
+    axis 0. A derived series written in this stack converts, with dcm2niix,
+    to the source series' layout."""
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+    first, second, third = (str(code) for code in layout)
+    return (third, opposite[second], first)
+
+
 # -- display grid -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
