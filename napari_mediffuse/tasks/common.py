@@ -60,8 +60,38 @@ class RunOptions:
     extra: dict = field(default_factory=dict)
 
 
+#: The grids every task accepts (issue 16 asks for at least 0.3-5 mm pixels,
+#: 0.5-10 mm slices, 1-1000 slices of up to 1024 x 1024; the pixel range also
+#: covers OpenKBP's 5.1 mm boxes). Outside, a task refuses before it starts:
+#: memory is bounded by 1000 x 1024 x 1024 voxels (4 GB as float32).
+GRID_LIMITS = {"pixel_mm": (0.2, 6.0), "slice_mm": (0.3, 12.0), "slices": 1000, "side": 1024}
+
+
+def check_grid(volume: Volume, *, task: str) -> None:
+    """Raise :class:`TaskInputError` naming the limit a volume's grid breaks
+    (:data:`GRID_LIMITS`); any orientation, oblique included, is accepted."""
+    label = f"{volume.name!r}" + (f" ({volume.source})" if volume.source else "")
+    n, rows, cols = volume.data.shape[-3:]
+    slice_mm, row_mm, col_mm = volume.spacing
+    lo, hi = GRID_LIMITS["pixel_mm"]
+    problems = []
+    if not (lo <= row_mm <= hi and lo <= col_mm <= hi):
+        problems.append(f"pixels of {row_mm:.3g} x {col_mm:.3g} mm (supported: {lo:g}-{hi:g} mm)")
+    lo, hi = GRID_LIMITS["slice_mm"]
+    if n > 1 and not lo <= slice_mm <= hi:
+        problems.append(f"slices {slice_mm:.3g} mm apart (supported: {lo:g}-{hi:g} mm)")
+    if n > GRID_LIMITS["slices"]:
+        problems.append(f"{n} slices (supported: at most {GRID_LIMITS['slices']})")
+    if max(rows, cols) > GRID_LIMITS["side"]:
+        problems.append(f"slices of {rows} x {cols} pixels (supported: at most "
+                        f"{GRID_LIMITS['side']} x {GRID_LIMITS['side']})")
+    if problems:
+        raise TaskInputError(f"{task}: {label} has {'; '.join(problems)}; nothing was written")
+
+
 def require_volume(volume: Volume, *, task: str, modality: str | None = None, min_size: int = 1) -> None:
-    """Raise :class:`TaskInputError` unless ``volume`` is a 3D scan of ``modality``."""
+    """Raise :class:`TaskInputError` unless ``volume`` is a 3D scan of ``modality``
+    on a supported grid (:func:`check_grid`)."""
     label = f"{volume.name!r}" + (f" ({volume.source})" if volume.source else "")
     if volume.data.ndim != 3:
         raise TaskInputError(f"{task} needs a 3D volume; {label} has shape {volume.data.shape}")
@@ -74,6 +104,7 @@ def require_volume(volume: Volume, *, task: str, modality: str | None = None, mi
         # io.read and the panel replace them (io/validate.py); a volume built in Python may not
         raise TaskInputError(f"{task}: {label} has NaN or infinite voxels; pass it through "
                              "napari_mediffuse.io.validate.check_volume (replaces them, with a warning)")
+    check_grid(volume, task=task)
 
 
 def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: str = "CT"):

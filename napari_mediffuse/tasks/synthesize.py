@@ -49,7 +49,7 @@ from ..engine.runner import SliceRunner
 from ..engine.sampling import add_noise, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
-from .common import RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
+from .common import GRID_LIMITS, RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -241,6 +241,9 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise TaskInputError(f"synthesis needs a 3D shape (slices, rows, columns), got {shape}")
+    if shape[0] > GRID_LIMITS["slices"] or max(shape[1:]) > GRID_LIMITS["side"]:
+        raise TaskInputError(f"synthesis: shape {shape} is too large (supported: at most "
+                             f"{GRID_LIMITS['slices']} slices of {GRID_LIMITS['side']} x {GRID_LIMITS['side']})")
     checkpoint, predictor = load_prior(model, options)
     card = checkpoint.card
     native = float((card.get("pixel_spacing_mm") or [1.0])[0])
