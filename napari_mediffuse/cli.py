@@ -83,14 +83,9 @@ def _cmd_convert(args) -> int:
         io.validate.check_output_file(out, inputs=[args.input])
     else:
         io.validate.check_output_folder(out)
-    volumes = io.read(args.input)
-    if len(volumes) > 1 and args.series is None:
-        names = ", ".join(f"{i}: {v.name}" for i, v in enumerate(volumes))
-        raise io.ReadError(f"{args.input}: holds {len(volumes)} series ({names}); choose one with --series")
-    if args.series is not None and not 0 <= args.series < len(volumes):
-        raise io.ReadError(f"{args.input}: --series {args.series} does not exist "
-                           f"(it holds {len(volumes)} series, 0 to {len(volumes) - 1})")
-    volume = volumes[args.series or 0]
+    from .io.selection import select_series
+
+    volume = select_series(io.read(args.input), args.series, where=str(args.input))
     if io.is_nifti_path(out):
         io.write_nifti(volume, out)
     else:
@@ -121,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input")
     convert.add_argument("-o", "--output", required=True,
                          help="a .nii/.nii.gz file, or a new folder for a DICOM series")
-    convert.add_argument("--series", type=int, help="series index when INPUT holds several")
+    convert.add_argument("--series", metavar="INDEX|UID|DESCRIPTION",
+                         help="the series when INPUT holds several: index, SeriesInstanceUID or "
+                              "description text (default: the only one that is not a localizer)")
     convert.add_argument("--description", help="SeriesDescription of a written DICOM series")
     convert.set_defaults(func=_cmd_convert)
 

@@ -278,3 +278,15 @@ def test_modality_override_lets_denoise_run_on_a_crop_guessed_mr(tmp_path, capsy
     result = io.read(out)[0]
     assert result.data.shape == (6, 24, 24)
     assert abs(float(result.data.mean()) - float(crop.mean())) < 20  # HU kept
+
+
+def test_convert_takes_the_same_series_choice(tmp_path, ct_slices, capsys):
+    from napari_mediffuse.cli import main
+
+    write_ct_series(tmp_path / "in" / "a", ct_slices[:4], 2.5 * np.arange(4), description="arterial")
+    write_ct_series(tmp_path / "in" / "b", ct_slices[4:10], 2.5 * np.arange(6), description="venous")
+    assert main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "holds 2 series (0: arterial (CT), 1: venous (CT))" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "v.nii.gz"),
+                 "--series", "venous"]) == 0
+    np.testing.assert_array_equal(io.read(tmp_path / "v.nii.gz")[0].data, ct_slices[4:10])
