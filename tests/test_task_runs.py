@@ -108,3 +108,56 @@ def test_image_samples_do_not_depend_on_the_batch_size():
     b = sample_images.sample_images(count=3, steps=2, options=RunOptions(device="cpu", batch_size=3, seed=2))
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert np.abs(a[0] - a[1]).max() > 0.05  # each image has its own noise
+
+
+# -- the command line: device, precision and domain refusals before anything is written -----------
+
+def _cli(args, capsys):
+    from napari_mediffuse.cli import main
+
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_cli_names_the_devices_present_for_a_missing_gpu(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    rc, err = _cli(["denoise", str(sample_ct_path()), "-o", str(out), "--device", "cuda:1"], capsys)
+    assert rc != 0 and not out.exists()
+    assert "CUDA is not available" in err and "devices here: cpu" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_precision_option(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    rc, err = _cli(["denoise", str(sample_ct_path()), "-o", str(out), "--method", "nlm", "--precision", "fp32",
+                    "--device", "cpu"], capsys)
+    assert rc == 0 and out.exists(), err
+    with pytest.raises(SystemExit):  # argparse: usage and the reason
+        _cli(["denoise", str(sample_ct_path()), "-o", str(tmp_path / "b.nii.gz"), "--precision", "int8"], capsys)
+    assert "invalid choice: 'int8'" in capsys.readouterr().err and not (tmp_path / "b.nii.gz").exists()
+
+
+def test_abdominal_translation_model_refuses_a_head_mr_unless_forced(tmp_path, capsys):
+    """mr2ct-demo saw abdominal (simulated) MR only: a brain MR is refused, with the reason."""
+    import nibabel as nib
+
+    from conftest import shared
+
+    head = shared("mr/stroke_T1.nii.gz")
+    img = nib.load(str(head))
+    data = np.asarray(img.dataobj)
+    k = data.shape[2] // 2  # 3 axial slices through the middle of the head, whole field of view
+    small = tmp_path / "head_t1.nii.gz"
+    affine = img.affine.copy()
+    affine[:3, 3] = (img.affine @ np.array([0, 0, k - 1, 1]))[:3]
+    nib.save(nib.Nifti1Image(data[:, :, k - 1:k + 2].astype(np.float32), affine), str(small))
+    out = tmp_path / "ct_like.nii.gz"
+    rc, err = _cli(["translate", str(small), "-o", str(out), "--direction", "mr2ct", "--input-modality", "MR"],
+                   capsys)
+    assert rc != 0 and not out.exists()
+    assert "saw abdomen only" in err and "head-neck" in err and "--force" in err, err
+    rc, err = _cli(["translate", str(small), "-o", str(out), "--direction", "mr2ct", "--input-modality", "MR",
+                    "--force", "--steps", "1", "--ensemble", "1"], capsys)
+    assert rc == 0 and out.exists(), err
+    assert "warning:" in err and "saw abdomen only" in err
+    assert "OUT-OF-DOMAIN" in nib.load(str(out)).header["descrip"].tobytes().decode()

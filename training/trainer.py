@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+from napari_mediffuse.engine.devices import autocast_dtype
 from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
 
@@ -130,8 +131,9 @@ def _amp(device: torch.device, precision: str):
     """(autocast context factory, GradScaler or None). AMP only on GPU."""
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext, None
-    use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if use_bf16 else torch.float16
+    # the inference rule: bf16 only where the GPU computes it natively (an explicit bf16 elsewhere is refused)
+    dtype = autocast_dtype(device, precision)
+    use_bf16 = dtype == torch.bfloat16
     scaler = None if use_bf16 else torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 

@@ -244,6 +244,7 @@ def _run_translate(volume, values, options):
                        guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
                        ensemble=None if pipeline else values.get("ensemble"),
                        prompt=values.get("prompt") or None, image_guidance=values.get("image_guidance"),
+                       region=values.get("region") or None, force=bool(values.get("force")),
                        options=options)
     return [image_layer_data(result)]  # marked synthetic by the task (name, metadata)
 
@@ -268,6 +269,11 @@ def translate_spec() -> TaskSpec:
                   options={"min": 0.0, "max": 20.0, "step": 0.1}),
             Param("ensemble", DEFAULT_ENSEMBLE, options={"min": 1, "max": 16},
                   tooltip="samples averaged per slice (1 = one sample, half the time); our models only"),
+            Param("region", "", options={"choices": ["", "head-neck", "chest", "abdomen"]},
+                  tooltip="the scan's body region (empty: DICOM BodyPartExamined, else judged from the scan); "
+                          "a region the model never saw is refused unless Force"),
+            Param("force", False, tooltip="run even on a body region the model never saw "
+                                          "(the result is marked as outside the model's domain)"),
             Param("sampler", "ddim", options={"choices": list(SAMPLERS)}, advanced=True),
             Param("diffusers_folder", Path(""), annotation=Path, advanced=True,
                   tooltip="a Stable Diffusion InstructPix2Pix / ControlNet pipeline folder "

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..engine.control import Cancelled
-from ..engine.devices import describe_device, select_device
+from ..engine.devices import PRECISIONS, autocast_dtype, available_devices, describe_device, select_device
 from ..engine.registry import list_checkpoints
 from ..layers import layer_to_volume, onto_source_grid, slice_range_layer_data, world_to_grid_index
 from ..io import validate
@@ -133,9 +133,13 @@ class TaskTab(QWidget):
             form.addRow("Model", self.model_combo)
             form.addRow("", self.model_summary)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.addItems(["auto"] + available_devices())
         self.device_combo.setToolTip("auto = CUDA GPU, then Apple MPS, then CPU")
         form.addRow("Device", self.device_combo)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(list(PRECISIONS))
+        self.precision_combo.setToolTip("network precision: auto = fp32 on CPU, bf16 (or fp16) on a GPU")
+        form.addRow("Precision", self.precision_combo)
         self.device_label = QLabel()
         form.addRow("", self.device_label)
         layout.addLayout(form)
@@ -351,7 +355,12 @@ class TaskTab(QWidget):
             volume.name = f"{volume.name} [preview]"
             preview_slice = index - start
         self._cancel.clear()
-        options = RunOptions(device=self.device_combo.currentText(), progress=self._relay.progress.emit,
+        try:  # a precision the device lacks is refused here, before the worker starts
+            autocast_dtype(select_device(self.device_combo.currentText()), self.precision_combo.currentText())
+        except ValueError as exc:
+            return self._fail(f"{self.spec.title}: {exc}")
+        options = RunOptions(device=self.device_combo.currentText(),
+                             precision=self.precision_combo.currentText(), progress=self._relay.progress.emit,
                              cancel=self._cancel.is_set, seed=values.pop("seed", 0),
                              batch_size=values.pop("batch_size", 4))
 
@@ -412,6 +421,11 @@ class TaskTab(QWidget):
         seconds = time.monotonic() - self._started
         self.status.setText(f"done in {seconds:.1f} s")
         show_info(f"{self.spec.title}: done in {seconds:.1f} s")
+        # what the user must not miss (outside the model's domain, resampled grids): one notification each
+        notes = dict.fromkeys(w for _, kwargs, _ in layer_data
+                              for w in (kwargs.get("metadata") or {}).get("warnings", []))
+        for note in list(notes)[:3]:
+            show_warning(f"{self.spec.title}: {note}")
 
     def _on_errored(self, exc: Exception):
         if isinstance(exc, Cancelled):

@@ -23,6 +23,18 @@ def is_nifti_path(path) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
+def nifti_description(volume: Volume) -> str:
+    """The header's 80-byte ``descrip``: modality, and the marks a reader of the
+    file alone must see (a synthetic image; a model run outside what it saw)."""
+    meta = volume.metadata
+    marks = ["SYNTHETIC"] if meta.get("synthetic") else []
+    if meta.get("out_of_domain"):
+        marks.append("OUT-OF-DOMAIN input")
+    if meta.get("task"):
+        marks.append(str(meta["task"]))
+    return " ".join([f"modality={volume.modality} mediffuse"] + marks)[:79]
+
+
 def guess_modality(data: np.ndarray, description: str = "") -> str:
     """Guess 'CT' or 'MR' for a NIfTI file, which stores no modality.
 
@@ -180,7 +192,7 @@ def write_nifti(volume: Volume, path, *, overwrite: bool = False,
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(affine, code=1)  # scanner anatomical
     img.set_qform(affine, code=1)
-    img.header["descrip"] = f"modality={volume.modality} mediffuse"[:79]
+    img.header["descrip"] = nifti_description(volume)
     # A unique temporary file in the target folder, renamed only when complete:
     # an interrupted or failed write leaves the user's name untouched.
     with atomic_output(path, overwrite=overwrite) as tmp:

@@ -7,6 +7,7 @@ list to keep in sync.
 from __future__ import annotations
 
 import importlib
+import sys
 import pkgutil
 
 import numpy as np
@@ -39,8 +40,13 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
     if steps is not None:
         parser.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--batch-size", type=int, default=4, help="slices processed together")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                        help="where the network runs (default auto: CUDA, then MPS, then CPU)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="network precision (default auto: fp32 on CPU, bf16 or fp16 on a GPU); "
+                             "the sampler's arithmetic stays in full precision")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="slices processed together (the result does not depend on it)")
     parser.add_argument("--window", type=int, default=None, metavar="PIXELS",
                         help="evaluate the network in overlapping PIXELS x PIXELS windows with blended "
                              "estimates (less memory for large slices; default: whole slices)")
@@ -64,10 +70,16 @@ def options_from_args(args, progress=None):
     """:class:`~.common.RunOptions` from parsed CLI arguments."""
     from .common import RunOptions
 
+    from ..engine.devices import autocast_dtype, select_device
+
     if args.window is not None and args.window < 8:
         raise ValueError(f"--window must be at least 8 pixels, got {args.window}")
-    return RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size, window=args.window,
-                      progress=progress)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # a device or precision this machine lacks is refused before anything is read or written
+    autocast_dtype(select_device(args.device), args.precision)
+    return RunOptions(device=args.device, precision=args.precision, seed=args.seed,
+                      batch_size=args.batch_size, window=args.window, progress=progress)
 
 
 def read_single_volume(path, *, series=None, modality=None):
@@ -80,6 +92,7 @@ def read_single_volume(path, *, series=None, modality=None):
     with a warning before any task sees them.
     """
     from .. import io
+
     from ..io.selection import override_modality, select_series
 
     volume = select_series(io.read(path), series, where=str(path))
@@ -107,9 +120,10 @@ def prepare_volume_command(args):
         raise io.WriteError(f"{args.output}: OUTPUT must be a .nii or .nii.gz file (nothing was written)")
     inputs = [args.input] + [getattr(args, name) for name in ("mask", "roi") if getattr(args, name, None)]
     check_output_free(args.output, args.overwrite, inputs=inputs)
+    options = options_from_args(args, progress=cli_progress())  # device and precision first: cheap
     volume = read_single_volume(args.input, series=getattr(args, "series", None),
                                 modality=getattr(args, "modality", None))
-    return volume, options_from_args(args, progress=cli_progress())
+    return volume, options
 
 
 def finish_volume_command(args, result, summary: str = "") -> int:
@@ -128,7 +142,7 @@ def finish_volume_command(args, result, summary: str = "") -> int:
     io.write_nifti(result, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}" + (f" ({summary})" if summary else ""))
     for warning in result.metadata.get("warnings", []):
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
