@@ -47,7 +47,8 @@ def mu_to_hu(mu: np.ndarray, mu_water: float = MU_WATER_PER_MM) -> np.ndarray:
 
 def low_dose_noise(slice_hu: np.ndarray, pixel_mm: float, dose_fraction: float, *,
                    photons: float = DEFAULT_PHOTONS, electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
-                   views: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+                   views: int | None = None, rng: np.random.Generator | None = None,
+                   filter_name: str = "ramp") -> np.ndarray:
     """Extra noise (HU) of a dose reduction, for one 2D slice.
 
     Parameters
@@ -66,6 +67,11 @@ def low_dose_noise(slice_hu: np.ndarray, pixel_mm: float, dose_fraction: float, 
         Projection angles over 180 degrees (default: about 1.5 x the image
         side, at least 180).
     rng : numpy Generator
+    filter_name : str
+        Reconstruction filter of the noise (``skimage.transform.iradon``):
+        ``"ramp"`` (default) or an apodised one (``"hann"``, ``"cosine"``,
+        ``"shepp-logan"``), closer to a scanner's soft-tissue kernel (see the
+        noise power spectrum in docs/evaluation/restoration.md).
 
     Returns
     -------
@@ -96,7 +102,7 @@ def low_dose_noise(slice_hu: np.ndarray, pixel_mm: float, dose_fraction: float, 
     # The original already carries the noise of the full dose (variance ~ 1/I0);
     # the total at dose a must be ~ 1/(a I0): add sqrt(1 - a) of a dose-a realisation.
     extra = (noisy - line_integrals) * np.sqrt(1.0 - dose_fraction)
-    noise_mu = iradon(extra / pixel_mm, theta=theta, filter_name="ramp", circle=False,
+    noise_mu = iradon(extra / pixel_mm, theta=theta, filter_name=filter_name, circle=False,
                       output_size=side)
     noise_hu = noise_mu * (1000.0 / MU_WATER_PER_MM)  # a difference of attenuations
     return noise_hu[top:top + h, left:left + w].astype(np.float32)
@@ -105,7 +111,8 @@ def low_dose_noise(slice_hu: np.ndarray, pixel_mm: float, dose_fraction: float, 
 def simulate_low_dose(slices_hu: np.ndarray, pixel_mm: float, dose_fraction: float = 0.25, *,
                       photons: float = DEFAULT_PHOTONS,
                       electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
-                      views: int | None = None, seed: int | None = 0) -> np.ndarray:
+                      views: int | None = None, seed: int | None = 0,
+                      filter_name: str = "ramp") -> np.ndarray:
     """Low-dose version of normal-dose slices (HU): original + dose noise.
 
     ``slices_hu`` is (H, W) or (N, H, W); each slice is simulated
@@ -115,7 +122,8 @@ def simulate_low_dose(slices_hu: np.ndarray, pixel_mm: float, dose_fraction: flo
     data = np.asarray(slices_hu, dtype=np.float32)
     stack = data.reshape(-1, *data.shape[-2:])
     out = np.stack([s + low_dose_noise(s, pixel_mm, dose_fraction, photons=photons,
-                                       electronic_noise=electronic_noise, views=views, rng=rng)
+                                       electronic_noise=electronic_noise, views=views, rng=rng,
+                                       filter_name=filter_name)
                     for s in stack])
     return out.reshape(data.shape)
 

@@ -30,7 +30,7 @@ from ..noise_power import crop_rois, nps_2d, nps_summary, radial_nps, uniform_ro
 
 
 def evaluate(ct: str, *, roi: int = 12, dose: float = 0.25, max_slices: int = 0, hu_range=(0.0, 120.0),
-             seed: int = 0) -> dict:
+             seed: int = 0, filter_name: str = "ramp") -> dict:
     """NPS summaries and radial curves of the three noise estimates (see module doc)."""
     volume = io.read(ct)[0]
     data = np.asarray(volume.data, dtype=float)
@@ -47,11 +47,12 @@ def evaluate(ct: str, *, roi: int = 12, dose: float = 0.25, max_slices: int = 0,
         sets["residual"].append(crop_rois(data[i], corners, roi))
         sets["slice_difference"].append(crop_rois((data[i] - data[i + 1]) / np.sqrt(2.0),
                                                   [c for c in corners if c in nxt], roi))
-        noise = low_dose_noise(data[i].astype(np.float32), pixel_mm, dose, rng=rng)
+        noise = low_dose_noise(data[i].astype(np.float32), pixel_mm, dose, rng=rng, filter_name=filter_name)
         sets["simulated"].append(crop_rois(noise, corners, roi))
     seconds = time.perf_counter() - start
     results = {"ct": str(ct), "pixel_mm": pixel_mm, "slice_mm": float(volume.spacing[0]), "roi_px": roi,
                "roi_mm": roi * pixel_mm, "hu_range": list(hu_range), "dose_fraction": dose,
+               "filter": filter_name,
                "slices": len(candidates), "seconds": round(seconds, 1), "estimates": {}}
     for name, rois in sets.items():
         rois = np.concatenate(rois) if rois else np.zeros((0, roi, roi))
@@ -73,7 +74,8 @@ def markdown(results: dict, command: str) -> str:
              f"{results['ct']}: {results['slices']} axial slices, {e['residual']['rois']} "
              f"ROIs of {results['roi_px']} px ({results['roi_mm']:.0f} mm) where the 5x5 local mean is in "
              f"{results['hu_range'][0]:.0f}..{results['hu_range'][1]:.0f} HU; pixel {results['pixel_mm']:.2f} mm, "
-             f"slice {results['slice_mm']:.2f} mm; simulated dose {results['dose_fraction']:g}.", "",
+             f"slice {results['slice_mm']:.2f} mm; simulated dose {results['dose_fraction']:g}, "
+             f"{results.get('filter', 'ramp')} filter.", "",
              "| noise | ROIs | std (HU) | mean frequency (1/mm) | peak frequency (1/mm) | radial NPS, normalised to its maximum |",
              "|---|---|---|---|---|---|"]
     for name, label in (("residual", "CT's own: ROI minus quadratic trend"),
@@ -127,13 +129,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--dose", type=float, default=0.25)
     p.add_argument("--max-slices", type=int, default=0, help="at most this many slices, evenly spread (0: all)")
     p.add_argument("--hu-range", type=float, nargs=2, default=[0.0, 120.0])
+    p.add_argument("--filter", default="ramp", help="reconstruction filter of the simulated noise (ramp, hann, ...)")
     p.add_argument("--name", default="noise_power")
     p.add_argument("--out", default="docs/evaluation")
 
     def run(args) -> int:
         command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         results = evaluate(args.ct, roi=args.roi, dose=args.dose, max_slices=args.max_slices,
-                           hu_range=tuple(args.hu_range))
+                           hu_range=tuple(args.hu_range), filter_name=args.filter)
         results["command"] = command
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
