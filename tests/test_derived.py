@@ -187,3 +187,22 @@ def test_seg_export_without_a_dicom_source_is_refused(tmp_path, ct):
     assert str(error.value).startswith(f"{tmp_path / 'seg.dcm'}: a DICOM SEG or Parametric Map "
                                        "references the DICOM series")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_super_resolved_slices_reference_the_thick_slice_they_lie_in(tmp_path, ct):
+    factor = 5  # 2.5 mm -> 0.5 mm
+    data = np.repeat(ct.data, factor, axis=0)[: (ct.data.shape[0] - 1) * factor + 1]
+    affine = ct.affine.copy()
+    affine[:3, 0] /= factor
+    sr = result_volume(ct, data, task="sr", suffix="SR x5", params={"factor": factor},
+                       affine=affine, model="ct-prior-demo")
+    io.write_dicom_series(sr, tmp_path / "sr", series_description=sr.name)
+    sources = {pydicom.dcmread(f).SOPInstanceUID: float(pydicom.dcmread(f).ImagePositionPatient[2])
+               for f in ct.metadata["files"]}
+    written = headers(tmp_path / "sr")
+    assert len(written) == 46 and written[0].SeriesDescription.startswith("SYNTHETIC sr ct-prior-demo")
+    for ds in written:
+        z = float(ds.ImagePositionPatient[2])
+        referenced = [sources[item.ReferencedSOPInstanceUID] for item in ds.SourceImageSequence]
+        assert 1 <= len(referenced) <= 2
+        assert min(abs(r - z) for r in referenced) <= 1.25 + 1e-6  # the thick slice it lies in

@@ -149,6 +149,12 @@ def test_missing_slices_reported_and_kept_at_true_positions(tmp_path, ct_slices)
     kept = [k for k in range(60) if k not in (20, 41, 42)]
     np.testing.assert_array_equal(vol.data[kept], ct_slices[kept])  # never blended
     assert set(np.unique(vol.data[[20, 41, 42]])) == {int(ct_slices[kept].min())}
+    # Interpolated only when asked (io.read passes resample on).
+    with pytest.warns(DicomReadWarning, match="resampled by linear interpolation"):
+        (resampled,) = io.read(tmp_path / "s", resample=True)
+    assert resampled.data.dtype == np.float32 and resampled.metadata["resampled"]
+    assert resampled.data.shape == (60, 48, 48)
+    np.testing.assert_array_equal(resampled.data[[0, -1]], ct_slices[[0, -1]])  # the ends exact
 
 
 def test_duplicated_instance_is_dropped_with_a_note(tmp_path, ct_slices):

@@ -52,7 +52,7 @@ def can_read(path) -> bool:
         return False
 
 
-def read(path) -> list[Volume]:
+def read(path, *, resample: bool = False) -> list[Volume]:
     """Read a NIfTI file, a DICOM file, a DICOM folder (tree) or a DICOMDIR.
 
     Every input first goes through :mod:`~napari_mediffuse.io.validate`
@@ -60,6 +60,10 @@ def read(path) -> list[Volume]:
     read through the non-finite voxel rule: NaN/inf voxels are replaced
     (NaN and -inf by the smallest finite value, +inf by the largest) with a
     warning, so no task ever computes on them.
+
+    ``resample`` interpolates a DICOM stack with missing slices onto its
+    regular grid (see :func:`~napari_mediffuse.io.dicom.read_dicom`); by
+    default the acquired slices stay unchanged at their true places.
 
     Returns
     -------
@@ -75,7 +79,7 @@ def read(path) -> list[Volume]:
     if is_nifti_path(path) and not path.is_dir():
         volumes = [read_nifti(path)]
     elif path.is_dir() or is_dicom_file(path) or path.name.upper() == "DICOMDIR":
-        volumes = read_dicom(path)
+        volumes = read_dicom(path, resample=resample)
     else:
         raise ReadError(
             f"{path}: not a NIfTI (.nii, .nii.gz) or DICOM file "

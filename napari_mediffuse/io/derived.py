@@ -166,9 +166,9 @@ def source_image_references(files: Sequence, positions: np.ndarray, normal: np.n
     -------
     list of list of Dataset
         For slice ``k``, one item (ReferencedSOPClassUID,
-        ReferencedSOPInstanceUID) per source image within half a slice of it
-        along the normal; every source image when the grids do not match
-        (e.g. source slices in another orientation).
+        ReferencedSOPInstanceUID) per source image within half a slice (of
+        the coarser of the two grids) of it along the normal; every source
+        image when none is (e.g. source slices in another orientation).
     """
     sources = []
     for path in files:
@@ -183,11 +183,15 @@ def source_image_references(files: Sequence, positions: np.ndarray, normal: np.n
         position = header.get("ImagePositionPatient")
         offset = float(np.asarray([float(v) for v in position]) @ normal) if position else None
         sources.append((str(header.get("SOPClassUID", "")), str(header.SOPInstanceUID), offset))
+    # Within half a slice of the coarser grid: a thin slice of an SR result
+    # references the thick source slice it lies in.
+    offsets = np.sort([s[2] for s in sources if s[2] is not None])
+    source_gap = float(np.median(np.diff(offsets))) if len(offsets) > 1 else 0.0
+    reach = _REFERENCE_REACH * max(spacing, source_gap, 1e-6)
     result = []
     for position in np.asarray(positions, dtype=float):
         here = float(position @ normal)
-        near = [s for s in sources if s[2] is not None
-                and abs(s[2] - here) <= _REFERENCE_REACH * max(spacing, 1e-6)]
+        near = [s for s in sources if s[2] is not None and abs(s[2] - here) <= reach]
         result.append([_reference_item(c, u) for c, u, _ in (near or sources)])
     return result
 
