@@ -17,7 +17,7 @@ from napari_mediffuse import io
 from napari_mediffuse.io.derived import (
     synthetic_series_description, write_dicom_seg, write_parametric_map,
 )
-from napari_mediffuse.plugin import _volume_from_layer_data, read_layers
+from napari_mediffuse.plugin import _volume_from_layer_data, read_layers, write_image
 from napari_mediffuse.tasks.common import result_volume
 from test_dicom_series import CROP, write_ct_series
 
@@ -122,6 +122,9 @@ def test_round_trip_through_the_plugin_keeps_the_marking(tmp_path, ct):
     data, kwargs, kind = layer
     assert kind == "image" and kwargs["name"].startswith("SYNTHETIC translate ct2mr-demo")
     assert kwargs["metadata"]["synthetic"] is True
+    # Saved from napari as NIfTI: the header says SYNTHETIC.
+    (nifti,) = write_image(str(tmp_path / "layer.nii.gz"), data, kwargs)
+    assert "SYNTHETIC" in str(nib.load(nifti).header["descrip"].astype(str))
     # Exported again as DICOM: still marked, same derivation, a new study again.
     volume = _volume_from_layer_data(data, kwargs)
     io.write_dicom_series(volume, tmp_path / "again", series_description=kwargs["name"])
