@@ -66,17 +66,24 @@ def test_read_records_the_file_layout_and_write_restores_it_voxel_for_voxel(nift
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), raw)
 
 
-@pytest.mark.parametrize("method", ["nlm", "bm3d"])
-def test_denoise_output_has_the_input_shape_and_affine(nifti_case, tmp_path, method):
+def _denoise_and_check(path, tmp_path, method):
     from napari_mediffuse.tasks.denoise import denoise
 
-    (volume,) = io.read(nifti_case)
+    (volume,) = io.read(path)
     result = denoise(volume, method=method)
     out = io.write_nifti(result, tmp_path / f"denoised_{method}.nii.gz")
-    assert_same_grid(out, nifti_case)
+    assert_same_grid(out, path)
     # The values are the result's, voxel for voxel, in the file's layout.
     back = io.read_nifti(out)
     np.testing.assert_allclose(back.data, result.data, atol=1e-3)
+
+
+def test_denoise_output_has_the_input_shape_and_affine(nifti_case, tmp_path):
+    _denoise_and_check(nifti_case, tmp_path, "nlm")
+
+
+def test_bm3d_output_of_an_oblique_input_has_its_shape_and_affine(tmp_path):
+    _denoise_and_check(write_nifti_case(tmp_path, "oblique"), tmp_path, "bm3d")  # 8 s: one layout
 
 
 def test_super_resolution_output_keeps_the_input_layout(nifti_case, tmp_path):
