@@ -208,6 +208,12 @@ def test_four_phases_make_one_4d_volume_like_a_4d_nifti(tmp_path, ct_slices):
     assert back.data.shape == vol.data.shape
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
     np.testing.assert_array_equal(back.data, vol.data)
+    # napari gets one 4D layer: a phase slider, the spatial scale in mm.
+    from napari_mediffuse.plugin import read_layers
+
+    (layer,) = read_layers(str(tmp_path / "s"))
+    assert layer[0].shape == (4, 6, 48, 48) and layer[2] == "image"
+    assert tuple(layer[1]["scale"]) == pytest.approx((1.0, 2.5, 0.7, 0.7))
 
 
 def test_localizer_in_the_series_is_listed_apart(tmp_path, ct_slices):

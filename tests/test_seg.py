@@ -240,3 +240,30 @@ def test_panel_opens_seg_as_labels_exports_paintings_and_overrides_modality(
     assert image.name in translate_inputs
     panel.scan.modality_combo.setCurrentText(AS_READ)
     assert image.metadata["modality"] == "CT" and "modality_override" not in image.metadata
+
+
+def test_fractional_seg_is_thresholded_at_half(tmp_path, ct_files):
+    sources = [pydicom.dcmread(f) for f in ct_files]
+    probability = np.zeros((10, 48, 48), np.float32)
+    probability[4, 10:20, 10:20] = 0.8   # kept
+    probability[5, 10:20, 10:20] = 0.3   # below one half: not labelled
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="liver probability",
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Liver,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="test", family=codes.cid7162.ArtificialIntelligence, version="1"))
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=probability,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=[description], series_instance_uid=generate_uid(), series_number=91,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="0", device_serial_number="0",
+        max_fractional_value=255)
+    folder = tmp_path / "study"
+    shutil.copytree(ct_files[0].parent, folder / "ct")
+    seg.save_as(folder / "seg.dcm")
+    _, labels = read_dicom(folder)
+    expected = np.zeros((10, 48, 48), np.uint8)
+    expected[4, 10:20, 10:20] = 1
+    np.testing.assert_array_equal(labels.data, expected)
