@@ -394,6 +394,13 @@ def _(tmp):
     return folder
 
 
+@case("folder_with_fifo", "ok")
+def _(tmp):
+    ct_series(tmp / "piped")
+    os.mkfifo(tmp / "piped" / "pipe")  # skipped, never opened (it would block)
+    return tmp / "piped"
+
+
 @case("only_link_loops", "refused", "loops")
 def _(tmp):
     folder = tmp / "loops"

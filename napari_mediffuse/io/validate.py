@@ -87,23 +87,35 @@ def check_input_path(path) -> Path:
         neither a regular file nor a folder (FIFO, socket, device).
     """
     path = Path(path)
+    reason = input_path_fault(path)
+    if reason:
+        raise ReadError(f"{path!r}: {reason}" if "\x00" in str(path) else f"{path}: {reason}")
+    return path
+
+
+def input_path_fault(path) -> str:
+    """Why ``path`` cannot be read ('' when it can): see :func:`check_input_path`.
+
+    The DICOM folder walk uses it to say why a listed entry was skipped.
+    """
+    path = Path(path)
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise ReadError(f"{path}: {_input_os_reason(path, exc)}") from None
+        return _input_os_reason(path, exc)
     except ValueError as exc:  # embedded NUL byte
-        raise ReadError(f"{path!r}: not a valid path ({exc})") from None
+        return f"not a valid path ({exc})"
     if stat.S_ISDIR(info.st_mode):
         if not os.access(path, os.R_OK | os.X_OK):
-            raise ReadError(f"{path}: permission denied (the folder cannot be listed)")
-        return path
+            return "permission denied (the folder cannot be listed)"
+        return ""
     if not stat.S_ISREG(info.st_mode):
-        raise ReadError(f"{path}: not a regular file or folder (a pipe, socket or device)")
+        return "not a regular file or folder (a pipe, socket or device)"
     if not os.access(path, os.R_OK):
-        raise ReadError(f"{path}: permission denied")
+        return "permission denied"
     if info.st_size == 0:
-        raise ReadError(f"{path}: the file is empty (0 bytes)")
-    return path
+        return "the file is empty (0 bytes)"
+    return ""
 
 
 def _input_os_reason(path: Path, exc: OSError) -> str:
@@ -744,7 +756,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 
 
 __all__ = [
-    "GZIP_MAX_RATIO", "affine_fault", "atomic_output", "check_input_path", "check_nifti_header",
+    "GZIP_MAX_RATIO", "affine_fault", "atomic_output", "check_input_path", "check_nifti_header", "input_path_fault",
     "check_output_file", "check_output_folder", "check_volume", "effective_nifti_shape",
     "finite_voxels", "library_log_lines",
 ]

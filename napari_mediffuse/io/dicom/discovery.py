@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from ..errors import ReadError
+from ..validate import input_path_fault
 
 #: SOP class of a DICOMDIR (Media Storage Directory Storage).
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -265,8 +266,8 @@ def _frames_from_file(path: Path) -> list[_Frame]:
 
     DICOMDIR files met while walking a folder give no frames (silently).
     """
-    if not path.is_file():
-        raise _Skip("missing file", "does not exist or is not a regular file")
+    if not path.is_file():  # a broken or looping link, a FIFO (reading would block)...
+        raise _Skip("not a regular file", f"cannot be read: {input_path_fault(path) or 'not a regular file'}")
     if not os.access(path, os.R_OK):
         raise _Skip("unreadable file", "cannot be opened (no read permission)")
     if not is_dicom_file(path):
