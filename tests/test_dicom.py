@@ -788,3 +788,19 @@ def test_write_refuses_non_empty_folder_unless_overwrite(tmp_path):
     assert back.name == "second (CT)"
     with pytest.raises(WriteError, match="3D"):
         write_dicom_series(vol.with_data(vol.data[None]), tmp_path / "4d", "x")
+
+
+def test_4d_series_with_an_undecodable_file_falls_back_to_one_volume_per_echo(tmp_path):
+    positions = axial_positions(4) * 2
+    per_slice = [{"EchoNumbers": 1 + k // 4} for k in range(8)]
+    files = write_series(tmp_path / "echo", positions, per_slice=per_slice, shuffle=False)
+    files[6].write_bytes(files[6].read_bytes()[:-3000])  # echo 2, third slice: truncated
+    with pytest.warns(DicomReadWarning) as record:
+        volumes = read_dicom(tmp_path / "echo")
+    assert [v.name for v in volumes] == ["synthetic (CT) echo 1", "synthetic (CT) echo 2"]
+    assert volumes[0].data.shape == (4, 128, 128)
+    assert_voxels_at_dicom_positions(volumes[0], files[:4], step=6)
+    assert volumes[1].metadata["missing_slices"] == {"axis": 0, "indices": [2]}
+    assert_voxels_at_dicom_positions(volumes[1], files[4:6] + files[7:], step=6)
+    messages = " ".join(str(w.message) for w in record)
+    assert "pixel data cannot be decoded: 1 file" in messages and files[6].name in messages

@@ -129,35 +129,34 @@ def _group_frames(frames: list[_Frame]) -> list[_Group]:
 
 
 def _drop_duplicate_instances(frames: list[_Frame]) -> tuple[list[_Frame], dict[str, list[str]]]:
-    """Keep the first copy of every SOP instance (frame), in path order.
+    """Keep the first copy (in path order) of every SOP instance frame.
 
     The same file exported twice (copied folders, PACS retries) must not
-    make a second series or a repeated slice. Returns the kept frames and
-    one note per affected series (keyed by SeriesInstanceUID).
+    make a second series or a repeated slice. Returns the kept frames, in
+    their original order, and one note per affected series (keyed by
+    SeriesInstanceUID). Frames without a SOPInstanceUID are all kept.
     """
-    kept: dict[tuple[str, int | None], _Frame] = {}
+    first: dict[tuple[str, int | None], _Frame] = {}
+    dropped_ids: set[int] = set()
     dropped: dict[str, list[tuple[_Frame, _Frame]]] = {}
     for frame in sorted(frames, key=lambda f: (str(f.path), f.frame_index or 0)):
-        if not frame.sop_uid:
-            kept[(f"#{id(frame)}", frame.frame_index)] = frame
-            continue
         key = (frame.sop_uid, frame.frame_index)
-        if key in kept:
-            if frame.frame_index in (None, 0):  # report files, not frames
-                dropped.setdefault(frame.series_uid, []).append((frame, kept[key]))
+        if not frame.sop_uid or key not in first:
+            first.setdefault(key, frame)
             continue
-        kept[key] = frame
+        dropped_ids.add(id(frame))
+        if frame.frame_index in (None, 0):  # report files, not frames
+            dropped.setdefault(frame.series_uid, []).append((frame, first[key]))
     notes = {}
     for series_uid, pairs in dropped.items():
-        listed = ", ".join(f"{dup.path} (same as {first.path.name})"
-                           for dup, first in pairs[:MAX_LISTED_FILES])
+        listed = ", ".join(f"{copy.path} (same as {original.path.name})"
+                           for copy, original in pairs[:MAX_LISTED_FILES])
         if len(pairs) > MAX_LISTED_FILES:
             listed += f" and {len(pairs) - MAX_LISTED_FILES} more"
-        notes[series_uid] = [f"{_folder_of([pairs[0][0]])}: dropped {_plural(len(pairs), 'duplicated instance')} "
-                             f"(same SOPInstanceUID as a file already read): {listed}"]
-    ordered = [f for f in frames if kept.get((f.sop_uid, f.frame_index) if f.sop_uid
-                                             else (f"#{id(f)}", f.frame_index)) is f]
-    return ordered, notes
+        notes[series_uid] = [f"{_folder_of([pairs[0][0]])}: dropped "
+                             f"{_plural(len(pairs), 'duplicated instance')} (same SOPInstanceUID "
+                             f"as a file already read): {listed}"]
+    return [f for f in frames if id(f) not in dropped_ids], notes
 
 
 def _plural(n: int, noun: str) -> str:
@@ -523,25 +522,30 @@ def _build_with_retries(group: _Group, skips: "_SkipLog", single: bool, *,
     """Build a group's volume(s), dropping files whose pixels cannot be decoded.
 
     In a single-file read a decoding failure raises ReadError at once. A 4D
-    group whose phases no longer cover the same positions after a file was
+    group whose phases no longer cover the same positions once a file is
     dropped is built phase by phase.
     """
     phases = [list(phase) for phase in group.phases]
-    while any(phases):
+    while all(phases):
+        if len(phases) > 1 and not _same_positions(phases):
+            break
         try:
-            if len(phases) > 1 and not _same_positions(phases):
-                return [vol for k, phase in enumerate(phases) if phase
-                        for vol in _build_with_retries(
-                            _Group([phase], f"{group.label} {group.phase_labels[k]}".strip(),
-                                   group.sort_key, [], group.localizer, group.notes if k == 0
-                                   else []), skips, single, resample=resample)]
             return [_build_volume(group, phases, resample=resample)]
         except _PixelError as err:
             if single:
                 raise ReadError(f"{err.path} {err.reason}") from None
             skips.add(err.path, "pixel data cannot be decoded", err.reason)
             phases = [[f for f in phase if f.path != err.path] for phase in phases]
-    return []
+    if len(phases) == 1:
+        return []  # every file of a 3D group failed
+    volumes = []
+    for k, phase in enumerate(phases):
+        if phase:
+            label = f"{group.label} {group.phase_labels[k]}".strip()
+            part = _Group([phase], label, group.sort_key, [], group.localizer,
+                          group.notes if not volumes else [])
+            volumes.extend(_build_with_retries(part, skips, single, resample=resample))
+    return volumes
 
 
 def _build_volume(group: _Group, phases: list[list[_Frame]], *, resample: bool = False) -> Volume:
