@@ -139,14 +139,16 @@ def main(argv=None) -> int:
     parser.add_argument("--time-slices", type=int, default=2, help="slices of the timing run (at least 2)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--out", default=None, help="Markdown table (and .json beside it)")
+    parser.add_argument("--skip", choices=["time", "memory"], help="leave out one of the two measurements")
     args = parser.parse_args(argv)
     if args.time_slices < 2:
         parser.error("--time-slices must be at least 2 (the tasks need a volume)")
 
     rows = []
     for task in args.tasks:
-        timed = measure(task, "time", args)
-        memory = measure(task, "memory", args) if task not in NO_MEMORY_RUN else {"error": "not run (no network)"}
+        timed = measure(task, "time", args) if args.skip != "time" else {"error": "not run"}
+        memory = (measure(task, "memory", args) if task not in NO_MEMORY_RUN and args.skip != "memory"
+                  else {"error": "not run"})
         row = {"task": task, "time": timed, "memory": memory}
         if "error" not in timed and "error" not in memory:
             row["estimated_full_run_peak_mb"] = memory["peak_rss_mb"] + timed["peak_rss_mb"] - timed["rss_before_mb"]

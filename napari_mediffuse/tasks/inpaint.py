@@ -266,8 +266,13 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
                          progress=options.progress, cancel=options.cancel,
                          index_offset=slice_offset(volume, plane))
 
+    # a partial diffusion keeps what the prior cannot see: the detail finer than its pixels
+    # (generation from pure noise, inpainting, has nothing of the input to keep)
+    keep_fine_detail = not grid.identity and all(t is not None for t in t_list)
+
     def reconstruct(index, _noise, span):
-        x0_m = grid.to_model(runner.tensor(x_all[index]))
+        x0 = runner.tensor(x_all[index])
+        x0_m = grid.to_model(x0)
         known_m = 1.0 - grid.to_model(runner.tensor(u_all[index]), mask=True)
         results = []
         for r, (t, _) in enumerate(runs):
@@ -279,6 +284,8 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
                                                              sum(per_run), message),
                                    cancel=options.cancel))
         stacked = torch.stack([grid.from_model(rec) for rec in results])
+        if keep_fine_detail:
+            stacked = stacked + (x0 - grid.from_model(x0_m))
         u_np = u_all[index].astype(bool)
         mean = np.where(u_np, runner.numpy(stacked.mean(0)), x_all[index])
         if spread is None:
