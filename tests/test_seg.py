@@ -121,6 +121,10 @@ def test_seg_with_its_series_is_on_the_series_grid_and_never_interpolated(tmp_pa
     assert {n: s["label"] for n, s in labels.metadata["segments"].items()} == {1: "liver", 2: "lesion"}
     assert labels.metadata["segments"][1]["color"] == [200, 30, 30]
     assert labels.metadata["on_referenced_grid"] and labels.metadata["warnings"] == []
+    # A task given the folder takes the scan, not its segmentation.
+    from napari_mediffuse.tasks.cli import read_single_volume
+
+    assert read_single_volume(folder).name == "abdomen (CT)"
     # The plugin gives napari a labels layer with the names and colours.
     layers = read_layers(str(folder))
     assert [kind for _, _, kind in layers] == ["image", "labels"]

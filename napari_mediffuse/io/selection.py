@@ -28,7 +28,8 @@ def select_series(volumes: list[Volume], series: str | int | None = None, *, whe
     series : str or int, optional
         Its index in ``volumes`` (0, 1, ...), its SeriesInstanceUID, or text
         found (case-insensitively) in exactly one volume's name or
-        SeriesDescription. None: the only volume that is not a localizer.
+        SeriesDescription. None: the only volume that is neither a
+        localizer nor a segmentation (a DICOM SEG read with its series).
     where : str
         The input path, to start error messages.
 
@@ -39,7 +40,9 @@ def select_series(volumes: list[Volume], series: str | int | None = None, *, whe
     """
     prefix = f"{where}: " if where else ""
     if series is None or str(series).strip() == "":
-        main = [v for v in volumes if not v.metadata.get("localizer")] or volumes
+        main = [v for v in volumes  # the scan: not a localizer, not a segmentation beside it
+                if not v.metadata.get("localizer") and v.metadata.get("layer_type") != "labels"]
+        main = main or volumes
         if len(main) == 1:
             return main[0]
         raise ReadError(f"{prefix}holds {len(volumes)} series ({series_listing(volumes)}); "
