@@ -610,6 +610,28 @@ def test_bm3d_on_volume_with_inf_voxel_is_finite_and_close_to_clean(tmp_path, ca
     assert np.max(np.abs(holed_out - ref_out)[far]) < 30
 
 
+def test_translate_of_volume_with_nan_and_inf_is_finite(tmp_path, capsys, monkeypatch):
+    """translate used to return whole slices of NaN for an input with NaN voxels."""
+    from conftest import save_tiny_checkpoint, translation_card
+    from napari_mediffuse.engine import registry
+
+    save_tiny_checkpoint(tmp_path / "models" / "tiny-ct2mr", name="tiny-ct2mr", task="translation",
+                         modality="CT", condition_channels=3, **translation_card("ct2mr"))
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path / "models"))
+    data = ct_values((16, 16, 2)).astype(np.float32)
+    data[4:6, 4:6, 0] = np.nan
+    data[9, 9, 1] = np.inf
+    src = save_nifti(tmp_path / "holes.nii.gz", data, affine=np.diag([3.0, 3.0, 3.0, 1.0]))
+    out = tmp_path / "mr.nii.gz"
+    code, _, err = run_cli(capsys, "translate", str(src), "-o", str(out), "--direction", "ct2mr",
+                           "--model", "tiny-ct2mr", "--steps", "2", "--ensemble", "1", "--device", "cpu",
+                           "--force")
+    assert code == 0, err
+    assert "warning: " + str(src) + ": 5 non-finite voxels (4 NaN, 1 +inf" in err
+    result = io.read(out)[0]
+    assert result.data.shape == (2, 16, 16) and np.all(np.isfinite(result.data))
+
+
 def test_cli_warnings_are_one_line_without_source_paths(tmp_path, capsys):
     data = ct_values().astype(np.float32)
     data[1, 1, 1] = np.nan
