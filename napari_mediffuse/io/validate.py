@@ -440,9 +440,11 @@ def check_volume(volume, *, where: str | None = None):
     if data.dtype == np.float16:  # torch/scipy/bm3d compute in float32 anyway
         data = data.astype(np.float32)
     data, note = finite_voxels(data, where)
-    if data.dtype.kind == "f" and data.size and float(np.max(np.abs(data))) > FLOAT32_MAX:
-        raise ReadError(f"{where}: values up to {float(np.max(np.abs(data))):.3g}, beyond what tasks compute "
-                        f"with (float32, {FLOAT32_MAX:.3g})")
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4 and data.size:  # float32 cannot exceed it
+        top = max(abs(float(data.min())), abs(float(data.max())))  # no |data| copy of a large volume
+        if top > FLOAT32_MAX:
+            raise ReadError(f"{where}: values up to {top:.3g}, beyond what tasks compute with "
+                            f"(float32, {FLOAT32_MAX:.3g})")
     if data is volume.data:
         return volume
     metadata = dict(volume.metadata)
