@@ -191,8 +191,8 @@ class SliceRunner:
         stream : int
             Noise stream (separates the runs of an ensemble, or two planes).
         out : ndarray, optional
-            Array to write batch ``b`` into at ``out[position of b]``
-            (by default a new stacked array is returned).
+            Array the results are written into, in the order of ``indices``
+            (by default one is allocated at the first batch).
         progress_offset, progress_total : int
             Where this run's progress sits in a larger task.
 
@@ -203,14 +203,14 @@ class SliceRunner:
         """
         batches = self.batches(indices)
         total = progress_total if progress_total is not None else progress_offset + len(batches) * cost
-        results = []
+        done = 0
         for b, index in enumerate(batches):
             check_cancel(self.cancel)
             span = ProgressSpan(self.progress, progress_offset + b * cost, total, message)
-            results.append(np.asarray(fn(index, self.noise(index, stream), span)))
+            result = np.asarray(fn(index, self.noise(index, stream), span))
+            if out is None:  # results go straight into one array: no list of batches to concatenate
+                out = np.empty((len(indices),) + result.shape[1:], dtype=result.dtype)
+            out[done:done + len(index)] = result
+            done += len(index)
             report(self.progress, progress_offset + (b + 1) * cost, total, message)
-        stacked = np.concatenate(results) if results else np.empty((0,), dtype=np.float32)
-        if out is not None:
-            out[...] = stacked
-            return out
-        return stacked
+        return out if out is not None else np.empty((0,), dtype=np.float32)

@@ -315,7 +315,7 @@ def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta
     out = runner.run(range(data.shape[0]), restore, message="diffusion denoising")
     info = {"steps": int(per_slice_steps.max()), "t_start": int(np.median(t_all)), "lambda": float(lam),
             "eta": float(eta), "warnings": warnings}
-    return out.astype(np.float32), info, checkpoint.name
+    return out.astype(np.float32, copy=False), info, checkpoint.name
 
 
 # -- CLI ------------------------------------------------------------------------------
