@@ -89,6 +89,7 @@ def ct_slice(path: Path, k: int, *, series_uid: str, rows=16, cols=16, pixels=Tr
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "CT"
+    ds.PatientID, ds.StudyID, ds.StudyDate, ds.StudyTime = "anon-19", "1", "20260101", "120000"
     ds.StudyInstanceUID = "1.2.3.4"
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = "1.2.3.5"
@@ -678,6 +679,26 @@ def test_npe2_offers_plugin_for_dicomdir_whatever_the_case(tmp_path):
     other = tmp_path / "README12"  # offered by the pattern, declined by get_reader
     other.write_text("text")
     assert plugin.get_reader(str(other)) is None
+
+
+def test_dicomdir_dropped_on_napari_opens_with_the_plugin(make_napari_viewer, tmp_path, notifications):
+    """What a drop does: napari picks the reader itself (plugin=None)."""
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for path in ct_series(tmp_path / "src"):
+        fileset.add(path)
+    fileset.write(tmp_path / "media")  # DICOMDIR + PT000000/ST000000/SE000000/IM00000x
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "media" / "DICOMDIR"), plugin=None)
+    assert [layer.name for layer in viewer.layers] == ["ct (CT)"] and notifications == []
+    layer = viewer.layers[0]
+    assert layer.data.shape == (2, 16, 16) and layer.metadata["modality"] == "CT"
+    np.testing.assert_allclose(layer.scale, (3.0, 2.0, 2.0))
+    # a damaged file then dropped: one notification, the loaded layer stays
+    bad = save_nifti(tmp_path / "bad.nii", ct_values(), edit=set_fields(scl_slope=2.0, scl_inter=np.nan))
+    viewer.open(str(bad), plugin="napari-mediffuse")  # napari asks which reader for .nii
+    assert len(viewer.layers) == 1 and len(notifications) == 1 and "bad.nii: invalid scl_inter" in notifications[0]
 
 
 def test_reader_never_raises_even_on_unexpected_errors(monkeypatch, notifications, tmp_path):
