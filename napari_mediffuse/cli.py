@@ -79,18 +79,29 @@ def _cmd_info(args) -> int:
 def _cmd_convert(args) -> int:
     out = Path(args.output)
     # The output is checked before the input is read: no work is lost to a bad name.
-    if io.is_nifti_path(out):
+    single_file = io.is_nifti_path(out) or out.suffix.lower() == ".dcm"
+    if single_file:
         io.validate.check_output_file(out, inputs=[args.input])
     else:
         io.validate.check_output_folder(out)
+    from .io.labels import looks_like_label_map
     from .io.selection import select_series
 
     volume = select_series(io.read(args.input), args.series, where=str(args.input))
+    source_files = volume.metadata.get("files")
+    if args.source:  # the DICOM series a NIfTI result was computed on
+        source = select_series(io.read(args.source), None, where=str(args.source))
+        source_files = source.metadata.get("files")
     if io.is_nifti_path(out):
         io.write_nifti(volume, out)
+    elif single_file and (volume.metadata.get("layer_type") == "labels"
+                          or looks_like_label_map(volume.data)):
+        io.write_dicom_seg(volume, out, source_files=source_files, description=args.description)
+    elif single_file:
+        io.write_parametric_map(volume, out, source_files=source_files, description=args.description)
     else:
         io.write_dicom_series(volume, out, series_description=args.description or volume.name,
-                              source_files=volume.metadata.get("files"))
+                              source_files=source_files)
     print(f"wrote {out}")
     return 0
 
@@ -115,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="NIfTI <-> DICOM series, geometry kept")
     convert.add_argument("input")
     convert.add_argument("-o", "--output", required=True,
-                         help="a .nii/.nii.gz file, or a new folder for a DICOM series")
+                         help="a .nii/.nii.gz file, a new folder for a DICOM series, or a .dcm "
+                              "file: a label map as DICOM SEG, a float map as Parametric Map")
     convert.add_argument("--series", metavar="INDEX|UID|DESCRIPTION",
                          help="the series when INPUT holds several: index, SeriesInstanceUID or "
                               "description text (default: the only one that is not a localizer)")
     convert.add_argument("--description", help="SeriesDescription of a written DICOM series")
+    convert.add_argument("--source", metavar="DICOM_SERIES",
+                         help="the DICOM series a NIfTI result was computed on: patient, frame of "
+                              "reference and source images of the output (needed for a .dcm SEG "
+                              "or Parametric Map)")
     convert.set_defaults(func=_cmd_convert)
 
     from .tasks.cli import add_task_commands  # task subcommands live with the tasks
@@ -169,7 +185,7 @@ def main(argv=None) -> int:
             message += "; nothing was written"
         print(f"mediffuse: {message}", file=sys.stderr)
         return 130
-    except (OSError, ArithmeticError, LookupError, RuntimeError, TypeError) as exc:
+    except Exception as exc:
         # A fault no check foresaw: one line naming the input, not a traceback
         # (-v shows the traceback for a bug report).
         log.debug("unexpected error", exc_info=True)

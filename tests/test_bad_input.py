@@ -701,6 +701,19 @@ def test_dicomdir_dropped_on_napari_opens_with_the_plugin(make_napari_viewer, tm
     assert len(viewer.layers) == 1 and len(notifications) == 1 and "bad.nii: invalid scl_inter" in notifications[0]
 
 
+def test_cli_unexpected_error_is_one_line_naming_the_input(monkeypatch, capsys, tmp_path):
+    path = save_nifti(tmp_path / "ok.nii", ct_values())
+
+    def explode(_path):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(io, "read", explode)
+    code, out, err = run_cli(capsys, "info", str(path))
+    assert code == 1 and out == ""
+    assert err == (f"mediffuse: error: {path}: LinAlgError: SVD did not converge "
+                   "(nothing was written; run with -v for details)\n")
+
+
 def test_reader_never_raises_even_on_unexpected_errors(monkeypatch, notifications, tmp_path):
     path = save_nifti(tmp_path / "ok.nii", ct_values())
 

@@ -124,7 +124,7 @@ def _input_os_reason(path: Path, exc: OSError) -> str:
             return f"broken symbolic link (to {os.readlink(path)})"
         return "no such file or folder"
     if exc.errno == errno.ELOOP:
-        return "symbolic link loop (the link points back to itself)"
+        return "symbolic link loop (the links never reach a file)"
     if exc.errno == errno.ENAMETOOLONG:
         return "file name too long for the file system"
     if exc.errno == errno.EACCES:
