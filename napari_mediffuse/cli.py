@@ -169,6 +169,8 @@ def main(argv=None) -> int:
         print(f"mediffuse: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad parameters from the core: say why, no traceback
+        if isinstance(exc, np.linalg.LinAlgError):  # a numerical fault, not a parameter: name the input
+            return _unexpected(args, exc)
         print(f"mediffuse: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
@@ -186,15 +188,7 @@ def main(argv=None) -> int:
         print(f"mediffuse: {message}", file=sys.stderr)
         return 130
     except Exception as exc:
-        # A fault no check foresaw: one line naming the input, not a traceback
-        # (-v shows the traceback for a bug report).
-        log.debug("unexpected error", exc_info=True)
-        where = getattr(args, "input", None)
-        print(f"mediffuse: error: {where + ': ' if where else ''}{type(exc).__name__}: {_one_line(exc)} "
-              "(nothing was written; run with -v for details)", file=sys.stderr)
-        if args.verbose:
-            raise
-        return 1
+        return _unexpected(args, exc)
     finally:
         warnings.showwarning = saved_showwarning
 
@@ -214,6 +208,18 @@ def _path_state(path: str):
     except (OSError, ValueError):
         return None
     return info.st_ino, info.st_mtime_ns
+
+
+def _unexpected(args, exc: Exception) -> int:
+    """A fault no check foresaw: one line naming the input, not a traceback
+    (-v re-raises it for a bug report)."""
+    log.debug("unexpected error", exc_info=True)
+    where = getattr(args, "input", None)
+    print(f"mediffuse: error: {str(where) + ': ' if where else ''}{type(exc).__name__}: {_one_line(exc)} "
+          "(nothing was written; run with -v for details)", file=sys.stderr)
+    if args.verbose:
+        raise exc
+    return 1
 
 
 def _one_line(exc: BaseException) -> str:
