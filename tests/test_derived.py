@@ -14,6 +14,7 @@ import pytest
 
 from conftest import shared
 from napari_mediffuse import io
+from napari_mediffuse.io.dicom import DicomReadWarning
 from napari_mediffuse.io.derived import (
     synthetic_series_description, write_dicom_seg, write_parametric_map,
 )
@@ -209,3 +210,35 @@ def test_super_resolved_slices_reference_the_thick_slice_they_lie_in(tmp_path, c
         referenced = [sources[item.ReferencedSOPInstanceUID] for item in ds.SourceImageSequence]
         assert 1 <= len(referenced) <= 2
         assert min(abs(r - z) for r in referenced) <= 1.25 + 1e-6  # the thick slice it lies in
+
+
+def test_cli_convert_of_saved_nifti_results_keeps_the_marking_and_writes_seg(tmp_path, ct, capsys):
+    from napari_mediffuse.cli import main
+
+    source = ct.metadata["files"][0].rsplit("/", 1)[0]
+    io.write_nifti(translated(ct), tmp_path / "mr.nii.gz")
+    assert main(["convert", str(tmp_path / "mr.nii.gz"), "-o", str(tmp_path / "mr_dicom"),
+                 "--source", source]) == 0
+    ds = headers(tmp_path / "mr_dicom")[0]
+    original = pydicom.dcmread(ct.metadata["files"][0])
+    assert ds.SeriesDescription.startswith("SYNTHETIC translate")  # from the NIfTI header
+    assert "task=translate" in ds.DerivationDescription
+    assert ds.PatientID == original.PatientID and ds.StudyInstanceUID != original.StudyInstanceUID
+    assert len(ds.SourceImageSequence) == 1
+
+    labels = np.zeros(ct.data.shape, np.uint8)
+    labels[3:6, 12:30, 12:30] = 1
+    io.write_nifti(ct.with_data(labels), tmp_path / "mask.nii.gz", dtype=np.uint8)
+    out = tmp_path / "mask.dcm"
+    assert main(["convert", str(tmp_path / "mask.nii.gz"), "-o", str(out)]) == 2  # no source
+    assert "references the DICOM series it was computed on" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["convert", str(tmp_path / "mask.nii.gz"), "-o", str(out), "--source", source]) == 0
+    seg = pydicom.dcmread(out)
+    assert seg.SOPClassUID.name == "Segmentation Storage"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == original.SeriesInstanceUID
+    with pytest.warns(DicomReadWarning, match="opens on its own frame of reference"):
+        back = io.read_dicom(out)[0]
+    ras = back.affine @ np.array([*np.argwhere(back.data)[0], 1.0])
+    index = np.round(np.linalg.inv(ct.affine) @ ras).astype(int)[:3]
+    assert labels[tuple(index)] == 1 and int(back.data.sum()) == int(labels.sum())

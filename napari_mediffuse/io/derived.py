@@ -31,7 +31,7 @@ import datetime as _dt
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pydicom
@@ -42,7 +42,8 @@ from .errors import WriteError
 from .volume import Volume
 
 __all__ = [
-    "SYNTHETIC_PREFIX", "is_task_result", "mark_synthetic", "source_image_references",
+    "SYNTHETIC_PREFIX", "is_task_result", "mark_synthetic", "marks_from_nifti_description",
+    "source_image_references",
     "synthetic_series_description", "write_dicom_seg", "write_parametric_map",
 ]
 
@@ -104,6 +105,24 @@ def synthetic_series_description(description: str, task: str | None, model: str 
     return f"{head}: {description}"
 
 
+def marks_from_nifti_description(text: str) -> dict[str, Any]:
+    """``{'synthetic': True, 'task': 'translate'}`` from a NIfTI ``descrip``
+    this package wrote (``'modality=MR mediffuse SYNTHETIC translate'``), so
+    a result saved as NIfTI and exported to DICOM later is still marked;
+    ``{}`` for other files."""
+    tokens = str(text).split()
+    if "mediffuse" not in tokens:
+        return {}
+    marks: dict[str, Any] = {}
+    if SYNTHETIC_PREFIX in tokens:
+        marks["synthetic"] = True
+    rest = [t for t in tokens[tokens.index("mediffuse") + 1:]
+            if t not in (SYNTHETIC_PREFIX, "OUT-OF-DOMAIN", "input")]
+    if rest:
+        marks["task"] = rest[-1]
+    return marks
+
+
 def derivation_description(volume: Volume) -> str:
     """DerivationDescription (ST, 1024 characters): task, model, parameters."""
     meta = volume.metadata
@@ -112,7 +131,8 @@ def derivation_description(volume: Volume) -> str:
     parameters = json.dumps(meta.get("parameters") or {}, sort_keys=True, default=str,
                             separators=(",", ":"))
     text = (f"{SYNTHETIC_PREFIX} image computed by napari-mediffuse, not acquired. "
-            f"task={meta.get('task') or 'unknown'}; model={meta.get('model') or 'none'}; "
+            f"task={meta.get('task') or 'unknown'}; "
+            f"model={meta.get('model') or ('none' if 'parameters' in meta else 'not recorded')}; "
             f"source={meta.get('derived_from') or 'unknown'}; parameters={parameters}")
     if len(text) > ST_MAX:
         text = text[:ST_MAX - 3] + "..."

@@ -11,6 +11,7 @@ from .errors import InputWarning, ReadError, WriteError
 from .validate import (atomic_output, check_nifti_header, check_output_file, effective_nifti_shape,
                        library_log_lines)
 from .geometry import layout_of
+from .derived import marks_from_nifti_description
 from .labels import looks_like_label_map
 from .volume import Volume, reorient
 
@@ -126,6 +127,7 @@ def read_nifti(path, *, modality: str | None = None) -> Volume:
         warnings.warn(InputWarning(note), stacklevel=2)
     if labels:
         metadata["layer_type"] = "labels"
+    metadata.update(marks_from_nifti_description(descrip))  # a saved result stays SYNTHETIC
     return Volume(data=data, affine=affine, modality=modality, name=name,
                   source=str(path), metadata=metadata, layout=layout)
 
