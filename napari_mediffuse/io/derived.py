@@ -270,7 +270,7 @@ def write_dicom_seg(labels: Volume, path, *, source_files: Sequence | None = Non
     if data.ndim != 3:
         raise WriteError(f"{path}: only 3D label maps can be written as DICOM SEG "
                          f"(got shape {data.shape})")
-    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)) or data.min() < 0:
+    if (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))) or data.min() < 0:
         raise WriteError(f"{path}: a DICOM SEG needs integer labels >= 0; this volume holds "
                          "other values (write a heatmap as a Parametric Map instead)")
     data = data.astype(np.int64)

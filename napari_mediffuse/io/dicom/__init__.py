@@ -8,16 +8,24 @@
 2. **Read headers** (pixel data deferred) and describe every 2D frame -- a
    single-frame file is one frame, an enhanced multi-frame file holds many --
    with its position, orientation, pixel spacing and rescale.
-3. **Group** frames by SeriesInstanceUID, then split groups that mix
-   orientations, image sizes or pixel spacings, and groups where several
-   frames share a slice position (echoes, phases, repeated acquisitions).
+3. **Group** frames by SeriesInstanceUID after dropping duplicated SOP
+   instances, set localizers apart, split groups that mix orientations,
+   image sizes or pixel spacings, and make frames that share slice
+   positions (echoes, phases) one 4D volume (:mod:`.assembly`).
 4. **Stack** each group: slices are sorted by their position projected on
    the slice normal (never by file name or InstanceNumber), the slice
-   spacing comes from the positions, uneven spacing (missing slices) is
-   resampled onto a regular grid, a gantry tilt is kept in a sheared affine.
-5. **Decode** pixels, apply RescaleSlope/RescaleIntercept slice by slice (CT
-   in Hounsfield units), build the index -> RAS+ affine from the LPS patient
-   coordinates and reorient to the display orientation (S, P, L).
+   spacing comes from the positions with a tolerance relative to it (as
+   dcm2niix), missing slices are reported and the acquired ones kept at
+   their true places, a gantry tilt is kept in a sheared affine.
+5. **Decode** pixels (:mod:`.decode`), apply RescaleSlope/RescaleIntercept
+   slice by slice (CT in Hounsfield units), build the index -> RAS+ affine
+   from the LPS patient coordinates and reorient to the display orientation
+   (S, P, L).
+6. **Segmentations**: DICOM SEG files become labels volumes on their
+   series' grid (:mod:`.seg`); RTSTRUCT is refused as not supported yet.
+
+The modules: :mod:`.discovery` (files, headers -> frames, skip log),
+:mod:`.assembly`, :mod:`.decode`, :mod:`.seg`.
 
 Geometry of a DICOM frame (all in LPS millimetres, DICOM's patient system)::
 
