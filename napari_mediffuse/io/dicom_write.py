@@ -42,7 +42,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat, PersonName
 
 from .derived import is_task_result, mark_synthetic, source_image_references
-from .dicom import DicomReadWarning, _quiet_pydicom
+from .dicom.discovery import DicomReadWarning, _quiet_pydicom
 from .errors import WriteCancelled, WriteError
 from .validate import check_output_folder
 from .geometry import dicom_stack_layout

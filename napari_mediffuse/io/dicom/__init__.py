@@ -49,8 +49,8 @@ from ..errors import ReadError
 from ..volume import Volume
 from .assembly import _build_with_retries, _group_frames, _make_names_unique
 from .discovery import (
-    DicomReadWarning, _Frame, _frames_from_file, _input_files, _quiet_pydicom,  # noqa: F401
-    _Segmentation, _Skip, _SkipLog, _warn, is_dicom_file,
+    DicomReadWarning, _Frame, _frames_from_file, _input_files, _Segmentation, _Skip, _SkipLog,
+    _warn, is_dicom_file,
 )
 from .seg import read_segmentation
 
