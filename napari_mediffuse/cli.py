@@ -166,12 +166,12 @@ def main(argv=None) -> int:
             print(f"warning: {where}{line}", file=sys.stderr)
         return code
     except io.MediffuseIOError as exc:
-        print(f"mediffuse: error: {exc}", file=sys.stderr)
+        print(f"mediffuse: error: {_with_outcome(str(exc), outputs)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad parameters from the core: say why, no traceback
         if isinstance(exc, np.linalg.LinAlgError):  # a numerical fault, not a parameter: name the input
             return _unexpected(args, exc)
-        print(f"mediffuse: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"mediffuse: error: {_with_outcome(_one_line(exc), outputs)}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"mediffuse: error: {getattr(args, 'input', '')}: not enough memory (nothing was written)",
@@ -191,6 +191,16 @@ def main(argv=None) -> int:
         return _unexpected(args, exc)
     finally:
         warnings.showwarning = saved_showwarning
+
+
+def _with_outcome(message: str, outputs: dict) -> str:
+    """``message`` plus what happened to the command's outputs, unless it says so."""
+    if not outputs or "written" in message or "kept" in message:
+        return message
+    written = [path for path, state in outputs.items() if _path_state(path) not in (state, None)]
+    if written:
+        return f"{message} (complete output{'s' if len(written) > 1 else ''} written before: {', '.join(written)})"
+    return f"{message} (nothing was written)"
 
 
 def _output_states(args) -> dict:

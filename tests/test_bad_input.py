@@ -551,6 +551,7 @@ def test_corpus_reader_info_and_task(name, tmp_path, capsys, notifications, recw
         message_ok(err, label)
         if reason:
             assert reason in err or reason in label
+        assert err.rstrip().endswith("nothing was written)") and err.count("\n") == 1
         assert not output.exists() and os.listdir(output.parent) == []
     assert "Traceback" not in out + err
     assert folder_hashes(inputs) == before  # the input is never touched
