@@ -86,8 +86,7 @@ def read_layers(path) -> list[tuple]:
         path = path[0] if path else ""
     try:
         volumes = io.read(path)
-        return _with_display_notes([labels_layer_data(v) if v.metadata.get("layer_type") == "labels"
-                                    else image_layer_data(v) for v in volumes])
+        return _with_display_notes([_layer_data(v) for v in volumes])
     except io.ReadError as exc:
         _notify_error(str(exc))
     except MemoryError:
@@ -96,6 +95,16 @@ def read_layers(path) -> list[tuple]:
         log.debug("reading %s failed", path, exc_info=True)
         _notify_error(f"{path}: cannot read ({type(exc).__name__}: {exc})")
     return _NULL_LAYER
+
+
+def _layer_data(volume: Volume) -> tuple:
+    """Labels for a segmentation; an image otherwise, a localizer hidden
+    (listed apart: it is there to look at, not drawn over the scan)."""
+    if volume.metadata.get("layer_type") == "labels":
+        return labels_layer_data(volume)
+    if volume.metadata.get("localizer"):
+        return image_layer_data(volume, visible=False)
+    return image_layer_data(volume)
 
 
 # -- writers ----------------------------------------------------------------

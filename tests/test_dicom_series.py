@@ -229,6 +229,13 @@ def test_localizer_in_the_series_is_listed_apart(tmp_path, ct_slices):
     assert [v.name for v in volumes] == ["abdomen (CT)", "abdomen (CT) coronal [localizer]"]
     np.testing.assert_array_equal(volumes[0].data, ct_slices[:8])
     assert volumes[1].metadata["localizer"] and not volumes[0].metadata["localizer"]
+    # In napari the localizer is listed after the scan, hidden.
+    from napari_mediffuse.plugin import read_layers
+
+    with pytest.warns(DicomReadWarning):
+        layers = read_layers(str(tmp_path / "s"))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == [v.name for v in volumes]
+    assert [kwargs.get("visible", True) for _, kwargs, _ in layers] == [True, False]
 
 
 # ---------------------------------------------------------------------------

@@ -201,7 +201,7 @@ class ScanBox(QGroupBox):
                 data, kwargs, _ = labels_layer_data(volume)
                 added.append(self.viewer.add_labels(data, **kwargs))
                 continue
-            data, kwargs, _ = image_layer_data(volume)
+            data, kwargs, _ = image_layer_data(volume, visible=not volume.metadata.get("localizer"))
             if kwargs["metadata"].get("display_note"):  # an oblique series drawn resampled
                 show_warning(kwargs["metadata"]["display_note"])
             added.append(self.viewer.add_image(data, **kwargs))
