@@ -36,7 +36,8 @@ class DistInfo:
 def setup(device_preference: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun.
 
-    NCCL on CUDA, gloo on CPU. Each process uses GPU ``LOCAL_RANK``.
+    NCCL on CUDA, gloo on CPU. Each process uses GPU ``LOCAL_RANK``; a single
+    process the GPU of ``device_preference`` (``cuda:N``).
     """
     from napari_mediffuse.engine.devices import select_device
 
@@ -45,7 +46,8 @@ def setup(device_preference: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(device_preference)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        # torchrun: GPU LOCAL_RANK; one process: the GPU asked for (cuda:N), else GPU 0
+        device = torch.device("cuda", local if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if device.type == "mps" and world > 1:
         raise ValueError("multi-process training on Apple MPS is not supported; use one process")
