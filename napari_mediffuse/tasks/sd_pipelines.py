@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.control import check_cancel, report
-from ..engine.devices import select_device
+from ..engine.devices import autocast_dtype, select_device
 from ..io.volume import Volume
 from .common import RunOptions, TaskInputError, result_volume
 
@@ -99,7 +99,8 @@ def load_pipeline(folder, *, device="auto", precision="auto"):
     import diffusers
 
     device = device if isinstance(device, torch.device) else select_device(device)
-    dtype = torch.float16 if device.type == "cuda" and precision in ("auto", "fp16") else torch.float32
+    # the project's precision rule (bf16 where the GPU computes it, else fp16 on GPUs, fp32 on CPU)
+    dtype = autocast_dtype(device, precision) or torch.float32
     cls = getattr(diffusers, {v: k for k, v in SUPPORTED_PIPELINES.items()}[kind])
     try:
         pipe = cls.from_pretrained(str(Path(folder).expanduser()), local_files_only=True,
