@@ -148,7 +148,8 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
                    strength: float = 1.0, end_hu: float = DEFAULT_END_HU, noise_hu: float = 0.0,
                    lam: float = DEFAULT_LAMBDA, eta: float = 0.0, smooth: bool = False,
                    region: Optional[str] = None, batch_size: int = 4, seed: Optional[int] = 0,
-                   progress=None, cancel=None, flip_rows: bool = True, stream: int = 0) -> np.ndarray:
+                   progress=None, cancel=None, flip_rows: bool = True, stream: int = 0,
+                   out: Optional[np.ndarray] = None, average_with_out: bool = False) -> np.ndarray:
     """DiffPIR super-resolution of 2D planes whose rows run along the slice axis.
 
     Parameters
@@ -171,6 +172,11 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         in training (rows of the display orientation run inferior -> superior).
     stream : int
         Noise stream of these planes (coronal and sagittal runs draw apart).
+    out : ndarray (N, n_thin, W), optional
+        Where to write the result (may be a view of the output volume).
+    average_with_out : bool
+        Average with what ``out`` already holds (an earlier plane direction)
+        instead of overwriting it.
 
     Returns
     -------
@@ -211,8 +217,8 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
     nsteps = max(1, min(int(steps), t_start - t_end + 1))
 
     def restore(index, noise, span):
-        init = initial[index]
-        thick = thick_planes[index]
+        init = np.ascontiguousarray(initial[index], dtype=np.float32)
+        thick = np.ascontiguousarray(thick_planes[index], dtype=np.float32)
         if resample:
             # the measured rows keep their slab positions; only the columns
             # change to the prior's pixel size, as for the initial estimate
@@ -243,10 +249,14 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
         # HU outside the prior's window come from the interpolation
         result = result + (init - np.clip(init, low, high))
         # exact consistency with the measured slabs on the output grid
-        return op.data_step(result.astype(np.float64), thick.astype(np.float64), 0.0,
-                            axis=1, right_inverse=out_p).astype(np.float32)
+        result = op.data_step(result.astype(np.float64), thick.astype(np.float64), 0.0,
+                              axis=1, right_inverse=out_p).astype(np.float32)
+        if average_with_out:
+            result = 0.5 * (result + out[index])
+        return result
 
-    return runner.run(range(n), restore, cost=nsteps, stream=stream, message="diffusion super-resolution")
+    return runner.run(range(n), restore, cost=nsteps, stream=stream, message="diffusion super-resolution",
+                      out=out)
 
 
 def _resize(stack: np.ndarray, shape) -> np.ndarray:
@@ -346,30 +356,29 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         if noise_hu is None:
             noise_hu = float(np.median(estimate_noise_hu(data)))
         chosen = ("coronal", "sagittal") if planes == "both" else (planes,)
-        results = []
+        # the output grid is held once (k times the input): each plane direction writes into it,
+        # the second averaging with the first batch by batch
+        out = np.empty(initial.shape, dtype=np.float32)
         for i, plane in enumerate(chosen):
             axis = 1 if plane == "coronal" else 2
-            # (N planes, slice axis, in-plane axis)
-            thick_planes = np.ascontiguousarray(np.moveaxis(data, axis, 0))
-            init = np.ascontiguousarray(np.moveaxis(initial, axis, 0))
             col_mm = float(volume.spacing[2 if axis == 1 else 1])
-            sr = diffpir_planes(
-                thick_planes, op, init, predictor=predictor, checkpoint=checkpoint,
-                plane_spacing_mm=(spacing / k, col_mm), steps=steps, strength=strength,
+            # views (N planes, slice axis, in-plane axis): batches are copied as they are used
+            diffpir_planes(
+                np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0), predictor=predictor,
+                checkpoint=checkpoint, plane_spacing_mm=(spacing / k, col_mm), steps=steps, strength=strength,
                 end_hu=end_hu, smooth=smooth, noise_hu=noise_hu, lam=lam, eta=eta, region=region,
-                batch_size=options.batch_size,
-                seed=options.seed, stream=i,
-                progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel)
-            results.append(np.moveaxis(sr, 0, axis))
-        out = np.mean(results, axis=0)
+                batch_size=options.batch_size, seed=options.seed, stream=i,
+                progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel,
+                out=np.moveaxis(out, axis, 0), average_with_out=i > 0)
+        del initial
         params.update(steps=int(steps), strength=float(strength), planes=planes, lam=float(lam),
                       eta=float(eta), end_hu=float(end_hu), smooth=bool(smooth), noise_hu=float(noise_hu))
     # interpolation overshoot and slab corrections can leave the input's HU
     # range (e.g. below air next to bone); keep within it
-    out = np.clip(out, float(data.min()), float(data.max()))
+    out = np.clip(out, float(data.min()), float(data.max()), out=out if out.dtype == np.float32 else None)
     params["seconds"] = round(time.perf_counter() - started, 3)
     suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method == "diffusion" else ")")
-    result = result_volume(volume, out.astype(np.float32), task="super_resolution", suffix=suffix,
+    result = result_volume(volume, out.astype(np.float32, copy=False), task="super_resolution", suffix=suffix,
                            params=params, affine=affine, model=model_name)
     result.metadata["slice_thickness_mm"] = spacing / k
     mark_out_of_domain([result], domain_warnings)
