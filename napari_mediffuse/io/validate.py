@@ -118,20 +118,30 @@ def input_path_fault(path) -> str:
     return ""
 
 
+#: What an OSError means to the user, by errno (reading and writing alike).
+OS_REASONS = {
+    errno.ENOENT: "no such file or folder",
+    errno.ELOOP: "symbolic link loop (the links never reach a file)",
+    errno.ENAMETOOLONG: "file name too long for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EINVAL: "the file system refuses this name (invalid characters)",
+    errno.EILSEQ: "the file system refuses this name (invalid characters)",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+}
+
+
+def os_reason(exc: OSError) -> str:
+    """One phrase for an OSError (:data:`OS_REASONS`), else the system's own text."""
+    return OS_REASONS.get(exc.errno) or exc.strerror or type(exc).__name__
+
+
 def _input_os_reason(path: Path, exc: OSError) -> str:
-    if exc.errno == errno.ENOENT:
-        if os.path.islink(path):
-            return f"broken symbolic link (to {os.readlink(path)})"
-        return "no such file or folder"
-    if exc.errno == errno.ELOOP:
-        return "symbolic link loop (the links never reach a file)"
-    if exc.errno == errno.ENAMETOOLONG:
-        return "file name too long for the file system"
-    if exc.errno == errno.EACCES:
-        return "permission denied"
-    if exc.errno == errno.ENOTDIR:
-        return "a part of the path is a file, not a folder"
-    return exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"broken symbolic link (to {os.readlink(path)})"
+    return os_reason(exc)
 
 
 # ---------------------------------------------------------------------------
@@ -627,7 +637,7 @@ def _check_folder_writable(folder: Path, target: Path, own: bool = False) -> Non
         if exc.errno == errno.ENOTDIR:
             raise WriteError(f"{target}: {folder} is not a folder: a part of the path is a file ({nothing})") \
                 from None
-        raise WriteError(f"{target}: {label}: {_output_os_reason(exc)} ({nothing})") from None
+        raise WriteError(f"{target}: {label}: {os_reason(exc)} ({nothing})") from None
     if not stat.S_ISDIR(info.st_mode):
         raise WriteError(f"{target}: {folder} is a file, not a folder ({nothing})")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -650,21 +660,7 @@ def _probe_name(path: Path, folder: bool = False) -> None:
     except FileExistsError:
         raise WriteError(f"{path}: exists; choose another name (nothing was written)") from None
     except OSError as exc:
-        raise WriteError(f"{path}: {_output_os_reason(exc)} (nothing was written)") from None
-
-
-def _output_os_reason(exc: OSError) -> str:
-    if exc.errno == errno.ENAMETOOLONG:
-        return "file name too long for the file system"
-    if exc.errno in (errno.EINVAL, errno.EILSEQ):
-        return "the file system refuses this name (invalid characters)"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno == errno.EROFS:
-        return "read-only file system"
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    return exc.strerror or type(exc).__name__
+        raise WriteError(f"{path}: {os_reason(exc)} (nothing was written)") from None
 
 
 def _same_path(a, b) -> bool:
@@ -705,7 +701,7 @@ def atomic_output(path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=".mediffuse-", suffix=_file_suffix(path.name))
     except OSError as exc:
-        raise WriteError(f"{path}: cannot write: {_output_os_reason(exc)} (nothing was written)") from None
+        raise WriteError(f"{path}: cannot write: {os_reason(exc)} (nothing was written)") from None
     os.close(fd)
     tmp = Path(name)
     published_inode = None
@@ -724,7 +720,7 @@ def atomic_output(path, *, overwrite: bool = False) -> Iterator[Path]:
     except WriteError:
         raise
     except OSError as exc:
-        raise WriteError(f"{path}: cannot write: {_output_os_reason(exc)} (nothing was written)") from None
+        raise WriteError(f"{path}: cannot write: {os_reason(exc)} (nothing was written)") from None
     finally:
         try:
             tmp.unlink(missing_ok=True)

@@ -27,14 +27,7 @@
 The modules: :mod:`.discovery` (files, headers -> frames, skip log),
 :mod:`.assembly`, :mod:`.decode`, :mod:`.seg`.
 
-Geometry of a DICOM frame (all in LPS millimetres, DICOM's patient system)::
-
-    position(r, c) = ImagePositionPatient
-                     + c * PixelSpacing[1] * row_cosines      # IOP[:3]
-                     + r * PixelSpacing[0] * column_cosines   # IOP[3:]
-
-where ``r`` is the row index (down the image) and ``c`` the column index
-(across). Our arrays stack frames as ``data[slice, r, c]``.
+Frame geometry (LPS millimetres, ``data[slice, r, c]``): see :mod:`.discovery`.
 
 Files that cannot be used (not DICOM, no pixel data, no patient geometry,
 colour, corrupt) are skipped with a warning when other series are readable;
