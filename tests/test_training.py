@@ -229,6 +229,17 @@ def test_multi_resolution_slices_and_region_weights(tmp_path):
     mask[32:35, 1, 1] = True
     assert excluded_blocks(mask, 5.0, 15.0, 4) == [slice(0, 29), slice(38, 48)]
 
+    # orientation fixes: a marker at the right edge of an axial slice comes to its top row, spacings follow
+    from training.data import ConfigError, fix_orientation
+
+    box = np.zeros((3, 4, 6), np.float32)
+    box[0, 1, 5] = 1.0  # slice 0, row 1, last column
+    turned, spacing = fix_orientation(box, (2.5, 4.0, 3.0), ["rot90_PL", "flip_S"])
+    assert turned.shape == (3, 6, 4) and spacing == (2.5, 3.0, 4.0)
+    assert turned[2, 0, 1] == 1.0 and turned.sum() == 1.0
+    with pytest.raises(ConfigError, match="unknown orientation_fix 'mirror'"):
+        fix_orientation(box, (1, 1, 1), ["mirror"])
+
     # region weights: 3 neck boxes share 0.5, one abdomen gets 0.5, whatever their sizes
     p = volume_probabilities([10, 10, 20, 5], [1, 1, 1, 3], {"head-neck": 0.5, "abdomen": 0.5, "chest": 0.3})
     np.testing.assert_allclose(p, [0.125, 0.125, 0.25, 0.5])

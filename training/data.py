@@ -121,6 +121,9 @@ def _entry_files(entries) -> list[tuple[Path, int, dict]]:
             files.append((path, region, entry))
         else:
             raise FileNotFoundError(f"training data {path} not found (paths are relative to {Path.cwd()})")
+        unknown = [f for f in entry.get("orientation_fix") or () if f not in ORIENTATION_FIXES]
+        if unknown:
+            raise ConfigError(f"{path}: unknown orientation_fix {unknown[0]!r}; known: {', '.join(ORIENTATION_FIXES)}")
         mask = entry.get("exclude_mask")
         if mask and not resolve_path(mask).exists():
             raise FileNotFoundError(f"exclude_mask {resolve_path(mask)} of {path} not found")
@@ -195,6 +198,30 @@ def excluded_blocks(mask: np.ndarray, spacing_s: float, margin_mm: float, min_sl
     return blocks
 
 
+#: Orientation fixes an entry may need (``orientation_fix: [...]``), applied in
+#: order to the (S, P, L) display array when a file's affine does not match its
+#: anatomy (found by looking: OpenKBP's boxes need ``rot90_PL`` and ``flip_S``,
+#: the InVesalius head CT ``flip_P``).
+ORIENTATION_FIXES = ("flip_S", "flip_P", "flip_L", "rot90_PL")
+
+
+def fix_orientation(data: np.ndarray, spacing_mm, fixes) -> tuple[np.ndarray, tuple]:
+    """Apply ``fixes`` (see :data:`ORIENTATION_FIXES`) to an (S, P, L) array
+    and its voxel spacing. ``rot90_PL`` turns each axial slice a quarter turn
+    anticlockwise on screen (its right column becomes its top row), swapping
+    the P and L spacings."""
+    spacing = tuple(float(v) for v in spacing_mm)
+    for fix in fixes or ():
+        if fix not in ORIENTATION_FIXES:
+            raise ConfigError(f"unknown orientation_fix {fix!r}; known: {', '.join(ORIENTATION_FIXES)}")
+        if fix == "rot90_PL":
+            data = np.rot90(data, 1, axes=(1, 2))
+            spacing = (spacing[0], spacing[2], spacing[1])
+        else:
+            data = np.flip(data, axis="SPL".index(fix[-1]))
+    return np.ascontiguousarray(data), spacing
+
+
 def load_volumes(data_config: dict, normalization: dict, split: str = "train") -> list[TrainingVolume]:
     """Read, resample (``spacing_mm``) or keep at native spacing
     (``pixel_sizes_mm``), crop to the body (``crop_to_body_hu``) and normalise
@@ -212,14 +239,14 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
             if vol.data.ndim != 3:
                 log.warning("%s: skipping %dD series %s", path, vol.data.ndim, vol.name)
                 continue
-            data = vol.data.astype(np.float32)
-            voxel = tuple(float(v) for v in vol.spacing)
+            data, voxel = fix_orientation(vol.data.astype(np.float32), vol.spacing, entry.get("orientation_fix"))
             blocks = [slice(0, data.shape[0])]
             if entry.get("exclude_mask"):
                 mask = io.read(resolve_path(entry["exclude_mask"]))[0].data
-                if mask.shape != data.shape:
+                if mask.shape != vol.data.shape:
                     raise ConfigError(f"exclude_mask {entry['exclude_mask']} has shape {mask.shape}, "
-                                      f"its scan {path} {data.shape}")
+                                      f"its scan {path} {vol.data.shape}")
+                mask, _ = fix_orientation(mask, vol.spacing, entry.get("orientation_fix"))
                 blocks = excluded_blocks(mask > 0, voxel[0], float(entry.get("exclude_margin_mm", 10.0)),
                                          int(entry.get("min_slices", 4)))
             for block in blocks:
