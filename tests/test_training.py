@@ -329,3 +329,36 @@ def test_one_step_denoising_on_held_out_patients_of_two_sizes_and_regions(tmp_pa
     assert results["by_region"]["chest"]["noise_50HU"]["slices"] == 3
     # 50 HU of Gaussian noise on a uniform 40 HU scan: 20 log10(400 / 50) = 18.1 dB in [-160, 240] HU
     assert entry["psnr_noisy_soft"] == pytest.approx(18.06, abs=0.3)
+
+
+def test_sigterm_saves_the_state_and_resume_continues(tmp_path, ct_small_path):
+    import signal
+    import time
+
+    config = TINY_CONFIG.read_text().replace("../shared/data/ct/abdomen_ct_3mm_small.nii.gz", str(ct_small_path))
+    config = config.replace("max_steps: 6", "max_steps: 100000").replace("checkpoint_every: 3",
+                                                                         "checkpoint_every: 100000")
+    (tmp_path / "tiny.yaml").write_text(config)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "training", "train", "--config", str(tmp_path / "tiny.yaml"),
+               "--output", str(run), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (
+                (run / "log.jsonl").exists() and len(read_log(run)) >= 4):
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+    state = torch.load(run / "state.pt", weights_only=True)
+    logged = max(r["step"] for r in read_log(run) if "loss" in r)
+    assert state["step"] >= logged >= 3  # the step in progress finished and was saved, not lost
+    # --resume continues from it with a 'resumed' record
+    subprocess.run(command + ["--resume", "--max-steps", str(state["step"] + 2)], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=240)
+    records = read_log(run)
+    assert {"step": state["step"], "resumed": True}.items() <= next(r for r in records if r.get("resumed")).items()
+    assert max(r["step"] for r in records if "loss" in r) == state["step"] + 2
