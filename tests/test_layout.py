@@ -568,3 +568,24 @@ def test_panel_result_of_a_tilted_ct_overlays_and_saves_on_the_input_grid(make_n
     cut = source.slab(15, 16)
     np.testing.assert_allclose(drawn, landmark_centroids(cut.data, cut.affine, which=[1]),
                                atol=0.5 * min(source.spacing))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_diffusion_denoise_sr_and_translation_outputs_keep_the_input_layout(layout, tiny_translation_models,
+                                                                            tmp_path):
+    """The diffusion tasks through the command line (tiny random models: geometry only):
+    every output file has the input's array shape and affine (SR: twice the slices along z)."""
+    from napari_mediffuse.cli import main
+
+    path = write_nifti_case(tmp_path, layout, shape=(36, 40, 4))  # slices of at least 32 pixels
+    for command in (["denoise", "--steps", "1"], ["translate", "--direction", "ct2mr", "--steps", "1",
+                                                   "--ensemble", "1"]):
+        out = tmp_path / f"{command[0]}.nii.gz"
+        assert main([command[0], str(path), "-o", str(out), *command[1:]]) == 0
+        assert_same_grid(out, path)
+    out = tmp_path / "sr.nii.gz"
+    assert main(["sr", str(path), "-o", str(out), "--factor", "2", "--steps", "1"]) == 0
+    sr, inp = nib.load(str(out)), nib.load(str(path))
+    assert sr.shape == inp.shape[:2] + (2 * inp.shape[2],)
+    np.testing.assert_allclose(sr.affine[:3, :2], inp.affine[:3, :2], atol=1e-4)
+    np.testing.assert_allclose(sr.affine[:3, 2], inp.affine[:3, 2] / 2, atol=1e-4)
