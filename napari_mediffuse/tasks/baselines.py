@@ -59,30 +59,54 @@ def thin_positions(n_thick: int, factor: int) -> np.ndarray:
     return (np.arange(n_thick * factor) - (factor - 1) / 2.0) / factor
 
 
-def cubic_at(thick: np.ndarray, positions: np.ndarray) -> np.ndarray:
+#: Bytes of float64 work space per chunk of columns in the interpolations along axis 0.
+CHUNK_BYTES = 64 * 2 ** 20
+
+
+def _along_axis0_in_chunks(thick: np.ndarray, n_out: int, fn, out_dtype) -> np.ndarray:
+    """``fn(block)`` -> (n_out, m) on (n, m) column blocks of ``thick`` (axis 0 first),
+    assembled into an (n_out, *thick.shape[1:]) array of ``out_dtype``.
+
+    Interpolating along axis 0 treats every column apart, so a 512 x 512 x 600
+    output needs a few tens of MB of float64 work space, not several GB.
+    """
+    flat = thick.reshape(thick.shape[0], -1)
+    out = np.empty((n_out,) + thick.shape[1:], dtype=out_dtype)
+    flat_out = out.reshape(n_out, -1)
+    step = max(1, int(CHUNK_BYTES // (8 * max(thick.shape[0], n_out))))
+    for c in range(0, flat.shape[1], step):
+        flat_out[:, c:c + step] = fn(np.asarray(flat[:, c:c + step], dtype=np.float64))
+    return out
+
+
+def cubic_at(thick: np.ndarray, positions: np.ndarray, *, out_dtype=np.float64) -> np.ndarray:
     """Cubic-spline interpolation of rows ``thick`` (axis 0, point samples at
     integer positions) at fractional ``positions`` (clipped to the ends)."""
-    thick = np.asarray(thick, dtype=np.float64)
+    thick = np.asarray(thick)
     n = thick.shape[0]
     pos = np.clip(np.asarray(positions, dtype=np.float64), 0, n - 1)
     if n == 1:
-        return np.repeat(thick, len(pos), axis=0)
-    coeffs = ndimage.spline_filter1d(thick, order=3, axis=0, mode="mirror")
+        return np.repeat(thick.astype(out_dtype), len(pos), axis=0)
     left = np.floor(pos).astype(int)
-    out = np.zeros((len(pos),) + thick.shape[1:])
-    for offset in range(-1, 3):  # the 4 B-spline neighbours of each position
-        idx = left + offset
-        w = _bspline3(pos - idx)
-        out += w.reshape(-1, *([1] * (thick.ndim - 1))) * coeffs[_mirror(idx, n)]
-    return out
+    # the 4 B-spline neighbours of each position and their weights
+    taps = [(_mirror(left + offset, n), _bspline3(pos - (left + offset))[:, None]) for offset in range(-1, 3)]
+
+    def interpolate(block):
+        coeffs = ndimage.spline_filter1d(block, order=3, axis=0, mode="mirror")
+        out = np.zeros((len(pos), block.shape[1]))
+        for idx, w in taps:
+            out += w * coeffs[idx]
+        return out
+
+    return _along_axis0_in_chunks(thick, len(pos), interpolate, out_dtype)
 
 
 def cubic_along(thick: np.ndarray, factor: int, axis: int = 0) -> np.ndarray:
     """Cubic-spline interpolation of thick slices (point samples at their centres)
-    onto the thin centres along ``axis`` (edges: nearest)."""
-    thick = np.moveaxis(np.asarray(thick, dtype=np.float32), axis, 0)
-    out = cubic_at(thick, thin_positions(thick.shape[0], factor))
-    return np.moveaxis(out.astype(np.float32), 0, axis)
+    onto the thin centres along ``axis`` (edges: nearest), float32."""
+    thick = np.moveaxis(np.asarray(thick), axis, 0)
+    out = cubic_at(thick, thin_positions(thick.shape[0], factor), out_dtype=np.float32)
+    return np.moveaxis(out, 0, axis)
 
 
 def cubic_matrix(n_thick: int, positions: np.ndarray) -> np.ndarray:
@@ -103,7 +127,7 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
 
 def sinc_along(thick: np.ndarray, factor: int, axis: int = 0, lobes: int = 3) -> np.ndarray:
     """Lanczos windowed-sinc interpolation (``lobes`` lobes) along ``axis`` (edges: replicate)."""
-    thick = np.moveaxis(np.asarray(thick, dtype=np.float64), axis, 0)
+    thick = np.moveaxis(np.asarray(thick), axis, 0)
     n = thick.shape[0]
     pos = np.clip(thin_positions(n, factor), 0, n - 1)
     weights = np.zeros((len(pos), n))
@@ -112,5 +136,5 @@ def sinc_along(thick: np.ndarray, factor: int, axis: int = 0, lobes: int = 3) ->
         w = np.sinc(p - taps) * np.sinc((p - taps) / lobes)
         np.add.at(weights[i], np.clip(taps, 0, n - 1), w)
         weights[i] /= weights[i].sum()
-    out = np.tensordot(weights, thick, axes=(1, 0))
-    return np.moveaxis(out.astype(np.float32), 0, axis)
+    out = _along_axis0_in_chunks(thick, len(pos), lambda block: weights @ block, np.float32)
+    return np.moveaxis(out, 0, axis)
