@@ -105,14 +105,21 @@ def smooth_in_roi(values: np.ndarray, roi: np.ndarray, spacing, *, smooth_mm: fl
                   plane: str = "axial") -> np.ndarray:
     """Gaussian smoothing (sigma ``smooth_mm``) in the slice plane, normalised
     inside ``roi`` (outside voxels do not leak in); 0 outside the ROI."""
-    values = np.where(roi, values, 0.0).astype(np.float32)
-    if smooth_mm <= 0:
-        return values
-    sigma = [smooth_mm / s for s in spacing]
-    sigma[PLANE_AXIS[plane]] = 0.0
-    weight = ndimage.gaussian_filter(roi.astype(np.float32), sigma)
-    smooth = ndimage.gaussian_filter(values, sigma)
-    return np.where(roi, smooth / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
+    axis = PLANE_AXIS[plane]
+    sigma = [smooth_mm / s for i, s in enumerate(spacing) if i != axis]
+    out = np.zeros(np.shape(values), dtype=np.float32)
+    # slice by slice (the smoothing is in-plane): float32 work space of one slice, not of the volume
+    for i in range(out.shape[axis]):
+        at = (slice(None),) * axis + (i,)
+        inside = roi[at]
+        if not inside.any():
+            continue
+        v = np.where(inside, values[at], 0.0).astype(np.float32)
+        if smooth_mm > 0:
+            weight = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+            v = np.where(inside, ndimage.gaussian_filter(v, sigma) / np.maximum(weight, 1e-6), 0.0)
+        out[at] = v
+    return out
 
 
 def robust_normalise(values: np.ndarray, roi: np.ndarray, *, min_scale: float = MIN_SCALE_HU):
@@ -122,8 +129,15 @@ def robust_normalise(values: np.ndarray, roi: np.ndarray, *, min_scale: float = 
     """
     inside = values[roi]
     median = float(np.median(inside))
-    scale = max(1.4826 * float(np.median(np.abs(inside - median))), float(min_scale))
-    z = np.where(roi, np.maximum(values - median, 0.0) / scale, 0.0).astype(np.float32)
+    np.subtract(inside, median, out=inside)
+    scale = max(1.4826 * float(np.median(np.abs(inside, out=inside))), float(min_scale))
+    del inside
+    # in place, float32: one copy of the volume
+    z = np.array(values, dtype=np.float32)
+    z -= median
+    np.maximum(z, 0.0, out=z)
+    z /= scale
+    z[~roi] = 0.0
     return z, (median, scale)
 
 
@@ -140,16 +154,24 @@ def residual_heatmap(image_hu: np.ndarray, reconstruction_hu: np.ndarray, roi: n
     Returns ``(heatmap, (median, scale))`` (HU for the residual score, a
     ratio for the spread score).
     """
-    a = np.asarray(image_hu, dtype=np.float32)
+    # |a - b| of the windowed images, in place: one float32 volume of work space
+    diff = np.array(image_hu, dtype=np.float32)
     b = np.asarray(reconstruction_hu, dtype=np.float32)
     if window_hu is not None:
-        a, b = np.clip(a, *window_hu), np.clip(b, *window_hu)
-    residual = smooth_in_roi(np.abs(a - b), roi, spacing, smooth_mm=smooth_mm, plane=plane)
+        np.clip(diff, *window_hu, out=diff)
+        diff -= np.clip(b, *window_hu)
+    else:
+        diff -= b
+    np.abs(diff, out=diff)
+    residual = smooth_in_roi(diff, roi, spacing, smooth_mm=smooth_mm, plane=plane)
+    del diff
     if spread_hu is None:
         return robust_normalise(residual, roi)
     spread = smooth_in_roi(np.asarray(spread_hu, dtype=np.float32), roi, spacing,
                            smooth_mm=max(smooth_mm, 1e-3) * 2.0, plane=plane)
-    ratio = np.where(roi, residual / (spread + float(spread_floor_hu)), 0.0).astype(np.float32)
+    spread += np.float32(spread_floor_hu)
+    ratio = np.divide(residual, spread, out=spread)  # float32, in place
+    ratio[~roi] = 0.0
     return robust_normalise(ratio, roi, min_scale=0.02)
 
 
@@ -356,9 +378,13 @@ def healthy_reconstruction(volume: Volume, roi: np.ndarray, prior: Prior, *, t, 
         stacked = np.stack(runs)
         rec = stacked.mean(0)
         spread = stacked.std(0) if len(runs) > 1 else np.zeros_like(rec)
-    rec_hu = np.where(roi, norm.inverse(rec), volume.data).astype(np.float32)
+    rec_hu = norm.inverse(rec)  # float32
+    del rec
+    rec_hu[~roi] = volume.data[~roi]
     if return_spread:
-        return rec_hu, np.where(roi, spread * norm.units_per_step, 0.0).astype(np.float32)
+        spread = np.asarray(spread, dtype=np.float32) * np.float32(norm.units_per_step)
+        spread[~roi] = 0.0
+        return rec_hu, spread
     return rec_hu
 
 
