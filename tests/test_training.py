@@ -258,6 +258,21 @@ def test_multi_resolution_slices_and_region_weights(tmp_path):
     batch = stream.fixed_batch(40)
     assert batch["image"].shape == (40, 1, 16, 16) and batch["coords"].shape == (40, 2, 16, 16)
     assert 8 < int((batch["region"] == 3).sum()) < 32
+    # the exported card states the pixel-size range as its domain (no single pixel spacing)
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+    from napari_mediffuse.tasks.domain import model_domain
+    from training.trainer import export_ema
+
+    from conftest import TINY_ARCHITECTURE
+
+    config = {"name": "multi", "task": "ct_prior", "modality": "CT", "normalization": {"type": "hu_window"},
+              "data": dict(cfg, train=[{"path": "x.nii.gz", "region": "head-neck"}]), "train": {"batch_size": 2},
+              "architecture": TINY_ARCHITECTURE}
+    card = load_checkpoint(export_ema(config, DiffusionNetwork(TINY_ARCHITECTURE), tmp_path / "run" / "ema",
+                                      step=1, seconds=1.0)).card
+    assert card["pixel_spacing_mm"] is None
+    assert model_domain(card)["pixel_spacing_mm"] == [0.6, 4.0] and model_domain(card)["regions"] == ["head-neck"]
+
     # a resumed run draws a new stream, not the first run's samples again
     first = next(iter(stream))["image"]
     stream.start_step = 1000

@@ -47,6 +47,10 @@ def _cmd_export(args) -> int:
 
         card["metrics"] = {**card.get("metrics", {}),
                            "one_step_denoising_heldout": one_step_denoising(checkpoint.network, config)}
+    from .trainer import card_domain
+
+    for key, value in card_domain(config).items():  # runs exported before the card had it
+        card.setdefault(key, value)
     dtype = torch.float16 if args.fp16 else torch.float32
     save_checkpoint(args.output, checkpoint.network, card, dtype=dtype, overwrite=args.overwrite)
     print(json.dumps(card["metrics"], indent=2))

@@ -360,6 +360,14 @@ def read_log(output) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def card_domain(config: dict) -> dict:
+    """``{"domain": ...}`` for a multi-resolution prior (``data.pixel_sizes_mm``):
+    its card has no single pixel spacing, so the pixel-size range it was
+    trained on is what the tasks' domain check compares a scan with."""
+    sizes = config.get("data", {}).get("pixel_sizes_mm")
+    return {"domain": {"pixel_spacing_mm": [float(sizes[0]), float(sizes[1])]}} if sizes else {}
+
+
 def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: int, seconds: float,
                world_size: int = 1, command: str | None = None, dtype=torch.float32,
                metrics: dict | None = None, init_from: dict | None = None) -> Path:
@@ -377,6 +385,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
     if data.get("kind") == "coarse_volume":  # the box the coarse prior draws, in mm
         extra = {"volume_shape": [int(n) for n in data["volume_shape"]],
                  "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
+    extra.update(card_domain(config))
     card = make_card(
         name=config["name"], task=config["task"], modality=config["modality"],
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),
