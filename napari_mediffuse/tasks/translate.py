@@ -51,7 +51,8 @@ from ..engine.runner import SliceRunner
 from ..engine.sampling import ddim_sample, make_generator, randn, sample_with_scheduler
 from ..io.volume import Volume
 from .domain import check_domain
-from .common import Normalizer, RunOptions, TaskInputError, load_prior, require_volume, result_volume
+from .common import (Normalizer, RunOptions, TaskInputError, load_prior, mark_out_of_domain, require_volume,
+                     result_volume)
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, e
     # before any slice is computed: refused when the model never saw this body region
     out_of_domain = check_domain(card, volume, task="translate", region=region if isinstance(region, str) else None,
                                  refuse_other_region=True, force=force)
-    warnings += out_of_domain
     if card.get("trained_on_simulated_pairs"):
         warnings.append("the model was trained on simulated CT/MR pairs, not real ones")
     if size != (h, w):
@@ -357,9 +357,7 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, e
                            synthetic=True, model=checkpoint.name)
     result.metadata.update(units=units, contrast=contrast, translation_direction=direction)
     result.metadata["warnings"].extend(warnings)
-    result.metadata["out_of_domain"] = bool(out_of_domain)
-    if out_of_domain:
-        result.name += " [outside the model's domain]"
+    mark_out_of_domain([result], out_of_domain)
     return result
 
 
