@@ -514,7 +514,7 @@ def add_command(subparsers) -> None:
 
 def _run_cli(args) -> int:
     from .. import io
-    from .cli import check_output_free, cli_progress, options_from_args, read_single_volume
+    from .cli import check_output_free, cli_progress, options_from_args, print_warnings, read_single_volume
     from .masks import mask_volume_on_grid
 
     outputs = [args.output] + [p for p in (args.mask_out, args.reconstruction_out) if p]
@@ -542,4 +542,5 @@ def _run_cli(args) -> int:
     params = result.heatmap.metadata["parameters"]
     print(f"wrote {', '.join(outputs)}: threshold {result.threshold:.2f}, "
           f"{int(result.mask.data.sum())} voxels flagged, {params['seconds']} s")
+    print_warnings(result.heatmap)
     return 0

@@ -141,9 +141,14 @@ def finish_volume_command(args, result, summary: str = "") -> int:
                             "nothing was written (please report this with the input)")
     io.write_nifti(result, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}" + (f" ({summary})" if summary else ""))
+    print_warnings(result)
+    return 0
+
+
+def print_warnings(result) -> None:
+    """A result's warnings (outside the model's domain, resampled grids), one line each on stderr."""
     for warning in result.metadata.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
 
 
 def cli_progress(verbose: bool = True):
