@@ -171,6 +171,55 @@ def onto_source_grid(volume: Volume, layer) -> Volume:
     return volume.with_data(data, affine=affine, layout=meta.get("layout"))
 
 
+def series_grid(layer) -> Volume | None:
+    """The grid a scan layer of a DICOM series is drawn on, for painting a
+    DICOM SEG of that series onto it (see
+    :func:`napari_mediffuse.io.dicom.seg.loaded_series`).
+
+    A data-less volume (zero-stride zeros) named like the layer, with its
+    ``series_instance_uid``. For a layer resampled for display (oblique or
+    tilted) it is the original grid: a labels volume on it is shown
+    resampled onto the very display grid of the layer (the same affine and
+    shape give the same grid) and gives the tasks the original voxels, as
+    the layer does. A layer moved in napari gives the grid it is drawn on.
+    None for a layer without a series, a localizer, a labels layer, one with
+    fewer than three dimensions or a multiscale one.
+    """
+    meta = dict(getattr(layer, "metadata", None) or {})
+    uid = meta.get("series_instance_uid")
+    if not uid or meta.get("localizer") or meta.get("layer_type") == "labels" \
+            or getattr(layer, "multiscale", False):
+        return None
+    shape = np.shape(layer.data)
+    if len(shape) < 3:
+        return None
+    drawn = layer_affine(layer)
+    affine, shown = _matrix(meta.get("affine")), _matrix(meta.get("display_affine"))
+    if meta.get("grid_data") is not None and affine is not None and shown is not None \
+            and np.allclose(drawn, shown, atol=1e-3):
+        affine, spatial = affine, np.shape(meta["grid_data"])[-3:]
+    else:
+        affine, spatial = drawn, shape[-3:]
+    return Volume(data=np.broadcast_to(np.zeros((), np.uint8), tuple(spatial)), affine=affine,
+                  modality=meta.get("modality", "OT"), name=str(layer.name),
+                  metadata={"series_instance_uid": str(uid)}, layout=meta.get("layout"))
+
+
+def loaded_series_grids(layers) -> list[Volume]:
+    """:func:`series_grid` of each image layer that has one: the visible
+    layers first, then in the layers' order. A layer whose geometry cannot be
+    read is left out (it is no candidate; nothing is changed)."""
+    found = []
+    for order, layer in enumerate(layers):
+        try:
+            grid = series_grid(layer)
+        except Exception:
+            grid = None
+        if grid is not None:
+            found.append((not getattr(layer, "visible", True), order, grid))
+    return [grid for _, _, grid in sorted(found, key=lambda item: item[:2])]
+
+
 def layer_affine(layer) -> np.ndarray:
     """Index -> RAS mm affine of a layer's last three axes, from everything
     napari composes into its data-to-world transform (``affine`` after

@@ -6,6 +6,7 @@ notifications instead of tracebacks, and nothing already loaded is touched.
 from __future__ import annotations
 
 import logging
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ from typing import Any
 import numpy as np
 
 from . import io
+from .io.dicom.seg import loaded_series
 from .io.volume import Volume
-from .layers import display_note, image_layer_data, labels_layer_data, layer_to_volume
+from .layers import (
+    display_note, image_layer_data, labels_layer_data, layer_to_volume, loaded_series_grids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,8 @@ def read_layers(path) -> list[tuple]:
     if isinstance(path, (list, tuple)):
         path = path[0] if path else ""
     try:
-        volumes = io.read(path)
+        with loaded_series(_viewer_series_grids()):  # a SEG dropped alone: its loaded series' grid
+            volumes = io.read(path)
         return _with_display_notes([_layer_data(v) for v in volumes])
     except io.ReadError as exc:
         _notify_error(str(exc))
@@ -95,6 +100,25 @@ def read_layers(path) -> list[tuple]:
         log.debug("reading %s failed", path, exc_info=True)
         _notify_error(f"{path}: cannot read ({type(exc).__name__}: {exc})")
     return _NULL_LAYER
+
+
+def _viewer_series_grids() -> list[Volume]:
+    """Grids of the DICOM series loaded in the current napari viewer (none
+    headless), for a SEG whose series is not read with it
+    (:func:`~napari_mediffuse.layers.series_grid`)."""
+    if "napari._qt.qt_main_window" not in sys.modules:  # no viewer was ever made: headless
+        return []
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+        if viewer is None:
+            return []
+        return loaded_series_grids([layer for layer in viewer.layers
+                                    if isinstance(layer, napari.layers.Image)])
+    except Exception:  # never let a viewer oddity stop the read: the SEG then opens on its own frame
+        log.debug("listing the loaded series failed", exc_info=True)
+        return []
 
 
 def _layer_data(volume: Volume) -> tuple:

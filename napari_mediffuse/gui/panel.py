@@ -27,7 +27,8 @@ from qtpy.QtWidgets import (
 
 from .. import io
 from ..display import CT_WINDOW_PRESETS, ct_preset_limits, robust_limits
-from ..layers import image_layer_data, labels_layer_data, layer_to_volume, swipe_crop
+from ..io.dicom.seg import loaded_series
+from ..layers import image_layer_data, labels_layer_data, layer_to_volume, loaded_series_grids, swipe_crop
 from ..io.volume import axcodes
 
 
@@ -186,9 +187,11 @@ class ScanBox(QGroupBox):
         layer.contrast_limits = limits
 
     def open_folder(self, folder) -> list:
-        """Read a DICOM folder and add one layer per series."""
+        """Read a DICOM folder and add one layer per series (a SEG whose
+        series is loaded already goes on that layer's grid, as in the reader)."""
         try:
-            volumes = io.read(folder)
+            with loaded_series(loaded_series_grids(_scan_layers(self.viewer))):
+                volumes = io.read(folder)
         except io.ReadError as exc:
             show_error(str(exc))
             return []

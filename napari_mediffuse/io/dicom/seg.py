@@ -7,6 +7,9 @@ into an integer label map (voxel value = segment number):
 * on the grid of the **referenced series** when that series was read in the
   same call (a folder holding the CT and its SEG), so the labels overlay the
   scan voxel for voxel;
+* else on the grid of that series **already loaded** (a napari layer): the
+  plugin names the loaded series' grids with :func:`loaded_series` while it
+  reads (see :func:`napari_mediffuse.layers.series_grid`);
 * otherwise on the SEG's **own frame of reference**: the frames' positions
   give a regular grid (as for an image series, see
   :func:`~napari_mediffuse.io.dicom.assembly._slice_grid`); slices where no
@@ -15,16 +18,24 @@ into an integer label map (voxel value = segment number):
 
 Overlapping segments cannot share one label map: each segment then becomes
 its own labels volume, with a note. The volume's ``metadata`` has
-``layer_type = 'labels'`` and ``segments``: ``{number: {'label', 'color'
-(RGB 0-255), 'category', 'type'}}``.
+``layer_type = 'labels'``, ``segments``: ``{number: {'label', 'color'
+(RGB 0-255), 'category', 'type'}}``, ``on_referenced_grid`` and
+``segmented_outside`` (segmented voxels dropped off the grid).
+
+:func:`regrid_segmentation` paints a SEG read earlier onto an image volume's
+grid (the SEG opened first, its series afterwards).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from ..errors import ReadError
 from ..volume import Volume, reorient
 from .assembly import (
     DUPLICATE_POSITION_TOLERANCE_MM, _description, _dicom_reference, _slice_grid,
@@ -34,11 +45,38 @@ from .discovery import (
     _quiet_pydicom, _Skip,
 )
 
-__all__ = ["SEG_SOP_CLASS", "RTSTRUCT_SOP_CLASS", "read_segmentation"]
+__all__ = ["SEG_SOP_CLASS", "RTSTRUCT_SOP_CLASS", "loaded_series", "read_segmentation",
+           "regrid_segmentation"]
 
 #: A SEG frame's pixels may lie this far (voxels) off the target grid's
 #: voxel centres before the painting is reported as nearest-neighbour.
 ALIGNMENT_TOLERANCE_VOXELS = 0.1
+
+
+#: Grids of the series already loaded (napari layers), in order of preference,
+#: set by :func:`loaded_series` while a reader runs.
+_LOADED_SERIES: ContextVar[tuple[Volume, ...]] = ContextVar("mediffuse_loaded_series", default=())
+
+
+@contextmanager
+def loaded_series(grids: Iterable[Volume]) -> Iterator[None]:
+    """Within the block, a SEG whose series is not read with it goes on the
+    grid of a loaded series it references.
+
+    Parameters
+    ----------
+    grids : iterable of Volume
+        The grids of the image layers already loaded, preferred first (the
+        visible ones): ``affine`` and the spatial shape of ``data`` (a
+        zero-stride view will do), ``name`` and
+        ``metadata['series_instance_uid']``. See
+        :func:`napari_mediffuse.layers.series_grid`.
+    """
+    token = _LOADED_SERIES.set(tuple(grids))
+    try:
+        yield
+    finally:
+        _LOADED_SERIES.reset(token)
 
 
 def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
@@ -50,7 +88,9 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
         A Segmentation Storage file.
     volumes : list of Volume
         Image volumes read together with it; the one whose
-        ``series_instance_uid`` the SEG references gives the grid.
+        ``series_instance_uid`` the SEG references gives the grid. When none
+        does, a referenced series named by :func:`loaded_series` gives it
+        (``metadata['referenced_layer']`` names it), else the SEG's own frame.
 
     Returns
     -------
@@ -64,14 +104,95 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
         The file is not a readable SEG (corrupt, no segments, no geometry).
     """
     seg = _open(path)
+    referenced = _referenced_series(seg)
+    target = _referencing(volumes, referenced)
+    notes: list[str] = []
+    loaded = None
+    if target is None:
+        candidates = _referencing_all(_LOADED_SERIES.get(), referenced)
+        if candidates:
+            target = loaded = candidates[0]
+            if len(candidates) > 1:
+                names = ", ".join(f"'{c.name}'" for c in candidates)
+                notes.append(f"{path}: its series is loaded {len(candidates)} times ({names}); "
+                             f"the segmentation opens on the grid of '{loaded.name}'")
+    labels = _labels(path, seg, referenced, target, notes)
+    if loaded is not None and _all_dropped(labels):
+        # the layer no longer covers the segmented voxels (cropped, moved): its own frame
+        labels = _labels(path, seg, referenced, None, [
+            f"{path}: none of its segmented voxels lies on the loaded layer '{loaded.name}'"])
+    elif loaded is not None:
+        for vol in labels:
+            vol.metadata["referenced_layer"] = loaded.name
+    return labels
+
+
+def regrid_segmentation(labels: Volume, image: Volume) -> list[Volume]:
+    """A SEG read earlier (``labels``, from :func:`read_segmentation`),
+    painted again from its file onto the grid of ``image``, voxel for voxel.
+
+    For a SEG opened before its series: the result has ``image``'s affine,
+    spatial shape and layout, and holds every segment of the file (one
+    volume per segment when they overlap, as read). ``metadata['on_referenced_grid']`` is True when
+    ``image`` is a series the SEG references; painting onto another series
+    (same patient coordinates assumed) adds a note.
+
+    Raises
+    ------
+    ReadError
+        ``labels`` does not come from a DICOM SEG file, or the file cannot be
+        read any more (the message names it and the reason).
+    """
+    files = [f for f in labels.metadata.get("files") or [] if f]
+    if "SEG" not in (labels.modality, labels.metadata.get("modality")) or len(files) != 1:
+        raise ReadError(f"{labels.name}: not a DICOM SEG read from one file, cannot paint it "
+                        f"onto the grid of {image.name}")
+    path = Path(files[0])
+    if not path.is_file():
+        raise ReadError(f"{path}: no such file (the SEG was moved or deleted since it was read)")
+    try:
+        seg = _open(path)
+        referenced = _referenced_series(seg)
+        notes = []
+        if image.metadata.get("series_instance_uid") not in referenced:
+            notes.append(f"{path}: painted on '{image.name}', a series it does not reference "
+                         "(the same patient coordinates are assumed)")
+        result = _labels(path, seg, referenced, image, notes)
+    except _Skip as skip:
+        raise ReadError(f"{path} {skip.reason}") from None
+    except OSError as exc:
+        raise ReadError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    for vol in result:
+        vol.metadata["on_referenced_grid"] = not notes
+        vol.source = labels.source
+    return result
+
+
+def _referencing_all(volumes: Iterable[Volume], referenced: set[str]) -> list[Volume]:
+    """The image volumes (no localizer) of a series in ``referenced``, in order."""
+    return [v for v in volumes if v.metadata.get("series_instance_uid") in referenced
+            and not v.metadata.get("localizer")]
+
+
+def _referencing(volumes: Iterable[Volume], referenced: set[str]) -> Volume | None:
+    found = _referencing_all(volumes, referenced)
+    return found[0] if found else None
+
+
+def _all_dropped(labels: list[Volume]) -> bool:
+    """True when segmented voxels were all outside the grid."""
+    return (not any(np.any(v.data) for v in labels)
+            and any(v.metadata.get("segmented_outside", 0) for v in labels))
+
+
+def _labels(path: Path, seg, referenced: set[str], target: Volume | None,
+            notes: list[str]) -> list[Volume]:
+    """Paint ``seg`` onto ``target``'s grid (its own frame when None)."""
     segments = _segments(seg)
     frames = _seg_frames(seg, path)
     pixels = _frame_masks(seg, path)
     description = _description(seg) or "segmentation"
-    referenced = _referenced_series(seg)
-    target = next((v for v in volumes if v.metadata.get("series_instance_uid") in referenced
-                   and not v.metadata.get("localizer")), None)
-    notes: list[str] = []
+    notes = list(notes)
     if target is not None:
         affine, shape = target.affine, target.spatial_shape  # the normal case: no note
     else:
@@ -97,7 +218,9 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
         "on_referenced_grid": target is not None,
         "files": [str(path)],
         "dicom_reference": _dicom_reference(seg),
+        "segmented_outside": int(outside),
     }
+    layout = None if target is None else target.layout  # saved like its series
 
     def to_display(data):  # own grid: display orientation, as for image series
         return reorient(data, affine) if target is None else (data, affine)
@@ -114,7 +237,8 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
             meta = dict(base, segments={number: segments.get(number, {})}, warnings=list(notes))
             label = segments.get(number, {}).get("label", str(number))
             result.append(Volume(data=data, affine=out_affine, modality="SEG",
-                                 name=f"{description} (SEG) {label}", metadata=meta))
+                                 name=f"{description} (SEG) {label}", metadata=meta,
+                                 layout=layout))
         return result
 
     combined = np.zeros(shape, dtype=_label_dtype(max(segments) if segments else 1))
@@ -123,7 +247,7 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
     data, out_affine = to_display(combined)
     meta = dict(base, segments=segments, warnings=notes)
     return [Volume(data=data, affine=out_affine, modality="SEG", name=f"{description} (SEG)",
-                   metadata=meta)]
+                   metadata=meta, layout=layout)]
 
 
 def _open(path: Path):
