@@ -81,6 +81,10 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         from .images import make_datasets as image_datasets
 
         return image_datasets(config, seed=seed, rank=rank)
+    if config["data"].get("kind") == "thick_thin":
+        from .thick_thin import make_datasets as thick_thin_datasets
+
+        return thick_thin_datasets(config, seed=seed, rank=rank, start_step=start_step)
     volumes = load_volumes(config["data"], config["normalization"])
     if config["data"].get("kind") == "coarse_volume":
         return (CoarseVolumes(volumes, config["data"], seed=seed, rank=rank),
@@ -125,6 +129,20 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
     else:
         target = x0
     return torch.mean((pred.float() - target) ** 2)
+
+
+def draw_timesteps(n: int, num_steps: int, generator: torch.Generator,
+                   last_step_fraction: float = 0.0) -> torch.Tensor:
+    """Training steps, uniform over ``[0, num_steps)``; with
+    ``last_step_fraction`` (``train.last_step_fraction``) that share of the
+    batch at the last step instead, where a conditional model's prediction is
+    its posterior mean given the condition alone (what the learned
+    super-resolution returns with one network evaluation)."""
+    timesteps = torch.randint(0, num_steps, (n,), generator=generator)
+    if last_step_fraction > 0:
+        last = torch.rand(n, generator=generator) < last_step_fraction
+        timesteps[last] = num_steps - 1
+    return timesteps
 
 
 def _amp(device: torch.device, precision: str):
@@ -202,6 +220,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     generator = torch.Generator().manual_seed(seed * 1000 + info.rank + step)
 
     accumulate = int(tcfg.get("grad_accumulation", 1))
+    last_step_fraction = float(tcfg.get("last_step_fraction", 0.0))
     warmup = int(tcfg.get("warmup_steps", 0))
     base_lr = float(tcfg["learning_rate"])
     start = time.monotonic()
@@ -240,6 +259,8 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with autocast():
                     loss = diffusion_loss(model, batch, abar, generator, info.device,
+                                          timesteps=draw_timesteps(len(batch["image"]), len(abar), generator,
+                                                                   last_step_fraction),
                                           prediction_type=prediction_type) / accumulate
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += float(loss.detach())
@@ -305,17 +326,55 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
 
     The checkpoint's architecture must equal ``architecture`` (the run's
     config); the noise schedule and prediction type may differ, so a model can
-    be fine-tuned to another parameterisation or on other data.
+    be fine-tuned to another parameterisation or on other data. One
+    exception: an unconditioned prior may start a conditioned network of
+    otherwise the same architecture (the super-resolution model starts from
+    the CT prior): the new condition inputs get zero weights, so the network
+    starts as the prior and learns to use its condition (ControlNet's zero
+    initialisation, on the first convolution).
     """
     from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
     from napari_mediffuse.engine.networks import complete_architecture
 
     source = load_checkpoint(checkpoint)
-    if complete_architecture(source.card["architecture"]) != complete_architecture(architecture):
+    theirs, mine = complete_architecture(source.card["architecture"]), complete_architecture(architecture)
+    if theirs == mine:
+        network.load_state_dict(source.network.state_dict())
+    elif not theirs["condition_channels"] and _without_conditioning(theirs) == _without_conditioning(mine):
+        add_condition_inputs(network, source.network)
+    else:
         raise CheckpointError(f"train.init_from {checkpoint}: its architecture differs from the config's; "
-                              "a warm start needs the same network")
-    network.load_state_dict(source.network.state_dict())
+                              "a warm start needs the same network (or the same one without conditioning)")
     log.info("initialised from %s (%s)", checkpoint, source.name)
+
+
+def _without_conditioning(architecture: dict) -> dict:
+    return {k: v for k, v in architecture.items() if k not in ("condition_channels", "condition_windows")}
+
+
+def add_condition_inputs(network: DiffusionNetwork, prior: DiffusionNetwork) -> None:
+    """Copy an unconditioned ``prior`` into the conditioned ``network``: every
+    weight as is, except the first convolution, whose input channels for the
+    image and the position encoding are copied and those of the condition
+    (and its windows) set to zero."""
+    source = prior.state_dict()
+    target = network.state_dict()
+    widened = [k for k in target if k in source and target[k].shape != source[k].shape]
+    if len(widened) != 1 or target[widened[0]].dim() < 3 or \
+            target[widened[0]].shape[0] != source[widened[0]].shape[0]:
+        raise ValueError(f"expected one widened input convolution, found {widened}")
+    key = widened[0]
+    factor = network.stem_stride ** network.spatial_dims  # channels per input channel after the stem
+    image = network.image_channels
+    added = network.condition_channels * (1 + len(network.condition_windows))
+    old = source[key]
+    new = torch.zeros_like(target[key])
+    n_old = old.shape[1] // factor
+    for c in range(n_old):  # image channels first, then positions (after the new condition block)
+        d = c if c < image else c + added
+        new[:, d * factor:(d + 1) * factor] = old[:, c * factor:(c + 1) * factor]
+    source = dict(source, **{key: new})
+    network.load_state_dict(source)
 
 
 def _init_provenance(folder) -> dict:

@@ -64,8 +64,11 @@ def _info(path: Path, origin: str) -> CheckpointInfo:
                           summary=card.get("summary", ""))
 
 
-def list_checkpoints(task: str | None = None, modality: str | None = None) -> list[CheckpointInfo]:
-    """All checkpoints in the search folders, in lookup order, names unique."""
+def list_checkpoints(task: str | tuple[str, ...] | None = None,
+                     modality: str | None = None) -> list[CheckpointInfo]:
+    """All checkpoints in the search folders, in lookup order, names unique
+    (``task``: one task or several, e.g. a task that runs priors or its own models)."""
+    tasks = (task,) if isinstance(task, str) else task
     found: dict[str, CheckpointInfo] = {}
     for origin, folder in search_dirs():
         if not folder.is_dir():
@@ -79,7 +82,7 @@ def list_checkpoints(task: str | None = None, modality: str | None = None) -> li
                 continue  # listed by check_models_dir(); not fatal for lookup
             if info.name in found:
                 continue
-            if task is not None and info.task != task:
+            if tasks is not None and info.task not in tasks:
                 continue
             if modality is not None and info.modality not in (modality, "any"):
                 continue

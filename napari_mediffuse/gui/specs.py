@@ -128,7 +128,7 @@ def _run_sr(volume, values, options):
     from ..tasks.superres import super_resolve
 
     result = super_resolve(volume, factor=values["factor"], method=values["method"], model=values["model"],
-                           steps=values["steps"], strength=values["strength"], planes=values["planes"],
+                           steps=values["steps"] or None, strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
                            noise_hu=zero_is_auto(values["noise_hu"]), options=options)
     return [image_layer_data(result)]
@@ -139,13 +139,17 @@ def sr_spec() -> TaskSpec:
 
     return TaskSpec(
         key="sr", title="Super-resolution", run=_run_sr, preview=False,
-        description="Thick -> thin slices: factor thin slices per thick slice (e.g. 5 mm -> 1 mm is 5).",
+        model_task=("ct_prior", "super_resolution"),
+        description="Thick -> thin slices: factor thin slices per thick slice (e.g. 5 mm -> 1 mm is 5). "
+                    "Method diffusion runs a CT prior, learned a super_resolution model.",
         params=[
             Param("factor", 2, options={"min": 2, "max": 8}, tooltip="Thin slices per thick slice"),
-            Param("method", "diffusion", options={"choices": ["diffusion", "cubic", "sinc"]},
-                  tooltip="diffusion = DiffPIR on coronal/sagittal planes; cubic / windowed sinc = interpolation"),
-            Param("steps", default(super_resolve, "steps"), options={"min": 1, "max": 200},
-                  tooltip="Network evaluations per plane"),
+            Param("method", "diffusion", options={"choices": ["diffusion", "learned", "cubic", "sinc"]},
+                  tooltip="diffusion = DiffPIR with a CT prior on coronal/sagittal planes; learned = a "
+                          "super_resolution model on the same planes; cubic / windowed sinc = interpolation"),
+            Param("steps", 0, options={"min": 0, "max": 200},
+                  tooltip="Network evaluations per plane; 0 = the method's default (diffusion 4, "
+                          "learned 1 = the model's posterior mean)"),
             Param("strength", default(super_resolve, "strength"), options={"min": 0.0, "max": 3.0, "step": 0.1},
                   tooltip="Start noise of the diffusion (1 = default; 0 = interpolation made consistent "
                           "with the thick slices)"),

@@ -77,7 +77,7 @@ class TaskSpec:
     title: str
     run: Callable[..., list]
     modalities: tuple[str, ...] = ("CT",)
-    model_task: Optional[str] = "ct_prior"
+    model_task: Optional[str | tuple[str, ...]] = "ct_prior"  # checkpoint task(s) the model chooser lists
     #: modality of the checkpoints listed; INPUT_MODALITY = the input layer's
     #: (a translation model is chosen by its source modality)
     model_modality: Optional[str] = "CT"
@@ -335,7 +335,8 @@ class TaskTab(QWidget):
                 preview = self._preview_range(layer, volume.data.shape[0])
         model = self.model_combo.currentData() if self.spec.model_task else None
         if self.spec.model_task and model is None:
-            return self._fail(f"{self.spec.title}: no {self.spec.model_task} checkpoint installed "
+            wanted = self.spec.model_task if isinstance(self.spec.model_task, str) else " or ".join(self.spec.model_task)
+            return self._fail(f"{self.spec.title}: no {wanted} checkpoint installed "
                               "(see README: Models)")
         try:
             values = self.values()

@@ -34,6 +34,16 @@ detail that round trip removes from the cubic interpolation is added back
 (the prior cannot supply detail finer than its pixels), and a final data
 step on the output grid makes the result consistent with the thick slices.
 
+``method='learned'``: a conditional model trained for the job
+(``task: super_resolution`` checkpoints, :mod:`training.thick_thin`; MedDiff-FM
+fine-tunes its prior with a ControlNet on the thick slab, ours starts from
+the CT prior with zero-initialised condition inputs). It sees each coronal
+or sagittal plane's cubic interpolation and returns its estimate of the thin
+plane: with ``steps=1`` the posterior mean (one network evaluation from
+pure noise, the best estimate in PSNR), with more steps a deterministic DDIM
+sample (sharper, drawn texture). A final data step makes it consistent with
+the thick slices, and the two plane directions are averaged as above.
+
 Baselines: ``'cubic'`` (cubic spline through the thick-slice centres) and
 ``'sinc'`` (Lanczos-3 windowed sinc), interpolating along the slice axis.
 """
@@ -63,13 +73,19 @@ from .domain import check_domain
 from .denoise import check_ct_volume, estimate_noise_hu
 from .diffpir import DEFAULT_LAMBDA, SlabOperator, rho_t, run_diffpir
 
-METHODS = ("diffusion", "cubic", "sinc")
+METHODS = ("diffusion", "learned", "cubic", "sinc")
+#: Methods that run a network (the others interpolate).
+MODEL_METHODS = ("diffusion", "learned")
 PLANES = ("both", "coronal", "sagittal")
 #: Default network evaluations per plane.
 DEFAULT_STEPS = 4
 #: Start noise of the diffusion SR at strength 1 (normalised std, ~110 HU):
 #: the order of the error of the cubic interpolation it starts from.
 DEFAULT_START_SIGMA = 0.07
+#: Network evaluations per plane of the learned model (1 = its posterior mean).
+LEARNED_STEPS = 1
+#: Checkpoint task of learned super-resolution models.
+SR_TASK = "super_resolution"
 #: Noise level (HU) whose posterior-mean estimate ends the diffusion SR
 #: (tuned on simulated thick slices, see docs/evaluation/restoration.md).
 DEFAULT_END_HU = 100.0
@@ -259,6 +275,76 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
                       out=out)
 
 
+def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarray, *, predictor,
+                       checkpoint, steps: int = LEARNED_STEPS, region: Optional[str] = None,
+                       smooth: bool = True, batch_size: int = 4, seed: Optional[int] = 0, progress=None,
+                       cancel=None, flip_rows: bool = True, stream: int = 0, out: Optional[np.ndarray] = None,
+                       average_with_out: bool = False) -> np.ndarray:
+    """Learned super-resolution of 2D planes whose rows run along the slice axis.
+
+    The conditional model (``task: super_resolution``) gets each plane's cubic
+    interpolation ``initial`` as its condition and estimates the thin plane:
+    its posterior mean for ``steps=1``, a DDIM sample for more. The estimate
+    is then made consistent with ``thick_planes`` by an exact data step on
+    the output grid (``smooth``: a cubic correction of the slab residuals,
+    without steps at slab borders; else DiffPIR's slab-constant one).
+
+    Parameters are those of :func:`diffpir_planes`; the planes are used at
+    the scan's own pixel size (the model was trained on it, see its card's
+    domain).
+
+    Returns
+    -------
+    ndarray (N, n_thin, W)
+        Super-resolved planes, HU, consistent with ``thick_planes``.
+    """
+    import torch
+
+    from ..engine.sampling import ddim_sample, randn
+
+    if op.geometry is None:
+        raise ValueError("conditional_planes needs a SlabOperator built by SlabOperator.from_geometry")
+    norm = Normalizer(checkpoint.normalization, initial)
+    low, high = norm.range
+    schedule = checkpoint.schedule
+    right_inverse = _smooth_inverse(op) if smooth else None
+    region_class = region_index(region, checkpoint.card)
+    runner = SliceRunner(device_of(predictor), seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
+    nsteps = max(1, int(steps))
+    last = int(schedule["num_train_timesteps"]) - 1
+
+    def restore(index, noise, span):
+        init = np.ascontiguousarray(initial[index], dtype=np.float32)
+        condition = norm.forward(init)
+        if flip_rows:
+            condition = condition[:, ::-1]
+        condition_t = runner.tensor(condition)
+        regions = torch.full((len(index),), region_class, dtype=torch.long)
+
+        def predict(x, t):
+            return predictor(x, t, condition=condition_t, region=regions)
+
+        # x0 from eps at t = T (abar ~ 2e-9) needs float64 where there is one
+        x_t = randn(condition_t.shape, noise, condition_t.device, runner.sample_dtype)
+        x0 = ddim_sample(predict, x_t, schedule, steps=nsteps, t_start=last, generator=noise,
+                         progress=span, cancel=cancel)
+        result = runner.numpy(x0)
+        if flip_rows:
+            result = result[:, ::-1]
+        result = norm.inverse(result)
+        # HU outside the model's window come from the interpolation
+        result = result + (init - np.clip(init, low, high))
+        thick = np.asarray(thick_planes[index], dtype=np.float64)
+        result = op.data_step(result.astype(np.float64), thick, 0.0, axis=1,
+                              right_inverse=right_inverse).astype(np.float32)
+        if average_with_out:
+            result = 0.5 * (result + out[index])
+        return result
+
+    return runner.run(range(len(initial)), restore, cost=nsteps, stream=stream,
+                      message="learned super-resolution", out=out)
+
+
 def _resize(stack: np.ndarray, shape) -> np.ndarray:
     """Cubic resampling of (N, H, W) planes to (N, *shape), pixel centres aligned."""
     n, h, w = stack.shape
@@ -270,7 +356,7 @@ def _resize(stack: np.ndarray, shape) -> np.ndarray:
 # -- the task ----------------------------------------------------------------------------
 
 def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", model: Optional[str] = None,
-                  steps: int = DEFAULT_STEPS, strength: float = 1.0, planes: str = "both",
+                  steps: Optional[int] = None, strength: float = 1.0, planes: str = "both",
                   lam: float = DEFAULT_LAMBDA, eta: float = 0.0, end_hu: float = DEFAULT_END_HU,
                   smooth: bool = False, noise_hu: Optional[float] = None,
                   region: Optional[str] = None, options: Optional[RunOptions] = None) -> Volume:
@@ -283,13 +369,16 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     factor : int
         Thin slices per thick slice (>= 2), e.g. 5 for 5 mm -> 1 mm; the
         thin spacing (slice spacing / factor, mm) must be >= 0.3 mm.
-    method : {'diffusion', 'cubic', 'sinc'}
-        DiffPIR with the CT prior on coronal / sagittal planes, cubic-spline
-        or Lanczos windowed-sinc interpolation.
+    method : {'diffusion', 'learned', 'cubic', 'sinc'}
+        DiffPIR with the CT prior on coronal / sagittal planes, the learned
+        super-resolution model on the same planes, cubic-spline or Lanczos
+        windowed-sinc interpolation.
     model : str, optional
-        CT prior checkpoint name or folder (diffusion only).
+        Checkpoint name or folder: a CT prior (diffusion) or a ``super_resolution``
+        model (learned).
     steps : int
-        Network evaluations per plane (diffusion).
+        Network evaluations per plane (diffusion: default 4; learned: 1 =
+        the model's posterior mean, the default, more = a DDIM sample).
     strength : float
         Scales the start noise of the diffusion (1 = the default start step;
         0 = the interpolation made consistent with the thick slices).
@@ -331,7 +420,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         raise TaskInputError(f"unknown super-resolution method {method!r}; choose one of {', '.join(METHODS)}")
     if planes not in PLANES:
         raise TaskInputError(f"unknown planes {planes!r}; choose one of {', '.join(PLANES)}")
-    check_ct_volume(volume, task="super-resolution", min_size=MIN_SLICE_PIXELS if method == "diffusion" else 2)
+    check_ct_volume(volume, task="super-resolution", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 2)
     k = check_factor(volume, factor)
     started = time.perf_counter()
     data = np.asarray(volume.data, dtype=np.float32)
@@ -348,12 +437,14 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     elif method == "sinc":
         out = sinc_along(data, k, axis=0)
     else:
-        checkpoint, predictor = load_prior(model, options)
+        learned = method == "learned"
+        steps = (LEARNED_STEPS if learned else DEFAULT_STEPS) if steps is None else int(steps)
+        checkpoint, predictor = load_prior(model, options, task=SR_TASK if learned else "ct_prior")
         model_name = checkpoint.name
         domain_warnings = check_domain(checkpoint.card, volume, task="super-resolution", region=region)
         op = slab_operator(n_thick, k, spacing, thickness)
         initial = cubic_along(data, k, axis=0)
-        if noise_hu is None:
+        if not learned and noise_hu is None:
             noise_hu = float(np.median(estimate_noise_hu(data)))
         chosen = ("coronal", "sagittal") if planes == "both" else (planes,)
         # the output grid is held once (k times the input): each plane direction writes into it,
@@ -362,22 +453,27 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         for i, plane in enumerate(chosen):
             axis = 1 if plane == "coronal" else 2
             col_mm = float(volume.spacing[2 if axis == 1 else 1])
+            common = dict(predictor=predictor, checkpoint=checkpoint, steps=steps, region=region,
+                          batch_size=options.batch_size, seed=options.seed, stream=i,
+                          progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel,
+                          out=np.moveaxis(out, axis, 0), average_with_out=i > 0)
             # views (N planes, slice axis, in-plane axis): batches are copied as they are used
-            diffpir_planes(
-                np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0), predictor=predictor,
-                checkpoint=checkpoint, plane_spacing_mm=(spacing / k, col_mm), steps=steps, strength=strength,
-                end_hu=end_hu, smooth=smooth, noise_hu=noise_hu, lam=lam, eta=eta, region=region,
-                batch_size=options.batch_size, seed=options.seed, stream=i,
-                progress=_stage(options.progress, i, len(chosen), plane), cancel=options.cancel,
-                out=np.moveaxis(out, axis, 0), average_with_out=i > 0)
+            if learned:
+                conditional_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0), **common)
+            else:
+                diffpir_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0),
+                               plane_spacing_mm=(spacing / k, col_mm), strength=strength, end_hu=end_hu,
+                               smooth=smooth, noise_hu=noise_hu, lam=lam, eta=eta, **common)
         del initial
-        params.update(steps=int(steps), strength=float(strength), planes=planes, lam=float(lam),
-                      eta=float(eta), end_hu=float(end_hu), smooth=bool(smooth), noise_hu=float(noise_hu))
+        params.update(steps=int(steps), planes=planes)
+        if not learned:
+            params.update(strength=float(strength), lam=float(lam), eta=float(eta), end_hu=float(end_hu),
+                          smooth=bool(smooth), noise_hu=float(noise_hu))
     # interpolation overshoot and slab corrections can leave the input's HU
     # range (e.g. below air next to bone); keep within it
     out = np.clip(out, float(data.min()), float(data.max()), out=out if out.dtype == np.float32 else None)
     params["seconds"] = round(time.perf_counter() - started, 3)
-    suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method == "diffusion" else ")")
+    suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method in MODEL_METHODS else ")")
     result = result_volume(volume, out.astype(np.float32, copy=False), task="super_resolution", suffix=suffix,
                            params=params, affine=affine, model=model_name)
     result.metadata["slice_thickness_mm"] = spacing / k
@@ -403,7 +499,8 @@ def add_command(subparsers) -> None:
     from .cli import add_common_options
 
     p = subparsers.add_parser(
-        "sr", help="thick -> thin slice super-resolution (DiffPIR with the CT prior, cubic or sinc)",
+        "sr", help="thick -> thin slice super-resolution (DiffPIR with the CT prior, a learned model, "
+                   "cubic or sinc)",
         description="Super-resolve a CT across slices: FACTOR thin slices per thick slice along the "
                     "slice axis (slab model: thick slices are averages of the thin ones). Output: "
                     "NIfTI in HU with the new slice spacing.")
@@ -412,8 +509,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--factor", required=True, type=float,
                    help="thin slices per thick slice (whole number >= 2, e.g. 5 for 5 mm -> 1 mm)")
     p.add_argument("--method", choices=METHODS, default="diffusion",
-                   help="diffusion (DiffPIR with the CT prior), cubic or sinc (default diffusion)")
-    add_common_options(p, steps=DEFAULT_STEPS)
+                   help="diffusion (DiffPIR with the CT prior), learned (a super_resolution model, --model), "
+                        "cubic or sinc (default diffusion)")
+    add_common_options(p)
+    p.add_argument("--steps", type=int,
+                   help=f"network evaluations per plane (default: diffusion {DEFAULT_STEPS}, "
+                        f"learned {LEARNED_STEPS} = the model's posterior mean)")
     p.add_argument("--strength", type=float, default=1.0, help="scales the start noise (default 1)")
     p.add_argument("--planes", choices=PLANES, default="both",
                    help="planes the prior works on (default both, averaged)")
