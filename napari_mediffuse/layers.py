@@ -173,8 +173,8 @@ def onto_source_grid(volume: Volume, layer) -> Volume:
 
 def series_grid(layer) -> Volume | None:
     """The grid a scan layer of a DICOM series is drawn on, for painting a
-    DICOM SEG of that series onto it (see
-    :func:`napari_mediffuse.io.dicom.seg.loaded_series`).
+    DICOM SEG of that series onto it (``io.read(path, loaded=...)``, see
+    :func:`napari_mediffuse.io.dicom.seg.read_segmentation`).
 
     A data-less volume (zero-stride zeros) named like the layer, with its
     ``series_instance_uid``. For a layer resampled for display (oblique or

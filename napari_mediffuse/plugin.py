@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from . import io
-from .io.dicom.seg import loaded_series
 from .io.volume import Volume
 from .layers import (
     display_note, image_layer_data, labels_layer_data, layer_to_volume, loaded_series_grids,
@@ -89,8 +88,8 @@ def read_layers(path) -> list[tuple]:
     if isinstance(path, (list, tuple)):
         path = path[0] if path else ""
     try:
-        with loaded_series(_viewer_series_grids()):  # a SEG dropped alone: its loaded series' grid
-            volumes = io.read(path)
+        # a SEG dropped alone goes on the grid of its series if that is loaded
+        volumes = io.read(path, loaded=_viewer_series_grids())
         return _with_display_notes([_layer_data(v) for v in volumes])
     except io.ReadError as exc:
         _notify_error(str(exc))

@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
 
 from .. import io
 from ..display import CT_WINDOW_PRESETS, ct_preset_limits, robust_limits
-from ..io.dicom.seg import loaded_series
 from ..layers import image_layer_data, labels_layer_data, layer_to_volume, loaded_series_grids, swipe_crop
 from ..io.volume import axcodes
 
@@ -190,8 +189,7 @@ class ScanBox(QGroupBox):
         """Read a DICOM folder and add one layer per series (a SEG whose
         series is loaded already goes on that layer's grid, as in the reader)."""
         try:
-            with loaded_series(loaded_series_grids(_scan_layers(self.viewer))):
-                volumes = io.read(folder)
+            volumes = io.read(folder, loaded=loaded_series_grids(_scan_layers(self.viewer)))
         except io.ReadError as exc:
             show_error(str(exc))
             return []

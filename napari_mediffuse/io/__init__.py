@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from pathlib import Path
 
 from .errors import InputWarning, MediffuseIOError, ReadError, WriteCancelled, WriteError
@@ -52,7 +54,7 @@ def can_read(path) -> bool:
         return False
 
 
-def read(path, *, resample: bool = False) -> list[Volume]:
+def read(path, *, resample: bool = False, loaded: Sequence[Volume] = ()) -> list[Volume]:
     """Read a NIfTI file, a DICOM file, a DICOM folder (tree) or a DICOMDIR.
 
     Every input first goes through :mod:`~napari_mediffuse.io.validate`
@@ -64,6 +66,11 @@ def read(path, *, resample: bool = False) -> list[Volume]:
     ``resample`` interpolates a DICOM stack with missing slices onto its
     regular grid (see :func:`~napari_mediffuse.io.dicom.read_dicom`); by
     default the acquired slices stay unchanged at their true places.
+
+    ``loaded``: grids of series already open (the viewer's image layers,
+    :func:`napari_mediffuse.layers.loaded_series_grids`), preferred first; a
+    DICOM SEG read without its series goes on the grid of a loaded series it
+    references (:func:`~napari_mediffuse.io.dicom.seg.read_segmentation`).
 
     Returns
     -------
@@ -79,7 +86,7 @@ def read(path, *, resample: bool = False) -> list[Volume]:
     if is_nifti_path(path) and not path.is_dir():
         volumes = [read_nifti(path)]
     elif path.is_dir() or is_dicom_file(path) or path.name.upper() == "DICOMDIR":
-        volumes = read_dicom(path, resample=resample)
+        volumes = read_dicom(path, resample=resample, loaded=loaded)
     else:
         raise ReadError(
             f"{path}: not a NIfTI (.nii, .nii.gz) or DICOM file "

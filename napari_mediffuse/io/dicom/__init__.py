@@ -36,6 +36,8 @@ readable remains. Messages never contain patient-identifying tags.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from pathlib import Path
 
 from ..errors import ReadError
@@ -50,7 +52,7 @@ from .seg import read_segmentation
 __all__ = ["DicomReadWarning", "is_dicom_file", "read_dicom"]
 
 
-def read_dicom(path, *, resample: bool = False) -> list[Volume]:
+def read_dicom(path, *, resample: bool = False, loaded: Sequence[Volume] = ()) -> list[Volume]:
     """Read every CT/MR image series under ``path``.
 
     Parameters
@@ -132,7 +134,7 @@ def read_dicom(path, *, resample: bool = False) -> list[Volume]:
     images = [vol for _, vol in sorted(volumes, key=lambda item: item[0])]
     for file in segmentations:  # after the images: a SEG goes on its series' grid
         try:
-            labels = read_segmentation(file, images)
+            labels = read_segmentation(file, images, loaded=loaded)
         except _Skip as skip:
             if single:
                 raise ReadError(f"{file} {skip.reason}") from None

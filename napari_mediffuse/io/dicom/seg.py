@@ -8,8 +8,8 @@ into an integer label map (voxel value = segment number):
   same call (a folder holding the CT and its SEG), so the labels overlay the
   scan voxel for voxel;
 * else on the grid of that series **already loaded** (a napari layer): the
-  plugin names the loaded series' grids with :func:`loaded_series` while it
-  reads (see :func:`napari_mediffuse.layers.series_grid`);
+  plugin passes the loaded series' grids as ``loaded`` (see
+  :func:`napari_mediffuse.layers.loaded_series_grids`);
 * otherwise on the SEG's **own frame of reference**: the frames' positions
   give a regular grid (as for an image series, see
   :func:`~napari_mediffuse.io.dicom.assembly._slice_grid`); slices where no
@@ -27,10 +27,8 @@ grid (the SEG opened first, its series afterwards).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -45,41 +43,14 @@ from .discovery import (
     _quiet_pydicom, _Skip,
 )
 
-__all__ = ["SEG_SOP_CLASS", "RTSTRUCT_SOP_CLASS", "loaded_series", "read_segmentation",
-           "regrid_segmentation"]
+__all__ = ["SEG_SOP_CLASS", "RTSTRUCT_SOP_CLASS", "read_segmentation", "regrid_segmentation"]
 
 #: A SEG frame's pixels may lie this far (voxels) off the target grid's
 #: voxel centres before the painting is reported as nearest-neighbour.
 ALIGNMENT_TOLERANCE_VOXELS = 0.1
 
 
-#: Grids of the series already loaded (napari layers), in order of preference,
-#: set by :func:`loaded_series` while a reader runs.
-_LOADED_SERIES: ContextVar[tuple[Volume, ...]] = ContextVar("mediffuse_loaded_series", default=())
-
-
-@contextmanager
-def loaded_series(grids: Iterable[Volume]) -> Iterator[None]:
-    """Within the block, a SEG whose series is not read with it goes on the
-    grid of a loaded series it references.
-
-    Parameters
-    ----------
-    grids : iterable of Volume
-        The grids of the image layers already loaded, preferred first (the
-        visible ones): ``affine`` and the spatial shape of ``data`` (a
-        zero-stride view will do), ``name`` and
-        ``metadata['series_instance_uid']``. See
-        :func:`napari_mediffuse.layers.series_grid`.
-    """
-    token = _LOADED_SERIES.set(tuple(grids))
-    try:
-        yield
-    finally:
-        _LOADED_SERIES.reset(token)
-
-
-def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
+def read_segmentation(path: Path, volumes: list[Volume], *, loaded: Sequence[Volume] = ()) -> list[Volume]:
     """Labels volume(s) of the DICOM SEG file ``path``.
 
     Parameters
@@ -89,8 +60,14 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
     volumes : list of Volume
         Image volumes read together with it; the one whose
         ``series_instance_uid`` the SEG references gives the grid. When none
-        does, a referenced series named by :func:`loaded_series` gives it
+        does, a referenced series of ``loaded`` gives it
         (``metadata['referenced_layer']`` names it), else the SEG's own frame.
+    loaded : sequence of Volume
+        Grids of the series already open (napari layers), preferred first
+        (the visible ones): ``affine``, the spatial shape of ``data`` (a
+        zero-stride view will do), ``name`` and
+        ``metadata['series_instance_uid']``; see
+        :func:`napari_mediffuse.layers.loaded_series_grids`.
 
     Returns
     -------
@@ -107,23 +84,23 @@ def read_segmentation(path: Path, volumes: list[Volume]) -> list[Volume]:
     referenced = _referenced_series(seg)
     target = _referencing(volumes, referenced)
     notes: list[str] = []
-    loaded = None
+    layer_grid = None  # the loaded series used, if any
     if target is None:
-        candidates = _referencing_all(_LOADED_SERIES.get(), referenced)
+        candidates = _referencing_all(loaded, referenced)
         if candidates:
-            target = loaded = candidates[0]
+            target = layer_grid = candidates[0]
             if len(candidates) > 1:
                 names = ", ".join(f"'{c.name}'" for c in candidates)
                 notes.append(f"{path}: its series is loaded {len(candidates)} times ({names}); "
-                             f"the segmentation opens on the grid of '{loaded.name}'")
+                             f"the segmentation opens on the grid of '{layer_grid.name}'")
     labels = _labels(path, seg, referenced, target, notes)
-    if loaded is not None and _all_dropped(labels):
+    if layer_grid is not None and _all_dropped(labels):
         # the layer no longer covers the segmented voxels (cropped, moved): its own frame
         labels = _labels(path, seg, referenced, None, [
-            f"{path}: none of its segmented voxels lies on the loaded layer '{loaded.name}'"])
-    elif loaded is not None:
+            f"{path}: none of its segmented voxels lies on the loaded layer '{layer_grid.name}'"])
+    elif layer_grid is not None:
         for vol in labels:
-            vol.metadata["referenced_layer"] = loaded.name
+            vol.metadata["referenced_layer"] = layer_grid.name
     return labels
 
 
