@@ -65,7 +65,7 @@ def merge_configs(base: dict, override: dict) -> dict:
     return merged
 
 
-def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0, output=None):
     """(train, validation) datasets: multi-level CT slices (validation: the
     ``data.validation`` patients when the config names them, else the held-out
     block of each training volume), whole coarse
@@ -81,6 +81,10 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         from .images import make_datasets as image_datasets
 
         return image_datasets(config, seed=seed, rank=rank)
+    if config["data"].get("kind") == "low_dose":
+        from .low_dose import make_datasets as low_dose_datasets
+
+        return low_dose_datasets(config, seed=seed, rank=rank, start_step=start_step, output=output)
     if config["data"].get("kind") == "thick_thin":
         from .thick_thin import make_datasets as thick_thin_datasets
 
@@ -187,7 +191,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     state = None
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=info.device, weights_only=True)
-    train_set, val_set = make_datasets(config, seed=seed, rank=info.rank,
+    train_set, val_set = make_datasets(config, seed=seed, rank=info.rank, output=output,
                                        start_step=int(state["step"]) if state else 0)
     loader = torch.utils.data.DataLoader(train_set, batch_size=int(tcfg["batch_size"]),
                                          num_workers=int(tcfg.get("num_workers", 0)))

@@ -36,7 +36,7 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "mediffuse.json"
 
 #: Tasks a checkpoint can be made for.
-TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution")
+TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising")
 
 
 class CheckpointError(ValueError):

@@ -97,7 +97,7 @@ def image_prior_spec() -> TaskSpec:
 def _run_denoise(volume, values, options):
     from ..tasks.denoise import denoise
 
-    result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"],
+    result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"] or None,
                      strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
                      lam=values["lam"], options=options)
     return [image_layer_data(result)]
@@ -107,15 +107,18 @@ def denoise_spec() -> TaskSpec:
     from ..tasks.denoise import denoise
 
     return TaskSpec(
-        key="denoise", title="Denoise", run=_run_denoise,
-        description="Low-dose CT denoising: DiffPIR with the CT prior, or BM3D / non-local means.",
+        key="denoise", title="Denoise", run=_run_denoise, model_task=("ct_prior", "denoising"),
+        description="Low-dose CT denoising: DiffPIR with a CT prior, a learned denoiser (denoising model), "
+                    "or BM3D / non-local means.",
         params=[
-            Param("method", "diffusion", options={"choices": ["diffusion", "bm3d", "nlm"]},
-                  tooltip="diffusion = DiffPIR with the prior; bm3d / nlm = classical baselines"),
+            Param("method", "diffusion", options={"choices": ["diffusion", "learned", "bm3d", "nlm"]},
+                  tooltip="diffusion = DiffPIR with a CT prior; learned = a denoising model; "
+                          "bm3d / nlm = classical baselines"),
             Param("strength", 1.0, options={"min": 0.1, "max": 3.0, "step": 0.1},
                   tooltip="Scales the estimated noise level: higher removes more noise (and detail)"),
-            Param("steps", default(denoise, "steps"), options={"min": 1, "max": 200},
-                  tooltip="Network evaluations per slice (diffusion)"),
+            Param("steps", 0, options={"min": 0, "max": 200},
+                  tooltip="Network evaluations per slice; 0 = the method's default (diffusion 2, learned 1 = "
+                          "the model's posterior mean)"),
             Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
                   tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
             Param("lam", default(denoise, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},

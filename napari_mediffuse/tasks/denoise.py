@@ -58,7 +58,9 @@ from .diffpir import denoise_data_step, rho_t, run_diffpir
 
 log = logging.getLogger(__name__)
 
-METHODS = ("diffusion", "bm3d", "nlm")
+METHODS = ("diffusion", "learned", "bm3d", "nlm")
+#: Checkpoint task of learned denoisers.
+DENOISE_TASK = "denoising"
 #: Default network evaluations per slice of the diffusion denoiser.
 DEFAULT_STEPS = 2
 #: DiffPIR lambda of the denoiser (tuned on simulated quarter dose, see
@@ -150,7 +152,7 @@ def check_ct_volume(volume: Volume, *, task: str, min_size: int) -> None:
 # -- the task -------------------------------------------------------------------
 
 def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] = None,
-            steps: int = DEFAULT_STEPS, strength: float = 1.0, noise_hu: Optional[float] = None,
+            steps: Optional[int] = None, strength: float = 1.0, noise_hu: Optional[float] = None,
             lam: float = DENOISE_LAMBDA, eta: float = 0.0, region: Optional[str] = None,
             options: Optional[RunOptions] = None) -> Volume:
     """Denoise a (low-dose) CT volume, axial slice by axial slice.
@@ -159,18 +161,23 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
     ----------
     volume : Volume
         3D CT in HU, display orientation (S, P, L).
-    method : {'diffusion', 'bm3d', 'nlm'}
-        DiffPIR with the CT prior, or a classical baseline.
+    method : {'diffusion', 'learned', 'bm3d', 'nlm'}
+        DiffPIR with the CT prior, a learned denoiser (a ``denoising``
+        checkpoint: a conditional model of clean given low-dose slices), or a
+        classical baseline.
     model : str, optional
-        CT prior checkpoint name or folder (diffusion only; default: the
-        first installed ``ct_prior``).
+        Checkpoint name or folder: a CT prior (diffusion; default: the first
+        installed ``ct_prior``) or a ``denoising`` model (learned).
     steps : int
-        Network evaluations per slice (diffusion), at most the start step + 1.
+        Network evaluations per slice (diffusion: at most the start step + 1;
+        learned: 1, the default here for it, is the model's posterior mean,
+        more draw a DDIM sample).
     strength : float
         Multiplies the noise level the method assumes (1 = the estimated
         noise; larger removes more, smaller keeps more texture; 0 returns the
         input). For diffusion it sets the start step; for BM3D / NLM the
-        filtering strength.
+        filtering strength; for learned (at most 1) the share of the
+        model's correction applied (1 = its estimate).
     noise_hu : float, optional
         Noise std in HU; estimated per slice from the image when omitted
         (:func:`estimate_noise_hu`).
@@ -202,7 +209,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         raise TaskInputError(f"strength must be >= 0, got {strength}")
     if noise_hu is not None and not noise_hu > 0:
         raise TaskInputError(f"noise_hu must be > 0 HU, got {noise_hu}")
-    check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method == "diffusion" else 8)
+    check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method in ("diffusion", "learned") else 8)
     data = np.asarray(volume.data, dtype=np.float32)
     started = time.perf_counter()
     if noise_hu is None:
@@ -217,12 +224,19 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         out = data.copy()
         suffix = f"denoised ({method}, strength 0)"
     elif method == "diffusion":
-        out, info, model_name = _denoise_diffusion(data, volume, sigmas, model=model, steps=steps,
+        out, info, model_name = _denoise_diffusion(data, volume, sigmas, model=model,
+                                                   steps=DEFAULT_STEPS if steps is None else steps,
                                                    strength=strength, lam=lam, eta=eta,
                                                    region=region, options=options)
         params.update(info)
         warnings += info.pop("warnings", [])
         suffix = f"denoised (diffusion, {info['steps']} steps)"
+    elif method == "learned":
+        out, info, model_name = _denoise_learned(data, volume, model=model, steps=steps, strength=strength,
+                                                 region=region, options=options)
+        warnings += info.pop("warnings", [])
+        params.update(info)
+        suffix = "denoised (learned)"
     else:
         fn = bm3d_slices if method == "bm3d" else nlm_slices
         out = map_slices(data, lambda batch, index: fn(batch, sigmas[index] * strength),
@@ -277,6 +291,39 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
                        eta=eta, generator=generator, progress=progress, cancel=cancel)
 
 
+def _denoise_learned(data, volume, *, model, steps, strength, region, options):
+    """The learned denoiser's estimate of each axial slice (its posterior mean for one step)."""
+    from ..engine.sampling import conditional_estimate
+
+    checkpoint, predictor = load_prior(model, options, task=DENOISE_TASK)
+    norm = Normalizer(checkpoint.normalization, data)
+    low, high = norm.range
+    region_class = region_index(region, checkpoint.card)
+    runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
+    warnings = check_domain(checkpoint.card, volume, task="denoise", region=region)
+    share = min(float(strength), 1.0)
+    steps = 1 if steps is None else max(1, int(steps))
+
+    def restore(index, noise, progress):
+        y_hu = data[index]
+        condition = runner.tensor(norm.forward(y_hu))
+        regions = torch.full((len(index),), region_class, dtype=torch.long)
+
+        def predict(x, t):
+            return predictor(x, t, condition=condition, region=regions)
+
+        x0 = conditional_estimate(predict, condition.shape, checkpoint.schedule, steps=steps, generator=noise,
+                                  device=condition.device, dtype=runner.sample_dtype, progress=progress,
+                                  cancel=options.cancel)
+        estimate = norm.inverse(runner.numpy(x0))
+        # HU the model's window clipped away (air, dense bone, metal): from the input
+        estimate = estimate + (y_hu - np.clip(y_hu, low, high))
+        return y_hu + share * (estimate - y_hu)
+
+    out = runner.run(range(data.shape[0]), restore, cost=steps, message="learned denoising")
+    return out.astype(np.float32, copy=False), {"steps": steps, "warnings": warnings}, checkpoint.name
+
+
 def start_step(sigma_n: float, strength: float, schedule: dict) -> int:
     """The step whose noise level is ``strength * sigma_n`` (normalised units)."""
     return timestep_for_noise_level(max(float(strength) * float(sigma_n), 1e-6), schedule)
@@ -325,14 +372,18 @@ def add_command(subparsers) -> None:
     from .cli import add_common_options
 
     p = subparsers.add_parser(
-        "denoise", help="denoise a (low-dose) CT: DiffPIR with the CT prior, BM3D or NLM",
+        "denoise", help="denoise a (low-dose) CT: DiffPIR with the CT prior, a learned denoiser, BM3D or NLM",
         description="Denoise a CT volume slice by slice. The noise level is estimated from the "
                     "image unless --noise-hu is given. Output: NIfTI in HU on the input's grid.")
     p.add_argument("input", help="NIfTI file, DICOM file or DICOM folder")
     p.add_argument("-o", "--output", required=True, help="output NIfTI file (.nii or .nii.gz)")
     p.add_argument("--method", choices=METHODS, default="diffusion",
-                   help="diffusion (DiffPIR with the CT prior), bm3d or nlm (default diffusion)")
-    add_common_options(p, steps=DEFAULT_STEPS)
+                   help="diffusion (DiffPIR with the CT prior), learned (a denoising model, --model), "
+                        "bm3d or nlm (default diffusion)")
+    add_common_options(p)
+    p.add_argument("--steps", type=int,
+                   help=f"network evaluations per slice (default: diffusion {DEFAULT_STEPS}, learned 1 = "
+                        "the model's posterior mean)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="multiplies the assumed noise level (default 1; larger = smoother)")
     p.add_argument("--noise-hu", type=float, help="noise std in HU (default: estimated from the image)")

@@ -300,7 +300,7 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     """
     import torch
 
-    from ..engine.sampling import ddim_sample, randn
+    from ..engine.sampling import conditional_estimate
 
     if op.geometry is None:
         raise ValueError("conditional_planes needs a SlabOperator built by SlabOperator.from_geometry")
@@ -311,7 +311,6 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     region_class = region_index(region, checkpoint.card)
     runner = SliceRunner(device_of(predictor), seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
     nsteps = max(1, int(steps))
-    last = int(schedule["num_train_timesteps"]) - 1
 
     def restore(index, noise, span):
         init = np.ascontiguousarray(initial[index], dtype=np.float32)
@@ -324,10 +323,9 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
         def predict(x, t):
             return predictor(x, t, condition=condition_t, region=regions)
 
-        # x0 from eps at t = T (abar ~ 2e-9) needs float64 where there is one
-        x_t = randn(condition_t.shape, noise, condition_t.device, runner.sample_dtype)
-        x0 = ddim_sample(predict, x_t, schedule, steps=nsteps, t_start=last, generator=noise,
-                         progress=span, cancel=cancel)
+        x0 = conditional_estimate(predict, condition_t.shape, schedule, steps=nsteps, generator=noise,
+                                  device=condition_t.device, dtype=runner.sample_dtype, progress=span,
+                                  cancel=cancel)
         result = runner.numpy(x0)
         if flip_rows:
             result = result[:, ::-1]

@@ -118,7 +118,8 @@ def holdout_start(n: int, fraction: float) -> int:
 
 # -- denoising -------------------------------------------------------------------
 
-def evaluate_denoising(ct_path, *, model=None, methods=("diffusion", "bm3d", "nlm"), slices: int = 8,
+def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("diffusion", "bm3d", "nlm"),
+                       slices: int = 8,
                        holdout_fraction: float = 0.2, dose: float = 0.25, steps: int | None = None,
                        strength: float = 1.0, lam: float | None = None, seed: int = 0,
                        device: str = "cpu", batch_size: int = 8,
@@ -166,6 +167,9 @@ def evaluate_denoising(ct_path, *, model=None, methods=("diffusion", "bm3d", "nl
             kwargs.update(model=model, steps=steps)
             if lam is not None:
                 kwargs["lam"] = lam
+        if method == "learned":
+            kwargs.update(model=denoise_model, strength=min(strength, 1.0))
+        if method in ("diffusion", "learned"):
             # load the model once outside the timing (a user's session has it loaded)
             denoise(io.Volume(low[:2], volume.affine, modality="CT"), **kwargs)
         with PeakMemory() as memory:
@@ -195,6 +199,7 @@ def evaluate_denoising(ct_path, *, model=None, methods=("diffusion", "bm3d", "nl
         "added_noise_std_hu": float(added.std()),
         "estimated_noise_hu": noise,
         "model": model,
+        "denoise_model": denoise_model,
         "seed": seed,
         "device": device,
         "threads": _threads(),
@@ -203,14 +208,49 @@ def evaluate_denoising(ct_path, *, model=None, methods=("diffusion", "bm3d", "nl
     return report, images
 
 
+def evaluate_denoising_many(ct_paths, **kwargs) -> tuple[dict, dict]:
+    """:func:`evaluate_denoising` on several CTs (patients), pooled.
+
+    The pooled ``results`` are the means over the CTs of every score, gain,
+    time and memory figure (each CT weighs the same, whatever its slice
+    count); ``per_ct`` keeps each CT's own results. The picture shows the
+    first CT.
+    """
+    reports, first_images = [], None
+    for path in ct_paths:
+        report, images = evaluate_denoising(path, **kwargs)
+        reports.append(report)
+        first_images = first_images if first_images is not None else images
+        log.info("%s done (%d of %d)", path, len(reports), len(ct_paths))
+    pooled = {}
+    for method in reports[0]["results"]:
+        entries = [r["results"][method] for r in reports]
+        pooled[method] = {key: float(np.mean([e[key] for e in entries])) for key, value in entries[0].items()
+                          if isinstance(value, (int, float))}
+        if "parameters" in entries[0]:
+            pooled[method]["parameters"] = entries[0]["parameters"]
+    report = dict(reports[0], ct=[str(p) for p in ct_paths], ct_shape=None, ct_spacing_mm=None, slices=None,
+                  results=pooled,
+                  per_ct=[{"ct": r["ct"], "ct_shape": r["ct_shape"], "ct_spacing_mm": r["ct_spacing_mm"],
+                           "slices": r["slices"], "results": r["results"]} for r in reports])
+    report["added_noise_std_hu"] = float(np.mean([r["added_noise_std_hu"] for r in reports]))
+    report["estimated_noise_hu"] = float(np.mean([r["estimated_noise_hu"] for r in reports]))
+    return report, first_images
+
+
 # -- super-resolution ----------------------------------------------------------------
 
-def evaluate_super_resolution(ct_path, *, model=None, methods=("diffusion", "cubic", "sinc"), factor: int = 5,
+def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("diffusion", "cubic", "sinc"),
+                              factor: int = 5,
                               planes: int = 8, holdout_fraction: float = 0.2, steps: int | None = None,
                               strength: float = 1.0, lam: float | None = None, seed: int = 0,
                               device: str = "cpu", batch_size: int = 8,
-                              full_volume: bool = False) -> tuple[dict, dict]:
-    """Scores of every method on thick slices simulated from the CT, on coronal planes."""
+                              full_volume: bool = False, learned_steps: int | None = None) -> tuple[dict, dict]:
+    """Scores of every method on thick slices simulated from the CT, on coronal planes.
+
+    ``model`` is the CT prior of ``'diffusion'``, ``sr_model`` the
+    super-resolution model of ``'learned'`` (run on the whole volume, both
+    plane directions, as the task does)."""
     from napari_mediffuse.tasks import superres
 
     volume = io.read(ct_path)[0]
@@ -235,6 +275,8 @@ def evaluate_super_resolution(ct_path, *, model=None, methods=("diffusion", "cub
     steps = superres.DEFAULT_STEPS if steps is None else steps
     for method in methods:
         kwargs = dict(strength=strength, steps=steps) if method == "diffusion" else {}
+        if method == "learned" and learned_steps:
+            kwargs = dict(steps=learned_steps)
         if lam is not None and method == "diffusion":
             kwargs["lam"] = lam
         if method == "diffusion" and not full_volume:
@@ -266,7 +308,8 @@ def evaluate_super_resolution(ct_path, *, model=None, methods=("diffusion", "cub
         else:
             with PeakMemory() as memory:
                 started = time.perf_counter()
-                result = superres.super_resolve(thick, factor=factor, method=method, model=model,
+                result = superres.super_resolve(thick, factor=factor, method=method,
+                                                model=sr_model if method == "learned" else model,
                                                 options=options, **kwargs)
                 seconds = time.perf_counter() - started
             sr_planes = np.moveaxis(result.data, 1, 0)[chosen]
@@ -292,6 +335,7 @@ def evaluate_super_resolution(ct_path, *, model=None, methods=("diffusion", "cub
         "holdout_fraction": holdout_fraction,
         "input_is": "thick slices repeated over their slabs (nearest)",
         "model": model,
+        "sr_model": sr_model,
         "seed": seed,
         "device": device,
         "threads": _threads(),
@@ -333,6 +377,15 @@ def markdown_table(report: dict) -> str:
             f"| {method} | {r['psnr_soft']:.2f} | {r['psnr_soft_gain']:+.2f} | {r['ssim_soft']:.4f} | "
             f"{r['ssim_soft_gain']:+.4f} | {r['psnr_full']:.2f} | {r['psnr_full_gain']:+.2f} | "
             f"{r['ssim_full']:.4f} | {r['ssim_full_gain']:+.4f} | {per_label} | {r['peak_memory_mb']:.0f} |")
+    if report.get("per_ct"):  # pooled over patients: the mean above, each patient's gains below
+        methods = [m for m in report["results"] if m != "input"]
+        lines += ["", f"Means over {len(report['per_ct'])} CTs (each weighs the same). PSNR / SSIM gain "
+                      "in [-160, 240] HU per CT:", "",
+                  "| CT | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
+        for entry in report["per_ct"]:
+            cells = [f"{entry['results'][m]['psnr_soft_gain']:+.2f} dB / {entry['results'][m]['ssim_soft_gain']:+.4f}"
+                     for m in methods]
+            lines.append(f"| {Path(entry['ct']).parent.name or entry['ct']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,19 +447,28 @@ def _common(p, *, slices_name: str, slices_default: int, methods):
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("denoise", help="low-dose CT denoising: diffusion vs BM3D vs NLM",
                               description=__doc__.split("\n\n")[0])
-    _common(p, slices_name="--slices", slices_default=8, methods=("diffusion", "bm3d", "nlm"))
+    _common(p, slices_name="--slices", slices_default=8, methods=("diffusion", "learned", "bm3d", "nlm"))
+    p.set_defaults(methods=["diffusion", "bm3d", "nlm"])
+    p.add_argument("--denoise-model", help="denoising model of the 'learned' method: name or folder")
     p.add_argument("--dose", type=float, default=0.25, help="simulated dose fraction (default 0.25)")
     p.add_argument("--white-noise-hu", type=float,
                    help="add white Gaussian noise of this std (HU) instead of simulating low dose")
     p.add_argument("--filter", default="ramp",
                    help="reconstruction filter of the simulated dose noise (ramp, shepp-logan, ...)")
     p.add_argument("--photons", type=float, help="full-dose photons per detector bin and view (default 8e5)")
+    p.add_argument("--ct-glob", help="score every CT matching this glob instead of --ct (several patients, "
+                                     "pooled: each CT weighs the same)")
+    p.add_argument("--max-cts", type=int, default=0, help="with --ct-glob: the first N (sorted; 0 = all)")
     p.add_argument("--name", default="restoration_denoise", help="output file stem")
     p.set_defaults(func=_cmd_denoise)
 
     p = subparsers.add_parser("sr", help="thick -> thin slice super-resolution: diffusion vs interpolation",
                               description=__doc__.split("\n\n")[0])
-    _common(p, slices_name="--planes", slices_default=8, methods=("diffusion", "cubic", "sinc"))
+    _common(p, slices_name="--planes", slices_default=8, methods=("diffusion", "learned", "cubic", "sinc"))
+    p.set_defaults(methods=["diffusion", "cubic", "sinc"])
+    p.add_argument("--sr-model", help="super-resolution model of the 'learned' method: name or folder")
+    p.add_argument("--learned-steps", type=int, help="network evaluations per plane of 'learned' "
+                                                     "(default: the task's, 1 = posterior mean)")
     p.add_argument("--factor", type=int, default=5)
     p.add_argument("--full-volume", action="store_true",
                    help="run the full diffusion task (coronal + sagittal, whole volume); slow")
@@ -419,8 +481,16 @@ def _command_line() -> str:
 
 
 def _cmd_denoise(args) -> int:
-    report, images = evaluate_denoising(
-        args.ct, model=args.model, methods=args.methods, slices=args.slices,
+    evaluate, target = evaluate_denoising, args.ct
+    if args.ct_glob:
+        import glob
+
+        target = sorted(glob.glob(args.ct_glob))[: args.max_cts or None]
+        if not target:
+            raise SystemExit(f"--ct-glob {args.ct_glob!r}: no file matches")
+        evaluate = evaluate_denoising_many
+    report, images = evaluate(
+        target, model=args.model, denoise_model=args.denoise_model, methods=args.methods, slices=args.slices,
         holdout_fraction=args.holdout_fraction, dose=args.dose, steps=args.steps, strength=args.strength,
         lam=args.lam, seed=args.seed, device=args.device, batch_size=args.batch_size,
         white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons)
@@ -433,7 +503,8 @@ def _cmd_sr(args) -> int:
     report, images = evaluate_super_resolution(
         args.ct, model=args.model, methods=args.methods, factor=args.factor, planes=args.planes,
         holdout_fraction=args.holdout_fraction, steps=args.steps, strength=args.strength, lam=args.lam,
-        seed=args.seed, device=args.device, batch_size=args.batch_size, full_volume=args.full_volume)
+        seed=args.seed, device=args.device, batch_size=args.batch_size, full_volume=args.full_volume,
+        sr_model=args.sr_model, learned_steps=args.learned_steps)
     report["command"] = _command_line()
     write_outputs(report, images, Path(args.out), args.name, flip_rows=True)
     return 0

@@ -1,0 +1,165 @@
+"""Training data for the learned low-dose CT denoiser (``data.kind: low_dose``).
+
+Pairs are made from real CT with the low-dose simulator of
+:mod:`training.degrade` (Poisson and electronic noise in the sinogram,
+filtered back-projection): for a few axial slices of every training volume,
+at its own pixel size, the noise of a reduced dose is simulated once (the
+dose fraction drawn in ``dose_range``, the reconstruction filter from
+``filters`` and the full-dose photons from ``photons``, so one model sees
+ramp-filtered and apodised noise textures of several levels). Simulating a
+512 x 512 slice takes seconds, so the noise images are kept in a bank
+(saved beside the run, ``noise_bank.npz``, and reused when the run
+resumes) and each sample is a random crop of a (clean, clean + s x noise)
+pair, with ``s`` drawn in ``noise_scale_range`` (a dose change scales the
+added noise) and random flips. The clean slice is the image, the noisy
+one the condition.
+
+Validation pairs come from the ``data.validation`` patients (never trained on).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import SampleStream, TrainingVolume, load_volumes, volume_probabilities
+from .thick_thin import _same_patch
+
+log = logging.getLogger(__name__)
+
+#: Slices of at least this many pixels count as large (clinical 256-512 px
+#: slices): they get ``large_slices_per_volume`` bank slices, the small
+#: 128 x 128 neck boxes ``slices_per_volume``.
+LARGE_SLICE_PIXELS = 50_000
+
+
+def axial_indices(n: int, count: int, margin: float = 0.1) -> np.ndarray:
+    """``count`` axial indices spread over the central part of ``n`` slices."""
+    low, high = int(margin * n), max(int(margin * n), n - 1 - int(margin * n))
+    return np.unique(np.linspace(low, high, max(1, count)).round().astype(int))
+
+
+def simulate_bank(volumes: list[TrainingVolume], hu_volumes: list[np.ndarray], data_config: dict, *,
+                  seed: int = 0) -> list[dict]:
+    """Noise images (HU) of simulated reduced doses for a few slices of every volume.
+
+    ``hu_volumes`` are the volumes in HU (the simulator works in
+    attenuation). Returns one dict per slice: ``volume``, ``slice``,
+    ``noise`` (float32 HU), ``dose``, ``filter``, ``photons``.
+    """
+    from .degrade import low_dose_noise
+
+    rng = np.random.default_rng(seed)
+    per_volume = int(data_config.get("slices_per_volume", 2))
+    per_large = int(data_config.get("large_slices_per_volume", per_volume))
+    dose_low, dose_high = data_config.get("dose_range", [0.15, 0.5])
+    filters = list(data_config.get("filters", ["ramp", "shepp-logan"]))
+    photons = list(data_config.get("photons", [8e5, 4e5]))
+    bank = []
+    for i, (volume, hu) in enumerate(zip(volumes, hu_volumes)):
+        count = per_large if hu.shape[1] * hu.shape[2] >= LARGE_SLICE_PIXELS else per_volume
+        for z in axial_indices(hu.shape[0], count):
+            dose = float(rng.uniform(dose_low, dose_high))
+            name, i0 = filters[int(rng.integers(len(filters)))], float(photons[int(rng.integers(len(photons)))])
+            noise = low_dose_noise(hu[z], float(np.mean(volume.spacing_mm[1:])), dose, photons=i0,
+                                   rng=rng, filter_name=name)
+            bank.append({"volume": i, "slice": int(z), "noise": noise.astype(np.float32), "dose": dose,
+                         "filter": name, "photons": i0})
+    return bank
+
+
+def save_bank(path: Path, bank: list[dict]) -> None:
+    arrays = {f"noise_{k}": b["noise"] for k, b in enumerate(bank)}
+    meta = np.array([(b["volume"], b["slice"], b["dose"], b["photons"]) for b in bank], dtype=np.float64)
+    np.savez_compressed(path, meta=meta, filters=np.array([b["filter"] for b in bank]), **arrays)
+
+
+def load_bank(path: Path) -> list[dict]:
+    with np.load(path) as f:
+        meta, filters = f["meta"], f["filters"]
+        return [{"volume": int(m[0]), "slice": int(m[1]), "dose": float(m[2]), "photons": float(m[3]),
+                 "filter": str(filters[k]), "noise": f[f"noise_{k}"]} for k, m in enumerate(meta)]
+
+
+class LowDosePairs(SampleStream):
+    """Endless stream of (clean, simulated low-dose) axial patches (module docstring)."""
+
+    def __init__(self, volumes: list[TrainingVolume], bank: list[dict], data_config: dict, normalization: dict,
+                 *, seed: int = 0, rank: int = 0, part: str = "train"):
+        super().__init__()
+        self.volumes, self.bank = volumes, bank
+        self.patch = int(data_config["patch_size"])
+        self.seed, self.rank, self.part = seed, rank, part
+        self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
+        low, high = float(normalization["low"]), float(normalization["high"])
+        self.units_per_hu = 2.0 / (high - low)  # hu_window: a noise of 1 HU in normalised units
+        per_volume = volume_probabilities([v.data.size for v in volumes], [v.region for v in volumes],
+                                          data_config.get("region_weights"))
+        counts = np.bincount([b["volume"] for b in bank], minlength=len(volumes))
+        p = np.array([per_volume[b["volume"]] / counts[b["volume"]] for b in bank])
+        self.bank_p = p / p.sum()
+
+    def sample(self, rng: np.random.Generator, augment=None) -> dict:
+        entry = self.bank[int(rng.choice(len(self.bank), p=self.bank_p))]
+        volume = self.volumes[entry["volume"]]
+        clean = volume.data[entry["slice"]]
+        scale = float(rng.uniform(*self.scale_range))
+        noisy = np.clip(clean + scale * self.units_per_hu * entry["noise"], -1.0, 1.0)
+        both = np.stack([clean, noisy]).astype(np.float32)
+        if augment is not None:
+            if rng.random() < 0.5:
+                both = both[:, :, ::-1]
+            if rng.random() < 0.5:
+                both = both[:, ::-1]
+        crop, coords = _same_patch(np.ascontiguousarray(both), self.patch, rng)
+        return {
+            "image": torch.from_numpy(crop[0:1].copy()),
+            "condition": torch.from_numpy(crop[1:2].copy()),
+            "coords": torch.from_numpy(coords),
+            "region": torch.tensor(volume.region, dtype=torch.long),
+        }
+
+    def augmentation(self, seed: int):
+        return True if self.augment else None
+
+
+def _hu(volume: TrainingVolume, normalization: dict) -> np.ndarray:
+    low, high = float(normalization["low"]), float(normalization["high"])
+    return (volume.data.astype(np.float32) + 1.0) * (high - low) / 2.0 + low
+
+
+def _bank_for(volumes, data_config, normalization, *, seed: int, cache: Path | None) -> list[dict]:
+    if cache is not None and cache.exists():
+        bank = load_bank(cache)
+        log.info("noise bank: %d slices from %s", len(bank), cache)
+        return bank
+    bank = simulate_bank(volumes, [_hu(v, normalization) for v in volumes], data_config, seed=seed)
+    log.info("noise bank: simulated %d slices", len(bank))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_bank(cache, bank)
+    return bank
+
+
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0, output=None):
+    """(train, validation) streams of a ``data.kind: low_dose`` config; the
+    noise banks are cached in ``output`` (the run folder) when given."""
+    data, norm = config["data"], config["normalization"]
+    if norm.get("type") != "hu_window":
+        raise ValueError("data.kind low_dose needs normalization type hu_window")
+    if data.get("pixel_sizes_mm") or data.get("spacing_mm"):
+        raise ValueError("data.kind low_dose keeps each scan's own pixel size: remove pixel_sizes_mm / spacing_mm")
+    out = Path(output) if output and rank == 0 else None  # one process writes the cache
+    train_volumes = load_volumes(data, norm)
+    val_volumes = load_volumes(data, norm, split="validation")
+    val_config = dict(data, slices_per_volume=int(data.get("validation_slices_per_volume", 1)),
+                      large_slices_per_volume=int(data.get("validation_slices_per_volume", 1)))
+    train_bank = _bank_for(train_volumes, data, norm, seed=seed, cache=out / "noise_bank.npz" if out else None)
+    val_bank = _bank_for(val_volumes, val_config, norm, seed=seed + 1,
+                         cache=out / "noise_bank_val.npz" if out else None)
+    train = LowDosePairs(train_volumes, train_bank, data, norm, seed=seed, rank=rank)
+    train.start_step = start_step
+    return train, LowDosePairs(val_volumes, val_bank, data, norm, seed=seed, part="val")
