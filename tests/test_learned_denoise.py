@@ -97,3 +97,29 @@ def test_learned_denoising_needs_a_denoising_model(chest_crop, tmp_path):
     prior = save_tiny_checkpoint(tmp_path / "tiny-prior")
     with pytest.raises(CheckpointError, match="'ct_prior' model; this needs a 'denoising' model"):
         denoise.denoise(chest_crop, method="learned", model=str(prior))
+
+
+def test_a_residual_model_that_adds_no_correction_returns_its_condition(chest_crop, tmp_path):
+    # a residual denoiser (card residual_scale) generates s (clean - low dose); with all
+    # weights zero its estimate at the last step is 0, so the result is the input itself
+    from conftest import TINY_ARCHITECTURE
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
+    network = DiffusionNetwork(arch)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+    folder = save_checkpoint(tmp_path / "zero-residual", network, make_card(
+        name="zero-residual", modality="CT", architecture=arch, patch_size=[16, 16], residual_scale=8.0,
+        **DENOISE_CARD))
+    out = denoise.denoise(chest_crop, method="learned", model=str(folder), options=RunOptions(seed=0))
+    # (x0 = sqrt(abar_T) x_T: about 5e-5 of the start noise, under 0.1 HU after the 1/s scale)
+    np.testing.assert_allclose(out.data, chest_crop.data, atol=0.1)  # HU
+    # the same network read as a plain (non-residual) model would return about 0 (-512 HU)
+    card = dict(DENOISE_CARD)
+    plain = save_checkpoint(tmp_path / "zero-plain", network, make_card(
+        name="zero-plain", modality="CT", architecture=arch, patch_size=[16, 16], **card))
+    far = denoise.denoise(chest_crop, method="learned", model=str(plain), options=RunOptions(seed=0))
+    assert np.abs(far.data - chest_crop.data).mean() > 100.0

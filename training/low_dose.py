@@ -12,7 +12,8 @@ ramp-filtered and apodised noise textures of several levels). Simulating a
 resumes) and each sample is a random crop of a (clean, clean + s x noise)
 pair, with ``s`` drawn in ``noise_scale_range`` (a dose change scales the
 added noise) and random flips. The clean slice is the image, the noisy
-one the condition.
+one the condition; with ``residual_scale`` r the image is ``r (clean -
+noisy)`` instead, a correction of the low-dose slice (the card records r).
 
 Validation pairs come from the ``data.validation`` patients (never trained on).
 """
@@ -93,6 +94,7 @@ class LowDosePairs(SampleStream):
         self.patch = int(data_config["patch_size"])
         self.seed, self.rank, self.part = seed, rank, part
         self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
         self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
         low, high = float(normalization["low"]), float(normalization["high"])
         self.units_per_hu = 2.0 / (high - low)  # hu_window: a noise of 1 HU in normalised units
@@ -115,8 +117,9 @@ class LowDosePairs(SampleStream):
             if rng.random() < 0.5:
                 both = both[:, ::-1]
         crop, coords = _same_patch(np.ascontiguousarray(both), self.patch, rng)
+        image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
         return {
-            "image": torch.from_numpy(crop[0:1].copy()),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "condition": torch.from_numpy(crop[1:2].copy()),
             "coords": torch.from_numpy(coords),
             "region": torch.tensor(volume.region, dtype=torch.long),

@@ -9,7 +9,9 @@ task's cubic spline (:func:`~napari_mediffuse.tasks.baselines.cubic_along`).
 A sample is a coronal or sagittal plane patch (the slice axis in-plane,
 superior up, as the task presents it): the thin truth is the image, the
 cubic interpolation the condition, with the patch's coordinates in the plane
-and the volume's region.
+and the volume's region. With ``residual_scale`` s the image is
+``s (truth - condition)`` instead: the model generates a correction of the
+interpolation (the card records s; the task adds it back).
 
 The thin volumes keep their own voxel size (the task runs on the scan's own
 grid). A volume's most superior ``holdout_fraction`` of slices is never
@@ -70,6 +72,7 @@ class ThickThinPlanes(SampleStream):
         self.patch = int(data_config["patch_size"])
         self.seed, self.rank, self.part = seed, rank, part
         self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
         max_thick = float(data_config.get("max_thick_mm", 6.0))
         self.pairs = []  # (volume index, factor, thin, cubic)
         for i, volume in enumerate(volumes):
@@ -101,8 +104,9 @@ class ThickThinPlanes(SampleStream):
         if augment is not None and rng.random() < 0.5:
             both = both[:, :, ::-1]  # left-right: the slab model is unchanged
         crop, coords = _same_patch(both, self.patch, rng)
+        image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
         return {
-            "image": torch.from_numpy(crop[0:1].copy()),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "condition": torch.from_numpy(crop[1:2].copy()),
             "coords": torch.from_numpy(coords),
             "region": torch.tensor(self.volumes[i].region, dtype=torch.long),

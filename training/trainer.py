@@ -449,6 +449,8 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         extra = {"volume_shape": [int(n) for n in data["volume_shape"]],
                  "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
     extra.update(card_domain(config))
+    if data.get("residual_scale"):  # a restoration model generating s (target - condition)
+        extra["residual_scale"] = float(data["residual_scale"])
     card = make_card(
         name=config["name"], task=config["task"], modality=config["modality"],
         architecture=network.config, schedule=complete_schedule(config.get("schedule")),

@@ -192,7 +192,8 @@ def ddim_sample(predictor: Predictor, x_t: torch.Tensor, schedule: dict, *, step
 
 
 def conditional_estimate(predictor: Predictor, shape, schedule: dict, *, steps: int = 1, generator=None,
-                         device="cpu", dtype=torch.float64, progress: Optional[ProgressCallback] = None,
+                         device="cpu", dtype=torch.float64, clip: Optional[tuple[float, float]] = (-1.0, 1.0),
+                         progress: Optional[ProgressCallback] = None,
                          cancel: Optional[CancelCheck] = None) -> torch.Tensor:
     """A conditional model's estimate of its target, from pure noise.
 
@@ -202,12 +203,31 @@ def conditional_estimate(predictor: Predictor, shape, schedule: dict, *, steps: 
     mean squared error, what the learned restoration models (super-resolution,
     denoising) return by default. More steps draw a deterministic DDIM
     sample (sharper, with drawn texture). ``dtype``: float64 where the device
-    has it (x0 from eps at abar ~ 2e-9).
+    has it (x0 from eps at abar ~ 2e-9). ``clip``: range of the x0 estimates
+    (None for a residual target, which is not bounded by the image range).
     """
     x_t = randn(shape, generator, device, dtype)
     return ddim_sample(predictor, x_t, schedule, steps=max(1, int(steps)),
-                       t_start=len(alphas_cumprod(schedule)) - 1, generator=generator,
+                       t_start=len(alphas_cumprod(schedule)) - 1, generator=generator, clip=clip,
                        progress=progress, cancel=cancel)
+
+
+def residual_scale(card: dict) -> Optional[float]:
+    """The scale of a restoration model that predicts a residual, else None.
+
+    Such a model (card ``residual_scale``: s) generates ``s (target -
+    condition)`` rather than the target: the condition (the cubic
+    interpolation, the low-dose slice) is already most of the answer, and a
+    network reproduces it less exactly than it adds a correction to it.
+    """
+    value = card.get("residual_scale")
+    return float(value) if value else None
+
+
+def from_residual(x0: torch.Tensor, condition: torch.Tensor, card: dict) -> torch.Tensor:
+    """The estimate in image units: ``condition + x0 / s`` for a residual model, else ``x0``."""
+    scale = residual_scale(card)
+    return x0 if scale is None else condition[:, :1].to(x0.dtype) + x0 / scale
 
 
 def sample_with_scheduler(predictor: Predictor, shape, schedule: dict, *, kind: str = "dpm",

@@ -293,7 +293,7 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
 
 def _denoise_learned(data, volume, *, model, steps, strength, region, options):
     """The learned denoiser's estimate of each axial slice (its posterior mean for one step)."""
-    from ..engine.sampling import conditional_estimate
+    from ..engine.sampling import conditional_estimate, from_residual, residual_scale
 
     checkpoint, predictor = load_prior(model, options, task=DENOISE_TASK)
     norm = Normalizer(checkpoint.normalization, data)
@@ -303,6 +303,7 @@ def _denoise_learned(data, volume, *, model, steps, strength, region, options):
     warnings = check_domain(checkpoint.card, volume, task="denoise", region=region)
     share = min(float(strength), 1.0)
     steps = 1 if steps is None else max(1, int(steps))
+    residual = residual_scale(checkpoint.card) is not None
 
     def restore(index, noise, progress):
         y_hu = data[index]
@@ -314,7 +315,8 @@ def _denoise_learned(data, volume, *, model, steps, strength, region, options):
 
         x0 = conditional_estimate(predict, condition.shape, checkpoint.schedule, steps=steps, generator=noise,
                                   device=condition.device, dtype=runner.sample_dtype, progress=progress,
-                                  cancel=options.cancel)
+                                  cancel=options.cancel, clip=None if residual else (-1.0, 1.0))
+        x0 = from_residual(x0, condition, checkpoint.card)
         estimate = norm.inverse(runner.numpy(x0))
         # HU the model's window clipped away (air, dense bone, metal): from the input
         estimate = estimate + (y_hu - np.clip(y_hu, low, high))

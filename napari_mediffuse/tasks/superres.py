@@ -300,7 +300,7 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     """
     import torch
 
-    from ..engine.sampling import conditional_estimate
+    from ..engine.sampling import conditional_estimate, from_residual, residual_scale
 
     if op.geometry is None:
         raise ValueError("conditional_planes needs a SlabOperator built by SlabOperator.from_geometry")
@@ -311,6 +311,7 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     region_class = region_index(region, checkpoint.card)
     runner = SliceRunner(device_of(predictor), seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
     nsteps = max(1, int(steps))
+    residual = residual_scale(checkpoint.card) is not None
 
     def restore(index, noise, span):
         init = np.ascontiguousarray(initial[index], dtype=np.float32)
@@ -325,7 +326,8 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
 
         x0 = conditional_estimate(predict, condition_t.shape, schedule, steps=nsteps, generator=noise,
                                   device=condition_t.device, dtype=runner.sample_dtype, progress=span,
-                                  cancel=cancel)
+                                  cancel=cancel, clip=None if residual else (-1.0, 1.0))
+        x0 = from_residual(x0, condition_t, checkpoint.card)
         result = runner.numpy(x0)
         if flip_rows:
             result = result[:, ::-1]
