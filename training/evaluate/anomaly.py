@@ -192,6 +192,52 @@ def local_zscore_map(image_hu: np.ndarray, roi: np.ndarray, spacing, *, sigma_mm
     return np.where(roi, z, 0.0).astype(np.float32)
 
 
+def baseline_heatmap(image_hu: np.ndarray, roi: np.ndarray, spacing, *, sigma_mm: float = 15.0,
+                     window_hu=None, smooth_mm: float = 3.0) -> np.ndarray:
+    """The baseline's heatmap: :func:`local_zscore_map` through the diffusion
+    method's in-ROI smoothing and robust normalisation (robust SDs, 0 outside)."""
+    from napari_mediffuse.tasks.anomaly import robust_normalise, smooth_in_roi
+
+    raw = local_zscore_map(image_hu, roi, spacing, sigma_mm=sigma_mm,
+                           window_hu=tuple(window_hu) if window_hu else (-160.0, 240.0))
+    heat, _ = robust_normalise(smooth_in_roi(raw, roi, spacing, smooth_mm=smooth_mm), roi, min_scale=0.05)
+    return heat
+
+
+# -- diffusion heatmaps ------------------------------------------------------------
+
+def diffusion_configs(t_list, scores, ensemble: int, patch_mm=None) -> dict:
+    """``{label: (t's, score)}``: each ``t`` alone and all of them pooled (if
+    several), for each score ('spread' only where there are >= 2 reconstructions)."""
+    configs = {}
+    t_sets = [[t] for t in t_list] + ([list(t_list)] if len(t_list) > 1 else [])
+    for ts in t_sets:
+        for score in scores:
+            if score == "spread" and ensemble * len(ts) < 2:
+                continue
+            patched = f" patches {patch_mm:g} mm" if patch_mm else ""
+            configs[f"diffusion t={'+'.join(str(t) for t in ts)}{patched} {score}"] = (ts, score)
+    return configs
+
+
+def diffusion_heatmap(image_hu: np.ndarray, runs, roi: np.ndarray, spacing, *, score: str, smooth_mm: float,
+                      window_hu=None):
+    """Heatmap and pooled reconstruction from ``runs`` = ``[(reconstruction,
+    spread), ...]`` (one per ``t``, from ``healthy_reconstruction(...,
+    return_spread=True)``). The 'spread' score pools the ensemble spread over
+    the t's: mean within-t variance + variance of the t means."""
+    from napari_mediffuse.tasks.anomaly import residual_heatmap
+
+    stacked = np.stack([rec for rec, _ in runs])
+    rec = stacked.mean(0)
+    spread = None
+    if score == "spread":
+        spread = np.sqrt(np.mean([s ** 2 for _, s in runs], axis=0) + stacked.var(0))
+    heat, _ = residual_heatmap(image_hu, rec, roi, spacing, spread_hu=spread, smooth_mm=smooth_mm,
+                               window_hu=window_hu)
+    return heat, rec
+
+
 # -- data -----------------------------------------------------------------------
 
 def held_out_slices(ct, training_ct_path, holdout_fraction: float) -> tuple[np.ndarray, str]:
@@ -284,8 +330,7 @@ def run(args) -> dict:
     import torch
 
     from napari_mediffuse import io
-    from napari_mediffuse.tasks.anomaly import (healthy_reconstruction, residual_heatmap, robust_normalise,
-                                                smooth_in_roi)
+    from napari_mediffuse.tasks.anomaly import healthy_reconstruction
     from napari_mediffuse.tasks.common import RunOptions
     from napari_mediffuse.tasks.inpaint import prepare_prior
     from napari_mediffuse.tasks.masks import body_mask
@@ -346,31 +391,16 @@ def run(args) -> dict:
                                                      return_spread=True)
             timing[(t, name)] = time.perf_counter() - start
             log.info("t=%d %s: %.1f s (%.2f s/slice)", t, name, timing[(t, name)], timing[(t, name)] / len(keep))
-    configs = {}
-    t_sets = [[t] for t in args.t] + ([list(args.t)] if len(args.t) > 1 else [])
-    for ts in t_sets:
-        for score in args.scores:
-            if score == "spread" and args.ensemble * len(ts) < 2:
-                continue
-            patched = f" patches {args.patch_mm:g} mm" if args.patch_mm else ""
-            configs[f"diffusion t={'+'.join(str(t) for t in ts)}{patched} {score}"] = (ts, score)
+    configs = diffusion_configs(args.t, args.scores, args.ensemble, args.patch_mm)
 
     def diffusion_map(name, ts, score):
-        runs = np.stack([recs[(t, name)][0] for t in ts])
-        rec = runs.mean(0)
-        spread = None
-        if score == "spread":  # pooled over the t's: mean within-t variance + variance of the t means
-            variance = np.mean([recs[(t, name)][1] ** 2 for t in ts], axis=0) + runs.var(0)
-            spread = np.sqrt(variance)
-        heat, _ = residual_heatmap(volumes[name].data, rec, rois[name], spacing, spread_hu=spread, **smooth)
-        return heat, rec
+        return diffusion_heatmap(volumes[name].data, [recs[(t, name)] for t in ts], rois[name], spacing,
+                                 score=score, **smooth)
 
     def baseline_map(name):
-        raw = local_zscore_map(volumes[name].data, rois[name], spacing, sigma_mm=args.baseline_sigma_mm,
-                               window_hu=tuple(args.window_hu) if args.window_hu else (-160.0, 240.0))
-        heat, _ = robust_normalise(smooth_in_roi(raw, rois[name], spacing, smooth_mm=args.smooth_mm), rois[name],
-                                   min_scale=0.05)
-        return heat
+        return baseline_heatmap(volumes[name].data, rois[name], spacing, sigma_mm=args.baseline_sigma_mm,
+                                window_hu=tuple(args.window_hu) if args.window_hu else None,
+                                smooth_mm=args.smooth_mm)
 
     results = {}
     maps_for_figure = {}
@@ -616,4 +646,5 @@ def _run_cli(args) -> int:
     return 0
 
 
-__all__ = ["auroc", "best_dice", "dice", "local_zscore_map", "pro_auc", "run", "slice_components"]
+__all__ = ["auroc", "baseline_heatmap", "best_dice", "dice", "diffusion_configs", "diffusion_heatmap",
+           "local_zscore_map", "pro_auc", "run", "slice_components"]
