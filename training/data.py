@@ -323,6 +323,21 @@ def patch_level(slice_2d: np.ndarray, size: int, rng: np.random.Generator) -> tu
     return np.ascontiguousarray(crop), coords
 
 
+def stacked_patch(stack: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same random ``size`` crop of every plane of ``stack`` (C, H, W)
+    (padded with air when smaller), and its coordinates in the plane: the
+    aligned image / condition pairs of the conditional models."""
+    c, h, w = stack.shape
+    ph, pw = max(h, size), max(w, size)
+    if (ph, pw) != (h, w):
+        padded = np.full((c, ph, pw), -1.0, dtype=np.float32)
+        padded[:, :h, :w] = stack
+        stack = padded
+    r0, c0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
+    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
+    return np.ascontiguousarray(stack[:, r0:r0 + size, c0:c0 + size]), coords
+
+
 def make_augmentation(seed: int):
     """Mild geometric augmentation (MONAI): rotation, scaling, shear.
 

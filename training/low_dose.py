@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import SampleStream, TrainingVolume, load_volumes, volume_probabilities
-from .thick_thin import _same_patch
+from .data import SampleStream, TrainingVolume, load_volumes, stacked_patch, volume_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class LowDosePairs(SampleStream):
                 both = both[:, :, ::-1]
             if rng.random() < 0.5:
                 both = both[:, ::-1]
-        crop, coords = _same_patch(np.ascontiguousarray(both), self.patch, rng)
+        crop, coords = stacked_patch(np.ascontiguousarray(both), self.patch, rng)
         image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

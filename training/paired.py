@@ -65,7 +65,7 @@ from napari_mediffuse.engine.intensity import (
 
 from napari_mediffuse.tasks.common import PLANE_AXIS
 
-from .data import ORIENTATIONS, SampleStream, region_index, resolve_path
+from .data import ORIENTATIONS, SampleStream, region_index, resolve_path, stacked_patch
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +605,7 @@ class PairedSlices(SampleStream):
         if rng.random() < self.p_image:
             stack, coords = _image_level(stack, self.patch)
         else:
-            stack, coords = _patch_level(stack, self.patch, rng)
+            stack, coords = stacked_patch(stack, self.patch, rng)
         condition = stack[1:]
         if self.p_drop and rng.random() < self.p_drop:
             condition = np.zeros_like(condition)
@@ -632,20 +632,6 @@ def _image_level(stack: np.ndarray, size: int):
     kwargs = {"mode": "area"} if side > size else {"mode": "bilinear", "align_corners": False}
     resized = F.interpolate(tensor, size=(size, size), **kwargs)[0].numpy()
     return resized, coordinate_grid([(0, size), (0, size)], (size, size)).numpy()
-
-
-def _patch_level(stack: np.ndarray, size: int, rng: np.random.Generator):
-    from napari_mediffuse.engine.position import coordinate_grid
-
-    c, h, w = stack.shape
-    ph, pw = max(h, size), max(w, size)
-    if (ph, pw) != (h, w):
-        padded = np.full((c, ph, pw), -1.0, dtype=np.float32)
-        padded[:, :h, :w] = stack
-        stack = padded
-    r0, c0 = int(rng.integers(0, ph - size + 1)), int(rng.integers(0, pw - size + 1))
-    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
-    return np.ascontiguousarray(stack[:, r0:r0 + size, c0:c0 + size]), coords
 
 
 def _stack_augmentation(seed: int):

@@ -25,11 +25,10 @@ import logging
 import numpy as np
 import torch
 
-from napari_mediffuse.engine.position import coordinate_grid
 from napari_mediffuse.tasks.baselines import cubic_along
 from napari_mediffuse.tasks.diffpir import SlabOperator
 
-from .data import SampleStream, TrainingVolume, load_volumes, take_slice, volume_probabilities
+from .data import SampleStream, TrainingVolume, load_volumes, stacked_patch, take_slice, volume_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class ThickThinPlanes(SampleStream):
         both = np.stack([truth, condition])
         if augment is not None and rng.random() < 0.5:
             both = both[:, :, ::-1]  # left-right: the slab model is unchanged
-        crop, coords = _same_patch(both, self.patch, rng)
+        crop, coords = stacked_patch(both, self.patch, rng)
         image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
@@ -114,21 +113,6 @@ class ThickThinPlanes(SampleStream):
 
     def augmentation(self, seed: int):
         return True if self.augment else None
-
-
-def _same_patch(stack: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The same random ``size`` crop of each plane of ``stack`` (C, H, W), padded with air."""
-    c, h, w = stack.shape
-    ph, pw = max(h, size), max(w, size)
-    if (ph, pw) != (h, w):
-        padded = np.full((c, ph, pw), -1.0, dtype=np.float32)
-        padded[:, :h, :w] = stack
-        stack = padded
-    r0 = int(rng.integers(0, ph - size + 1))
-    c0 = int(rng.integers(0, pw - size + 1))
-    crop = np.ascontiguousarray(stack[:, r0:r0 + size, c0:c0 + size], dtype=np.float32)
-    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
-    return crop, coords
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):

@@ -629,7 +629,9 @@ def add_command(subparsers) -> None:
     q.set_defaults(func=inpaint_example)
 
 
-def _run_cli(args) -> int:
+def fill_task_defaults(args) -> None:
+    """Options left unset (None) take the anomaly task's defaults, and
+    ``args.command_line`` records the command (for the tables' headers)."""
     import sys
 
     from napari_mediffuse.tasks import anomaly as task
@@ -642,6 +644,10 @@ def _run_cli(args) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.command_line = "python -m training.evaluate " + " ".join(sys.argv[1:])
+
+
+def _run_cli(args) -> int:
+    fill_task_defaults(args)
     run(args)
     return 0
 

@@ -562,18 +562,9 @@ def add_command(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    import sys
+    from .anomaly import fill_task_defaults
 
-    from napari_mediffuse.tasks import anomaly as task
-
-    defaults = dict(t=[task.DEFAULT_T], t_end=task.DEFAULT_T_END, patch_mm=task.DEFAULT_PATCH_MM or 0.0,
-                    ensemble=task.DEFAULT_ENSEMBLE, steps=task.DEFAULT_STEPS,
-                    smooth_mm=task.DEFAULT_SMOOTH_MM, window_hu=list(task.DEFAULT_WINDOW_HU),
-                    percentile=task.DEFAULT_PERCENTILE, min_threshold=task.DEFAULT_MIN_THRESHOLD)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.command_line = "python -m training.evaluate " + " ".join(sys.argv[1:])
+    fill_task_defaults(args)
     run(args)
     return 0
 

@@ -124,8 +124,12 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
                        strength: float = 1.0, lam: float | None = None, seed: int = 0,
                        device: str = "cpu", batch_size: int = 8,
                        white_noise_hu: float | None = None, filter_name: str = "ramp",
-                       photons: float | None = None) -> tuple[dict, dict]:
+                       photons: float | None = None, central_fraction: float = 1.0) -> tuple[dict, dict]:
     """Scores of every method on simulated low-dose held-out slices.
+
+    ``central_fraction``: draw the slices from this central part of the
+    held-out block only (e.g. 0.6 for the OpenKBP boxes, whose first and last
+    slices lie partly outside the scan, in air).
 
     ``filter_name``, ``photons``: the low-dose simulator's reconstruction
     filter and full-dose photon count (:func:`training.degrade.low_dose_noise`;
@@ -146,7 +150,9 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
     count = data.shape[0] - start
     if count < 1:
         raise ValueError("no held-out slices: raise --holdout-fraction")
-    index = np.unique(np.linspace(start, data.shape[0] - 1, min(slices or count, count)).round().astype(int))
+    margin = int(round(count * (1.0 - central_fraction) / 2.0))
+    first, last = start + margin, data.shape[0] - 1 - margin
+    index = np.unique(np.linspace(first, last, min(slices or count, last - first + 1)).round().astype(int))
     clean = data[index]
     pixel_mm = float(np.mean(volume.spacing[1:]))
     if white_noise_hu:
@@ -193,6 +199,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
         "ct_spacing_mm": list(volume.spacing),
         "slices": [int(i) for i in index],
         "holdout_fraction": holdout_fraction,
+        "central_fraction": central_fraction,
         "dose_fraction": None if white_noise_hu else dose,
         "white_noise_hu": white_noise_hu,
         "simulator": None if white_noise_hu else {"filter": filter_name, "photons": photons or DEFAULT_PHOTONS},
@@ -458,6 +465,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--photons", type=float, help="full-dose photons per detector bin and view (default 8e5)")
     p.add_argument("--ct-glob", help="score every CT matching this glob instead of --ct (several patients, "
                                      "pooled: each CT weighs the same)")
+    p.add_argument("--central-fraction", type=float, default=1.0,
+                   help="draw the slices from this central part of the held-out block (default 1 = all of it)")
     p.add_argument("--max-cts", type=int, default=0, help="with --ct-glob: the first N (sorted; 0 = all)")
     p.add_argument("--name", default="restoration_denoise", help="output file stem")
     p.set_defaults(func=_cmd_denoise)
@@ -493,7 +502,8 @@ def _cmd_denoise(args) -> int:
         target, model=args.model, denoise_model=args.denoise_model, methods=args.methods, slices=args.slices,
         holdout_fraction=args.holdout_fraction, dose=args.dose, steps=args.steps, strength=args.strength,
         lam=args.lam, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons)
+        white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons,
+        central_fraction=args.central_fraction)
     report["command"] = _command_line()
     write_outputs(report, images, Path(args.out), args.name)
     return 0
