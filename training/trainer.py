@@ -426,9 +426,13 @@ def read_log(output) -> list[dict]:
 def card_domain(config: dict) -> dict:
     """``{"domain": ...}`` for a multi-resolution prior (``data.pixel_sizes_mm``):
     its card has no single pixel spacing, so the pixel-size range it was
-    trained on is what the tasks' domain check compares a scan with."""
+    trained on is what the tasks' domain check compares a scan with; plus
+    the config's own ``domain`` block (the learned restoration models, which
+    work at each scan's own voxel size, state the range they saw there)."""
     sizes = config.get("data", {}).get("pixel_sizes_mm")
-    return {"domain": {"pixel_spacing_mm": [float(sizes[0]), float(sizes[1])]}} if sizes else {}
+    domain = {"pixel_spacing_mm": [float(sizes[0]), float(sizes[1])]} if sizes else {}
+    domain.update(config.get("domain") or {})  # a config's own domain block (models kept at native size)
+    return {"domain": domain} if domain else {}
 
 
 def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: int, seconds: float,
