@@ -723,7 +723,7 @@ def test_cli_unexpected_error_is_one_line_naming_the_input(monkeypatch, capsys, 
 def test_reader_never_raises_even_on_unexpected_errors(monkeypatch, notifications, tmp_path):
     path = save_nifti(tmp_path / "ok.nii", ct_values())
 
-    def explode(_path):
+    def explode(_path, **_options):  # the reader passes the loaded series (loaded=...)
         raise np.linalg.LinAlgError("SVD did not converge")
 
     monkeypatch.setattr(io, "read", explode)
