@@ -473,7 +473,8 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
     # range (e.g. below air next to bone); keep within it
     out = np.clip(out, float(data.min()), float(data.max()), out=out if out.dtype == np.float32 else None)
     params["seconds"] = round(time.perf_counter() - started, 3)
-    suffix = f"super-resolved x{k} ({method}" + (f", {int(steps)} steps)" if method in MODEL_METHODS else ")")
+    n_steps = f", {int(steps)} step{'s' if int(steps or 0) != 1 else ''}" if method in MODEL_METHODS else ""
+    suffix = f"super-resolved x{k} ({method}{n_steps})"
     result = result_volume(volume, out.astype(np.float32, copy=False), task="super_resolution", suffix=suffix,
                            params=params, affine=affine, model=model_name)
     result.metadata["slice_thickness_mm"] = spacing / k
