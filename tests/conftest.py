@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,19 @@ def mr_lps_path() -> Path:
 @pytest.fixture
 def ct_seg_path() -> Path:
     return shared("ct/abdomen_ct_3mm_small_seg.nii.gz")
+
+
+def chest_ct_centre_crop(shape, name="chest crop"):
+    """A crop of ``shape`` (S, P, L) voxels about the centre of the real 1 mm
+    chest CT (LIDC-0314, 0.78 mm pixels), HU, with its affine moved to the crop."""
+    from napari_mediffuse import io
+
+    ct, = io.read(shared("ct/chest_ct_lidc0314_1mm.nii.gz"))
+    start = [n // 2 - m // 2 for n, m in zip(ct.data.shape, shape)]
+    data = np.array(ct.data[tuple(slice(a, a + m) for a, m in zip(start, shape))], dtype=np.float32)
+    affine = np.array(ct.affine)
+    affine[:3, 3] = (affine @ np.array([*start, 1.0]))[:3]
+    return io.Volume(data, affine, modality="CT", name=name)
 
 
 #: Architecture of the tiny randomly initialised test checkpoints.

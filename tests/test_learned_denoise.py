@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mediffuse import io
 from napari_mediffuse.engine.checkpoint import CheckpointError
 from napari_mediffuse.tasks import denoise
 from napari_mediffuse.tasks.common import RunOptions
 
-from conftest import save_tiny_checkpoint, shared
+from conftest import chest_ct_centre_crop, save_tiny_checkpoint
 from training.data import TrainingVolume
 from training.low_dose import LowDosePairs, load_bank, save_bank, simulate_bank
 
@@ -23,12 +22,7 @@ DENOISE_CARD = dict(task="denoising", schedule={"beta_schedule": "squaredcos_cap
 @pytest.fixture(scope="module")
 def chest_crop():
     """6 axial slices of 64 x 64 (0.78 mm) from the real 1 mm chest CT, HU."""
-    ct, = io.read(shared("ct/chest_ct_lidc0314_1mm.nii.gz"))
-    s, p, l = (n // 2 for n in ct.data.shape)
-    data = np.array(ct.data[s - 3:s + 3, p - 32:p + 32, l - 32:l + 32], dtype=np.float32)
-    affine = np.array(ct.affine)
-    affine[:3, 3] = (affine @ np.array([s - 3, p - 32, l - 32, 1.0]))[:3]
-    return io.Volume(data, affine, modality="CT", name="chest crop")
+    return chest_ct_centre_crop((6, 64, 64))
 
 
 def _training_volume(chest_crop):

@@ -13,7 +13,7 @@ from napari_mediffuse.tasks import superres
 from napari_mediffuse.tasks.common import RunOptions
 from napari_mediffuse.tasks.diffpir import SlabOperator
 
-from conftest import TINY_ARCHITECTURE, save_tiny_checkpoint, shared
+from conftest import TINY_ARCHITECTURE, chest_ct_centre_crop, save_tiny_checkpoint
 from training.data import TrainingVolume
 from training.degrade import simulate_thick_slices
 from training.thick_thin import ThickThinPlanes, factors_for, thick_and_cubic
@@ -91,12 +91,7 @@ def test_a_conditioned_network_starts_as_the_prior_it_is_initialised_from(tmp_pa
 @pytest.fixture(scope="module")
 def chest_thin():
     """A 1 mm slab of the real chest CT (0.78 mm pixels), 40 slices of 48 x 64, HU."""
-    ct, = io.read(shared("ct/chest_ct_lidc0314_1mm.nii.gz"))
-    s, p, l = (n // 2 for n in ct.data.shape)
-    data = np.array(ct.data[s - 20:s + 20, p - 24:p + 24, l - 32:l + 32], dtype=np.float32)
-    affine = np.array(ct.affine)
-    affine[:3, 3] = (affine @ np.array([s - 20, p - 24, l - 32, 1.0]))[:3]
-    return io.Volume(data, affine, modality="CT", name="chest 1 mm")
+    return chest_ct_centre_crop((40, 48, 64), name="chest 1 mm")
 
 
 @pytest.fixture

@@ -610,6 +610,20 @@ def add_command(subparsers) -> None:
     p.add_argument("--scores", nargs="+", choices=["residual", "spread"], default=["residual", "spread"],
                    help="diffusion scores to evaluate (both come from the same reconstructions)")
     p.add_argument("--roi", choices=["body", "organs"], default="body")
+    add_heatmap_options(p, threads=2)
+    p.set_defaults(func=_run_cli)
+
+    q = subparsers.add_parser("inpaint-example", help="inpaint inserted liver lesions in held-out CT slices")
+    q.add_argument("--model", default="ct-prior-demo")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--out", default="docs/evaluation")
+    q.set_defaults(func=inpaint_example)
+
+
+def add_heatmap_options(p, *, threads: int) -> None:
+    """Options shared by the anomaly evaluations: heatmap post-processing
+    (None = the task's defaults, see :func:`fill_task_defaults`), the
+    baseline, the run and the output folder."""
     p.add_argument("--smooth-mm", type=float, default=None)
     p.add_argument("--window-hu", type=float, nargs=2, default=None)
     p.add_argument("--percentile", type=float, default=None)
@@ -618,15 +632,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--out", default="docs/evaluation")
-    p.set_defaults(func=_run_cli)
-
-    q = subparsers.add_parser("inpaint-example", help="inpaint inserted liver lesions in held-out CT slices")
-    q.add_argument("--model", default="ct-prior-demo")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--out", default="docs/evaluation")
-    q.set_defaults(func=inpaint_example)
 
 
 def fill_task_defaults(args) -> None:

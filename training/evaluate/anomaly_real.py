@@ -58,8 +58,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from .anomaly import (_gray, _heat, _overlay, _slice_max, auroc, baseline_heatmap, best_dice, dice,
-                      diffusion_configs, diffusion_heatmap, make_lesion_volume, pro_auc, slice_components)
+from .anomaly import (_gray, _heat, _overlay, _slice_max, add_heatmap_options, auroc, baseline_heatmap, best_dice,
+                      dice, diffusion_configs, diffusion_heatmap, make_lesion_volume, pro_auc, slice_components)
 
 log = logging.getLogger(__name__)
 
@@ -547,16 +547,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--recon-margin-mm", type=float, default=0.0,
                    help="the diffusion reconstructs the ROI grown by this margin (in-plane), scored in the ROI, so "
                         "the seam between reconstruction and pasted-back context lies outside the scored region")
-    p.add_argument("--smooth-mm", type=float, default=None)
-    p.add_argument("--window-hu", type=float, nargs=2, default=None)
-    p.add_argument("--percentile", type=float, default=None)
-    p.add_argument("--min-threshold", type=float, default=None)
-    p.add_argument("--baseline-sigma-mm", type=float, default=15.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="docs/evaluation")
+    add_heatmap_options(p, threads=1)
     p.add_argument("--stem", default="anomaly_real", help="file stem of the outputs")
     p.set_defaults(func=_run_cli)
 
