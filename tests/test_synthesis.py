@@ -254,3 +254,13 @@ def test_bundled_coarse_prior_draws_a_body_in_air():
         corners = np.concatenate([box[:, :4, :4].ravel(), box[:, -4:, -4:].ravel()])
         assert np.median(corners) < -950  # air around the body
         assert -100 < np.median(box[body]) < 50  # fat and soft tissue, as the real body's -33 HU
+
+
+def test_a_multi_resolution_prior_generates_at_the_requested_spacing_within_its_range():
+    from napari_mediffuse.tasks.synthesize import generation_spacing
+
+    multi = {"pixel_spacing_mm": None, "domain": {"pixel_spacing_mm": [0.6, 4.0]}}
+    assert generation_spacing(multi, (3.0, 4.0, 4.0)) == 3.0   # a neck box at its own voxel size
+    assert generation_spacing(multi, (8.0, 8.0, 8.0)) == 4.0   # coarser than it saw: its coarsest
+    assert generation_spacing(multi, None) == 1.0
+    assert generation_spacing({"pixel_spacing_mm": [3.0, 3.0]}, (1.0, 1.0, 1.0)) == 3.0  # a 3 mm prior

@@ -195,6 +195,19 @@ def synthesis_affine(shape, spacing) -> np.ndarray:
     return affine
 
 
+def generation_spacing(card: dict, spacing=None) -> float:
+    """The voxel size (mm) the prior generates at: its pixel spacing, or for a
+    multi-resolution prior (a pixel-size range in its domain, no single
+    spacing) the requested spacing's finest axis brought into that range
+    (1 mm when none is requested), so a 4 mm box is drawn at 4 mm, not at
+    64 times the voxels."""
+    if card.get("pixel_spacing_mm"):
+        return float(card["pixel_spacing_mm"][0])
+    low, high = (card.get("domain") or {}).get("pixel_spacing_mm") or (1.0, 1.0)
+    wanted = min(spacing) if spacing else 1.0
+    return float(min(max(wanted, float(low)), float(high)))
+
+
 def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, steps: int = 50,
                planes=PLANES, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
                options: RunOptions | None = None) -> Volume:
@@ -246,11 +259,12 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
                              f"{GRID_LIMITS['slices']} slices of {GRID_LIMITS['side']} x {GRID_LIMITS['side']})")
     checkpoint, predictor = load_prior(model, options)
     card = checkpoint.card
-    native = float((card.get("pixel_spacing_mm") or [1.0])[0])
     patch = int((card.get("patch_size") or [1])[0])
-    spacing = (native,) * 3 if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
+    spacing = None if spacing is None else tuple(float(s) for s in spacing)
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise TaskInputError(f"spacing must be three positive numbers in mm, got {spacing}")
+    native = generation_spacing(card, spacing)
+    spacing = (native,) * 3 if spacing is None else spacing
     try:
         region_class = region_index(region, card)
     except ValueError as exc:

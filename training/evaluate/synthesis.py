@@ -123,7 +123,7 @@ def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: fl
 
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
-             device="cpu", coarse_model="auto", refine_from=None, out=None) -> dict:
+             device="cpu", coarse_model="auto", refine_from=None, out=None, spacing=None) -> dict:
     if samples < 1:
         raise ValueError(f"samples must be >= 1 (the scores describe generated volumes), got {samples}")
     real = io.read(real_path)[0]
@@ -132,6 +132,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                         "adjacent_slice_mad_hu": adjacent_slice_difference(real_hu)},
                "samples": [], "settings": {"shape": list(shape), "steps": steps, "region": region,
                                            "model": model or "default ct_prior", "device": device,
+                                           "spacing_mm": spacing,
                                            "torch_threads": torch.get_num_threads()}}
     volumes = []
 
@@ -142,7 +143,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
 
     for seed in range(samples):
         start = time.monotonic()
-        vol = synthesize(shape, region=region, model=model, steps=steps, coarse_model=coarse_model,
+        vol = synthesize(shape, spacing=spacing, region=region, model=model, steps=steps, coarse_model=coarse_model,
                          refine_from=refine_from, options=RunOptions(device=device, seed=seed, batch_size=8))
         volumes.append(vol.data)
         params = vol.metadata["parameters"]
@@ -154,7 +155,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
     extra_volumes = []
     for key, kwargs in baselines.items():
         start = time.monotonic()
-        vol = synthesize(shape, region=region, model=model, steps=steps, coarse_model=None,
+        vol = synthesize(shape, spacing=spacing, region=region, model=model, steps=steps, coarse_model=None,
                          options=RunOptions(device=device, seed=0, batch_size=8), **kwargs)
         results[key] = scored(vol, time.monotonic() - start)
         extra_volumes.append(vol.data)
@@ -213,12 +214,13 @@ def add_command(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
     p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
+    p.add_argument("--spacing", type=float, nargs=3, help="voxel size (mm) of the samples (default: the model's)")
     p.add_argument("--out", default="docs/evaluation/synthesis")
 
     def run(args) -> int:
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
-                           refine_from=args.refine_from, out=args.out)
+                           refine_from=args.refine_from, out=args.out, spacing=args.spacing)
         print(markdown(results))
         return 0
 
