@@ -170,6 +170,46 @@ class Normalizer:
         return (self.range[1] - self.range[0]) / 2.0
 
 
+#: Network evaluations of a learned restoration model (1 = its posterior mean).
+LEARNED_STEPS = 1
+
+
+def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Normalizer", runner, *,
+                     region_class: int, noise, steps: int = LEARNED_STEPS, flip_rows: bool = False,
+                     progress=None, cancel=None) -> np.ndarray:
+    """A learned restoration model's estimate (HU) of a batch of 2D images
+    given their condition (HU, (B, H, W): the low-dose slice, the cubic
+    interpolation of thick slices).
+
+    The posterior mean for ``steps=1``, a DDIM sample for more
+    (:func:`~napari_mediffuse.engine.sampling.conditional_estimate`); a
+    residual model's correction is added to its condition
+    (:func:`~napari_mediffuse.engine.sampling.from_residual`). ``flip_rows``
+    presents the rows reversed, as the model saw coronal and sagittal planes
+    (superior up). HU outside the model's window come from the condition.
+    """
+    from ..engine.sampling import conditional_estimate, from_residual, residual_scale
+
+    low, high = norm.range
+    condition = norm.forward(condition_hu)
+    if flip_rows:
+        condition = condition[:, ::-1]
+    condition_t = runner.tensor(condition)
+    regions = torch.full((len(condition_hu),), int(region_class), dtype=torch.long)
+
+    def predict(x, t):
+        return predictor(x, t, condition=condition_t, region=regions)
+
+    residual = residual_scale(checkpoint.card) is not None
+    x0 = conditional_estimate(predict, condition_t.shape, checkpoint.schedule, steps=steps, generator=noise,
+                              device=condition_t.device, dtype=runner.sample_dtype, progress=progress,
+                              cancel=cancel, clip=None if residual else (-1.0, 1.0))
+    estimate = runner.numpy(from_residual(x0, condition_t, checkpoint.card))
+    if flip_rows:
+        estimate = estimate[:, ::-1]
+    return norm.inverse(estimate) + (condition_hu - np.clip(condition_hu, low, high))
+
+
 def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, params: dict,
                   affine: np.ndarray | None = None, modality: str | None = None,
                   synthetic: bool = False, model: str | None = None) -> Volume:

@@ -41,10 +41,12 @@ from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import bm3d_slices, nlm_slices
 from .common import (
+    LEARNED_STEPS,
     Normalizer,
     RunOptions,
     TaskInputError,
     bind_region,
+    learned_estimate,
     load_prior,
     map_slices,
     region_index,
@@ -59,6 +61,8 @@ from .diffpir import denoise_data_step, rho_t, run_diffpir
 log = logging.getLogger(__name__)
 
 METHODS = ("diffusion", "learned", "bm3d", "nlm")
+#: Methods that run a network (the others filter).
+MODEL_METHODS = ("diffusion", "learned")
 #: Checkpoint task of learned denoisers.
 DENOISE_TASK = "denoising"
 #: Default network evaluations per slice of the diffusion denoiser.
@@ -209,7 +213,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         raise TaskInputError(f"strength must be >= 0, got {strength}")
     if noise_hu is not None and not noise_hu > 0:
         raise TaskInputError(f"noise_hu must be > 0 HU, got {noise_hu}")
-    check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method in ("diffusion", "learned") else 8)
+    check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 8)
     data = np.asarray(volume.data, dtype=np.float32)
     started = time.perf_counter()
     if noise_hu is None:
@@ -293,33 +297,18 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
 
 def _denoise_learned(data, volume, *, model, steps, strength, region, options):
     """The learned denoiser's estimate of each axial slice (its posterior mean for one step)."""
-    from ..engine.sampling import conditional_estimate, from_residual, residual_scale
-
     checkpoint, predictor = load_prior(model, options, task=DENOISE_TASK)
     norm = Normalizer(checkpoint.normalization, data)
-    low, high = norm.range
     region_class = region_index(region, checkpoint.card)
     runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
     warnings = check_domain(checkpoint.card, volume, task="denoise", region=region)
     share = min(float(strength), 1.0)
-    steps = 1 if steps is None else max(1, int(steps))
-    residual = residual_scale(checkpoint.card) is not None
+    steps = LEARNED_STEPS if steps is None else max(1, int(steps))
 
     def restore(index, noise, progress):
         y_hu = data[index]
-        condition = runner.tensor(norm.forward(y_hu))
-        regions = torch.full((len(index),), region_class, dtype=torch.long)
-
-        def predict(x, t):
-            return predictor(x, t, condition=condition, region=regions)
-
-        x0 = conditional_estimate(predict, condition.shape, checkpoint.schedule, steps=steps, generator=noise,
-                                  device=condition.device, dtype=runner.sample_dtype, progress=progress,
-                                  cancel=options.cancel, clip=None if residual else (-1.0, 1.0))
-        x0 = from_residual(x0, condition, checkpoint.card)
-        estimate = norm.inverse(runner.numpy(x0))
-        # HU the model's window clipped away (air, dense bone, metal): from the input
-        estimate = estimate + (y_hu - np.clip(y_hu, low, high))
+        estimate = learned_estimate(predictor, checkpoint, y_hu, norm, runner, region_class=region_class,
+                                    noise=noise, steps=steps, progress=progress, cancel=options.cancel)
         return y_hu + share * (estimate - y_hu)
 
     out = runner.run(range(data.shape[0]), restore, cost=steps, message="learned denoising")

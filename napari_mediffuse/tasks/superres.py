@@ -60,10 +60,12 @@ from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import cubic_along, cubic_matrix, sinc_along, thin_positions  # noqa: F401
 from .common import (
+    LEARNED_STEPS,
     Normalizer,
     RunOptions,
     TaskInputError,
     bind_region,
+    learned_estimate,
     load_prior,
     region_index,
     mark_out_of_domain,
@@ -82,8 +84,6 @@ DEFAULT_STEPS = 4
 #: Start noise of the diffusion SR at strength 1 (normalised std, ~110 HU):
 #: the order of the error of the cubic interpolation it starts from.
 DEFAULT_START_SIGMA = 0.07
-#: Network evaluations per plane of the learned model (1 = its posterior mean).
-LEARNED_STEPS = 1
 #: Checkpoint task of learned super-resolution models.
 SR_TASK = "super_resolution"
 #: Noise level (HU) whose posterior-mean estimate ends the diffusion SR
@@ -298,42 +298,18 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     ndarray (N, n_thin, W)
         Super-resolved planes, HU, consistent with ``thick_planes``.
     """
-    import torch
-
-    from ..engine.sampling import conditional_estimate, from_residual, residual_scale
-
     if op.geometry is None:
         raise ValueError("conditional_planes needs a SlabOperator built by SlabOperator.from_geometry")
     norm = Normalizer(checkpoint.normalization, initial)
-    low, high = norm.range
-    schedule = checkpoint.schedule
     right_inverse = _smooth_inverse(op) if smooth else None
     region_class = region_index(region, checkpoint.card)
     runner = SliceRunner(device_of(predictor), seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
     nsteps = max(1, int(steps))
-    residual = residual_scale(checkpoint.card) is not None
 
     def restore(index, noise, span):
         init = np.ascontiguousarray(initial[index], dtype=np.float32)
-        condition = norm.forward(init)
-        if flip_rows:
-            condition = condition[:, ::-1]
-        condition_t = runner.tensor(condition)
-        regions = torch.full((len(index),), region_class, dtype=torch.long)
-
-        def predict(x, t):
-            return predictor(x, t, condition=condition_t, region=regions)
-
-        x0 = conditional_estimate(predict, condition_t.shape, schedule, steps=nsteps, generator=noise,
-                                  device=condition_t.device, dtype=runner.sample_dtype, progress=span,
-                                  cancel=cancel, clip=None if residual else (-1.0, 1.0))
-        x0 = from_residual(x0, condition_t, checkpoint.card)
-        result = runner.numpy(x0)
-        if flip_rows:
-            result = result[:, ::-1]
-        result = norm.inverse(result)
-        # HU outside the model's window come from the interpolation
-        result = result + (init - np.clip(init, low, high))
+        result = learned_estimate(predictor, checkpoint, init, norm, runner, region_class=region_class,
+                                  noise=noise, steps=nsteps, flip_rows=flip_rows, progress=span, cancel=cancel)
         thick = np.asarray(thick_planes[index], dtype=np.float64)
         result = op.data_step(result.astype(np.float64), thick, 0.0, axis=1,
                               right_inverse=right_inverse).astype(np.float32)
