@@ -338,6 +338,22 @@ def stacked_patch(stack: np.ndarray, size: int, rng: np.random.Generator) -> tup
     return np.ascontiguousarray(stack[:, r0:r0 + size, c0:c0 + size]), coords
 
 
+def restoration_sample(target_and_condition: np.ndarray, coords: np.ndarray, region: int,
+                       residual_scale: float = 0.0) -> dict:
+    """A training sample of a learned restoration model from an aligned crop
+    (2, H, W) of target and condition: the image is the target, or with
+    ``residual_scale`` s the correction ``s (target - condition)`` the model
+    generates (card ``residual_scale``)."""
+    target, condition = target_and_condition[0:1], target_and_condition[1:2]
+    image = target if not residual_scale else (target - condition) * residual_scale
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+        "condition": torch.from_numpy(np.ascontiguousarray(condition, dtype=np.float32)),
+        "coords": torch.from_numpy(coords),
+        "region": torch.tensor(region, dtype=torch.long),
+    }
+
+
 def make_augmentation(seed: int):
     """Mild geometric augmentation (MONAI): rotation, scaling, shear.
 

@@ -23,9 +23,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .data import SampleStream, TrainingVolume, load_volumes, stacked_patch, volume_probabilities
+from .data import SampleStream, TrainingVolume, load_volumes, restoration_sample, stacked_patch, volume_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +115,7 @@ class LowDosePairs(SampleStream):
             if rng.random() < 0.5:
                 both = both[:, ::-1]
         crop, coords = stacked_patch(np.ascontiguousarray(both), self.patch, rng)
-        image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "condition": torch.from_numpy(crop[1:2].copy()),
-            "coords": torch.from_numpy(coords),
-            "region": torch.tensor(volume.region, dtype=torch.long),
-        }
+        return restoration_sample(crop, coords, volume.region, self.residual_scale)
 
     def augmentation(self, seed: int):
         return True if self.augment else None

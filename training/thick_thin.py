@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from napari_mediffuse.tasks.baselines import cubic_along
 from napari_mediffuse.tasks.diffpir import SlabOperator
 
-from .data import SampleStream, TrainingVolume, load_volumes, stacked_patch, take_slice, volume_probabilities
+from .data import (SampleStream, TrainingVolume, load_volumes, restoration_sample, stacked_patch, take_slice,
+                   volume_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,7 @@ class ThickThinPlanes(SampleStream):
         if augment is not None and rng.random() < 0.5:
             both = both[:, :, ::-1]  # left-right: the slab model is unchanged
         crop, coords = stacked_patch(both, self.patch, rng)
-        image = crop[0:1] if not self.residual_scale else (crop[0:1] - crop[1:2]) * self.residual_scale
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "condition": torch.from_numpy(crop[1:2].copy()),
-            "coords": torch.from_numpy(coords),
-            "region": torch.tensor(self.volumes[i].region, dtype=torch.long),
-        }
+        return restoration_sample(crop, coords, self.volumes[i].region, self.residual_scale)
 
     def augmentation(self, seed: int):
         return True if self.augment else None
