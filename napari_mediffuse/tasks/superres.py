@@ -36,8 +36,9 @@ step on the output grid makes the result consistent with the thick slices.
 
 ``method='learned'``: a conditional model trained for the job
 (``task: super_resolution`` checkpoints, :mod:`training.thick_thin`; MedDiff-FM
-fine-tunes its prior with a ControlNet on the thick slab, ours starts from
-the CT prior with zero-initialised condition inputs). It sees each coronal
+fine-tunes its prior with a ControlNet on the thick slab; ours is the
+prior's network with the condition as extra inputs, trained from random
+weights to generate a correction of it). It sees each coronal
 or sagittal plane's cubic interpolation and returns its estimate of the thin
 plane: with ``steps=1`` the posterior mean (one network evaluation from
 pure noise, the best estimate in PSNR), with more steps a deterministic DDIM
