@@ -46,6 +46,51 @@ def test_noise_bank_simulates_reduced_dose_noise_and_round_trips(chest_crop, tmp
     np.testing.assert_array_equal(again[1]["noise"], bank[1]["noise"])
 
 
+def _water_phantom_with_noise(photons: float, seed: int) -> np.ndarray:
+    """A 1 mm, 128 x 128 water cylinder (0 HU) with a 40 HU insert, carrying the
+    simulator's own full-dose noise at ``photons``: a scan whose dose is known."""
+    from training.degrade import low_dose_noise
+
+    yy, xx = np.mgrid[:128, :128]
+    phantom = np.where((yy - 64) ** 2 + (xx - 64) ** 2 < 55 ** 2, 0.0, -1000.0)
+    phantom[(yy - 64) ** 2 + (xx - 80) ** 2 < 12 ** 2] = 40.0
+    # a dose of 1/2 adds exactly the full dose's noise
+    return phantom + low_dose_noise(phantom, 1.0, 0.5, photons=photons, rng=np.random.default_rng(seed))
+
+
+def test_matched_photons_recovers_the_dose_a_scan_was_made_with():
+    from training.degrade import matched_photons
+
+    for true_photons in (2e4, 5e5):  # a noisy neck box and a clean chest scan: 25x apart
+        scan = _water_phantom_with_noise(true_photons, seed=1)
+        found = matched_photons(scan, 1.0, seed=2)
+        assert 0.75 * true_photons < found < 1.33 * true_photons
+
+
+def test_a_matched_quarter_dose_adds_twice_the_scans_own_noise_variance_thrice():
+    from napari_mediffuse.tasks.denoise import estimate_noise_hu
+    from training.degrade import low_dose_noise, matched_photons
+
+    scan = _water_phantom_with_noise(3e4, seed=3)
+    own = float(estimate_noise_hu(scan)[0])
+    photons = matched_photons(scan, 1.0, seed=4)
+    quarter = scan + low_dose_noise(scan, 1.0, 0.25, photons=photons, rng=np.random.default_rng(5))
+    # total noise of a quarter dose = 2 x the full dose's (variance 1/(dose I0))
+    assert 1.75 < float(estimate_noise_hu(quarter)[0]) / own < 2.25
+
+
+def test_noise_bank_with_matched_photons_records_each_slices_own_dose(chest_crop):
+    config = {"slices_per_volume": 2, "dose_range": [0.25, 0.25], "filters": ["ramp"], "photons": "auto"}
+    bank = simulate_bank([_training_volume(chest_crop)], [chest_crop.data], config, seed=0)
+    from napari_mediffuse.tasks.denoise import estimate_noise_hu
+
+    assert len(bank) == 2
+    for entry in bank:  # a quarter of each slice's own dose: twice its own noise
+        clean = chest_crop.data[entry["slice"]]
+        ratio = estimate_noise_hu(clean + entry["noise"])[0] / estimate_noise_hu(clean)[0]
+        assert 1.6 < ratio < 2.4 and entry["photons"] > 0
+
+
 def test_low_dose_pairs_are_the_clean_slice_and_it_plus_the_bank_noise(chest_crop):
     volume = _training_volume(chest_crop)
     noise = np.full((64, 64), 30.0, dtype=np.float32)  # +30 HU everywhere: easy to check

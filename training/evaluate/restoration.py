@@ -43,7 +43,7 @@ import numpy as np
 from napari_mediffuse import io
 from napari_mediffuse.tasks.common import RunOptions
 
-from ..degrade import DEFAULT_PHOTONS, simulate_low_dose, simulate_thick_slices
+from ..degrade import DEFAULT_PHOTONS, matched_photons, simulate_low_dose, simulate_thick_slices
 from ..metrics import psnr_hu, ssim_hu
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,8 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
                        strength: float = 1.0, lam: float | None = None, seed: int = 0,
                        device: str = "cpu", batch_size: int = 8,
                        white_noise_hu: float | None = None, filter_name: str = "ramp",
-                       photons: float | None = None, central_fraction: float = 1.0) -> tuple[dict, dict]:
+                       photons: float | str | None = None,
+                       central_fraction: float = 1.0) -> tuple[dict, dict]:
     """Scores of every method on simulated low-dose held-out slices.
 
     ``central_fraction``: draw the slices from this central part of the
@@ -134,7 +135,10 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
     ``filter_name``, ``photons``: the low-dose simulator's reconstruction
     filter and full-dose photon count (:func:`training.degrade.low_dose_noise`;
     Shepp-Logan with about 4e5 photons matches the noise power spectrum of the
-    1 mm chest CT, see docs/evaluation/restoration.md).
+    1 mm chest CT, see docs/evaluation/restoration.md). ``photons="auto"``:
+    the count at which the simulator's full-dose noise matches the CT's own
+    (:func:`training.degrade.matched_photons`, on the scored slices), so
+    ``dose`` is relative to the CT's actual dose (the JSON records the count).
 
     ``white_noise_hu``: add white Gaussian noise of this std (HU) instead of
     the low-dose simulation (the noise model the prior and BM3D assume; it
@@ -159,6 +163,9 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
         noise = np.random.default_rng(seed).normal(0.0, white_noise_hu, clean.shape)
         low = (clean + noise).astype(np.float32)
     else:
+        if photons == "auto":
+            photons = matched_photons(clean, pixel_mm, filter_name=filter_name, seed=seed)
+            log.info("%s: simulated full dose matched to the CT's own noise: %.3g photons", ct_path, photons)
         low = simulate_low_dose(clean, pixel_mm, dose, seed=seed, filter_name=filter_name,
                                 **({"photons": photons} if photons else {}))
     degraded_volume = io.Volume(low, volume.affine, modality="CT", name="low dose")
@@ -239,9 +246,14 @@ def evaluate_denoising_many(ct_paths, **kwargs) -> tuple[dict, dict]:
     report = dict(reports[0], ct=[str(p) for p in ct_paths], ct_shape=None, ct_spacing_mm=None, slices=None,
                   results=pooled,
                   per_ct=[{"ct": r["ct"], "ct_shape": r["ct_shape"], "ct_spacing_mm": r["ct_spacing_mm"],
-                           "slices": r["slices"], "results": r["results"]} for r in reports])
+                           "slices": r["slices"], "simulator": r["simulator"],
+                           "added_noise_std_hu": r["added_noise_std_hu"],
+                           "estimated_noise_hu": r["estimated_noise_hu"], "results": r["results"]}
+                          for r in reports])
     report["added_noise_std_hu"] = float(np.mean([r["added_noise_std_hu"] for r in reports]))
     report["estimated_noise_hu"] = float(np.mean([r["estimated_noise_hu"] for r in reports]))
+    if reports[0]["simulator"] and len({r["simulator"]["photons"] for r in reports}) > 1:
+        report["simulator"] = dict(reports[0]["simulator"], photons="matched per CT (see per_ct)")
     return report, first_images
 
 
@@ -388,11 +400,16 @@ def markdown_table(report: dict) -> str:
         methods = [m for m in report["results"] if m != "input"]
         lines += ["", f"Means over {len(report['per_ct'])} CTs (each weighs the same). PSNR / SSIM gain "
                       "in [-160, 240] HU per CT:", "",
-                  "| CT | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
+                  "| CT | added noise (HU) | full-dose photons | " + " | ".join(methods) + " |",
+                  "| --- | ---: | ---: |" + " ---: |" * len(methods)]
         for entry in report["per_ct"]:
             cells = [f"{entry['results'][m]['psnr_soft_gain']:+.2f} dB / {entry['results'][m]['ssim_soft_gain']:+.4f}"
                      for m in methods]
-            lines.append(f"| {Path(entry['ct']).parent.name or entry['ct']} | " + " | ".join(cells) + " |")
+            simulator = entry.get("simulator") or {}
+            photons = f"{simulator['photons']:.3g}" if isinstance(simulator.get("photons"), float) else ""
+            noise = f"{entry['added_noise_std_hu']:.1f}" if "added_noise_std_hu" in entry else ""
+            lines.append(f"| {Path(entry['ct']).parent.name or entry['ct']} | {noise} | {photons} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -462,7 +479,9 @@ def add_command(subparsers) -> None:
                    help="add white Gaussian noise of this std (HU) instead of simulating low dose")
     p.add_argument("--filter", default="ramp",
                    help="reconstruction filter of the simulated dose noise (ramp, shepp-logan, ...)")
-    p.add_argument("--photons", type=float, help="full-dose photons per detector bin and view (default 8e5)")
+    p.add_argument("--photons", type=_photons,
+                   help="full-dose photons per detector bin and view (default 8e5), or 'auto': the count at "
+                        "which the simulated full-dose noise matches each CT's own")
     p.add_argument("--ct-glob", help="score every CT matching this glob instead of --ct (several patients, "
                                      "pooled: each CT weighs the same)")
     p.add_argument("--central-fraction", type=float, default=1.0,
@@ -483,6 +502,10 @@ def add_command(subparsers) -> None:
                    help="run the full diffusion task (coronal + sagittal, whole volume); slow")
     p.add_argument("--name", default="restoration_sr", help="output file stem")
     p.set_defaults(func=_cmd_sr)
+
+
+def _photons(text: str):
+    return "auto" if text == "auto" else float(text)
 
 
 def _command_line() -> str:
