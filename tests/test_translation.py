@@ -675,3 +675,175 @@ def test_dock_tab_spec_runs_translation(ct_crop, ct2mr_model):
     _, in_kwargs, _ = image_layer_data(ct_crop)
     np.testing.assert_allclose(kwargs["scale"], in_kwargs["scale"])
     np.testing.assert_allclose(kwargs["translate"], in_kwargs["translate"])
+
+
+# -- multi-region simulated pairs (OpenKBP structures, split by patient, per-region evaluation) --
+
+def _blocks_volume():
+    """An 8 x 24 x 24 HU volume of homogeneous 8 x 8 x 8 blocks: HU and OpenKBP labels."""
+    hu = np.full((8, 24, 24), 40.0, np.float32)
+    labels = np.zeros(hu.shape, np.int16)
+    blocks = {  # (row, column) of the block: (HU, label)
+        (0, 0): (40.0, 0),      # unlabelled soft tissue
+        (0, 1): (35.0, 2),      # spinal cord
+        (0, 2): (100.0, 7),     # mandible marrow (100 HU: below the HU rules' bone threshold)
+        (1, 0): (40.0, 8),      # PTV56: a target margin, so the HU rules
+        (1, 1): (10.0, 3),      # right parotid
+        (1, 2): (1000.0, 0),    # unlabelled bone (the skull, the vertebrae: not OpenKBP structures)
+        (2, 0): (-100.0, 0),    # fat
+        (2, 1): (30.0, 1),      # brainstem
+        (2, 2): (40.0, 5),      # oesophagus wall
+    }
+    for (r, c), (value, label) in blocks.items():
+        hu[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = value
+        labels[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = label
+    return hu, labels
+
+
+def test_openkbp_structures_set_the_tissue_signal():
+    """label_scheme 'openkbp': spinal cord, brainstem, parotid, oesophagus and
+    mandible get their tissue's T1w spin-echo signal; PTV and unlabelled
+    voxels the HU rules; unlabelled bone stays bone (only the mandible is drawn)."""
+    hu, labels = _blocks_volume()
+    kw = dict(contrast="T1", bias=0.0, noise=0.0, blur=0.0, smooth_ct=0.0)
+    sim = paired.simulate_mr(hu, labels, label_scheme="openkbp", **kw).clean
+    hu_only = paired.simulate_mr(hu, None, **kw).clean
+    s = paired.tissue_signals("T1")
+
+    def at(image, r, c):
+        return float(image[4, 8 * r + 4, 8 * c + 4])
+
+    soft = at(sim, 0, 0)
+    assert at(hu_only, 0, 0) == pytest.approx(soft, rel=1e-5)
+    # ratios to the HU rules' soft tissue (the 1000-scaling cancels)
+    assert at(sim, 0, 1) / soft == pytest.approx(s["spinal_cord"] / s["soft_tissue"], rel=1e-4)
+    assert at(sim, 2, 1) / soft == pytest.approx(s["white_matter"] / s["soft_tissue"], rel=1e-4)
+    assert at(sim, 2, 2) / soft == pytest.approx(s["bowel"] / s["soft_tissue"], rel=1e-4)
+    assert at(sim, 0, 2) / soft == pytest.approx(s["marrow"] / s["soft_tissue"], rel=1e-4)
+    assert at(hu_only, 0, 2) == pytest.approx(soft, rel=1e-5)  # 100 HU without the label: soft tissue
+    # parotid at 10 HU (its nominal HU): fatty gland, between fat and muscle on T1w
+    assert at(sim, 1, 1) / soft == pytest.approx(s["parotid"] / s["soft_tissue"], rel=1e-4)
+    assert s["fat"] > s["parotid"] > s["muscle"]
+    assert at(sim, 1, 0) == pytest.approx(soft, rel=1e-5)  # PTV: HU rules
+    assert at(sim, 1, 2) < 0.05 * soft  # 1000 HU unlabelled: cortical bone, dark
+    assert at(sim, 2, 0) / soft == pytest.approx(s["fat"] / s["soft_tissue"], rel=1e-4)
+    # the default TotalSegmentator legend reads the same numbers as other organs (2: a kidney)
+    ts = paired.simulate_mr(hu, labels, **kw).clean
+    assert at(ts, 0, 1) / soft == pytest.approx(s["kidney"] / s["soft_tissue"], rel=1e-4)
+    with pytest.raises(ValueError, match="label_scheme"):
+        paired.simulate_mr(hu, labels, label_scheme="brats", **kw)
+
+
+def test_openkbp_patient_simulated_with_its_structures():
+    """A real OpenKBP patient read from its folder as the CT prior reads it
+    (glob, orientation_fix): the structures on the same grid, the spinal
+    cord brighter than the HU rules make it on T1w, the PTV no different."""
+    from conftest import shared
+
+    root = shared("ct/openkbp/train")
+    spec = {"ct": str(root), "glob": "*/ct.nii.gz", "patients": ["pt_1"], "labels": "structures.nii.gz",
+            "label_scheme": "openkbp", "orientation_fix": ["rot90_PL", "flip_S"], "contrast": "T1", "seed": 2}
+    (pair,) = paired.simulated_pairs(spec, region="head-neck")
+    assert pair.patient == "pt_1" and pair.ct.shape == (128, 128, 128) and pair.affine is None
+    assert pair.spacing == pytest.approx((2.5, 3.906, 3.906), abs=1e-3)
+    hu_only = paired.simulated_pairs({**spec, "labels": None}, region="head-neck")[0]
+    from scipy import ndimage
+
+    from training.data import fix_orientation
+
+    labels = np.asarray(io.read_nifti(root / "pt_1" / "structures.nii.gz", modality="OT").data)
+    labels, _ = fix_orientation(labels, (1, 1, 1), spec["orientation_fix"])
+    # the cord is 2-3 voxels wide at 3.9 mm: partial volume brings its median below the pure ratio
+    cord = (labels == 2) & (pair.ct > 0) & (pair.ct < 80)
+    assert cord.sum() > 200
+    ratio = np.median(pair.mr_clean[cord]) / np.median(hu_only.mr_clean[cord])
+    s = paired.tissue_signals("T1")
+    assert 1.06 < ratio < 1.2 and s["spinal_cord"] / s["soft_tissue"] == pytest.approx(1.18, abs=0.01)
+    mandible = (labels == 7) & (pair.ct > 200)
+    assert mandible.sum() > 500 and np.median(pair.mr_clean[mandible]) < 0.5 * np.median(pair.mr_clean[cord])
+    ptv = ndimage.binary_erosion(labels >= 8, iterations=2)
+    assert ptv.sum() > 100
+    assert np.median(pair.mr_clean[ptv]) == pytest.approx(np.median(hu_only.mr_clean[ptv]), rel=0.03)
+    with pytest.raises(FileNotFoundError, match="pt_999"):
+        paired.simulated_pairs({**spec, "patients": ["pt_999"]})
+
+
+def test_pair_split_refuses_a_patient_in_both_lists_and_missing_files(tmp_path):
+    from training.data import ConfigError
+    from training.trainer import load_config
+
+    rng = np.random.default_rng(0)
+    for pt in ("pt_1", "pt_2", "pt_3"):
+        _write(tmp_path / "kbp" / pt / "ct.nii.gz", rng.normal(40, 30, (8, 10, 12)).astype(np.int16))
+    train = {"simulate": {"ct": str(tmp_path / "kbp"), "glob": "*/ct.nii.gz", "patients": ["pt_1", "pt_2"]},
+             "region": "head-neck"}
+    held = {"simulate": {"ct": str(tmp_path / "kbp"), "patients": ["pt_3"]}, "region": "head-neck"}
+    assert paired.check_pair_split({"pairs": [train], "heldout_pairs": [held]}) == \
+        {"pairs": ["pt_1", "pt_2"], "heldout_pairs": ["pt_3"]}
+    shared_patient = {"simulate": {"ct": str(tmp_path / "kbp" / "pt_2" / "ct.nii.gz")}, "region": "head-neck"}
+    with pytest.raises(ConfigError, match="'pt_2' is in data.pairs .* and in data.heldout_pairs"):
+        paired.check_pair_split({"pairs": [train], "heldout_pairs": [held, shared_patient]})
+    with pytest.raises(FileNotFoundError, match="no_such.nii.gz"):
+        paired.check_pair_split({"pairs": [train], "heldout_pairs": [{"simulate": {"ct": str(tmp_path / "no_such.nii.gz")}}]})
+    with pytest.raises(FileNotFoundError, match="structures.nii.gz"):
+        paired.check_pair_split({"pairs": [{"simulate": {**train["simulate"], "labels": "structures.nii.gz"}}]})
+    # before anything is loaded or trained
+    with pytest.raises(ConfigError, match="split by patient"):
+        paired.prepare_volumes({"direction": "ct2mr", "data": {"pairs": [train], "heldout_pairs": [shared_patient]}})
+    # the shipped multi-region configs: OpenKBP validation patients and the LIDC chest held out
+    for direction in ("ct2mr", "mr2ct"):
+        config = load_config(f"training/configs/translate_{direction}_multi.yaml")
+        if not paired.resolve_path(config["data"]["pairs"][0]["simulate"]["ct"]).exists():
+            pytest.skip("shared data not available")
+        split = paired.check_pair_split(config["data"])
+        assert not set(split["pairs"]) & set(split["heldout_pairs"])
+        assert "chest_ct_lidc0314_1mm" in split["heldout_pairs"] and "pt_201" in split["heldout_pairs"]
+        assert len([p for p in split["pairs"] if p.startswith("pt_")]) >= 20
+        assert config["data"]["spacing_mm"] <= 1.5
+
+
+def test_per_region_evaluation_with_lookup_beside_the_model(tmp_path):
+    """A tiny model trained 2 steps on an OpenKBP patient and the abdominal
+    crop; the evaluation reports head-neck (a held-out validation patient)
+    and abdomen (its held-out block) separately, with the lookup table."""
+    from training.evaluate.translation import evaluate_translation, markdown, write_report
+    from training.trainer import load_config, train
+
+    from conftest import shared
+
+    kbp = {"glob": "*/ct.nii.gz", "labels": "structures.nii.gz", "label_scheme": "openkbp",
+           "orientation_fix": ["rot90_PL", "flip_S"], "contrast": "T1"}
+    config = load_config("training/configs/translate_ct2mr_multi.yaml")
+    config["data"].update(
+        pairs=[{"simulate": {**kbp, "ct": str(shared("ct/openkbp/train")), "patients": ["pt_1"]}, "region": "head-neck"},
+               {"simulate": {"ct": str(shared("ct/abdomen_ct_3mm_small.nii.gz"))}, "region": "abdomen",
+                "holdout_fraction": 0.2}],
+        heldout_pairs=[{"simulate": {**kbp, "ct": str(shared("ct/openkbp/validation")), "patients": ["pt_201"]},
+                        "region": "head-neck"}],
+        spacing_mm=6.0, patch_size=32)
+    windows = config["architecture"]["condition_windows"]
+    config["architecture"] = dict(TINY_ARCHITECTURE, condition_channels=3, condition_windows=windows)
+    config["train"].update(batch_size=2, warmup_steps=1, log_every=1, validate_every=2, checkpoint_every=2,
+                           validation_samples=4)
+    folder = train(config, tmp_path / "run", max_steps=2, device="cpu")
+    card = json.loads((folder / "mediffuse.json").read_text())
+    assert card["slice_spacing_mm"] == 6.0
+    assert {e["region"] for e in card["training"]["data"]} == {"head-neck", "abdomen"}
+
+    report = evaluate_translation(folder, config, steps=1, ensemble=1, max_slices=2, speed_size=None,
+                                  command="python -m training.evaluate translation run --config multi.yaml")
+    assert set(report["regions"]) == {"head-neck", "abdomen"}
+    hn, ab = report["regions"]["head-neck"], report["regions"]["abdomen"]
+    assert hn["patients"] == ["pt_201"] and ab["patients"] == ["abdomen_ct_3mm_small"]
+    for r in (hn, ab):
+        assert r["model"]["slices"] == 2
+        for m in (r["model"], r["baseline_lookup"]):
+            assert np.isfinite(m["psnr_db"]) and -1 <= m["ssim"] <= 1 and 0 < m["mae"] < 1
+        assert r["model_beats_lookup_psnr"] == (r["model"]["psnr_db"] > r["baseline_lookup"]["psnr_db"])
+    assert hn["baseline_lookup"]["fitted_on"] == "training slices of this region"
+    assert [p["held_out_patient"] for p in report["pairs"]] == [False, True]  # pt_1 has no held-out block
+    text = markdown(report)
+    assert "python -m training.evaluate translation run" in text and "| head-neck | 2 | 1 |" in text
+    paths = write_report(report, tmp_path / "eval")
+    assert sorted(p.name for p in paths if p.suffix == ".png") == [
+        "translation_ct2mr.png", "translation_ct2mr_abdomen.png", "translation_ct2mr_head-neck.png"]

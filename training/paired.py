@@ -14,6 +14,18 @@ on one grid. Three sources, mixed freely in a config's ``data.pairs`` list:
 * ``simulate: {ct: ..., labels: ..., contrast: T1}`` -- an MR-like image
   simulated from a real CT (:func:`simulate_mr`), for machines without real
   pairs. Models trained on these learn the simulator, not real MR physics.
+  ``ct`` may be a folder of patients (``glob``, e.g. OpenKBP's
+  ``*/ct.nii.gz``, with ``labels`` then a file name beside each CT,
+  ``patients`` / ``max_patients`` to choose some), ``label_scheme`` names
+  the labels' legend (:data:`LABEL_SCHEMES`: TotalSegmentator or OpenKBP),
+  ``orientation_fix`` and ``exclude_mask`` work as in the CT prior's
+  configs (:mod:`training.data`).
+
+``data.heldout_pairs`` (same entries) are patients held out whole: never
+trained on, in the validation stream and the evaluation. An entry may set
+its own ``holdout_fraction`` / ``holdout_side`` (a held-out block of a
+training patient). :func:`check_pair_split` refuses a patient in both lists,
+or a missing file, before anything is loaded.
 
 The CT -> MR simulator
 ----------------------
@@ -63,9 +75,23 @@ from napari_mediffuse.engine.intensity import (
     normalize,
 )
 
+from napari_mediffuse.io.volume import slab_affine
 from napari_mediffuse.tasks.common import PLANE_AXIS
 
-from .data import ORIENTATIONS, SampleStream, region_index, resolve_path, stacked_patch
+from .data import (
+    ORIENTATIONS,
+    ConfigError,
+    SampleStream,
+    body_box,
+    dataset_files,
+    excluded_blocks,
+    fix_orientation,
+    patient_id,
+    region_index,
+    resolve_path,
+    stacked_patch,
+    volume_probabilities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +133,12 @@ TISSUES: dict[str, Tissue] = {
     "cartilage": Tissue(t1=1024.0, t2=30.0, pd=0.75),
     "marrow": Tissue(t1=549.0, t2=49.0, pd=0.85),
     "cortical_bone": Tissue(t1=250.0, t2=0.5, pd=0.15),
+    # brainstem: white matter at 1.5 T (Stanisz et al., MRM 2005: T1 884 ms, T2 72 ms)
+    "white_matter": Tissue(t1=884.0, t2=72.0, pd=0.70),
+    # parotid gland: approximate. It is partly fatty (more so with age), so on
+    # T1w images it is brighter than muscle and darker than subcutaneous fat:
+    # T1 between the two, T2 like other glandular tissue.
+    "parotid": Tissue(t1=650.0, t2=70.0, pd=0.80),
 }
 TISSUE_NAMES = tuple(TISSUES)
 
@@ -114,7 +146,7 @@ TISSUE_NAMES = tuple(TISSUES)
 #: -100 HU to this value).
 NOMINAL_HU = {"soft_tissue": 40.0, "muscle": 45.0, "liver": 55.0, "spleen": 45.0, "kidney": 30.0,
               "pancreas": 40.0, "bowel": 30.0, "blood_flow": 40.0, "spinal_cord": 30.0,
-              "cartilage": 100.0, "fluid": 5.0, "fat": -100.0}
+              "cartilage": 100.0, "fluid": 5.0, "fat": -100.0, "white_matter": 30.0, "parotid": 10.0}
 FAT_HU, AIR_HU = -100.0, -1000.0
 BONE_HU = 150.0                 # HU-only: bone from here up
 CORTEX_HU = (200.0, 700.0)      # cortical fraction 0 -> 1 over this range (unsmoothed HU)
@@ -137,6 +169,38 @@ _TS.update({i: "muscle" for i in range(80, 90)})         # gluteus, autochthon, 
 _TS.update({i: "bone" for i in range(91, 117)})          # skull, ribs, sternum
 TOTALSEGMENTATOR_TISSUE = _TS
 _GAS_LABELS = {"lung", "bowel"}
+
+#: OpenKBP structure label (ct/openkbp/structures.json) -> tissue; None: the
+#: HU rules (the PTVs mark a planning target plus margin, not a tissue). The
+#: oesophagus takes the bowel's tissue (a muscular tube whose gas mixes with
+#: its wall, not with fat); the larynx cartilage, its airway mixing air with it.
+OPENKBP_TISSUE = {1: "white_matter", 2: "spinal_cord", 3: "parotid", 4: "parotid", 5: "bowel",
+                  6: "cartilage", 7: "bone", 8: None, 9: None, 10: None}
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """A label legend: label -> tissue (None: HU rules), whether its bone
+    labels cover every bone (else unlabelled voxels >= :data:`BONE_HU` are
+    bone), and labels whose voxels below their tissue's HU are air mixed with
+    that tissue (gas-bearing organs, besides the lung and bowel tissues)."""
+
+    tissues: dict
+    complete_bones: bool
+    gas_labels: tuple = ()
+
+
+#: ``simulate: {label_scheme: ...}``: the legends :func:`simulate_mr` knows.
+LABEL_SCHEMES = {
+    "totalsegmentator": LabelScheme(TOTALSEGMENTATOR_TISSUE, complete_bones=True),
+    "openkbp": LabelScheme(OPENKBP_TISSUE, complete_bones=False, gas_labels=(5, 6)),
+}
+
+
+def get_label_scheme(name: str) -> LabelScheme:
+    if name not in LABEL_SCHEMES:
+        raise ValueError(f"unknown label_scheme {name!r}; choose one of {', '.join(LABEL_SCHEMES)}")
+    return LABEL_SCHEMES[name]
 
 
 def spin_echo(tissue: Tissue, tr: float, te: float) -> float:
@@ -165,15 +229,18 @@ def body_mask(ct_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     return ndimage.binary_dilation(body, iterations=1)
 
 
-def _tissue_lookup(labels: np.ndarray | None, shape) -> tuple[np.ndarray, list[str]]:
+def _tissue_lookup(labels: np.ndarray | None, shape,
+                   scheme: str = "totalsegmentator") -> tuple[np.ndarray, list[str]]:
     """(per-voxel index into ``names``, ``names``): the tissue of each voxel's
-    TotalSegmentator label ('soft_tissue' where unlabelled)."""
+    label in ``scheme`` (:data:`LABEL_SCHEMES`; 'soft_tissue', i.e. the HU
+    rules, where unlabelled or the label has no tissue)."""
     names = ["soft_tissue", "lung", "bone"] + [n for n in TISSUE_NAMES if n not in ("soft_tissue",)]
     if labels is None:
         return np.zeros(shape, dtype=np.int16), names
     table = np.zeros(max(256, int(labels.max()) + 1), dtype=np.int16)
-    for label, tissue in TOTALSEGMENTATOR_TISSUE.items():
-        table[label] = names.index(tissue)
+    for label, tissue in get_label_scheme(scheme).tissues.items():
+        if tissue is not None:
+            table[label] = names.index(tissue)
     return table[labels.astype(np.int64)], names
 
 
@@ -199,7 +266,8 @@ class SimulatedMR:
 
 def simulate_mr(ct_hu: np.ndarray, labels: np.ndarray | None = None, *, contrast: str = "T1",
                 seed: int = 0, bias: float = 0.15, noise: float = 0.02, blur: float = 0.6,
-                smooth_ct: float = 0.7, label_coverage: np.ndarray | None = None) -> SimulatedMR:
+                smooth_ct: float = 0.7, label_coverage: np.ndarray | None = None,
+                label_scheme: str = "totalsegmentator") -> SimulatedMR:
     """An MR-like image from a CT in HU (see the module docstring).
 
     Parameters
@@ -207,7 +275,8 @@ def simulate_mr(ct_hu: np.ndarray, labels: np.ndarray | None = None, *, contrast
     ct_hu : ndarray (S, P, L)
         CT in Hounsfield units.
     labels : ndarray of int, optional
-        TotalSegmentator "total" labels on the same grid (0 = none).
+        Labels on the same grid (0 = none): TotalSegmentator "total" labels,
+        or another legend of :data:`LABEL_SCHEMES` (``label_scheme``).
     contrast : {'T1', 'T2'}
         Spin-echo weighting (:data:`SEQUENCES`).
     seed : int
@@ -223,20 +292,28 @@ def simulate_mr(ct_hu: np.ndarray, labels: np.ndarray | None = None, *, contrast
     label_coverage : ndarray of bool, optional
         Where ``labels`` are valid (a segmentation of part of the CT); the
         HU-only rules apply elsewhere. All of the grid by default.
+    label_scheme : str
+        The labels' legend (:data:`LABEL_SCHEMES`). With a legend whose bone
+        labels are not complete (OpenKBP: the mandible only), unlabelled
+        voxels >= :data:`BONE_HU` are bone as without labels, and so are
+        organ-labelled ones (a contour reaching into bone).
     """
     signals = tissue_signals(contrast)
     hu = ndimage.gaussian_filter(np.asarray(ct_hu, dtype=np.float32), smooth_ct) if smooth_ct else \
         np.asarray(ct_hu, dtype=np.float32)
     if labels is not None and labels.shape != hu.shape:
         raise ValueError(f"labels {labels.shape} are not on the CT's grid {hu.shape}")
-    index, names = _tissue_lookup(labels, hu.shape)
+    scheme = get_label_scheme(label_scheme)
+    index, names = _tissue_lookup(labels, hu.shape, label_scheme)
     is_lung = index == names.index("lung")
     if labels is None:
         covered = np.zeros(hu.shape, dtype=bool)
     else:
         covered = np.ones(hu.shape, dtype=bool) if label_coverage is None else np.asarray(label_coverage, bool)
     # bone: labelled bone (down to -100 HU) where labels are valid, HU >= 150 elsewhere
-    is_bone = np.where(covered, (index == names.index("bone")) & (hu >= FAT_HU), hu >= BONE_HU)
+    labelled_bone = (index == names.index("bone")) & (hu >= FAT_HU)
+    is_bone = np.where(covered, labelled_bone if scheme.complete_bones else labelled_bone | (hu >= BONE_HU),
+                       hu >= BONE_HU)
     # soft-tissue signal and nominal HU per voxel (lungs: generic tissue mixed with air)
     soft_names = ["soft_tissue" if n in ("lung", "bone") else n for n in names]
     s_table = np.array([signals[n] for n in soft_names], dtype=np.float32)
@@ -247,6 +324,8 @@ def simulate_mr(ct_hu: np.ndarray, labels: np.ndarray | None = None, *, contrast
     out = np.empty(hu.shape, dtype=np.float32)
     # below -100 HU: air mixed with fat, or with the organ's tissue in gas-bearing organs
     gas_organ = is_lung | np.isin(index, [names.index(n) for n in _GAS_LABELS if n in names])
+    if scheme.gas_labels and labels is not None:
+        gas_organ |= covered & np.isin(labels, scheme.gas_labels)
     f_air = np.clip((hu - AIR_HU) / (FAT_HU - AIR_HU), 0.0, 1.0)
     partner = np.where(gas_organ, s_soft, s_fat)
     partner_hu = np.where(gas_organ, h_soft, FAT_HU)
@@ -370,6 +449,10 @@ class PairedVolume:
     source: str
     affine: np.ndarray | None = None
     mr_clean: np.ndarray | None = None  # simulated pairs: the MR without bias field and noise
+    patient: str = ""
+    holdout_fraction: float | None = None  # this pair's held-out block (None: data.holdout_fraction)
+    holdout_side: str | None = None
+    held_out: bool = False  # a held-out patient (data.heldout_pairs): every slice is held out
 
 
 def read_pair(files: PairFiles, *, region=None) -> PairedVolume:
@@ -402,53 +485,210 @@ def _place_labels(labels: np.ndarray, shape, offset) -> np.ndarray:
     return out
 
 
-def simulated_pairs(spec: dict, *, region=None) -> list[PairedVolume]:
-    """Pairs simulated from a real CT (``variants`` MR versions with different seeds).
+@dataclass
+class SimulationCase:
+    """One CT of a ``simulate`` entry: its file, labels file and patient."""
 
-    ``spec``: ``ct`` (path), optional ``labels`` (TotalSegmentator, same grid,
-    or a crop placed by ``labels_offset`` [S, P, L] voxels in display
-    orientation), ``contrast`` ('T1'/'T2'), ``seed``, ``variants``, ``bias``,
-    ``noise``.
+    ct: Path
+    labels: Path | None
+    patient: str
+
+
+def _natural_key(path: Path):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def simulation_cases(spec: dict) -> list[SimulationCase]:
+    """The CTs of a ``simulate`` spec (every file checked to exist).
+
+    ``ct`` is a file, or a folder with ``glob`` (default ``*/ct.nii.gz``);
+    for a folder ``labels`` is a file name beside each CT (OpenKBP's
+    ``structures.nii.gz``). ``patients`` (ids, e.g. ``[pt_201, pt_202]``)
+    or ``max_patients`` (the first N in natural order) choose some.
     """
-    ct_vol = _read_one(resolve_path(spec["ct"]), "CT")
+    root = resolve_path(str(spec["ct"]))
+    if not root.exists():
+        raise FileNotFoundError(f"simulate: CT {root} not found (paths are relative to {Path.cwd()})")
+    if root.is_dir():
+        files = sorted((p for p, _ in dataset_files([{"path": str(root), "glob": spec.get("glob", "*/ct.nii.gz")}])),
+                       key=_natural_key)
+        wanted = spec.get("patients")
+        if wanted:
+            by_id = {patient_id(p): p for p in files}
+            missing = [str(w) for w in wanted if str(w) not in by_id]
+            if missing:
+                raise FileNotFoundError(f"simulate: patient(s) {', '.join(missing)} not found in {root}")
+            files = [by_id[str(w)] for w in wanted]
+        if spec.get("max_patients"):
+            files = files[: int(spec["max_patients"])]
+        labels = [p.parent / spec["labels"] if spec.get("labels") else None for p in files]
+    else:
+        files = [root]
+        labels = [resolve_path(str(spec["labels"])) if spec.get("labels") else None]
+    for lab in labels:
+        if lab is not None and not lab.exists():
+            raise FileNotFoundError(f"simulate: labels {lab} not found")
+    mask = spec.get("exclude_mask")
+    if mask and not resolve_path(str(mask)).exists():
+        raise FileNotFoundError(f"simulate: exclude_mask {resolve_path(str(mask))} not found")
+    return [SimulationCase(ct=f, labels=lab, patient=patient_id(f)) for f, lab in zip(files, labels)]
+
+
+def simulated_pairs(spec: dict, *, region=None) -> list[PairedVolume]:
+    """Pairs simulated from real CTs (``variants`` MR versions with different seeds).
+
+    ``spec``: ``ct`` (a file, or a folder of patients: :func:`simulation_cases`),
+    optional ``labels`` (same grid, or a crop placed by ``labels_offset``
+    [S, P, L] voxels in display orientation), ``label_scheme`` (the labels'
+    legend, :data:`LABEL_SCHEMES`, default TotalSegmentator), ``contrast``
+    ('T1'/'T2'), ``seed``, ``variants``, ``bias``, ``noise``,
+    ``orientation_fix`` (:data:`training.data.ORIENTATION_FIXES`, applied to
+    CT and labels), ``exclude_mask`` + ``exclude_margin_mm`` (only axial
+    blocks that far from the mask's voxels are kept, each its own pair: a
+    lesion is never trained on). Patient ``i`` of a folder gets seeds
+    ``seed + 100 i + v``.
+    """
+    out = []
+    for i, case in enumerate(simulation_cases(spec)):
+        out.extend(_simulate_case(spec, case, int(spec.get("seed", 0)) + 100 * i, region))
+    return out
+
+
+def _simulate_case(spec: dict, case: SimulationCase, seed: int, region) -> list[PairedVolume]:
+    ct_vol = _read_one(case.ct, "CT")
     ct = np.asarray(ct_vol.data, dtype=np.float32)
     labels = coverage = None
-    if spec.get("labels"):
-        lab = np.asarray(_read_one(resolve_path(spec["labels"]), "OT").data)
+    if case.labels is not None:
+        lab = np.asarray(_read_one(case.labels, "OT").data)
         if spec.get("labels_offset") is None and lab.shape != ct.shape:
             raise ValueError(f"labels {lab.shape} are not on the CT's grid {ct.shape}; "
                              "give labels_offset for a crop")
         labels = _place_labels(lab.astype(np.int16), ct.shape, spec.get("labels_offset"))
         coverage = _place_labels(np.ones(lab.shape, dtype=bool), ct.shape, spec.get("labels_offset"))
+    fixes = spec.get("orientation_fix")
+    spacing, affine = ct_vol.spacing, ct_vol.affine
+    if fixes:  # the affine no longer describes the array: the evaluation uses the spacing
+        ct, spacing = fix_orientation(ct, ct_vol.spacing, fixes)
+        if labels is not None:
+            labels, _ = fix_orientation(labels, ct_vol.spacing, fixes)
+            coverage, _ = fix_orientation(coverage, ct_vol.spacing, fixes)
+        affine = None
+    blocks = [slice(0, ct.shape[0])]
+    if spec.get("exclude_mask"):
+        mask = np.asarray(_read_one(resolve_path(str(spec["exclude_mask"])), "OT").data) > 0
+        if mask.shape != ct_vol.data.shape:
+            raise ConfigError(f"exclude_mask {spec['exclude_mask']} has shape {mask.shape}, its CT {ct_vol.data.shape}")
+        if fixes:
+            mask, _ = fix_orientation(mask, ct_vol.spacing, fixes)
+        blocks = excluded_blocks(mask, spacing[0], float(spec.get("exclude_margin_mm", 10.0)),
+                                 int(spec.get("min_slices", 4)))
     out = []
-    for v in range(int(spec.get("variants", 1))):
-        sim = simulate_mr(ct, labels, contrast=spec.get("contrast", "T1"), seed=int(spec.get("seed", 0)) + v,
-                          bias=float(spec.get("bias", 0.15)), noise=float(spec.get("noise", 0.02)),
-                          label_coverage=coverage)
-        out.append(PairedVolume(ct=ct, mr=sim.mr, mask=sim.mask, spacing=ct_vol.spacing,
-                                region=region_index(region), source=f"{spec['ct']} (simulated "
-                                f"{sim.contrast}w, seed {int(spec.get('seed', 0)) + v})",
-                                affine=ct_vol.affine, mr_clean=sim.clean))
+    for block in blocks:
+        sub = ct[block]
+        sub_labels = labels[block] if labels is not None else None
+        sub_cover = coverage[block] if coverage is not None else None
+        sub_affine = slab_affine(affine, block.start) if affine is not None and block.start else affine
+        for v in range(int(spec.get("variants", 1))):
+            sim = simulate_mr(sub, sub_labels, contrast=spec.get("contrast", "T1"), seed=seed + v,
+                              bias=float(spec.get("bias", 0.15)), noise=float(spec.get("noise", 0.02)),
+                              label_coverage=sub_cover, label_scheme=spec.get("label_scheme", "totalsegmentator"))
+            where = f", slices {block.start}-{block.stop - 1}" if len(blocks) > 1 or block.start else ""
+            name = str(case.ct) if case.ct != resolve_path(str(spec["ct"])) else str(spec["ct"])
+            out.append(PairedVolume(ct=sub, mr=sim.mr, mask=sim.mask, spacing=spacing,
+                                    region=region_index(region), source=f"{name} (simulated "
+                                    f"{sim.contrast}w, seed {seed + v}{where})",
+                                    affine=sub_affine, mr_clean=sim.clean, patient=case.patient))
     return out
+
+
+def _entry_pairs(entry: dict, *, held_out: bool = False) -> list[PairedVolume]:
+    region = entry.get("region")
+    if "simulate" in entry:
+        pairs = simulated_pairs(entry["simulate"], region=region)
+    elif "synthrad" in entry:
+        spec = entry["synthrad"]
+        pairs = [read_pair(f, region=region) for f in synthrad_pairs(spec["root"], spec.get("regions"))]
+    elif "folder" in entry:
+        pairs = [read_pair(f, region=region) for f in folder_pairs(entry["folder"]["root"])]
+    else:
+        raise ValueError(f"unknown pair source {entry!r}: use simulate, synthrad or folder")
+    for pair in pairs:
+        pair.held_out = held_out
+        if "holdout_fraction" in entry:
+            pair.holdout_fraction = float(entry["holdout_fraction"])
+        if "holdout_side" in entry:
+            pair.holdout_side = entry["holdout_side"]
+    return pairs
 
 
 def load_pairs(data_config: dict) -> list[PairedVolume]:
     """Every pair of a config's ``data.pairs`` list (see the module docstring)."""
     pairs = []
     for entry in data_config["pairs"]:
-        region = entry.get("region")
-        if "simulate" in entry:
-            pairs.extend(simulated_pairs(entry["simulate"], region=region))
-        elif "synthrad" in entry:
-            spec = entry["synthrad"]
-            pairs.extend(read_pair(f, region=region) for f in synthrad_pairs(spec["root"], spec.get("regions")))
-        elif "folder" in entry:
-            pairs.extend(read_pair(f, region=region) for f in folder_pairs(entry["folder"]["root"]))
-        else:
-            raise ValueError(f"unknown pair source {entry!r}: use simulate, synthrad or folder")
+        pairs.extend(_entry_pairs(entry))
     if not pairs:
         raise ValueError("no training pairs found")
     return pairs
+
+
+def load_heldout_pairs(data_config: dict) -> list[PairedVolume]:
+    """The held-out patients of ``data.heldout_pairs`` (every slice held out)."""
+    return [p for entry in data_config.get("heldout_pairs") or [] for p in _entry_pairs(entry, held_out=True)]
+
+
+def _entry_patients(entry: dict) -> list[tuple[str, Path]]:
+    if "simulate" in entry:
+        return [(c.patient, c.ct.resolve()) for c in simulation_cases(entry["simulate"])]
+    if "synthrad" in entry:
+        spec = entry["synthrad"]
+        return [(f.case.split("/")[-1], f.ct.resolve()) for f in synthrad_pairs(spec["root"], spec.get("regions"))]
+    if "folder" in entry:
+        return [(f.case, f.ct.resolve()) for f in folder_pairs(entry["folder"]["root"])]
+    raise ValueError(f"unknown pair source {entry!r}: use simulate, synthrad or folder")
+
+
+def check_pair_split(data_config: dict) -> dict:
+    """Check a translation config's pairs before anything is loaded: every
+    file exists and no patient (same file or same patient id, as
+    :func:`training.data.patient_id` names it) is in ``data.pairs`` and in
+    ``data.heldout_pairs``. Returns ``{"pairs": [...], "heldout_pairs": [...]}``
+    (patient ids).
+
+    Raises
+    ------
+    FileNotFoundError
+        A CT, labels file, mask or patient named by the config is missing.
+    ConfigError
+        A patient is in both lists.
+    """
+    found = {key: [p for e in data_config.get(key) or [] for p in _entry_patients(e)]
+             for key in ("pairs", "heldout_pairs")}
+    train_ids = {pid: path for pid, path in found["pairs"]}
+    train_paths = {path for _, path in found["pairs"]}
+    for pid, path in found["heldout_pairs"]:
+        if pid in train_ids or path in train_paths:
+            other = train_ids.get(pid, path)
+            raise ConfigError(f"patient {pid!r} is in data.pairs ({other}) and in data.heldout_pairs ({path}): "
+                              "split by patient")
+    return {key: [pid for pid, _ in value] for key, value in found.items()}
+
+
+def holdout_block(n: int, pair: PairedVolume, data_config: dict) -> slice:
+    """Axial slices of a pair held out: all of a held-out patient's, else the
+    pair's own (or the config's) ``holdout_fraction`` at ``holdout_side``."""
+    if pair.held_out:
+        return slice(0, n)
+    fraction = pair.holdout_fraction if pair.holdout_fraction is not None else \
+        float(data_config.get("holdout_fraction", 0.0))
+    side = pair.holdout_side or data_config.get("holdout_side", "superior")
+    k = int(round(fraction * n))
+    if side == "superior":
+        return slice(n - k, n)
+    if side == "inferior":
+        return slice(0, k)
+    raise ValueError(f"holdout_side must be 'superior' or 'inferior', got {side!r}")
 
 
 # -- normalisation and the training dataset -------------------------------------------------
@@ -505,21 +745,40 @@ class TranslationVolume:
     train: slice
 
 
+def _consumed(items: list):
+    """Yield the items of a list, removing each from it first."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
 def prepare_volumes(config: dict, pairs: list[PairedVolume] | None = None) -> list[TranslationVolume]:
     """Normalise, resample to ``data.spacing_mm`` and split every pair.
 
     The held-out block is the ``holdout_fraction`` of axial slices at the
-    ``holdout_side`` ('superior', default, or 'inferior') of each volume.
+    ``holdout_side`` ('superior', default, or 'inferior') of each volume
+    (:func:`holdout_block`: a pair's own values first; the patients of
+    ``data.heldout_pairs`` are held out whole). Without ``pairs`` the
+    config's are checked (:func:`check_pair_split`) and read, held-out
+    patients included. ``data.crop_to_body: true`` crops each pair to its
+    body mask (plus 4 voxels) before resampling; ``data.storage_dtype:
+    float16`` halves the memory of the resampled volumes.
     """
     data = config["data"]
-    pairs = load_pairs(data) if pairs is None else pairs
+    if pairs is None:
+        check_pair_split(data)
+        # entry by entry, each pair dropped once resampled: native volumes do not pile up
+        pairs = (p for key, held in (("pairs", False), ("heldout_pairs", True))
+                 for entry in data.get(key) or [] for p in _consumed(_entry_pairs(entry, held_out=held)))
     spacing = float(data.get("spacing_mm", 0) or 0)
-    fraction = float(data.get("holdout_fraction", 0.0))
-    side = data.get("holdout_side", "superior")
+    dtype = np.dtype(data.get("storage_dtype", "float32"))
     out = []
     for pair in pairs:
         source, target = normalize_pair(pair, config)
         mask = pair.mask
+        if data.get("crop_to_body"):
+            box = body_box(mask.astype(np.float32), 0.5, margin=4)
+            source, target, mask = source[box], target[box], mask[box]
         if spacing:
             zoom = [s / spacing for s in pair.spacing]
             if not np.allclose(zoom, 1.0, atol=1e-3):
@@ -527,16 +786,14 @@ def prepare_volumes(config: dict, pairs: list[PairedVolume] | None = None) -> li
                 target = ndimage.zoom(target, zoom, order=1, mode="nearest")
                 mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
         n = source.shape[0]
-        k = int(round(fraction * n))
-        if side == "superior":
-            holdout, train = slice(n - k, n), slice(0, n - k)
-        elif side == "inferior":
-            holdout, train = slice(0, k), slice(k, n)
-        else:
-            raise ValueError(f"holdout_side must be 'superior' or 'inferior', got {side!r}")
-        out.append(TranslationVolume(source=source.astype(np.float32), target=target.astype(np.float32),
+        holdout = holdout_block(n, pair, data)
+        train = slice(0, 0) if holdout == slice(0, n) else \
+            (slice(0, holdout.start) if holdout.stop == n else slice(holdout.stop, n))
+        out.append(TranslationVolume(source=source.astype(dtype), target=target.astype(dtype),
                                      mask=mask, region=pair.region, name=pair.source,
                                      holdout=holdout, train=train))
+    if not any(v.train.stop > v.train.start for v in out):
+        raise ValueError("no training pairs found")
     return out
 
 
@@ -586,10 +843,12 @@ class PairedSlices(SampleStream):
                 self.parts.append((v, sub))
         if not self.parts:
             raise ValueError(f"no {part} slices: check data.holdout_fraction")
+        # by size, or by data.region_weights first (30 neck boxes must not drown one abdomen)
+        self.part_p = volume_probabilities([p[1][0].size for p in self.parts], [p[0].region for p in self.parts],
+                                           data_config.get("region_weights"))
 
     def sample(self, rng: np.random.Generator, augment=None) -> dict:
-        sizes = np.array([p[1][0].size for p in self.parts], dtype=float)
-        volume, (source, target, mask) = self.parts[int(rng.choice(len(self.parts), p=sizes / sizes.sum()))]
+        volume, (source, target, mask) = self.parts[int(rng.choice(len(self.parts), p=self.part_p))]
         orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
         axis = PLANE_AXIS[orientation]
         # prefer slices with body in them (mostly-air slices teach little)

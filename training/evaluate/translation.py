@@ -24,8 +24,16 @@ pair's mask (body):
   so on simulated pairs this is close to the best any model can do; on real
   pairs it is the floor a learned model should clear.
 
+Held-out patients (``data.heldout_pairs``, never trained on) are translated
+whole (``--max-slices``: their central slices). **Per region** (head-neck,
+chest, abdomen: the pairs' ``region``) the report pools the model's metrics
+over that region's held-out slices and scores the lookup table fitted on the
+training slices of the same region beside it, with a verdict (does the model
+beat the table on PSNR?) and a picture per region.
+
 Writes ``translation_<direction>.json``, ``translation_<direction>.md`` and a
-picture (source | synthetic | reference of one held-out slice).
+picture (source | synthetic | reference of one held-out slice; with several
+regions also ``translation_<direction>_<region>.png``).
 """
 from __future__ import annotations
 
@@ -91,94 +99,144 @@ def masked_ssim(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range:
 
 # -- evaluation ---------------------------------------------------------------------
 
-def _holdout(n: int, data_config: dict) -> slice:
-    k = int(round(float(data_config.get("holdout_fraction", 0.0)) * n))
-    if k == 0:
-        raise ValueError("no held-out slices: set data.holdout_fraction in the config")
-    return slice(n - k, n) if data_config.get("holdout_side", "superior") == "superior" else slice(0, k)
-
-
 def _to_unit_mr(mr: np.ndarray, full: np.ndarray, rule: dict) -> np.ndarray:
     return (normalize(mr, rule, intensity_range(full, rule)) + 1.0) / 2.0
 
 
+def _pooled(triples, data_range: float) -> dict:
+    """PSNR, SSIM, MAE over several (pred, ref, mask) stacks of any in-plane
+    size: PSNR and MAE from the pooled masked voxels, SSIM the mask-weighted
+    mean of the per-slice SSIM maps (as :func:`masked_ssim` over one stack)."""
+    err2, err1, count, ssim_sum = 0.0, 0.0, 0, 0.0
+    for pred, ref, mask in triples:
+        mask = np.asarray(mask, bool)
+        n = int(mask.sum())
+        if not n:
+            continue
+        diff = np.asarray(pred, np.float64)[mask] - np.asarray(ref, np.float64)[mask]
+        err2 += float(np.sum(diff ** 2))
+        err1 += float(np.sum(np.abs(diff)))
+        ssim_sum += masked_ssim(pred, ref, mask, data_range) * n
+        count += n
+    if not count:
+        raise ValueError("empty mask")
+    mse = err2 / count
+    return {"psnr_db": float("inf") if mse == 0 else float(10.0 * np.log10(data_range ** 2 / mse)),
+            "ssim": ssim_sum / count, "mae": err1 / count, "voxels": count}
+
+
+def _lookup_keys(pair, direction: str, source_rule: dict, target_rule: dict, bins: int, smooth_voxels: float):
+    from scipy import ndimage
+
+    source, target = (pair.ct, pair.mr) if direction == "ct2mr" else (pair.mr, pair.ct)
+    key = normalize(source, source_rule, intensity_range(source, source_rule))
+    key = ndimage.gaussian_filter(key, smooth_voxels) if smooth_voxels else key
+    index = np.clip(((key + 1.0) / 2.0 * (bins - 1)).round().astype(int), 0, bins - 1)
+    if direction == "ct2mr":
+        value = _to_unit_mr(target, target, target_rule)
+    else:
+        value = np.clip(target, *intensity_range(None, target_rule))
+    return index, value
+
+
 def lookup_baseline(pairs, data_config: dict, direction: str, source_rule: dict, target_rule: dict, *,
-                    bins: int = 512, smooth_voxels: float = 0.7) -> dict:
+                    bins: int = 512, smooth_voxels: float = 0.7, evaluate=None, max_slices: int | None = None) -> dict:
     """PSNR / SSIM / MAE of a source-level -> target lookup table on the held-out blocks.
 
-    The table is fitted on the training slices of every pair (the mean target,
-    in the evaluation's units, per bin of the source normalised to [-1, 1]
-    and Gaussian-smoothed by ``smooth_voxels``); bins never seen are
-    interpolated from their neighbours.
+    The table is fitted on the training slices of every pair of ``pairs``
+    (the mean target, in the evaluation's units, per bin of the source
+    normalised to [-1, 1] and Gaussian-smoothed by ``smooth_voxels``); bins
+    never seen are interpolated from their neighbours. It is scored on the
+    held-out blocks of ``evaluate`` (default: ``pairs``; held-out patients
+    whole, or their central ``max_slices``), the same slices as the model.
     """
-    from scipy import ndimage
+    from ..paired import holdout_block
 
     keys, values, held = [], [], []
     for pair in pairs:
-        source, target = (pair.ct, pair.mr) if direction == "ct2mr" else (pair.mr, pair.ct)
-        key = normalize(source, source_rule, intensity_range(source, source_rule))
-        key = ndimage.gaussian_filter(key, smooth_voxels) if smooth_voxels else key
-        index = np.clip(((key + 1.0) / 2.0 * (bins - 1)).round().astype(int), 0, bins - 1)
-        if direction == "ct2mr":
-            value = _to_unit_mr(target, target, target_rule)
-        else:
-            value = np.clip(target, *intensity_range(None, target_rule))
-        block = _holdout(source.shape[0], data_config)
-        train = np.ones(source.shape[0], bool)
-        train[block] = False
+        if pair.held_out:
+            continue
+        index, value = _lookup_keys(pair, direction, source_rule, target_rule, bins, smooth_voxels)
+        block = _eval_block(pair, data_config)
+        train = np.ones(index.shape[0], bool)
+        train[holdout_block(index.shape[0], pair, data_config)] = False
         keys.append(index[train].ravel())
         values.append(value[train].ravel())
-        held.append((index[block], value[block], pair.mask[block]))
+        if evaluate is None and block.stop > block.start:
+            held.append((index[block], value[block], pair.mask[block]))
+    for pair in evaluate or ():
+        block = _eval_block(pair, data_config, max_slices)
+        if block.stop > block.start:
+            index, value = _lookup_keys(pair, direction, source_rule, target_rule, bins, smooth_voxels)
+            held.append((index[block], value[block], pair.mask[block]))
     keys, values = np.concatenate(keys), np.concatenate(values)
     count = np.bincount(keys, minlength=bins)
     total = np.bincount(keys, weights=values, minlength=bins)
     seen = np.flatnonzero(count)
     table = np.interp(np.arange(bins), seen, total[seen] / count[seen])
-    pred = np.concatenate([table[h[0]] for h in held])
-    ref = np.concatenate([h[1] for h in held])
-    mask = np.concatenate([h[2] for h in held])
     rng = 1.0 if direction == "ct2mr" else float(np.subtract(*intensity_range(None, target_rule)[::-1]))
-    out = {"psnr_db": masked_psnr(pred, ref, mask, rng), "ssim": masked_ssim(pred, ref, mask, rng),
-           "bins": bins, "smooth_voxels": smooth_voxels}
-    out["mae" if direction == "ct2mr" else "mae_hu"] = masked_mae(pred, ref, mask)
+    pooled = _pooled([(table[i], v, m) for i, v, m in held], rng)
+    out = {"psnr_db": pooled["psnr_db"], "ssim": pooled["ssim"], "bins": bins, "smooth_voxels": smooth_voxels}
+    out["mae" if direction == "ct2mr" else "mae_hu"] = pooled["mae"]
     return out
+
+
+def _eval_block(pair, data_config: dict, max_slices: int | None = None) -> slice:
+    """The held-out slices of a pair that the evaluation translates: its
+    held-out block (the first ``max_slices`` of it), or for a held-out
+    patient the central ``max_slices``."""
+    from ..paired import holdout_block
+
+    n = pair.ct.shape[0]
+    block = holdout_block(n, pair, data_config)
+    if max_slices and block.stop - block.start > int(max_slices):
+        start = block.start + (block.stop - block.start - int(max_slices)) // 2 if pair.held_out else block.start
+        block = slice(start, start + int(max_slices))
+    return block
 
 
 def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, guidance: float | None = None,
                          ensemble: int | None = None,
                          sampler: str = "ddim", max_slices: int | None = None, new_noise: bool = True,
                          device: str = "cpu", seed: int = 0, speed_size: int | None = 256,
-                         batch_size: int = 4) -> dict:
+                         batch_size: int = 4, command: str | None = None) -> dict:
     """Metrics of a translation checkpoint on the held-out slices of ``config``'s pairs.
 
-    Returns a dict with per-pair and overall ``psnr_db``, ``ssim``, ``mae``
-    (``mae_hu`` for MR -> CT) and ``seconds_per_slice``.
+    Returns a dict with per-pair, per-region and overall ``psnr_db``,
+    ``ssim``, ``mae`` (``mae_hu`` for MR -> CT) and ``seconds_per_slice``,
+    and the lookup-table baseline overall and per region.
     """
+    from napari_mediffuse.engine.networks import REGIONS
     from napari_mediffuse.tasks.common import RunOptions
     from napari_mediffuse.tasks.translate import DEFAULT_ENSEMBLE, DEFAULT_GUIDANCE, DEFAULT_STEPS, translate
 
-    from ..paired import load_pairs
+    from ..paired import check_pair_split, load_heldout_pairs, load_pairs
 
     ckpt = load_checkpoint(checkpoint, task="translation")
     card = ckpt.card
     direction = card["direction"]
     data_config = copy.deepcopy(config["data"])
+    check_pair_split(data_config)  # a patient in both lists, a missing file: before anything runs
     if new_noise:
-        for entry in data_config["pairs"]:
+        for entry in list(data_config["pairs"]) + list(data_config.get("heldout_pairs") or []):
             if "simulate" in entry:
                 entry["simulate"]["seed"] = int(entry["simulate"].get("seed", 0)) + 1000
     pairs = load_pairs(data_config)
+    evaluated = [p for p in pairs + load_heldout_pairs(data_config)
+                 if (lambda b: b.stop > b.start)(_eval_block(p, data_config))]
+    if not evaluated:
+        raise ValueError("no held-out slices: set data.holdout_fraction or data.heldout_pairs in the config")
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     ensemble = DEFAULT_ENSEMBLE if ensemble is None else int(ensemble)
     options = RunOptions(device=device, seed=seed, batch_size=batch_size)
     target_rule = card["normalization"]
-    per_pair, stacks = [], {"pred": [], "ref": [], "mask": []}
-    total_slices, total_seconds, picture = 0, 0.0, None
-    for pair in pairs:
-        block = _holdout(pair.ct.shape[0], data_config)
-        if max_slices:
-            block = slice(block.start, min(block.stop, block.start + int(max_slices)))
+    data_range = 1.0 if direction == "ct2mr" else float(np.subtract(*intensity_range(None, target_rule)[::-1]))
+    per_pair, triples, pictures = [], [], {}
+    total_slices, total_seconds, result = 0, 0.0, None
+    for pair in evaluated:
+        block = _eval_block(pair, data_config, max_slices)
+        region = REGIONS[pair.region] if 0 < pair.region < len(REGIONS) else None
         source, target = (pair.ct, pair.mr) if direction == "ct2mr" else (pair.mr, pair.ct)
         affine = pair.affine if pair.affine is not None else np.diag(list(pair.spacing) + [1.0])
         # the held-out block as its own volume (an MR source is normalised on the block)
@@ -186,55 +244,76 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
                      modality="CT" if direction == "ct2mr" else "MR", name=Path(str(pair.source)).name)
         started = time.perf_counter()
         result = translate(sub, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
-                           ensemble=ensemble, sampler=sampler, options=options)
+                           ensemble=ensemble, sampler=sampler, region=region, options=options)
         seconds = time.perf_counter() - started
         mask = pair.mask[block]
         if direction == "ct2mr":
             pred = result.data / 1000.0
             ref = _to_unit_mr(target[block], target, target_rule)
-            rng = 1.0
             metrics = {"mae": masked_mae(pred, ref, mask)}
         else:
             low, high = intensity_range(None, target_rule)
             pred, ref = np.clip(result.data, low, high), np.clip(target[block], low, high)
-            rng = high - low
             metrics = {"mae_hu": masked_mae(result.data, target[block], mask)}
-        metrics.update(psnr_db=masked_psnr(pred, ref, mask, rng), ssim=masked_ssim(pred, ref, mask, rng),
+        metrics.update(psnr_db=masked_psnr(pred, ref, mask, data_range),
+                       ssim=masked_ssim(pred, ref, mask, data_range),
                        slices=int(sub.data.shape[0]), seconds_per_slice=seconds / max(1, sub.data.shape[0]),
-                       pair=str(pair.source))
+                       pair=str(pair.source), region=region or "unknown", patient=pair.patient,
+                       held_out_patient=bool(pair.held_out), voxels=int(np.asarray(mask, bool).sum()))
         per_pair.append(metrics)
-        stacks["pred"].append(pred)
-        stacks["ref"].append(ref)
-        stacks["mask"].append(mask)
+        triples.append((pred, ref, mask))
         total_slices += sub.data.shape[0]
         total_seconds += seconds
-        if picture is None:
+        if metrics["region"] not in pictures:
             mid = sub.data.shape[0] // 2
-            picture = (sub.data[mid], pred[mid], ref[mid])
-    pred, ref, mask = (np.concatenate(stacks[k]) for k in ("pred", "ref", "mask"))
-    rng = 1.0 if direction == "ct2mr" else float(np.subtract(*intensity_range(None, target_rule)[::-1]))
-    overall = {"psnr_db": masked_psnr(pred, ref, mask, rng), "ssim": masked_ssim(pred, ref, mask, rng),
+            pictures[metrics["region"]] = (sub.data[mid], pred[mid], ref[mid])
+    pooled = _pooled(triples, data_range)
+    overall = {"psnr_db": pooled["psnr_db"], "ssim": pooled["ssim"],
                "slices": int(total_slices), "seconds_per_slice": total_seconds / max(1, total_slices)}
     if direction == "ct2mr":
-        overall["mae"] = masked_mae(pred, ref, mask)
+        overall["mae"] = pooled["mae"]
     else:
         overall["mae_hu"] = float(np.average([p["mae_hu"] for p in per_pair], weights=[p["slices"] for p in per_pair]))
+    source_rule = card["source_normalization"]
+    regions = {}
+    for name in dict.fromkeys(p["region"] for p in per_pair):
+        idx = [i for i, p in enumerate(per_pair) if p["region"] == name]
+        mine = _pooled([triples[i] for i in idx], data_range)
+        model = {"psnr_db": mine["psnr_db"], "ssim": mine["ssim"], "slices": sum(per_pair[i]["slices"] for i in idx)}
+        if direction == "ct2mr":
+            model["mae"] = mine["mae"]
+        else:
+            model["mae_hu"] = float(np.average([per_pair[i]["mae_hu"] for i in idx],
+                                               weights=[per_pair[i]["voxels"] for i in idx]))
+        fit = [p for p in pairs if REGIONS[p.region] == name] if name in REGIONS else []
+        fit = [p for p in fit if not p.held_out] or [p for p in pairs if not p.held_out]
+        baseline = lookup_baseline(fit, data_config, direction, source_rule, target_rule,
+                                   evaluate=[evaluated[i] for i in idx], max_slices=max_slices)
+        baseline["fitted_on"] = "training slices of this region" if name in {REGIONS[p.region] for p in fit} \
+            else "training slices of every region"
+        regions[name] = {"model": model, "baseline_lookup": baseline,
+                         "model_beats_lookup_psnr": bool(model["psnr_db"] > baseline["psnr_db"]),
+                         "patients": sorted({per_pair[i]["patient"] for i in idx}),
+                         "pairs": [per_pair[i]["pair"] for i in idx]}
     report = {
-        "checkpoint": str(checkpoint), "model": ckpt.name, "direction": direction,
+        "checkpoint": str(checkpoint), "model": ckpt.name, "direction": direction, "command": command,
         "trained_on_simulated_pairs": bool(card.get("trained_on_simulated_pairs")),
         "steps": int(steps), "guidance": float(guidance), "ensemble": ensemble, "sampler": sampler, "seed": seed,
         "spacing": result.metadata["parameters"]["spacing"],  # as the task recorded it
-        "new_noise_draws": bool(new_noise), "overall": overall, "pairs": per_pair,
+        "model_pixel_mm": card.get("slice_spacing_mm"),
+        "new_noise_draws": bool(new_noise), "overall": overall, "regions": regions, "pairs": per_pair,
         "machine": {"cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch": torch.__version__, "device": device},
         "reference_mediffuse": MEDIFFUSE_REFERENCE,
-        "baseline_lookup": lookup_baseline(pairs, data_config, direction, card["source_normalization"], target_rule),
+        "baseline_lookup": lookup_baseline(pairs, data_config, direction, source_rule, target_rule,
+                                           evaluate=evaluated, max_slices=max_slices),
     }
     if speed_size:
         report["speed"] = measure_speed(checkpoint, card, size=int(speed_size), steps=steps, guidance=guidance,
                                         ensemble=ensemble,
                                         sampler=sampler, device=device, batch_size=batch_size)
-    report["_picture"] = picture
+    report["_picture"] = next(iter(pictures.values()))
+    report["_region_pictures"] = pictures if len(pictures) > 1 else {}
     return report
 
 
@@ -279,6 +358,26 @@ def markdown(report: dict) -> str:
         f"{' (' + report['spacing'] + ' spacing)' if report.get('spacing') else ''}, "
         f"{report.get('ensemble', 1)} sample(s) averaged, guidance {report['guidance']:g}, seed {report['seed']}.",
         "",
+    ]
+    if report.get("command"):
+        lines[1:1] = ["", f"`{report['command']}`"]
+    if report.get("regions"):
+        lines += ["Per region: the model and, beside it, the lookup table fitted on that region's training "
+                  "slices, on the same held-out slices.", "",
+                  "| region | slices | patients | model PSNR (dB) | SSIM | MAE | lookup PSNR (dB) | SSIM | MAE | "
+                  "model beats lookup (PSNR) |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+
+        def mae_text(m):
+            return f"{m['mae_hu']:.1f} HU" if "mae_hu" in m else f"{m['mae']:.4f}"
+
+        for name, r in report["regions"].items():
+            m, b = r["model"], r["baseline_lookup"]
+            lines.append(f"| {name} | {m['slices']} | {len(r['patients'])} | {m['psnr_db']:.2f} | {m['ssim']:.3f} | "
+                         f"{mae_text(m)} | {b['psnr_db']:.2f} | {b['ssim']:.3f} | {mae_text(b)} | "
+                         f"{'yes' if r['model_beats_lookup_psnr'] else '**no**'} |")
+        lines.append("")
+    lines += [
         "| pair | slices | PSNR (dB) | SSIM | MAE | s / slice |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -330,12 +429,16 @@ def write_report(report: dict, output) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     stem = f"translation_{report['direction']}"
     picture = report.pop("_picture", None)
+    region_pictures = report.pop("_region_pictures", None) or {}
     paths = [output / f"{stem}.json", output / f"{stem}.md"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     paths[1].write_text(markdown(report))
     if picture is not None:
         paths.append(output / f"{stem}.png")
         save_picture(picture, paths[-1], report["direction"])
+    for region, pic in region_pictures.items():
+        paths.append(output / f"{stem}_{region}.png")
+        save_picture(pic, paths[-1], report["direction"])
     return paths
 
 
@@ -351,7 +454,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--guidance", type=float, help="image guidance scale (default: the task's)")
     p.add_argument("--ensemble", type=int, help="samples averaged per slice (default: the task's)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
-    p.add_argument("--max-slices", type=int, help="at most this many held-out slices per pair")
+    p.add_argument("--max-slices", type=int,
+                   help="at most this many held-out slices per pair (held-out patients: the central ones)")
     p.add_argument("--same-noise", action="store_true",
                    help="simulated pairs: keep the training bias/noise draws (default: new ones)")
     p.add_argument("--speed-size", type=int, default=256, help="slice size for the speed run (0: skip)")
@@ -361,13 +465,18 @@ def add_command(subparsers) -> None:
 
 
 def _cmd(args) -> int:
+    import shlex
+    import sys
+
     from ..trainer import load_config
 
     config = load_config(args.config)  # resolves base: configs
+    command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = evaluate_translation(args.checkpoint, config, steps=args.steps, guidance=args.guidance,
                                   ensemble=args.ensemble,
                                   sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
-                                  device=args.device, seed=args.seed, speed_size=args.speed_size or None)
+                                  device=args.device, seed=args.seed, speed_size=args.speed_size or None,
+                                  command=command)
     for path in write_report(report, args.output):
         print(f"wrote {path}")
     print(markdown(report))
