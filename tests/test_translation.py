@@ -766,6 +766,12 @@ def test_openkbp_patient_simulated_with_its_structures():
     assert np.median(pair.mr_clean[ptv]) == pytest.approx(np.median(hu_only.mr_clean[ptv]), rel=0.03)
     with pytest.raises(FileNotFoundError, match="pt_999"):
         paired.simulated_pairs({**spec, "patients": ["pt_999"]})
+    # a thin-slice CT may be simulated on a coarser grid (the memory of a 1 mm chest CT)
+    small = {"ct": str(shared("ct/abdomen_ct_3mm_small.nii.gz")), "resample_mm": 6.0}
+    (coarse,) = paired.simulated_pairs(small, region="abdomen")
+    assert coarse.spacing == (6.0, 6.0, 6.0) and coarse.ct.shape == (15, 50, 61) and coarse.mr.shape == coarse.ct.shape
+    with pytest.raises(ValueError, match="resample_mm"):
+        paired.simulated_pairs({**spec, "resample_mm": 2.0})
 
 
 def test_pair_split_refuses_a_patient_in_both_lists_and_missing_files(tmp_path):

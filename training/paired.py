@@ -86,6 +86,7 @@ from .data import (
     dataset_files,
     excluded_blocks,
     fix_orientation,
+    resample_isotropic,
     patient_id,
     region_index,
     resolve_path,
@@ -545,7 +546,8 @@ def simulated_pairs(spec: dict, *, region=None) -> list[PairedVolume]:
     legend, :data:`LABEL_SCHEMES`, default TotalSegmentator), ``contrast``
     ('T1'/'T2'), ``seed``, ``variants``, ``bias``, ``noise``,
     ``orientation_fix`` (:data:`training.data.ORIENTATION_FIXES`, applied to
-    CT and labels), ``exclude_mask`` + ``exclude_margin_mm`` (only axial
+    CT and labels), ``resample_mm`` (the CT resampled to this isotropic
+    voxel size before simulation, antialiased; without labels), ``exclude_mask`` + ``exclude_margin_mm`` (only axial
     blocks that far from the mask's voxels are kept, each its own pair: a
     lesion is never trained on). Patient ``i`` of a folder gets seeds
     ``seed + 100 i + v``.
@@ -575,6 +577,11 @@ def _simulate_case(spec: dict, case: SimulationCase, seed: int, region) -> list[
             labels, _ = fix_orientation(labels, ct_vol.spacing, fixes)
             coverage, _ = fix_orientation(coverage, ct_vol.spacing, fixes)
         affine = None
+    if spec.get("resample_mm"):  # a thin-slice CT simulated at the model's pixel size: a fraction of the memory
+        if labels is not None or spec.get("exclude_mask"):
+            raise ConfigError(f"simulate {case.ct}: resample_mm works without labels and exclude_mask")
+        ct = resample_isotropic(ct, spacing, float(spec["resample_mm"])).astype(np.float32)
+        spacing, affine = (float(spec["resample_mm"]),) * 3, None
     blocks = [slice(0, ct.shape[0])]
     if spec.get("exclude_mask"):
         mask = np.asarray(_read_one(resolve_path(str(spec["exclude_mask"])), "OT").data) > 0
