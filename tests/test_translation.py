@@ -853,3 +853,31 @@ def test_per_region_evaluation_with_lookup_beside_the_model(tmp_path):
     paths = write_report(report, tmp_path / "eval")
     assert sorted(p.name for p in paths if p.suffix == ".png") == [
         "translation_ct2mr.png", "translation_ct2mr_abdomen.png", "translation_ct2mr_head-neck.png"]
+
+
+def test_a_multi_region_model_conditions_on_the_scans_own_region_when_none_is_given():
+    """A model trained on several regions never saw class 0 ('unknown'): with no
+    --region, the class is the scan's own (judged from its width and lung)."""
+    from napari_mediffuse.engine.networks import REGIONS
+    from napari_mediffuse.io.volume import Volume
+    from napari_mediffuse.tasks.translate import _region
+
+    card = {"training": {"data": [{"region": "head-neck"}, {"region": "chest"}, {"region": "abdomen"}]}}
+    yy, xx = np.mgrid[:128, :128]
+
+    def body(width_mm: float, pixel_mm: float, lung: bool) -> Volume:
+        half = width_mm / pixel_mm / 2
+        inside = ((xx - 64) / half) ** 2 + ((yy - 64) / (0.7 * half)) ** 2 < 1
+        ct = np.where(inside, 40.0, -1000.0)
+        if lung:  # two lungs, about a third of the body's area
+            for cx in (64 - half / 2, 64 + half / 2):
+                ct[((xx - cx) / (0.35 * half)) ** 2 + ((yy - 64) / (0.45 * half)) ** 2 < 1] = -850.0
+        return Volume(np.repeat(ct[None], 8, axis=0).astype(np.float32),
+                      np.diag([2.0, pixel_mm, pixel_mm, 1.0]), modality="CT")
+
+    assert _region(card, None, body(150.0, 1.5, lung=False)) == REGIONS.index("head-neck")
+    assert _region(card, None, body(340.0, 3.0, lung=True)) == REGIONS.index("chest")
+    assert _region(card, None, body(340.0, 3.0, lung=False)) == REGIONS.index("abdomen")
+    assert _region(card, "chest", body(150.0, 1.5, lung=False)) == REGIONS.index("chest")  # the user's word wins
+    one = {"training": {"data": [{"region": "abdomen"}]}}
+    assert _region(one, None, body(150.0, 1.5, lung=False)) == REGIONS.index("abdomen")  # the demo's only region

@@ -13,11 +13,14 @@ import torch
 
 def _cmd_train(args) -> int:
     from .data import ConfigError, check_data_config
+    from .paired import check_pair_split
     from .trainer import load_config, train
 
     try:
         config = load_config(args.config)
-        if "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
+        if "pairs" in config["data"]:
+            check_pair_split(config["data"])
+        elif config["data"].get("kind") != "image_folder":
             check_data_config(config["data"])
     except (ConfigError, FileNotFoundError) as exc:  # one line naming the file, no traceback
         print(f"error: {args.config}: {exc}", file=sys.stderr)

@@ -50,9 +50,9 @@ from ..engine.networks import REGIONS
 from ..engine.runner import SliceRunner
 from ..engine.sampling import ddim_sample, make_generator, randn, sample_with_scheduler
 from ..io.volume import Volume
-from .domain import check_domain
-from .common import (Normalizer, RunOptions, TaskInputError, load_prior, mark_out_of_domain, require_volume,
-                     result_volume)
+from .domain import check_domain, scan_region
+from .common import (Normalizer, RunOptions, TaskInputError, default_region, load_prior, mark_out_of_domain,
+                     require_volume, result_volume, trained_regions)
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,21 @@ def _model_size(volume: Volume, card: dict) -> tuple[int, int]:
     return tuple(max(MIN_SLICE_PIXELS, int(round(n * f))) for n, f in zip(shape, factors))
 
 
-def _region(card: dict, region) -> int:
-    """Region class: given, else the one region the model was trained on, else 0."""
-    if region not in (None, ""):
-        if isinstance(region, int):
-            return region
-        if region not in REGIONS:
-            raise TaskInputError(f"unknown body region {region!r}; choose one of {', '.join(REGIONS)}")
-        return REGIONS.index(region)
-    names = {e.get("region") for e in card.get("training", {}).get("data", []) if isinstance(e, dict)}
-    names.discard(None)
-    return REGIONS.index(names.pop()) if len(names) == 1 and next(iter(names)) in REGIONS else 0
+def _region(card: dict, region, volume: Volume) -> int:
+    """Region class: given; else the one region the model was trained on; else,
+    for a model of several regions (which never saw class 0), the scan's own
+    (DICOM BodyPartExamined, or judged from the scan, as the domain check does)."""
+    if region in (None, ""):
+        trained = trained_regions(card)
+        if len(trained) > 1:
+            guessed, _ = scan_region(volume)
+            return REGIONS.index(guessed) if guessed in trained else 0
+        return default_region(card)
+    if isinstance(region, int):
+        return region
+    if region not in REGIONS:
+        raise TaskInputError(f"unknown body region {region!r}; choose one of {', '.join(REGIONS)}")
+    return REGIONS.index(region)
 
 
 # -- the task ------------------------------------------------------------------------
@@ -291,7 +295,7 @@ def _translate_diffusion(volume: Volume, *, direction, model, steps, guidance, e
     if not 0 <= k_used <= k_model:
         raise TaskInputError(f"context_slices must be between 0 and {k_model} for {checkpoint.name!r}, "
                              f"got {context_slices}")
-    region_class = _region(card, region) if network.uses_regions else None
+    region_class = _region(card, region, volume) if network.uses_regions else None
 
     data = np.asarray(volume.data, dtype=np.float32)
     n, h, w = data.shape
