@@ -162,3 +162,37 @@ def test_a_residual_model_that_adds_no_correction_returns_its_condition(chest_cr
         name="zero-plain", modality="CT", architecture=arch, patch_size=[16, 16], **card))
     far = denoise.denoise(chest_crop, method="learned", model=str(plain), options=RunOptions(seed=0))
     assert np.abs(far.data - chest_crop.data).mean() > 100.0
+
+
+def test_inverse_noise_weighting_weighs_a_sample_by_its_added_noise(chest_crop):
+    volume = _training_volume(chest_crop)
+    rng = np.random.default_rng(0)
+    weighting = {"type": "inverse_noise", "reference_noise_hu": 10.0, "bounds": [0.05, 20.0]}
+    for noise_hu, expected in ((30.0, (10 / 30) ** 2), (5.0, 4.0)):
+        noise = rng.normal(0.0, noise_hu, (64, 64)).astype(np.float32)
+        bank = [{"volume": 0, "slice": 2, "noise": noise, "dose": 0.25, "filter": "ramp", "photons": 8e5}]
+        pairs = LowDosePairs([volume], bank, {"patch_size": 48, "loss_weighting": weighting}, NORMALIZATION,
+                             part="val")
+        weight = float(pairs.sample(np.random.default_rng(1))["weight"])
+        assert abs(weight - expected) < 0.15 * expected
+    with pytest.raises(ValueError, match="inverse_noise"):
+        LowDosePairs([volume], bank, {"patch_size": 48, "loss_weighting": {"type": "snr"}}, NORMALIZATION)
+
+
+def test_a_weighted_diffusion_loss_ignores_a_sample_of_weight_zero():
+    from training.trainer import diffusion_loss
+
+    class Constant(torch.nn.Module):  # predicts 0 everywhere: the loss is the target's mean square
+        def forward(self, x_t, t, coords=None, condition=None, region=None):
+            return torch.zeros_like(x_t)
+
+    abar = torch.linspace(0.999, 0.001, 10)
+    image = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), 3.0)])
+    batch = {"image": image, "coords": torch.zeros(2, 3, 8, 8), "region": torch.zeros(2, dtype=torch.long)}
+    steps = torch.tensor([9, 9])  # abar 0.001: v ~ -x0, the target is about the image itself
+    one = diffusion_loss(Constant(), {k: v[:1] for k, v in batch.items()}, abar, torch.Generator().manual_seed(0),
+                         torch.device("cpu"), timesteps=steps[:1], prediction_type="sample")
+    weighted = diffusion_loss(Constant(), dict(batch, weight=torch.tensor([1.0, 0.0])), abar,
+                              torch.Generator().manual_seed(0), torch.device("cpu"), timesteps=steps,
+                              prediction_type="sample")
+    assert float(one) == pytest.approx(0.25) and float(weighted) == pytest.approx(0.25)

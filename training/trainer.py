@@ -112,7 +112,9 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
     The target is the noise (``'epsilon'``, the default), the velocity
     ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (``'v_prediction'``, well
     conditioned at every step, used by translation models that sample in a
-    few steps from pure noise) or the clean image (``'sample'``).
+    few steps from pure noise) or the clean image (``'sample'``). A batch
+    with ``weight`` (one per sample) weighs each sample's mean squared error
+    by it (normalised by the batch's total weight).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
@@ -132,7 +134,11 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
     else:
         target = x0
-    return torch.mean((pred.float() - target) ** 2)
+    if "weight" not in batch:
+        return torch.mean((pred.float() - target) ** 2)
+    per_sample = ((pred.float() - target) ** 2).flatten(1).mean(dim=1)
+    weight = batch["weight"].to(device, torch.float32)
+    return (weight * per_sample).sum() / weight.sum().clamp_min(1e-12)
 
 
 def draw_timesteps(n: int, num_steps: int, generator: torch.Generator,
