@@ -140,11 +140,14 @@ def test_cli_precision_option(tmp_path, capsys):
 
 
 def test_abdominal_translation_model_refuses_a_head_mr_unless_forced(tmp_path, capsys):
-    """mr2ct-demo saw abdominal (simulated) MR only: a brain MR is refused, with the reason."""
+    """An mr2ct model that saw abdominal (simulated) MR only: a brain MR is refused, with the reason."""
     import nibabel as nib
 
-    from conftest import shared
+    from conftest import save_tiny_checkpoint, shared, translation_card
 
+    model = save_tiny_checkpoint(tmp_path / "abdomen-mr2ct", name="abdomen-mr2ct", task="translation",
+                                 modality="MR", condition_channels=3,
+                                 domain={"modality": "MR", "regions": ["abdomen"]}, **translation_card("mr2ct"))
     head = shared("mr/stroke_T1.nii.gz")
     img = nib.load(str(head))
     data = np.asarray(img.dataobj)
@@ -154,12 +157,12 @@ def test_abdominal_translation_model_refuses_a_head_mr_unless_forced(tmp_path, c
     affine[:3, 3] = (img.affine @ np.array([0, 0, k - 1, 1]))[:3]
     nib.save(nib.Nifti1Image(data[:, :, k - 1:k + 2].astype(np.float32), affine), str(small))
     out = tmp_path / "ct_like.nii.gz"
-    rc, err = _cli(["translate", str(small), "-o", str(out), "--direction", "mr2ct", "--input-modality", "MR"],
-                   capsys)
+    common = ["translate", str(small), "-o", str(out), "--direction", "mr2ct", "--input-modality", "MR",
+              "--model", str(model)]
+    rc, err = _cli(common, capsys)
     assert rc != 0 and not out.exists()
     assert "saw abdomen only" in err and "head-neck" in err and "--force" in err, err
-    rc, err = _cli(["translate", str(small), "-o", str(out), "--direction", "mr2ct", "--input-modality", "MR",
-                    "--force", "--steps", "1", "--ensemble", "1"], capsys)
+    rc, err = _cli(common + ["--force", "--steps", "1", "--ensemble", "1"], capsys)
     assert rc == 0 and out.exists(), err
     assert "warning:" in err and "saw abdomen only" in err
     assert "OUT-OF-DOMAIN" in nib.load(str(out)).header["descrip"].tobytes().decode()

@@ -109,13 +109,14 @@ class LowDosePairs(SampleStream):
         self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
         low, high = float(normalization["low"]), float(normalization["high"])
         self.units_per_hu = 2.0 / (high - low)  # hu_window: a noise of 1 HU in normalised units
-        # loss_weighting: inverse_noise weighs each sample by (reference_noise_hu / its added noise)^2
+        # loss_weighting: inverse_noise weighs each sample by (reference_noise_hu / its added noise)^power
         weighting = data_config.get("loss_weighting") or {}
         if weighting and weighting.get("type") != "inverse_noise":
             raise ValueError(f"data.loss_weighting type must be inverse_noise, got {weighting.get('type')!r}")
         self.noise_weighting = bool(weighting)
         self.reference_noise_hu = float(weighting.get("reference_noise_hu", 10.0))
         self.weight_bounds = tuple(weighting.get("bounds", [0.05, 20.0]))
+        self.weight_power = float(weighting.get("power", 2.0))  # 1: inverse std, a gentler balance
         per_volume = volume_probabilities([v.data.size for v in volumes], [v.region for v in volumes],
                                           data_config.get("region_weights"))
         counts = np.bincount([b["volume"] for b in bank], minlength=len(volumes))
@@ -141,13 +142,13 @@ class LowDosePairs(SampleStream):
         return sample
 
     def _inverse_noise_weight(self, crop: np.ndarray) -> float:
-        """(reference / added noise std)^2 of a (clean, noisy) crop, bounded: the
+        """(reference / added noise std)^power of a (clean, noisy) crop, bounded: the
         squared error of a 3 HU neck-box correction then counts as much as that of
         a 30 HU chest one, instead of 100 times less (the model then learned to
         smooth every scan alike, texture included)."""
         added_hu = float(np.std(crop[1] - crop[0])) / self.units_per_hu
         low, high = self.weight_bounds
-        return float(np.clip((self.reference_noise_hu / max(added_hu, 1e-3)) ** 2, low, high))
+        return float(np.clip((self.reference_noise_hu / max(added_hu, 1e-3)) ** self.weight_power, low, high))
 
     def augmentation(self, seed: int):
         return True if self.augment else None
