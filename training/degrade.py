@@ -145,8 +145,7 @@ def matched_photons(slices_hu: np.ndarray, pixel_mm: float, *, filter_name: str 
     float
         Photons per detector bin and view at the scan's own (full) dose.
     """
-    from napari_mediffuse.tasks.denoise import _diagonal_detail, _soft_tissue_mask, SOFT_TISSUE_HU, \
-        estimate_noise_hu
+    from napari_mediffuse.tasks.denoise import estimate_noise_hu, robust_std, soft_tissue_detail
 
     stack = np.asarray(slices_hu, dtype=np.float32).reshape(-1, *np.shape(slices_hu)[-2:])
     own = estimate_noise_hu(stack)
@@ -158,9 +157,9 @@ def matched_photons(slices_hu: np.ndarray, pixel_mm: float, *, filter_name: str 
             # a dose of 1/2 adds exactly the full dose's noise (variance 1/I0)
             noise = low_dose_noise(s, pixel_mm, 0.5, photons=photons, electronic_noise=electronic_noise,
                                    views=views, rng=rng, filter_name=filter_name)
-            values = _diagonal_detail(noise)[_soft_tissue_mask(s, SOFT_TISSUE_HU)]
+            values = soft_tissue_detail(noise, s)
             if values.size >= 20 and sigma > 0:
-                ratios.append((np.median(np.abs(values)) / 0.6745 / sigma) ** 2)
+                ratios.append((robust_std(values) / sigma) ** 2)
         if not ratios:
             raise ValueError("no soft tissue to calibrate the simulated dose on")
         photons *= float(np.median(ratios))

@@ -93,6 +93,18 @@ def _soft_tissue_mask(slice_hu: np.ndarray, soft_tissue) -> np.ndarray:
     return mask[:-1, :-1] & mask[1:, 1:] & mask[1:, :-1] & mask[:-1, 1:]
 
 
+def soft_tissue_detail(image: np.ndarray, slice_hu: np.ndarray, *, soft_tissue=SOFT_TISSUE_HU) -> np.ndarray:
+    """The finest diagonal (Haar HH) detail of ``image`` over the soft tissue
+    of ``slice_hu`` (the pixels :func:`estimate_noise_hu` reads; ``image`` may
+    be the slice itself or a noise image simulated for it)."""
+    return _diagonal_detail(image)[_soft_tissue_mask(slice_hu, soft_tissue)]
+
+
+def robust_std(detail: np.ndarray) -> float:
+    """Donoho's noise std of Haar detail values: median absolute value / 0.6745."""
+    return float(np.median(np.abs(detail)) / 0.6745)
+
+
 def estimate_noise_hu(data: np.ndarray, *, soft_tissue=SOFT_TISSUE_HU) -> np.ndarray:
     """Noise std (HU) of each axial slice, estimated from the image itself.
 
@@ -123,16 +135,15 @@ def estimate_noise_hu(data: np.ndarray, *, soft_tissue=SOFT_TISSUE_HU) -> np.nda
     sigmas = np.full(len(stack), np.nan)
     pooled = []
     for i, s in enumerate(stack):
-        detail = _diagonal_detail(s)
-        values = detail[_soft_tissue_mask(s, soft_tissue)]
+        values = soft_tissue_detail(s, s, soft_tissue=soft_tissue)
         if values.size >= MIN_NOISE_PIXELS:
-            sigmas[i] = np.median(np.abs(values)) / 0.6745
+            sigmas[i] = robust_std(values)
         pooled.append(values)
     if np.all(np.isnan(sigmas)):
         values = np.concatenate(pooled)
         if values.size < 20:  # no soft tissue at all: every non-air pixel
             values = np.concatenate([_diagonal_detail(s)[(s[:-1, :-1] > -900)] for s in stack])
-        fallback = np.median(np.abs(values)) / 0.6745 if values.size else 0.0
+        fallback = robust_std(values) if values.size else 0.0
     else:
         fallback = np.nanmedian(sigmas)
     sigmas[np.isnan(sigmas)] = fallback
