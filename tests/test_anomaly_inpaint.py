@@ -389,3 +389,31 @@ def test_thin_pixels_are_resampled_to_the_prior_spacing(small_ct):
     out = inpaint(thin_vol, mask, steps=2, resample=0, model=prior, options=RunOptions(batch_size=2))
     assert set(seen) == {(48, 64)}
     assert out.data.shape == thin.shape and np.array_equal(out.data[~mask], thin[~mask])
+
+
+def test_anomaly_reconstruction_at_a_coarser_pixel_size(small_ct):
+    """pixel_mm runs a multi-resolution prior at that size; the heatmap stays on the scan's grid."""
+    seen = []
+
+    def predictor(x, t):
+        seen.append(tuple(x.shape[-2:]))
+        return torch.zeros_like(x)
+
+    card = {"domain": {"pixel_spacing_mm": [0.6, 4.0]}}
+    prior = Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, modality="CT", card=card)
+    vol = crop(small_ct, (slice(10, 12), slice(20, 68), slice(30, 94)))  # 48 x 64 pixels of 3 mm
+    result = detect_anomalies(vol, t=50, ensemble=1, steps=2, model=prior, pixel_mm=4.0,
+                              options=RunOptions(batch_size=2, seed=0))
+    assert set(seen) == {(36, 48)}  # 144 x 192 mm at 4 mm
+    assert result.heatmap.data.shape == vol.data.shape
+    np.testing.assert_allclose(result.heatmap.affine, vol.affine)
+    assert result.heatmap.metadata["parameters"]["pixel_mm"] == [4.0, 4.0]
+    # outside what the prior was trained at, or a single-resolution prior at another size: refused
+    with pytest.raises(TaskInputError, match=r"8 mm is outside .* \(0.6-4 mm\)"):
+        detect_anomalies(vol, t=50, ensemble=1, steps=2, model=prior, pixel_mm=8.0)
+    fixed = Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, modality="CT", pixel_spacing_mm=(3.0, 3.0))
+    assert fixed.at_pixel_size(3.1).pixel_spacing_mm == (3.1, 3.1)
+    with pytest.raises(TaskInputError, match="3-3 mm"):
+        fixed.at_pixel_size(1.0)
+    with pytest.raises(TaskInputError, match="records no pixel sizes"):
+        Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION).at_pixel_size(2.0)

@@ -196,3 +196,48 @@ def test_a_weighted_diffusion_loss_ignores_a_sample_of_weight_zero():
                               torch.Generator().manual_seed(0), torch.device("cpu"), timesteps=steps,
                               prediction_type="sample")
     assert float(one) == pytest.approx(0.25) and float(weighted) == pytest.approx(0.25)
+
+
+def test_views_average_the_estimates_of_the_mirrored_slices():
+    """A model with a fixed left-right and up-down bias: 2 views cancel the
+    left-right part, 4 both (the mirrored estimates are mirrored back)."""
+    from types import SimpleNamespace
+
+    from napari_mediffuse.engine.runner import SliceRunner
+    from napari_mediffuse.engine.schedulers import DEFAULT_SCHEDULE, alphas_cumprod
+    from napari_mediffuse.tasks.common import Normalizer, learned_estimate
+
+    rows = torch.linspace(-0.01, 0.01, 16)[:, None]  # +-15 HU in the [-1024, 2048] window
+    cols = torch.linspace(-0.02, 0.02, 24)[None, :]  # +-30 HU
+
+    abar = alphas_cumprod(DEFAULT_SCHEDULE)
+
+    def predictor(x, t, *, condition, region):  # the noise that leads to its condition plus the bias
+        a = float(abar[int(t)])
+        return (x - a ** 0.5 * (condition + rows + cols)) / (1.0 - a) ** 0.5
+
+    model = SimpleNamespace(card={}, schedule=DEFAULT_SCHEDULE)
+    slices = np.random.default_rng(0).normal(40.0, 20.0, (3, 16, 24)).astype(np.float32)
+    norm = Normalizer(NORMALIZATION, slices)
+    runner = SliceRunner("cpu", seed=0, batch_size=3)
+    bias = {}
+    for views in (1, 2, 4):
+        estimate = learned_estimate(predictor, model, slices, norm, runner, region_class=0,
+                                    noise=runner.noise(range(3)), views=views)
+        bias[views] = estimate - slices
+    np.testing.assert_allclose(bias[1], 1536.0 * (rows + cols).numpy()[None].repeat(3, axis=0), atol=0.01)
+    np.testing.assert_allclose(bias[2], 1536.0 * np.broadcast_to(rows.numpy(), (3, 16, 24)), atol=0.01)
+    np.testing.assert_allclose(bias[4], 0.0, atol=0.01)
+    with pytest.raises(ValueError, match="1, 2 or 4"):
+        learned_estimate(predictor, model, slices, norm, runner, region_class=0, noise=runner.noise(range(3)),
+                         views=3)
+
+
+def test_denoise_views_are_recorded_and_checked(chest_crop, denoise_model):
+    out = denoise.denoise(chest_crop, method="learned", model=str(denoise_model), views=2,
+                          options=RunOptions(seed=1))
+    assert out.metadata["parameters"]["views"] == 2
+    with pytest.raises(denoise.TaskInputError, match="learned denoiser, not 'bm3d'"):
+        denoise.denoise(chest_crop, method="bm3d", views=2)
+    with pytest.raises(denoise.TaskInputError, match="views must be 1, 2 or 4"):
+        denoise.denoise(chest_crop, method="learned", model=str(denoise_model), views=3)

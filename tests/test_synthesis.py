@@ -189,6 +189,31 @@ def test_coarse_volumes_are_whole_bodies_in_an_air_box(tiny_coarse_config):
     assert augmented.shape == box.shape and augmented.min() == pytest.approx(-1.0, abs=1e-4)
 
 
+def test_coarse_volumes_weigh_regions_and_validate_on_held_out_patients(tiny_coarse_config, tmp_path):
+    import itertools
+
+    from training.trainer import make_datasets
+
+    neck = [str(_phantom_ct(tmp_path / f"neck{i}.nii.gz")) for i in range(3)]
+    abdomen = str(_phantom_ct(tmp_path / "abdomen.nii.gz"))
+    held_out = str(_phantom_ct(tmp_path / "held_out.nii.gz", shape=(20, 30, 36)))  # half as tall: 5 slices of 12 mm
+    data = tiny_coarse_config["data"]
+    data["train"] = [{"path": path, "region": "head-neck"} for path in neck] + [{"path": abdomen, "region": "abdomen"}]
+    data["validation"] = [{"path": held_out, "region": "head-neck"}]
+    data["region_weights"] = {"head-neck": 0.5, "abdomen": 0.5}
+    data["augment"] = False
+    train_set, val_set = make_datasets(tiny_coarse_config)
+    regions = [int(s["region"]) for s in itertools.islice(iter(train_set), 400)]
+    # by box count the one abdomen would be drawn a quarter of the time; by region weight half of it
+    assert abs(regions.count(3) / 400 - 0.5) < 0.08
+    # validation draws only the held-out patient: 20 slices of 3 mm are 5 slices of 12 mm in the 12-slice box
+    val = val_set.fixed_batch(4)["image"].numpy()
+    body_slices = (val > -0.9).any(axis=(2, 3)).sum(axis=1)
+    assert np.all((body_slices >= 5) & (body_slices <= 6))
+    train_box = next(iter(train_set))["image"].numpy()
+    assert (train_box > -0.9).any(axis=(1, 2)).sum() >= 9  # the training bodies are 10 slices tall
+
+
 def test_place_box_keeps_world_positions_in_mm():
     # a box of 9^3 voxels of 8 mm whose values are the superior coordinate in mm
     z = (np.arange(9) - 4) * 8.0

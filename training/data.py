@@ -564,13 +564,16 @@ class CoarseVolumes(SampleStream):
         self.shape = tuple(int(n) for n in data_config["volume_shape"])
         self.boxes = [centre_fit(v.data, self.shape) for v in volumes]
         self.regions = [v.region for v in volumes]
+        # with region_weights a region first, then one of its boxes (all boxes are alike in size):
+        # 170 neck boxes must not drown the two abdomens
+        self.volume_p = volume_probabilities([1] * len(volumes), self.regions, data_config.get("region_weights"))
         # every sample is the whole box: the same coordinates each time
         self.coords = coordinate_grid([(0, n) for n in self.shape[1:]], self.shape[1:])
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.seed, self.rank, self.part = seed, rank, part
 
     def sample(self, rng: np.random.Generator, augment=None) -> dict:
-        k = int(rng.integers(len(self.boxes)))
+        k = int(rng.choice(len(self.boxes), p=self.volume_p))
         box = self.boxes[k]
         if augment is not None:
             box = augment(box)

@@ -91,8 +91,12 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         return thick_thin_datasets(config, seed=seed, rank=rank, start_step=start_step)
     volumes = load_volumes(config["data"], config["normalization"])
     if config["data"].get("kind") == "coarse_volume":
+        # validated on held-out patients (data.validation) where there are some, else on the
+        # training boxes without augmentation (one patient: a box with a hole is no body)
+        val_volumes = (load_volumes(config["data"], config["normalization"], split="validation")
+                       if config["data"].get("validation") else volumes)
         return (CoarseVolumes(volumes, config["data"], seed=seed, rank=rank),
-                CoarseVolumes(volumes, config["data"], seed=seed, part="val"))
+                CoarseVolumes(val_volumes, config["data"], seed=seed, part="val"))
     train_set = MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank)
     train_set.start_step = start_step
     if config["data"].get("validation"):

@@ -99,7 +99,8 @@ def _run_denoise(volume, values, options):
 
     result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"] or None,
                      strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
-                     lam=values["lam"], options=options)
+                     lam=values["lam"], views=values["views"] if values["method"] == "learned" else 1,
+                     options=options)
     return [image_layer_data(result)]
 
 
@@ -123,6 +124,10 @@ def denoise_spec() -> TaskSpec:
                   tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
             Param("lam", default(denoise, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
                   tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
+            Param("views", default(denoise, "views"), label="mirrored views", options={"choices": [1, 2, 4]},
+                  advanced=True,
+                  tooltip="Learned only: average the model's estimates of each slice as is and mirrored "
+                          "(2: left-right, 4: and upside down); each view costs one more network run"),
             SEED, BATCH,
         ])
 
@@ -133,7 +138,8 @@ def _run_sr(volume, values, options):
     result = super_resolve(volume, factor=values["factor"], method=values["method"], model=values["model"],
                            steps=values["steps"] or None, strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
-                           noise_hu=zero_is_auto(values["noise_hu"]), options=options)
+                           noise_hu=zero_is_auto(values["noise_hu"]),
+                           views=values["views"] if values["method"] == "learned" else 1, options=options)
     return [image_layer_data(result)]
 
 
@@ -168,6 +174,10 @@ def sr_spec() -> TaskSpec:
                   tooltip="Stop at this noise level and return the posterior mean (larger = smoother)"),
             Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
                   tooltip="Noise std of the thick slices; 0 = estimate it from the image", advanced=True),
+            Param("views", default(super_resolve, "views"), label="mirrored views", options={"choices": [1, 2]},
+                  advanced=True,
+                  tooltip="Learned only: 2 averages each plane's estimates as is and mirrored left-right "
+                          "(twice the time)"),
             SEED, BATCH,
         ])
 
@@ -179,7 +189,8 @@ def _run_anomaly(volume, values, options):
 
     result = detect_anomalies(volume, roi=values["roi"], t=values["t"], ensemble=values["ensemble"],
                               steps=values["steps"], threshold=zero_is_auto(values["threshold"]),
-                              percentile=values["percentile"], model=values["model"], options=options)
+                              percentile=values["percentile"], model=values["model"],
+                              pixel_mm=zero_is_auto(values["pixel_mm"]), options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
@@ -205,6 +216,10 @@ def anomaly_spec() -> TaskSpec:
                   tooltip="DDIM steps from t to 0"),
             Param("percentile", default(detect, "percentile"), options={"min": 50.0, "max": 99.99}, advanced=True,
                   tooltip="Automatic threshold: this percentile of the heatmap inside the region"),
+            Param("pixel_mm", 0.0, label="pixel size (mm)", options={"min": 0.0, "max": 10.0, "step": 0.25},
+                  advanced=True,
+                  tooltip="In-plane pixel size the prior reconstructs at (within the sizes it was trained "
+                          "at); 0 = the prior's own (a multi-resolution prior: the scan's)"),
             SEED, BATCH,
         ])
 

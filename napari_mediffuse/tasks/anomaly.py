@@ -71,6 +71,8 @@ SPREAD_FLOOR_HU = 10.0
 DEFAULT_PATCH_MM = None
 #: Step the sampler stops at (its clean-image estimate is kept); 0 = the end.
 DEFAULT_T_END = 0
+#: In-plane pixel size (mm) the prior reconstructs at; None = the prior's own rule.
+DEFAULT_PIXEL_MM = None
 
 
 @dataclass
@@ -202,6 +204,7 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                      window_hu: Optional[tuple] = DEFAULT_WINDOW_HU, score: Optional[str] = DEFAULT_SCORE,
                      patch_mm: Optional[float] = DEFAULT_PATCH_MM, t_end: int = DEFAULT_T_END, eta: float = 0.0,
                      plane: str = "axial", region: Optional[str] = None, model=None,
+                     pixel_mm: Optional[float] = DEFAULT_PIXEL_MM,
                      options: Optional[RunOptions] = None) -> AnomalyResult:
     """Anomaly heatmap and mask of a scan against a healthy-anatomy prior.
 
@@ -255,6 +258,13 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         Body-region class for the prior ('abdomen'...); default the prior's.
     model : str, path, Prior or None
         Checkpoint name or folder (default: the installed CT prior).
+    pixel_mm : float or None
+        In-plane pixel size (mm) the prior reconstructs at; the heatmap is
+        still on the scan's grid. ``None``: the prior's own (a multi-
+        resolution prior: the scan's). A coarser size than a thin-slice
+        scan's keeps the prior away from fine texture it reconstructs
+        poorly and costs (size ratio)^2 less; it must lie within the pixel
+        sizes the prior was trained at.
     options : RunOptions
         Device, seed (first of the ensemble's seeds), batch size, progress,
         cancel.
@@ -275,7 +285,7 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         raise TaskInputError(f"unknown plane {plane!r}; choose one of {', '.join(PLANE_AXIS)}")
     if int(ensemble) < 1:
         raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
-    prior = prepare_prior(volume, model, options, task="anomaly detection", region=region)
+    prior = prepare_prior(volume, model, options, task="anomaly detection", region=region).at_pixel_size(pixel_mm)
     steps_t = t_values(t, prior.schedule)
     if score is None:
         score = "spread" if int(ensemble) * len(steps_t) >= 2 else "residual"
@@ -292,7 +302,9 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     n_slices = int(np.any(np.moveaxis(roi_mask, PLANE_AXIS[plane], 0), axis=(1, 2)).sum())
     params = dict(t=steps_t if len(steps_t) > 1 else steps_t[0], ensemble=int(ensemble), steps=int(steps),
                   eta=eta, plane=plane, seed=options.seed, roi="body (automatic)" if roi is None else "given",
-                  score=score, patch_mm=patch_mm or None, t_end=int(t_end), seconds=round(seconds, 2),
+                  score=score, patch_mm=patch_mm or None, t_end=int(t_end),
+                  pixel_mm=None if prior.pixel_spacing_mm is None else list(prior.pixel_spacing_mm),
+                  seconds=round(seconds, 2),
                   seconds_per_slice=round(seconds / max(n_slices, 1), 3))
     result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
                             min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
@@ -508,6 +520,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--score", default=DEFAULT_SCORE, choices=list(SCORES),
                    help="residual, or residual / ensemble spread (default: spread when ensemble x t >= 2)")
     p.add_argument("--plane", default="axial", choices=list(PLANE_AXIS))
+    p.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
+                   help="in-plane pixel size (mm) the prior reconstructs at, within the sizes it was trained "
+                        "at (default: the prior's own; a multi-resolution prior: the scan's)")
     add_common_options(p, steps=DEFAULT_STEPS)
     p.set_defaults(func=_run_cli)
 
@@ -531,7 +546,7 @@ def _run_cli(args) -> int:
     result = detect_anomalies(volume, roi=roi, t=args.t, ensemble=args.ensemble, steps=args.steps,
                               threshold=args.threshold, percentile=args.percentile,
                               smooth_mm=args.smooth_mm, score=args.score, patch_mm=args.patch_mm,
-                              t_end=args.t_end,
+                              t_end=args.t_end, pixel_mm=args.pixel_mm,
                               plane=args.plane, model=args.model,
                               options=options_from_args(args, cli_progress()))
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)

@@ -169,7 +169,7 @@ def check_ct_volume(volume: Volume, *, task: str, min_size: int) -> None:
 def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] = None,
             steps: Optional[int] = None, strength: float = 1.0, noise_hu: Optional[float] = None,
             lam: float = DENOISE_LAMBDA, eta: float = 0.0, region: Optional[str] = None,
-            options: Optional[RunOptions] = None) -> Volume:
+            views: int = 1, options: Optional[RunOptions] = None) -> Volume:
     """Denoise a (low-dose) CT volume, axial slice by axial slice.
 
     Parameters
@@ -203,6 +203,11 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         0: deterministic DDIM steps; up to 1: fresh noise at every step.
     region : str, optional
         Body region for region-conditioned priors ('abdomen', ...).
+    views : {1, 2, 4}
+        Learned only: the mean of the model's estimates of the slice as is,
+        mirrored left-right and (4) upside down, each mirrored back (the
+        denoisers are trained with both flips); each view costs one more
+        network evaluation.
     options : RunOptions
         Device, seed, batch size, progress, cancel.
 
@@ -222,6 +227,10 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         raise TaskInputError(f"unknown denoising method {method!r}; choose one of {', '.join(METHODS)}")
     if strength < 0:
         raise TaskInputError(f"strength must be >= 0, got {strength}")
+    if views not in (1, 2, 4):
+        raise TaskInputError(f"views must be 1, 2 or 4, got {views}")
+    if views != 1 and method != "learned":
+        raise TaskInputError(f"views (test-time flips) apply to the learned denoiser, not {method!r}")
     if noise_hu is not None and not noise_hu > 0:
         raise TaskInputError(f"noise_hu must be > 0 HU, got {noise_hu}")
     check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 8)
@@ -248,7 +257,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         suffix = f"denoised (diffusion, {info['steps']} steps)"
     elif method == "learned":
         out, info, model_name = _denoise_learned(data, volume, model=model, steps=steps, strength=strength,
-                                                 region=region, options=options)
+                                                 region=region, views=views, options=options)
         warnings += info.pop("warnings", [])
         params.update(info)
         suffix = "denoised (learned)"
@@ -306,7 +315,7 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
                        eta=eta, generator=generator, progress=progress, cancel=cancel)
 
 
-def _denoise_learned(data, volume, *, model, steps, strength, region, options):
+def _denoise_learned(data, volume, *, model, steps, strength, region, views, options):
     """The learned denoiser's estimate of each axial slice (its posterior mean for one step)."""
     checkpoint, predictor = load_prior(model, options, task=DENOISE_TASK)
     norm = Normalizer(checkpoint.normalization, data)
@@ -319,11 +328,13 @@ def _denoise_learned(data, volume, *, model, steps, strength, region, options):
     def restore(index, noise, progress):
         y_hu = data[index]
         estimate = learned_estimate(predictor, checkpoint, y_hu, norm, runner, region_class=region_class,
-                                    noise=noise, steps=steps, progress=progress, cancel=options.cancel)
+                                    noise=noise, steps=steps, views=views, progress=progress,
+                                    cancel=options.cancel)
         return y_hu + share * (estimate - y_hu)
 
-    out = runner.run(range(data.shape[0]), restore, cost=steps, message="learned denoising")
-    return out.astype(np.float32, copy=False), {"steps": steps, "warnings": warnings}, checkpoint.name
+    out = runner.run(range(data.shape[0]), restore, cost=steps * views, message="learned denoising")
+    return (out.astype(np.float32, copy=False), {"steps": steps, "views": views, "warnings": warnings},
+            checkpoint.name)
 
 
 def start_step(sigma_n: float, strength: float, schedule: dict) -> int:
@@ -392,6 +403,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=DENOISE_LAMBDA,
                    help=f"DiffPIR lambda (default {DENOISE_LAMBDA:g})")
     p.add_argument("--region", help="body region for region-conditioned priors (e.g. abdomen)")
+    p.add_argument("--views", type=int, choices=(1, 2, 4), default=1,
+                   help="learned: average the estimates of the slice mirrored (2: left-right, 4: and upside "
+                        "down); each view costs one more network evaluation (default 1)")
     p.set_defaults(func=_cmd_denoise)
 
 
@@ -401,7 +415,7 @@ def _cmd_denoise(args) -> int:
     volume, options = prepare_volume_command(args)
     result = denoise(volume, method=args.method, model=args.model, steps=args.steps,
                      strength=args.strength, noise_hu=args.noise_hu, lam=args.lam,
-                     region=args.region, options=options)
+                     region=args.region, views=args.views, options=options)
     p = result.metadata["parameters"]
     return finish_volume_command(args, result, f"{result.name}; noise {p['noise_hu']:.1f} HU"
                                  f"{' estimated' if p['noise_estimated'] else ''}, {p['seconds']:.1f} s")

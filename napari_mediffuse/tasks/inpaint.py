@@ -93,6 +93,34 @@ class Prior:
                    name=checkpoint.name, modality=card.get("modality", "CT"),
                    pixel_spacing_mm=tuple(spacing) if spacing else None, card=card)
 
+    def at_pixel_size(self, pixel_mm: Optional[float]) -> "Prior":
+        """This prior run on slices resampled to ``pixel_mm`` (mm, square pixels).
+
+        ``None`` keeps its own rule (its card's spacing, else the input's
+        grid). A multi-resolution prior accepts any size within the pixel
+        sizes it was trained at (its card's ``domain.pixel_spacing_mm``), a
+        single-resolution one only its own (10 % tolerance, as
+        :class:`SliceGrid`); anything else is a :class:`TaskInputError`.
+        """
+        from dataclasses import replace
+
+        if pixel_mm is None:
+            return self
+        pixel_mm = float(pixel_mm)
+        if self.pixel_spacing_mm is not None:
+            low = high = min(self.pixel_spacing_mm)
+            high = max(self.pixel_spacing_mm)
+        else:
+            trained = (self.card.get("domain") or {}).get("pixel_spacing_mm")
+            if not trained:
+                raise TaskInputError(f"prior {self.name!r} records no pixel sizes it was trained at; "
+                                     "run it on the scan's own grid (no pixel size)")
+            low, high = float(min(trained)), float(max(trained))
+        if not low / 1.1 <= pixel_mm <= high * 1.1:
+            raise TaskInputError(f"pixel size {pixel_mm:g} mm is outside what prior {self.name!r} was trained at "
+                                 f"({low:g}-{high:g} mm)")
+        return replace(self, pixel_spacing_mm=(pixel_mm, pixel_mm))
+
 
 def prepare_prior(volume: Volume, model, options: RunOptions, *, task: str, region=None) -> Prior:
     """Check ``volume`` is a 3D scan and load the prior that suits it.

@@ -331,7 +331,8 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     vol = _stack_volume(case.image, case.affine, case.name)
     probe = prepare_prior(vol, args.model, options, task="anomaly evaluation")
     region = _region_for(probe.card, case.region)
-    prior = prepare_prior(vol, args.model, options, task="anomaly evaluation", region=region)
+    prior = prepare_prior(vol, args.model, options, task="anomaly evaluation",
+                          region=region).at_pixel_size(args.pixel_mm)
     case.extra["prior_region"] = region or "prior's default"
     smooth = dict(smooth_mm=args.smooth_mm, window_hu=tuple(args.window_hu) if args.window_hu else None)
     thr = dict(percentile=args.percentile, min_threshold=args.min_threshold)
@@ -402,7 +403,8 @@ def run(args) -> dict:
     report = {
         "command": args.command_line,
         "model": args.model,
-        "settings": {"t": args.t, "t_end": args.t_end, "patch_mm": args.patch_mm, "scores": args.scores,
+        "settings": {"t": args.t, "t_end": args.t_end, "patch_mm": args.patch_mm, "pixel_mm": args.pixel_mm,
+                     "scores": args.scores,
                      "ensemble": args.ensemble, "steps": args.steps, "eta": args.eta, "smooth_mm": args.smooth_mm,
                      "window_hu": args.window_hu, "percentile": args.percentile,
                      "min_threshold": args.min_threshold, "baseline_sigma_mm": args.baseline_sigma_mm,
@@ -540,6 +542,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--t-end", type=int, default=None)
     p.add_argument("--patch-mm", type=float, default=None)
+    p.add_argument("--pixel-mm", type=float, default=None,
+                   help="in-plane pixel size (mm) the prior reconstructs at (default: the prior's own rule)")
     p.add_argument("--scores", nargs="+", choices=["residual", "spread"], default=["residual", "spread"])
     p.add_argument("--offset-correct", action="store_true",
                    help="also score each diffusion configuration with the reconstruction shifted per slice by the "
