@@ -198,46 +198,56 @@ def test_a_weighted_diffusion_loss_ignores_a_sample_of_weight_zero():
     assert float(one) == pytest.approx(0.25) and float(weighted) == pytest.approx(0.25)
 
 
-def test_views_average_the_estimates_of_the_mirrored_slices():
-    """A model with a fixed left-right and up-down bias: 2 views cancel the
-    left-right part, 4 both (the mirrored estimates are mirrored back)."""
+def test_ensemble_averages_noise_draws_and_mirrored_views():
+    """A model with a fixed left-right and up-down bias and a share of its
+    start noise in its estimate: 2 estimates cancel the left-right bias, 4
+    both, and averaging divides the noise's share by the count."""
     from types import SimpleNamespace
 
     from napari_mediffuse.engine.runner import SliceRunner
     from napari_mediffuse.engine.schedulers import DEFAULT_SCHEDULE, alphas_cumprod
-    from napari_mediffuse.tasks.common import Normalizer, learned_estimate
+    from napari_mediffuse.tasks.common import FLIP_VIEWS, Normalizer, learned_estimate
 
     rows = torch.linspace(-0.01, 0.01, 16)[:, None]  # +-15 HU in the [-1024, 2048] window
     cols = torch.linspace(-0.02, 0.02, 24)[None, :]  # +-30 HU
-
     abar = alphas_cumprod(DEFAULT_SCHEDULE)
 
-    def predictor(x, t, *, condition, region):  # the noise that leads to its condition plus the bias
+    def predictor(x, t, *, condition, region):  # the noise that leads to condition + bias + 0.005 x_T
         a = float(abar[int(t)])
-        return (x - a ** 0.5 * (condition + rows + cols)) / (1.0 - a) ** 0.5
+        target = condition + rows + cols + 0.005 * x
+        return (x - a ** 0.5 * target) / (1.0 - a) ** 0.5
 
     model = SimpleNamespace(card={}, schedule=DEFAULT_SCHEDULE)
     slices = np.random.default_rng(0).normal(40.0, 20.0, (3, 16, 24)).astype(np.float32)
     norm = Normalizer(NORMALIZATION, slices)
     runner = SliceRunner("cpu", seed=0, batch_size=3)
-    bias = {}
-    for views in (1, 2, 4):
-        estimate = learned_estimate(predictor, model, slices, norm, runner, region_class=0,
-                                    noise=runner.noise(range(3)), views=views)
-        bias[views] = estimate - slices
-    np.testing.assert_allclose(bias[1], 1536.0 * (rows + cols).numpy()[None].repeat(3, axis=0), atol=0.01)
-    np.testing.assert_allclose(bias[2], 1536.0 * np.broadcast_to(rows.numpy(), (3, 16, 24)), atol=0.01)
-    np.testing.assert_allclose(bias[4], 0.0, atol=0.01)
-    with pytest.raises(ValueError, match="1, 2 or 4"):
-        learned_estimate(predictor, model, slices, norm, runner, region_class=0, noise=runner.noise(range(3)),
-                         views=3)
+
+    def error(ensemble, flips=FLIP_VIEWS):
+        return learned_estimate(predictor, model, slices, norm, runner, region_class=0, noise=runner.noise(range(3)),
+                                ensemble=ensemble, flips=flips) - slices
+
+    bias = {n: error(n) for n in (1, 2, 4, 64)}
+    truth = 1536.0 * (rows + cols).numpy()[None].repeat(3, axis=0)  # the bias in HU
+    # one estimate: the bias plus 7.7 HU of noise (0.005 x 1536 HU)
+    assert abs(float(np.std(bias[1] - truth)) - 7.7) < 0.8
+    # two: the left-right part cancels (what is left varies along the rows only, plus noise / sqrt 2)
+    np.testing.assert_allclose(bias[2].mean(axis=(0, 2)), 1536.0 * rows.numpy()[:, 0], atol=3.0)
+    np.testing.assert_allclose(bias[2].mean(axis=(0, 1)), 0.0, atol=3.0)
+    # 64: both parts cancel and the noise falls to 7.7 / 8 HU
+    assert abs(float(np.std(bias[64])) - 7.7 / 8) < 0.25 and abs(float(bias[64].mean())) < 0.2
+    # without the mirrored views the bias stays and the noise goes
+    unmirrored = error(64, flips=FLIP_VIEWS[:1])
+    assert abs(float(np.std(unmirrored - truth)) - 7.7 / 8) < 0.25
+    np.testing.assert_allclose(unmirrored.mean(axis=(0, 1)), truth[0].mean(axis=0), atol=0.6)
+    with pytest.raises(ValueError, match="at least 1"):
+        error(0)
 
 
-def test_denoise_views_are_recorded_and_checked(chest_crop, denoise_model):
-    out = denoise.denoise(chest_crop, method="learned", model=str(denoise_model), views=2,
+def test_denoise_ensemble_is_recorded_and_checked(chest_crop, denoise_model):
+    out = denoise.denoise(chest_crop, method="learned", model=str(denoise_model), ensemble=2,
                           options=RunOptions(seed=1))
-    assert out.metadata["parameters"]["views"] == 2
+    assert out.metadata["parameters"]["ensemble"] == 2
     with pytest.raises(denoise.TaskInputError, match="learned denoiser, not 'bm3d'"):
-        denoise.denoise(chest_crop, method="bm3d", views=2)
-    with pytest.raises(denoise.TaskInputError, match="views must be 1, 2 or 4"):
-        denoise.denoise(chest_crop, method="learned", model=str(denoise_model), views=3)
+        denoise.denoise(chest_crop, method="bm3d", ensemble=2)
+    with pytest.raises(denoise.TaskInputError, match="at least 1"):
+        denoise.denoise(chest_crop, method="learned", model=str(denoise_model), ensemble=0)

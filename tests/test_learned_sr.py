@@ -129,16 +129,16 @@ def test_learned_planes_fit_the_thick_slices_exactly(chest_thin, sr_model):
         np.testing.assert_allclose(out.reshape(48, 8, 5, 64).mean(axis=2), planes, atol=0.01)  # HU
 
 
-def test_learned_sr_views_are_recorded_and_checked(chest_thin, sr_model):
+def test_learned_sr_ensemble_is_recorded_and_checked(chest_thin, sr_model):
     thick = simulate_thick_slices(chest_thin, 5)
     one, two = (superres.super_resolve(thick, factor=5, method="learned", model=str(sr_model), planes="coronal",
-                                       views=v, options=RunOptions(batch_size=16, seed=0)) for v in (1, 2))
-    assert two.metadata["parameters"]["views"] == 2
-    assert np.abs(two.data - one.data).mean() > 0.1  # the mirrored view changed the estimate (HU)
+                                       ensemble=n, options=RunOptions(batch_size=16, seed=0)) for n in (1, 2))
+    assert two.metadata["parameters"]["ensemble"] == 2
+    assert np.abs(two.data - one.data).mean() > 0.1  # the second (mirrored) estimate changed the result (HU)
     with pytest.raises(superres.TaskInputError, match="learned model, not 'cubic'"):
-        superres.super_resolve(thick, factor=5, method="cubic", views=2)
-    with pytest.raises(superres.TaskInputError, match="views must be 1 or 2"):
-        superres.super_resolve(thick, factor=5, method="learned", model=str(sr_model), views=4)
+        superres.super_resolve(thick, factor=5, method="cubic", ensemble=2)
+    with pytest.raises(superres.TaskInputError, match="at least 1"):
+        superres.super_resolve(thick, factor=5, method="learned", model=str(sr_model), ensemble=0)
 
 
 def test_learned_sr_depends_on_the_seed_only(chest_thin, sr_model):

@@ -99,7 +99,7 @@ def _run_denoise(volume, values, options):
 
     result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"] or None,
                      strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
-                     lam=values["lam"], views=values["views"] if values["method"] == "learned" else 1,
+                     lam=values["lam"], ensemble=values["ensemble"] if values["method"] == "learned" else 1,
                      options=options)
     return [image_layer_data(result)]
 
@@ -124,10 +124,10 @@ def denoise_spec() -> TaskSpec:
                   tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
             Param("lam", default(denoise, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
                   tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
-            Param("views", default(denoise, "views"), label="mirrored views", options={"choices": [1, 2, 4]},
-                  advanced=True,
-                  tooltip="Learned only: average the model's estimates of each slice as is and mirrored "
-                          "(2: left-right, 4: and upside down); each view costs one more network run"),
+            Param("ensemble", default(denoise, "ensemble"), label="estimates averaged",
+                  options={"min": 1, "max": 16}, advanced=True,
+                  tooltip="Learned only: average this many estimates per slice (own noise draws, mirrored "
+                          "views); each costs one more network run"),
             SEED, BATCH,
         ])
 
@@ -139,7 +139,7 @@ def _run_sr(volume, values, options):
                            steps=values["steps"] or None, strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
                            noise_hu=zero_is_auto(values["noise_hu"]),
-                           views=values["views"] if values["method"] == "learned" else 1, options=options)
+                           ensemble=values["ensemble"] if values["method"] == "learned" else 1, options=options)
     return [image_layer_data(result)]
 
 
@@ -174,10 +174,10 @@ def sr_spec() -> TaskSpec:
                   tooltip="Stop at this noise level and return the posterior mean (larger = smoother)"),
             Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
                   tooltip="Noise std of the thick slices; 0 = estimate it from the image", advanced=True),
-            Param("views", default(super_resolve, "views"), label="mirrored views", options={"choices": [1, 2]},
-                  advanced=True,
-                  tooltip="Learned only: 2 averages each plane's estimates as is and mirrored left-right "
-                          "(twice the time)"),
+            Param("ensemble", default(super_resolve, "ensemble"), label="estimates averaged",
+                  options={"min": 1, "max": 16}, advanced=True,
+                  tooltip="Learned only: average this many estimates per plane (own noise draws, every other "
+                          "one mirrored left-right); each costs one more network run"),
             SEED, BATCH,
         ])
 

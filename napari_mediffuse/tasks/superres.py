@@ -61,6 +61,7 @@ from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import cubic_along, cubic_matrix, sinc_along, thin_positions  # noqa: F401
 from .common import (
+    FLIP_VIEWS,
     LEARNED_STEPS,
     Normalizer,
     RunOptions,
@@ -87,6 +88,9 @@ DEFAULT_STEPS = 4
 DEFAULT_START_SIGMA = 0.07
 #: Checkpoint task of learned super-resolution models.
 SR_TASK = "super_resolution"
+#: Views the learned model is averaged over: as is and mirrored left-right (it
+#: is trained with that flip only; the rows run along the slab axis).
+SR_FLIPS = FLIP_VIEWS[:2]
 #: Noise level (HU) whose posterior-mean estimate ends the diffusion SR
 #: (tuned on simulated thick slices, see docs/evaluation/restoration.md).
 DEFAULT_END_HU = 100.0
@@ -280,7 +284,7 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
                        checkpoint, steps: int = LEARNED_STEPS, region: Optional[str] = None,
                        smooth: bool = True, batch_size: int = 4, seed: Optional[int] = 0, progress=None,
                        cancel=None, flip_rows: bool = True, stream: int = 0, out: Optional[np.ndarray] = None,
-                       average_with_out: bool = False, views: int = 1) -> np.ndarray:
+                       average_with_out: bool = False, ensemble: int = 1) -> np.ndarray:
     """Learned super-resolution of 2D planes whose rows run along the slice axis.
 
     The conditional model (``task: super_resolution``) gets each plane's cubic
@@ -292,8 +296,8 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
 
     Parameters are those of :func:`diffpir_planes`; the planes are used at
     the scan's own pixel size (the model was trained on it, see its card's
-    domain). ``views=2`` also runs each plane mirrored left-right and
-    averages (:func:`~napari_mediffuse.tasks.common.learned_estimate`).
+    domain). ``ensemble`` estimates are averaged, every other one of the
+    plane mirrored left-right (:func:`~napari_mediffuse.tasks.common.learned_estimate`).
 
     Returns
     -------
@@ -311,8 +315,8 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
     def restore(index, noise, span):
         init = np.ascontiguousarray(initial[index], dtype=np.float32)
         result = learned_estimate(predictor, checkpoint, init, norm, runner, region_class=region_class,
-                                  noise=noise, steps=nsteps, flip_rows=flip_rows, views=views, progress=span,
-                                  cancel=cancel)
+                                  noise=noise, steps=nsteps, flip_rows=flip_rows, ensemble=ensemble,
+                                  flips=SR_FLIPS, progress=span, cancel=cancel)
         thick = np.asarray(thick_planes[index], dtype=np.float64)
         result = op.data_step(result.astype(np.float64), thick, 0.0, axis=1,
                               right_inverse=right_inverse).astype(np.float32)
@@ -320,7 +324,7 @@ def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.n
             result = 0.5 * (result + out[index])
         return result
 
-    return runner.run(range(len(initial)), restore, cost=nsteps * views, stream=stream,
+    return runner.run(range(len(initial)), restore, cost=nsteps * ensemble, stream=stream,
                       message="learned super-resolution", out=out)
 
 
@@ -338,7 +342,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
                   steps: Optional[int] = None, strength: float = 1.0, planes: str = "both",
                   lam: float = DEFAULT_LAMBDA, eta: float = 0.0, end_hu: float = DEFAULT_END_HU,
                   smooth: bool = False, noise_hu: Optional[float] = None,
-                  region: Optional[str] = None, views: int = 1,
+                  region: Optional[str] = None, ensemble: int = 1,
                   options: Optional[RunOptions] = None) -> Volume:
     """Thick -> thin slices: ``factor`` thin slices per thick slice along axis 0.
 
@@ -380,11 +384,12 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         Noise std (HU) of the thick slices; estimated when omitted.
     region : str, optional
         Body region for region-conditioned priors.
-    views : {1, 2}
-        Learned only: 2 averages the model's estimates of each plane as is
-        and mirrored along its in-plane axis (the model is trained with that
-        flip; rows are never flipped, the slab geometry runs along them);
-        twice the time.
+    ensemble : int
+        Learned only: the mean of this many estimates of each plane, each
+        from its own noise draw, presented in turn as is and mirrored along
+        its in-plane axis (the model is trained with that flip; rows, along
+        which the slab geometry runs, are never flipped). Each costs one more
+        network evaluation.
     options : RunOptions
 
     Returns
@@ -405,10 +410,10 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         raise TaskInputError(f"unknown super-resolution method {method!r}; choose one of {', '.join(METHODS)}")
     if planes not in PLANES:
         raise TaskInputError(f"unknown planes {planes!r}; choose one of {', '.join(PLANES)}")
-    if views not in (1, 2):
-        raise TaskInputError(f"views must be 1 or 2 for super-resolution, got {views}")
-    if views != 1 and method != "learned":
-        raise TaskInputError(f"views (test-time flips) apply to the learned model, not {method!r}")
+    if int(ensemble) < 1:
+        raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
+    if ensemble != 1 and method != "learned":
+        raise TaskInputError(f"ensemble (averaged estimates) applies to the learned model, not {method!r}")
     check_ct_volume(volume, task="super-resolution", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 2)
     k = check_factor(volume, factor)
     started = time.perf_counter()
@@ -448,8 +453,8 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
                           out=np.moveaxis(out, axis, 0), average_with_out=i > 0)
             # views (N planes, slice axis, in-plane axis): batches are copied as they are used
             if learned:
-                conditional_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0), views=views,
-                                   **common)
+                conditional_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0),
+                                   ensemble=int(ensemble), **common)
             else:
                 diffpir_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0),
                                plane_spacing_mm=(spacing / k, col_mm), strength=strength, end_hu=end_hu,
@@ -457,7 +462,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         del initial
         params.update(steps=int(steps), planes=planes)
         if learned:
-            params["views"] = int(views)
+            params["ensemble"] = int(ensemble)
         else:
             params.update(strength=float(strength), lam=float(lam), eta=float(eta), end_hu=float(end_hu),
                           smooth=bool(smooth), noise_hu=float(noise_hu))
@@ -514,9 +519,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
                    help=f"DiffPIR lambda (default {DEFAULT_LAMBDA})")
     p.add_argument("--region", help="body region for region-conditioned priors (e.g. abdomen)")
-    p.add_argument("--views", type=int, choices=(1, 2), default=1,
-                   help="learned: average each plane's estimates as is and mirrored left-right "
-                        "(twice the time; default 1)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="learned: average this many estimates per plane (own noise draws, every other one "
+                        "mirrored left-right); each costs one more network evaluation (default 1)")
     p.set_defaults(func=_cmd_sr)
 
 
@@ -526,7 +531,7 @@ def _cmd_sr(args) -> int:
     volume, options = prepare_volume_command(args)
     result = super_resolve(volume, factor=args.factor, method=args.method, model=args.model,
                            steps=args.steps, strength=args.strength, planes=args.planes, lam=args.lam,
-                           region=args.region, views=args.views, options=options)
+                           region=args.region, ensemble=args.ensemble, options=options)
     p = result.metadata["parameters"]
     return finish_volume_command(args, result, f"{result.name}; {result.data.shape[0]} slices at "
                                  f"{p['thin_spacing_mm']:.3g} mm, {p['seconds']:.1f} s")

@@ -125,7 +125,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
                        device: str = "cpu", batch_size: int = 8,
                        white_noise_hu: float | None = None, filter_name: str = "ramp",
                        photons: float | str | None = None,
-                       central_fraction: float = 1.0, views: int = 1) -> tuple[dict, dict]:
+                       central_fraction: float = 1.0, ensemble: int = 1) -> tuple[dict, dict]:
     """Scores of every method on simulated low-dose held-out slices.
 
     ``central_fraction``: draw the slices from this central part of the
@@ -181,7 +181,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
             if lam is not None:
                 kwargs["lam"] = lam
         if method == "learned":
-            kwargs.update(model=denoise_model, strength=min(strength, 1.0), views=views)
+            kwargs.update(model=denoise_model, strength=min(strength, 1.0), ensemble=ensemble)
         if method in ("diffusion", "learned"):
             # load the model once outside the timing (a user's session has it loaded)
             denoise(io.Volume(low[:2], volume.affine, modality="CT"), **kwargs)
@@ -265,7 +265,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
                               strength: float = 1.0, lam: float | None = None, seed: int = 0,
                               device: str = "cpu", batch_size: int = 8,
                               full_volume: bool = False, learned_steps: int | None = None,
-                              views: int = 1) -> tuple[dict, dict]:
+                              ensemble: int = 1) -> tuple[dict, dict]:
     """Scores of every method on thick slices simulated from the CT, on coronal planes.
 
     ``model`` is the CT prior of ``'diffusion'``, ``sr_model`` the
@@ -296,7 +296,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
     for method in methods:
         kwargs = dict(strength=strength, steps=steps) if method == "diffusion" else {}
         if method == "learned":
-            kwargs = dict(steps=learned_steps, views=views) if learned_steps else dict(views=views)
+            kwargs = dict(steps=learned_steps, ensemble=ensemble) if learned_steps else dict(ensemble=ensemble)
         if lam is not None and method == "diffusion":
             kwargs["lam"] = lam
         if method == "diffusion" and not full_volume:
@@ -488,8 +488,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--central-fraction", type=float, default=1.0,
                    help="draw the slices from this central part of the held-out block (default 1 = all of it)")
     p.add_argument("--max-cts", type=int, default=0, help="with --ct-glob: the first N (sorted; 0 = all)")
-    p.add_argument("--views", type=int, choices=(1, 2, 4), default=1,
-                   help="'learned': test-time flips averaged (the task's views; default 1)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="'learned': estimates averaged per slice (the task's ensemble; default 1)")
     p.add_argument("--name", default="restoration_denoise", help="output file stem")
     p.set_defaults(func=_cmd_denoise)
 
@@ -503,8 +503,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--factor", type=int, default=5)
     p.add_argument("--full-volume", action="store_true",
                    help="run the full diffusion task (coronal + sagittal, whole volume); slow")
-    p.add_argument("--views", type=int, choices=(1, 2), default=1,
-                   help="'learned': test-time left-right flips averaged (the task's views; default 1)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="'learned': estimates averaged per plane (the task's ensemble; default 1)")
     p.add_argument("--name", default="restoration_sr", help="output file stem")
     p.set_defaults(func=_cmd_sr)
 
@@ -531,7 +531,7 @@ def _cmd_denoise(args) -> int:
         holdout_fraction=args.holdout_fraction, dose=args.dose, steps=args.steps, strength=args.strength,
         lam=args.lam, seed=args.seed, device=args.device, batch_size=args.batch_size,
         white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons,
-        central_fraction=args.central_fraction, views=args.views)
+        central_fraction=args.central_fraction, ensemble=args.ensemble)
     report["command"] = _command_line()
     write_outputs(report, images, Path(args.out), args.name)
     return 0
@@ -542,7 +542,7 @@ def _cmd_sr(args) -> int:
         args.ct, model=args.model, methods=args.methods, factor=args.factor, planes=args.planes,
         holdout_fraction=args.holdout_fraction, steps=args.steps, strength=args.strength, lam=args.lam,
         seed=args.seed, device=args.device, batch_size=args.batch_size, full_volume=args.full_volume,
-        sr_model=args.sr_model, learned_steps=args.learned_steps, views=args.views)
+        sr_model=args.sr_model, learned_steps=args.learned_steps, ensemble=args.ensemble)
     report["command"] = _command_line()
     write_outputs(report, images, Path(args.out), args.name, flip_rows=True)
     return 0
