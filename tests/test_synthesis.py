@@ -289,3 +289,18 @@ def test_a_multi_resolution_prior_generates_at_the_requested_spacing_within_its_
     assert generation_spacing(multi, (8.0, 8.0, 8.0)) == 4.0   # coarser than it saw: its coarsest
     assert generation_spacing(multi, None) == 1.0
     assert generation_spacing({"pixel_spacing_mm": [3.0, 3.0]}, (1.0, 1.0, 1.0)) == 3.0  # a 3 mm prior
+
+
+def test_real_ct_is_scored_on_the_samples_voxel_size(tmp_path):
+    """A real CT at 2 mm slices is resampled to the samples' 4 mm before its
+    adjacent-slice difference is taken: 10 HU per 2 mm slice is 20 HU per 4 mm."""
+    from training.evaluate.synthesis import adjacent_slice_difference, real_volumes
+
+    ramp = (np.arange(32)[:, None, None] * 10.0 + np.zeros((32, 16, 16))).astype(np.float32)
+    path = tmp_path / "ramp.nii.gz"
+    io.write_nifti(io.Volume(data=ramp, affine=io.volume.affine_from_world((2.0, 4.0, 4.0), (0.0, 0.0, 0.0)),
+                             modality="CT", name="ramp"), path)
+    (resampled,) = real_volumes([str(path)], 4.0)
+    assert resampled.shape == (16, 16, 16)
+    # the resampling keeps the end slices' centres: 31 gaps of 2 mm become 15 of 4.13 mm
+    assert adjacent_slice_difference(resampled[2:-2]) == pytest.approx(10.0 * 31 / 15, abs=0.2)
