@@ -257,6 +257,12 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
         synthesize((16, 16, 16), model="tiny-ct-prior", coarse_model="nope", options=opts)
     with pytest.raises(TaskInputError, match="refine_from"):
         synthesize((16, 16, 16), model="tiny-ct-prior", refine_from=1000, options=opts)
+    # the installed coarse prior knows the abdomen only: 'auto' draws a chest without it, naming it is an error
+    chest = synthesize((16, 16, 16), model="tiny-ct-prior", region="chest", steps=1, options=opts)
+    assert chest.metadata["parameters"]["coarse_model"] is None
+    with pytest.raises(TaskInputError, match="coarse prior: .*trained on abdomen only"):
+        synthesize((16, 16, 16), model="tiny-ct-prior", region="chest", coarse_model="ct-prior-coarse-demo",
+                   options=opts)
 
 
 def test_synthesis_without_a_coarse_prior_installed(tiny_models):

@@ -168,15 +168,24 @@ def noised_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, check
 
 def resolve_coarse_prior(coarse_model, region: str):
     """The coarse checkpoint to use and its class for ``region``: ``'auto'`` =
-    the default ``ct_prior_coarse`` checkpoint if one is installed (else
-    none), ``None``/``'none'`` = none, otherwise a name or folder (which must
-    exist). Returns ``(checkpoint, region_class)`` or ``(None, None)``."""
+    the first installed ``ct_prior_coarse`` checkpoint trained on ``region``
+    (or recording no regions; none: no coarse stage, so a head-and-neck
+    volume is not drawn with an abdomen's layout), ``None``/``'none'`` =
+    none, otherwise a name or folder (which must exist and know the region).
+    Returns ``(checkpoint, region_class)`` or ``(None, None)``."""
+    from ..engine.checkpoint import read_card
+    from .common import trained_regions
+
     if coarse_model is None or str(coarse_model).lower() == "none":
         return None, None
     if str(coarse_model).lower() == "auto":
-        if not list_checkpoints(task="ct_prior_coarse", modality="CT"):
+        for info in list_checkpoints(task="ct_prior_coarse", modality="CT"):
+            trained = trained_regions(read_card(info.path))
+            if not region or not trained or region in trained:
+                coarse_model = info.path
+                break
+        else:
             return None, None
-        coarse_model = None
     try:
         checkpoint = load_model(coarse_model, task="ct_prior_coarse", modality="CT")
     except CheckpointError as exc:

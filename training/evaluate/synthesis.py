@@ -122,18 +122,25 @@ def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: fl
     return best
 
 
-def real_volumes(paths, voxel_mm: float) -> list[np.ndarray]:
+def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarray]:
     """The real CTs (HU) resampled to the samples' isotropic ``voxel_mm``, so
     adjacent-slice differences compare like with like (a 2.5 mm scan's
-    neighbours differ less than a 4 mm sample's)."""
-    from training.data import resample_isotropic
+    neighbours differ less than a 4 mm sample's); ``orientation_fix`` as in
+    the training configs (OpenKBP's boxes: ``rot90_PL flip_S``), so the
+    picture and the closeness score see the anatomy as the samples do."""
+    from training.data import fix_orientation, resample_isotropic
 
-    return [resample_isotropic(vol.data.astype(np.float32), vol.spacing, voxel_mm).astype(np.float32)
-            for path in paths for vol in io.read(path)[:1]]
+    out = []
+    for path in paths:
+        vol = io.read(path)[0]
+        data, spacing = fix_orientation(vol.data.astype(np.float32), vol.spacing, orientation_fix)
+        out.append(resample_isotropic(data, spacing, voxel_mm).astype(np.float32))
+    return out
 
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
-             device="cpu", coarse_model="auto", refine_from=None, out=None, spacing=None) -> dict:
+             device="cpu", coarse_model="auto", refine_from=None, out=None, spacing=None,
+             orientation_fix=None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
     them pooled, closeness against the first)."""
@@ -149,7 +156,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
 
     def scored(vol, seconds) -> dict:
         if not reals:  # on the first sample's grid
-            reals.extend(real_volumes(paths, float(vol.spacing[0])))
+            reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
             results["real"] = {"paths": [str(p) for p in paths], "voxel_mm": float(vol.spacing[0]),
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
                                                                        for r in reals]))}
@@ -234,12 +241,15 @@ def add_command(subparsers) -> None:
     p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
     p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
     p.add_argument("--spacing", type=float, nargs=3, help="voxel size (mm) of the samples (default: the model's)")
+    p.add_argument("--orientation-fix", nargs="*", default=None,
+                   help="orientation fixes of the real CTs, as in the training configs (OpenKBP: rot90_PL flip_S)")
     p.add_argument("--out", default="docs/evaluation/synthesis")
 
     def run(args) -> int:
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
-                           refine_from=args.refine_from, out=args.out, spacing=args.spacing)
+                           refine_from=args.refine_from, out=args.out, spacing=args.spacing,
+                           orientation_fix=args.orientation_fix)
         print(markdown(results))
         return 0
 
