@@ -271,36 +271,25 @@ def test_synthesis_without_a_coarse_prior_installed(tiny_models):
     assert vol.metadata["parameters"]["refine_from"] is None
 
 
-def test_bundled_coarse_prior_draws_a_body_in_air():
-    """The shipped coarse prior draws a body of the training CT's size in an air
-    box, not noise or an empty box. Reference figures of the training CT in the
-    same 32^3 box at 12 mm: 38.7 % of voxels above -500 HU, body median -33 HU."""
-    ckpt = load_checkpoint(resolve_checkpoint("ct-prior-coarse-demo").path, task="ct_prior_coarse")
+@pytest.mark.parametrize("name, region, shape, body_fraction, body_median_hu", [
+    # the demo's one training CT in its 32^3 box at 12 mm: 38.7 % of voxels above -500 HU, body median -33 HU
+    ("ct-prior-coarse-demo", 3, (32, 32, 32), (0.29, 0.48), (-100, 50)),
+    # the 33 held-out OpenKBP patients in the 40 x 40 x 64 box at 8 mm: 3-30 % (mean 13 %), median -26..49 HU
+    ("ct-prior-coarse-multi", 1, (40, 40, 64), (0.03, 0.35), (-100, 100)),
+])
+def test_bundled_coarse_priors_draw_a_body_in_air(name, region, shape, body_fraction, body_median_hu):
+    """A shipped coarse prior draws a body of its training patients' size in an
+    air box (not noise or an empty box), with the HU of fat and soft tissue."""
+    ckpt = load_checkpoint(resolve_checkpoint(name).path, task="ct_prior_coarse")
     predictor = predictor_for(ckpt, RunOptions(device="cpu"))
     for seed in (0, 1):
-        box = draw_coarse_layout(ckpt, predictor, region=3, steps=50, generator=make_generator(seed))
-        assert box.shape == (32, 32, 32)
+        box = draw_coarse_layout(ckpt, predictor, region=region, steps=50, generator=make_generator(seed))
+        assert box.shape == shape
         body = box > -500
-        assert 0.29 < body.mean() < 0.48
+        assert body_fraction[0] < body.mean() < body_fraction[1]
         corners = np.concatenate([box[:, :4, :4].ravel(), box[:, -4:, -4:].ravel()])
         assert np.median(corners) < -950  # air around the body
-        assert -100 < np.median(box[body]) < 50  # fat and soft tissue, as the real body's -33 HU
-
-
-def test_bundled_multi_patient_coarse_prior_draws_a_neck_in_air():
-    """ct-prior-coarse-multi draws a head and neck in its 40 x 40 x 64 box of 8 mm.
-    Reference figures of the 33 held-out OpenKBP patients in the same box:
-    3-30 % of voxels above -500 HU (mean 13 %), body median -26..49 HU."""
-    ckpt = load_checkpoint(resolve_checkpoint("ct-prior-coarse-multi").path, task="ct_prior_coarse")
-    predictor = predictor_for(ckpt, RunOptions(device="cpu"))
-    for seed in (0, 1):
-        box = draw_coarse_layout(ckpt, predictor, region=1, steps=20, generator=make_generator(seed))
-        assert box.shape == (40, 40, 64)
-        body = box > -500
-        assert 0.03 < body.mean() < 0.35
-        corners = np.concatenate([box[:, :4, :4].ravel(), box[:, -4:, -4:].ravel()])
-        assert np.median(corners) < -950  # air around the body
-        assert -100 < np.median(box[body]) < 100
+        assert body_median_hu[0] < np.median(box[body]) < body_median_hu[1]
 
 
 def test_a_multi_resolution_prior_generates_at_the_requested_spacing_within_its_range():
