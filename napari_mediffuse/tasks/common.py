@@ -182,6 +182,17 @@ LEARNED_STEPS = 1
 FLIP_VIEWS = ((), (2,), (1,), (1, 2))
 
 
+def check_ensemble(ensemble: int, method: str, model: str) -> int:
+    """The number of learned estimates a task averages, checked: at least 1,
+    and other than 1 only for ``method`` 'learned' (``model`` names it in the
+    message)."""
+    if int(ensemble) < 1:
+        raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
+    if int(ensemble) != 1 and method != "learned":
+        raise TaskInputError(f"ensemble (averaged estimates) applies to the {model}, not {method!r}")
+    return int(ensemble)
+
+
 def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Normalizer", runner, *,
                      region_class: int, noise, steps: int = LEARNED_STEPS, flip_rows: bool = False,
                      ensemble: int = 1, flips=FLIP_VIEWS[:1], progress=None, cancel=None) -> np.ndarray:

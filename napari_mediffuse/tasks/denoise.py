@@ -47,6 +47,7 @@ from .common import (
     RunOptions,
     TaskInputError,
     bind_region,
+    check_ensemble,
     learned_estimate,
     load_prior,
     map_slices,
@@ -230,10 +231,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         raise TaskInputError(f"unknown denoising method {method!r}; choose one of {', '.join(METHODS)}")
     if strength < 0:
         raise TaskInputError(f"strength must be >= 0, got {strength}")
-    if int(ensemble) < 1:
-        raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
-    if ensemble != 1 and method != "learned":
-        raise TaskInputError(f"ensemble (averaged estimates) applies to the learned denoiser, not {method!r}")
+    ensemble = check_ensemble(ensemble, method, "learned denoiser")
     if noise_hu is not None and not noise_hu > 0:
         raise TaskInputError(f"noise_hu must be > 0 HU, got {noise_hu}")
     check_ct_volume(volume, task="denoise", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 8)
@@ -260,7 +258,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         suffix = f"denoised (diffusion, {info['steps']} steps)"
     elif method == "learned":
         out, info, model_name = _denoise_learned(data, volume, model=model, steps=steps, strength=strength,
-                                                 region=region, ensemble=int(ensemble), options=options)
+                                                 region=region, ensemble=ensemble, options=options)
         warnings += info.pop("warnings", [])
         params.update(info)
         suffix = "denoised (learned)"

@@ -98,24 +98,22 @@ class Prior:
 
         ``None`` keeps its own rule (its card's spacing, else the input's
         grid). A multi-resolution prior accepts any size within the pixel
-        sizes it was trained at (its card's ``domain.pixel_spacing_mm``), a
-        single-resolution one only its own (10 % tolerance, as
+        sizes it was trained at (its card's domain, :func:`~.domain.model_domain`),
+        a single-resolution one only its own (10 % tolerance, as
         :class:`SliceGrid`); anything else is a :class:`TaskInputError`.
         """
         from dataclasses import replace
 
+        from .domain import model_domain
+
         if pixel_mm is None:
             return self
         pixel_mm = float(pixel_mm)
-        if self.pixel_spacing_mm is not None:
-            low = high = min(self.pixel_spacing_mm)
-            high = max(self.pixel_spacing_mm)
-        else:
-            trained = (self.card.get("domain") or {}).get("pixel_spacing_mm")
-            if not trained:
-                raise TaskInputError(f"prior {self.name!r} records no pixel sizes it was trained at; "
-                                     "run it on the scan's own grid (no pixel size)")
-            low, high = float(min(trained)), float(max(trained))
+        trained = model_domain(self.card).get("pixel_spacing_mm") or self.pixel_spacing_mm
+        if not trained:
+            raise TaskInputError(f"prior {self.name!r} records no pixel sizes it was trained at; "
+                                 "run it on the scan's own grid (no pixel size)")
+        low, high = float(min(trained)), float(max(trained))
         if not low / 1.1 <= pixel_mm <= high * 1.1:
             raise TaskInputError(f"pixel size {pixel_mm:g} mm is outside what prior {self.name!r} was trained at "
                                  f"({low:g}-{high:g} mm)")

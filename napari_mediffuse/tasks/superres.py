@@ -67,6 +67,7 @@ from .common import (
     RunOptions,
     TaskInputError,
     bind_region,
+    check_ensemble,
     learned_estimate,
     load_prior,
     region_index,
@@ -410,10 +411,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         raise TaskInputError(f"unknown super-resolution method {method!r}; choose one of {', '.join(METHODS)}")
     if planes not in PLANES:
         raise TaskInputError(f"unknown planes {planes!r}; choose one of {', '.join(PLANES)}")
-    if int(ensemble) < 1:
-        raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
-    if ensemble != 1 and method != "learned":
-        raise TaskInputError(f"ensemble (averaged estimates) applies to the learned model, not {method!r}")
+    ensemble = check_ensemble(ensemble, method, "learned model")
     check_ct_volume(volume, task="super-resolution", min_size=MIN_SLICE_PIXELS if method in MODEL_METHODS else 2)
     k = check_factor(volume, factor)
     started = time.perf_counter()
@@ -454,7 +452,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
             # views (N planes, slice axis, in-plane axis): batches are copied as they are used
             if learned:
                 conditional_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0),
-                                   ensemble=int(ensemble), **common)
+                                   ensemble=ensemble, **common)
             else:
                 diffpir_planes(np.moveaxis(data, axis, 0), op, np.moveaxis(initial, axis, 0),
                                plane_spacing_mm=(spacing / k, col_mm), strength=strength, end_hu=end_hu,
@@ -462,7 +460,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = "diffusion", mod
         del initial
         params.update(steps=int(steps), planes=planes)
         if learned:
-            params["ensemble"] = int(ensemble)
+            params["ensemble"] = ensemble
         else:
             params.update(strength=float(strength), lam=float(lam), eta=float(eta), end_hu=float(end_hu),
                           smooth=bool(smooth), noise_hu=float(noise_hu))

@@ -296,7 +296,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
     for method in methods:
         kwargs = dict(strength=strength, steps=steps) if method == "diffusion" else {}
         if method == "learned":
-            kwargs = dict(steps=learned_steps, ensemble=ensemble) if learned_steps else dict(ensemble=ensemble)
+            kwargs = dict(steps=learned_steps, ensemble=ensemble)  # steps None: the task's default
         if lam is not None and method == "diffusion":
             kwargs["lam"] = lam
         if method == "diffusion" and not full_volume:

@@ -153,16 +153,17 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                                            "torch_threads": torch.get_num_threads()}}
     volumes = []
     reals: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []  # the real patients' body voxels, once
 
     def scored(vol, seconds) -> dict:
         if not reals:  # on the first sample's grid
             reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
+            pooled.append(np.concatenate([r[body_mask(r)] for r in reals]))
             results["real"] = {"paths": [str(p) for p in paths], "voxel_mm": float(vol.spacing[0]),
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
                                                                        for r in reals]))}
-        pooled = np.concatenate([r[body_mask(r)] for r in reals])
         return {"seconds": round(seconds, 1), "adjacent_slice_mad_hu": adjacent_slice_difference(vol.data),
-                "hu_wasserstein_to_real": histogram_distance(vol.data[body_mask(vol.data)], pooled),
+                "hu_wasserstein_to_real": histogram_distance(vol.data, pooled[0]),
                 "correlation_to_real": correlation_to_real(vol.data, reals[0], voxel_mm=float(vol.spacing[0]))}
 
     for seed in range(samples):
