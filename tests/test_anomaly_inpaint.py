@@ -128,6 +128,43 @@ def test_spread_score_and_parameter_checks(liver_stack):
         detect_anomalies(sick_vol, model=prior, t=1000)
 
 
+def test_polarity_and_level_matching_against_a_prior_with_another_organ_level(liver_stack):
+    """A prior that paints the liver 50 HU brighter than this patient's (another contrast phase, as
+    ct-prior-multi does with the LiTS liver): with both signs the +60 HU lesions (10 HU above the
+    reconstruction) rank below normal liver (50 HU below it) until the level is matched; 'darker'
+    then maps only the -60 HU lesions, 'brighter' only the +60 HU ones."""
+    vol, liver, sick, truth = liver_stack
+    odd = (np.arange(truth.shape[0]) % 2 == 1)[:, None, None]
+    dark, bright = truth & odd, truth & ~odd  # the fixture alternates -60 / +60 HU lesions
+    healthy = vol.data.astype(np.float32) + np.where(liver, 50.0, 0.0).astype(np.float32)
+    kw = dict(roi=liver, model=oracle_prior(healthy), t=300, ensemble=1, steps=4,
+              options=RunOptions(batch_size=4, seed=0))
+    sick_vol = vol.with_data(sick)
+
+    unmatched = detect_anomalies(sick_vol, **kw).heatmap.data
+    not_dark = liver & ~dark
+    assert auroc(unmatched[not_dark], bright[not_dark]) < 0.5
+    matched = detect_anomalies(sick_vol, match_level=True, **kw)
+    assert auroc(matched.heatmap.data[liver], truth[liver]) > 0.99
+    assert matched.heatmap.metadata["parameters"]["match_level"] is True
+
+    darker = detect_anomalies(sick_vol, polarity="darker", match_level=True, **kw)
+    mask = darker.mask.data.astype(bool)
+    not_bright = liver & ~bright
+    assert auroc(darker.heatmap.data[not_bright], dark[not_bright]) > 0.99
+    assert dice(mask, dark) > 0.6 and not mask[bright].any()
+    assert darker.heatmap.metadata["parameters"]["polarity"] == "darker"
+    brighter = detect_anomalies(sick_vol, polarity="brighter", match_level=True, **kw).mask.data.astype(bool)
+    assert dice(brighter, bright) > 0.6 and not brighter[dark].any()
+
+    def never(x, t):
+        raise AssertionError("the prior ran before the polarity was checked")
+
+    with pytest.raises(TaskInputError, match="unknown polarity 'hypo'; choose one of both, darker, brighter"):
+        detect_anomalies(sick_vol, model=Prior(never, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, modality="CT"),
+                         polarity="hypo")
+
+
 def test_patched_reconstruction_covers_the_roi(liver_stack):
     from napari_mediffuse.tasks.anomaly import cell_phases
 

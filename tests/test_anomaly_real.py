@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from napari_mediffuse.tasks.anomaly import level_matched
 from training.evaluate.anomaly import baseline_heatmap, diffusion_configs, diffusion_heatmap
-from training.evaluate.anomaly_real import (TARGETS, _crop_box, grow_in_plane, lung_fields, markdown_table, offset_corrected,
+from training.evaluate.anomaly_real import (TARGETS, _crop_box, grow_in_plane, lung_fields, markdown_table,
                                             score_case, soft_tissue, spread_pick)
 
 THR = dict(percentile=99.0, min_threshold=4.0)
@@ -111,7 +112,7 @@ def test_offset_correction_removes_a_global_intensity_error(case):
     image = np.full(roi.shape, 120.0, dtype=np.float32)  # enhanced liver
     image[truth] = 70.0                                   # hypodense tumour
     rec = np.full(roi.shape, 60.0, dtype=np.float32)      # the prior paints unenhanced liver
-    fixed = offset_corrected(image, rec, roi, (-160.0, 240.0))
+    fixed = level_matched(image, rec, roi, window_hu=(-160.0, 240.0))
     np.testing.assert_allclose(fixed[roi], 120.0)  # median signed residual 60 HU added
     raw, _ = diffusion_heatmap(image, [(rec, None)], roi, (5.0, 1.0, 1.0), score="residual", smooth_mm=0.5)
     good, _ = diffusion_heatmap(image, [(fixed, None)], roi, (5.0, 1.0, 1.0), score="residual", smooth_mm=0.5)

@@ -190,7 +190,8 @@ def _run_anomaly(volume, values, options):
     result = detect_anomalies(volume, roi=values["roi"], t=values["t"], ensemble=values["ensemble"],
                               steps=values["steps"], threshold=zero_is_auto(values["threshold"]),
                               percentile=values["percentile"], model=values["model"],
-                              pixel_mm=zero_is_auto(values["pixel_mm"]), options=options)
+                              pixel_mm=zero_is_auto(values["pixel_mm"]), polarity=values["polarity"],
+                              match_level=values["match_level"], options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
@@ -211,6 +212,12 @@ def anomaly_spec() -> TaskSpec:
                   tooltip="Noise seeds averaged (less variance, more time)"),
             Param("threshold", 0.0, options={"min": 0.0, "max": 100.0, "step": 0.1},
                   tooltip="Heatmap value that makes the mask; 0 = automatic (percentile)"),
+            Param("polarity", default(detect, "polarity"), options={"choices": ["both", "darker", "brighter"]},
+                  tooltip="Departures that count: both, or only where the scan is darker (hypodense lesions, "
+                          "e.g. liver metastases) / brighter than the healthy reconstruction"),
+            Param("match_level", default(detect, "match_level"), label="match organ level",
+                  tooltip="Shift the reconstruction per slice to the scan's median inside the region "
+                          "(an organ enhanced unlike the prior's training scans)"),
             Param("show_reconstruction", False, label="add healthy reconstruction"),
             Param("steps", default(detect, "steps"), options={"min": 1, "max": 200}, advanced=True,
                   tooltip="DDIM steps from t to 0"),

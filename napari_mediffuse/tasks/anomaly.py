@@ -10,6 +10,11 @@ reconstructed, so
     heatmap = robust_z( smooth( |clip(x) - clip(x_hat)| ) )   inside the ROI, 0 outside
 
 where ``clip`` is a soft-tissue HU window (bone and air errors saturate),
+``|.|`` is one-sided when the user looks for lesions of one polarity
+('darker': hypodense, e.g. liver metastases in the portal phase; 'brighter':
+hyperdense), ``x_hat`` may first be shifted per slice to this patient's
+level inside the ROI (``match_level``: a prior that paints a contrast-
+enhanced organ darker than this patient's otherwise flags the whole organ),
 ``smooth`` a Gaussian of ``smooth_mm`` in the slice plane (normalised inside
 the ROI), and ``robust_z`` subtracts the median and divides by the scaled
 MAD of the ROI's residual (values: "robust standard deviations above this
@@ -73,6 +78,10 @@ DEFAULT_PATCH_MM = None
 DEFAULT_T_END = 0
 #: In-plane pixel size (mm) the prior reconstructs at; None = the prior's own rule.
 DEFAULT_PIXEL_MM = None
+#: Which departures count: 'both' = |x - x_hat|; 'darker' = where the scan is
+#: below the healthy reconstruction (hypodense lesions), 'brighter' = above.
+POLARITIES = ("both", "darker", "brighter")
+DEFAULT_POLARITY = "both"
 
 
 @dataclass
@@ -143,20 +152,51 @@ def robust_normalise(values: np.ndarray, roi: np.ndarray, *, min_scale: float = 
     return z, (median, scale)
 
 
+def check_polarity(polarity: str) -> None:
+    if polarity not in POLARITIES:
+        raise TaskInputError(f"unknown polarity {polarity!r}; choose one of {', '.join(POLARITIES)}")
+
+
+def level_matched(image_hu: np.ndarray, reconstruction_hu: np.ndarray, roi: np.ndarray, *,
+                  window_hu=DEFAULT_WINDOW_HU, plane: str = "axial") -> np.ndarray:
+    """The reconstruction (HU) shifted, slice by slice in ``plane``, by the
+    median of the (windowed) signed residual ``image - reconstruction`` over
+    the slice's ROI: the prior's level of an organ (contrast phase, scanner
+    calibration) is replaced by this patient's, while lesions smaller than
+    half the organ's section do not move the median."""
+    low, high = window_hu if window_hu is not None else (-np.inf, np.inf)
+    axis = PLANE_AXIS[plane]
+    out = np.array(reconstruction_hu, dtype=np.float32)
+    for i in range(out.shape[axis]):
+        at = (slice(None),) * axis + (i,)
+        inside = roi[at]
+        if inside.any():
+            diff = np.clip(image_hu[at][inside], low, high) - np.clip(out[at][inside], low, high)
+            out[at][inside] += np.float32(np.median(diff))
+    return out
+
+
 def residual_heatmap(image_hu: np.ndarray, reconstruction_hu: np.ndarray, roi: np.ndarray, spacing, *,
                      smooth_mm: float = DEFAULT_SMOOTH_MM, window_hu=DEFAULT_WINDOW_HU,
                      plane: str = "axial", spread_hu: Optional[np.ndarray] = None,
-                     spread_floor_hu: float = SPREAD_FLOOR_HU):
+                     spread_floor_hu: float = SPREAD_FLOOR_HU, polarity: str = DEFAULT_POLARITY,
+                     match_level: bool = False):
     """Anomaly heatmap from an image and its healthy reconstruction (see module doc).
 
-    With ``spread_hu`` (the ensemble's per-voxel standard deviation, HU) the
-    smoothed residual is divided by ``smoothed spread + spread_floor_hu``
-    before the robust normalisation ('spread' score).
+    ``polarity`` ('both', 'darker', 'brighter') keeps both signs of the
+    residual or only where the image is below / above the reconstruction;
+    ``match_level`` first applies :func:`level_matched`. With ``spread_hu``
+    (the ensemble's per-voxel standard deviation, HU) the smoothed residual
+    is divided by ``smoothed spread + spread_floor_hu`` before the robust
+    normalisation ('spread' score).
 
     Returns ``(heatmap, (median, scale))`` (HU for the residual score, a
     ratio for the spread score).
     """
-    # |a - b| of the windowed images, in place: one float32 volume of work space
+    check_polarity(polarity)
+    if match_level:
+        reconstruction_hu = level_matched(image_hu, reconstruction_hu, roi, window_hu=window_hu, plane=plane)
+    # signed a - b of the windowed images, in place: one float32 volume of work space
     diff = np.array(image_hu, dtype=np.float32)
     b = np.asarray(reconstruction_hu, dtype=np.float32)
     if window_hu is not None:
@@ -164,7 +204,13 @@ def residual_heatmap(image_hu: np.ndarray, reconstruction_hu: np.ndarray, roi: n
         diff -= np.clip(b, *window_hu)
     else:
         diff -= b
-    np.abs(diff, out=diff)
+    if polarity == "both":
+        np.abs(diff, out=diff)
+    elif polarity == "darker":
+        np.negative(diff, out=diff)
+        np.maximum(diff, 0.0, out=diff)
+    else:
+        np.maximum(diff, 0.0, out=diff)
     residual = smooth_in_roi(diff, roi, spacing, smooth_mm=smooth_mm, plane=plane)
     del diff
     if spread_hu is None:
@@ -204,8 +250,8 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                      window_hu: Optional[tuple] = DEFAULT_WINDOW_HU, score: Optional[str] = DEFAULT_SCORE,
                      patch_mm: Optional[float] = DEFAULT_PATCH_MM, t_end: int = DEFAULT_T_END, eta: float = 0.0,
                      plane: str = "axial", region: Optional[str] = None, model=None,
-                     pixel_mm: Optional[float] = DEFAULT_PIXEL_MM,
-                     options: Optional[RunOptions] = None) -> AnomalyResult:
+                     pixel_mm: Optional[float] = DEFAULT_PIXEL_MM, polarity: str = DEFAULT_POLARITY,
+                     match_level: bool = False, options: Optional[RunOptions] = None) -> AnomalyResult:
     """Anomaly heatmap and mask of a scan against a healthy-anatomy prior.
 
     Parameters
@@ -265,6 +311,14 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         scan's keeps the prior away from fine texture it reconstructs
         poorly and costs (size ratio)^2 less; it must lie within the pixel
         sizes the prior was trained at.
+    polarity : {'both', 'darker', 'brighter'}
+        Departures that count: both signs, or only where the scan is darker
+        (hypodense lesions, e.g. liver metastases) / brighter than the
+        healthy reconstruction.
+    match_level : bool
+        Shift the reconstruction, slice by slice, to this patient's median
+        level inside the ROI before the residual (for an organ ROI whose
+        enhancement differs from what the prior learnt).
     options : RunOptions
         Device, seed (first of the ensemble's seeds), batch size, progress,
         cancel.
@@ -293,6 +347,7 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         raise TaskInputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if score == "spread" and int(ensemble) * len(steps_t) < 2:
         raise TaskInputError("the 'spread' score needs at least 2 reconstructions (ensemble >= 2 or several t)")
+    check_polarity(polarity)  # before the reconstruction's minutes, not after
     roi_mask = resolve_roi(volume, roi)
     start = time.perf_counter()
     rec_hu, spread_hu = healthy_reconstruction(volume, roi_mask, prior, t=steps_t, ensemble=ensemble, steps=steps,
@@ -302,14 +357,15 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     n_slices = int(np.any(np.moveaxis(roi_mask, PLANE_AXIS[plane], 0), axis=(1, 2)).sum())
     params = dict(t=steps_t if len(steps_t) > 1 else steps_t[0], ensemble=int(ensemble), steps=int(steps),
                   eta=eta, plane=plane, seed=options.seed, roi="body (automatic)" if roi is None else "given",
-                  score=score, patch_mm=patch_mm or None, t_end=int(t_end),
+                  score=score, polarity=polarity, match_level=bool(match_level),
+                  patch_mm=patch_mm or None, t_end=int(t_end),
                   pixel_mm=None if prior.pixel_spacing_mm is None else list(prior.pixel_spacing_mm),
                   seconds=round(seconds, 2),
                   seconds_per_slice=round(seconds / max(n_slices, 1), 3))
     result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
                             min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
-                            spread_hu=spread_hu if score == "spread" else None,
-                            plane=plane, params=params, model_name=prior.name)
+                            spread_hu=spread_hu if score == "spread" else None, polarity=polarity,
+                            match_level=match_level, plane=plane, params=params, model_name=prior.name)
     mark_out_of_domain([result.heatmap, result.mask, result.reconstruction, result.roi],
                        check_domain(prior.card, volume, task="anomaly detection", region=region))
     return result
@@ -404,12 +460,13 @@ def anomaly_result(volume: Volume, reconstruction_hu: np.ndarray, roi: np.ndarra
                    threshold: Optional[float] = None, percentile: float = DEFAULT_PERCENTILE,
                    min_threshold: float = DEFAULT_MIN_THRESHOLD, smooth_mm: float = DEFAULT_SMOOTH_MM,
                    window_hu: Optional[tuple] = DEFAULT_WINDOW_HU, plane: str = "axial",
-                   spread_hu: Optional[np.ndarray] = None, params: Optional[dict] = None,
+                   spread_hu: Optional[np.ndarray] = None, polarity: str = DEFAULT_POLARITY,
+                   match_level: bool = False, params: Optional[dict] = None,
                    model_name: Optional[str] = None) -> AnomalyResult:
     """Heatmap, threshold and mask volumes from a reconstruction (see :func:`detect_anomalies`)."""
     heat, (median, scale) = residual_heatmap(volume.data, reconstruction_hu, roi, volume.spacing,
                                              smooth_mm=smooth_mm, window_hu=window_hu, plane=plane,
-                                             spread_hu=spread_hu)
+                                             spread_hu=spread_hu, polarity=polarity, match_level=match_level)
     auto = threshold is None
     thr = auto_threshold(heat, roi, percentile=percentile, minimum=min_threshold) if auto else float(threshold)
     mask = ((heat > thr) & roi).astype(np.uint8)
@@ -519,6 +576,12 @@ def add_command(subparsers) -> None:
                    help="stop the sampler at this step and keep its clean-image estimate (default %(default)s)")
     p.add_argument("--score", default=DEFAULT_SCORE, choices=list(SCORES),
                    help="residual, or residual / ensemble spread (default: spread when ensemble x t >= 2)")
+    p.add_argument("--polarity", default=DEFAULT_POLARITY, choices=list(POLARITIES),
+                   help="departures that count: both signs, or only where the scan is darker (hypodense "
+                        "lesions) / brighter than the healthy reconstruction (default %(default)s)")
+    p.add_argument("--match-level", action="store_true",
+                   help="shift the reconstruction per slice to the scan's median level inside the ROI "
+                        "(an organ ROI enhanced unlike the prior's training scans)")
     p.add_argument("--plane", default="axial", choices=list(PLANE_AXIS))
     p.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
                    help="in-plane pixel size (mm) the prior reconstructs at, within the sizes it was trained "
@@ -546,7 +609,8 @@ def _run_cli(args) -> int:
     result = detect_anomalies(volume, roi=roi, t=args.t, ensemble=args.ensemble, steps=args.steps,
                               threshold=args.threshold, percentile=args.percentile,
                               smooth_mm=args.smooth_mm, score=args.score, patch_mm=args.patch_mm,
-                              t_end=args.t_end, pixel_mm=args.pixel_mm,
+                              t_end=args.t_end, pixel_mm=args.pixel_mm, polarity=args.polarity,
+                              match_level=args.match_level,
                               plane=args.plane, model=args.model,
                               options=options_from_args(args, cli_progress()))
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)

@@ -221,7 +221,7 @@ def diffusion_configs(t_list, scores, ensemble: int, patch_mm=None) -> dict:
 
 
 def diffusion_heatmap(image_hu: np.ndarray, runs, roi: np.ndarray, spacing, *, score: str, smooth_mm: float,
-                      window_hu=None):
+                      window_hu=None, polarity: str = "both"):
     """Heatmap and pooled reconstruction from ``runs`` = ``[(reconstruction,
     spread), ...]`` (one per ``t``, from ``healthy_reconstruction(...,
     return_spread=True)``). The 'spread' score pools the ensemble spread over
@@ -234,7 +234,7 @@ def diffusion_heatmap(image_hu: np.ndarray, runs, roi: np.ndarray, spacing, *, s
     if score == "spread":
         spread = np.sqrt(np.mean([s ** 2 for _, s in runs], axis=0) + stacked.var(0))
     heat, _ = residual_heatmap(image_hu, rec, roi, spacing, spread_hu=spread, smooth_mm=smooth_mm,
-                               window_hu=window_hu)
+                               window_hu=window_hu, polarity=polarity)
     return heat, rec
 
 

@@ -306,24 +306,10 @@ def _region_for(card: dict, region: Optional[str]) -> Optional[str]:
     return region if (not trained or region in trained) else None
 
 
-def offset_corrected(image_hu: np.ndarray, reconstruction_hu: np.ndarray, roi: np.ndarray, window_hu=None):
-    """The reconstruction shifted, slice by slice, by the median of the
-    (windowed) signed residual over the ROI: a prior that paints the organ
-    brighter or darker than this patient's (contrast phase) no longer makes
-    the whole organ anomalous. A diagnostic, not the task's method."""
-    low, high = window_hu if window_hu else (-np.inf, np.inf)
-    out = np.array(reconstruction_hu, dtype=np.float32)
-    for k in range(out.shape[0]):
-        if roi[k].any():
-            diff = np.clip(image_hu[k][roi[k]], low, high) - np.clip(out[k][roi[k]], low, high)
-            out[k][roi[k]] += np.float32(np.median(diff))
-    return out
-
-
 def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     """Metrics per method (diffusion configurations and the baseline) and the
     maps for the picture: ``(results, maps)``."""
-    from napari_mediffuse.tasks.anomaly import healthy_reconstruction
+    from napari_mediffuse.tasks.anomaly import healthy_reconstruction, level_matched
     from napari_mediffuse.tasks.common import RunOptions
     from napari_mediffuse.tasks.inpaint import prepare_prior
 
@@ -351,10 +337,12 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
         for corrected in variants:
             runs = [recs[t] for t in ts]
             if corrected:
-                runs = [(offset_corrected(case.image, rec, case.roi, smooth["window_hu"]), spread)
+                runs = [(level_matched(case.image, rec, case.roi, window_hu=smooth["window_hu"]), spread)
                         for rec, spread in runs]
-            heat, rec = diffusion_heatmap(case.image, runs, case.roi, case.spacing, score=score, **smooth)
-            name = label + (" offset-corrected" if corrected else "")
+            heat, rec = diffusion_heatmap(case.image, runs, case.roi, case.spacing, score=score,
+                                          polarity=args.polarity, **smooth)
+            name = (label + ("" if args.polarity == "both" else f" {args.polarity}")
+                    + (" offset-corrected" if corrected else ""))
             results[name] = score_case(heat, case.roi, case.truth, **thr)
             maps[name] = (heat, rec)
     heat = baseline_heatmap(case.image, case.roi, case.spacing, sigma_mm=args.baseline_sigma_mm,
@@ -409,7 +397,8 @@ def run(args) -> dict:
                      "window_hu": args.window_hu, "percentile": args.percentile,
                      "min_threshold": args.min_threshold, "baseline_sigma_mm": args.baseline_sigma_mm,
                      "seed": args.seed, "device": args.device, "threads": args.threads,
-                     "offset_correct": args.offset_correct, "recon_margin_mm": args.recon_margin_mm},
+                     "offset_correct": args.offset_correct, "polarity": args.polarity,
+                     "recon_margin_mm": args.recon_margin_mm},
         "cases": report_cases,
         "targets": TARGETS,
     }
@@ -547,7 +536,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--scores", nargs="+", choices=["residual", "spread"], default=["residual", "spread"])
     p.add_argument("--offset-correct", action="store_true",
                    help="also score each diffusion configuration with the reconstruction shifted per slice by the "
-                        "median signed residual in the ROI (a diagnostic)")
+                        "median signed residual in the ROI (the task's --match-level)")
+    p.add_argument("--polarity", default="both", choices=["both", "darker", "brighter"],
+                   help="departures scored by the diffusion method (the task's --polarity; default both)")
     p.add_argument("--recon-margin-mm", type=float, default=0.0,
                    help="the diffusion reconstructs the ROI grown by this margin (in-plane), scored in the ROI, so "
                         "the seam between reconstruction and pasted-back context lies outside the scored region")
