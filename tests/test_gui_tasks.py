@@ -127,11 +127,15 @@ def test_bad_inputs_get_clear_messages(ct_small_path, mr_lps_path, panel, ct_cro
 def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["anomaly"]
-    kinds = {type(layer).__name__: layer for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1)}
+    kinds = {type(layer).__name__: layer
+             for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1, polarity="darker", match_level=True)}
     heat, mask = kinds["Image"], kinds["Labels"]
     for layer in (heat, mask):
         _assert_on_grid_of(layer, ct_crop_layer)
     assert "t=200" in heat.name and "t=200" in mask.name
+    # the panel's choices reach the task
+    params = heat.metadata["parameters"]
+    assert params["polarity"] == "darker" and params["match_level"] is True
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 
