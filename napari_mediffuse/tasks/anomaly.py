@@ -153,6 +153,7 @@ def robust_normalise(values: np.ndarray, roi: np.ndarray, *, min_scale: float = 
 
 
 def check_polarity(polarity: str) -> None:
+    """Raise :class:`TaskInputError` unless ``polarity`` is one of :data:`POLARITIES`."""
     if polarity not in POLARITIES:
         raise TaskInputError(f"unknown polarity {polarity!r}; choose one of {', '.join(POLARITIES)}")
 
