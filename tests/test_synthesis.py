@@ -315,3 +315,26 @@ def test_real_ct_is_scored_on_the_samples_voxel_size(tmp_path):
     assert resampled.shape == (16, 16, 16)
     # the resampling keeps the end slices' centres: 31 gaps of 2 mm become 15 of 4.13 mm
     assert adjacent_slice_difference(resampled[2:-2]) == pytest.approx(10.0 * 31 / 15, abs=0.2)
+
+
+def test_synthesis_table_is_headed_by_its_command(monkeypatch):
+    """Issue 18 item 7: every evaluation table starts with the command that wrote it (shell-quoted)."""
+    from training.evaluate import command_line
+    from training.evaluate.synthesis import markdown
+
+    monkeypatch.setattr("sys.argv", ["training.evaluate", "synthesis", "--real", "../data/pt_1/ct.nii.gz",
+                                     "--orientation-fix", "rot90_PL", "flip_S", "--out", "a dir/x"])
+    command = command_line()
+    assert command == ("python -m training.evaluate synthesis --real ../data/pt_1/ct.nii.gz "
+                       "--orientation-fix rot90_PL flip_S --out 'a dir/x'")
+    scores = {"adjacent_slice_mad_hu": 80.0, "hu_wasserstein_to_real": 66.0, "correlation_to_real": 0.5,
+              "seconds": 20.0}
+    results = {"command": command, "samples": [{"seed": 0, **scores}], "axial_only_baseline": scores,
+               "settings": {"shape": [64, 64, 64], "steps": 20, "region": "head-neck", "model": "ct-prior-multi",
+                            "device": "cpu", "torch_threads": 1, "coarse_model": None},
+               "real": {"paths": ["a", "b"], "voxel_mm": 4.0, "adjacent_slice_mad_hu": 116.0},
+               "continuity_ratio_to_real": 80.0 / 116.0}
+    lines = markdown(results).splitlines()
+    assert lines[0] == f"<!-- {command} -->"
+    assert "| sample seed 0 (alternating planes) | 80.0 | 66.0 | 0.50 | 20 |" in lines
+    assert "Continuity ratio (samples / real): 0.69 (target <= 1.5)." in lines

@@ -639,7 +639,7 @@ def add_heatmap_options(p, *, threads: int) -> None:
 def fill_task_defaults(args) -> None:
     """Options left unset (None) take the anomaly task's defaults, and
     ``args.command_line`` records the command (for the tables' headers)."""
-    import sys
+    from . import command_line
 
     from napari_mediffuse.tasks import anomaly as task
 
@@ -650,7 +650,7 @@ def fill_task_defaults(args) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.command_line = "python -m training.evaluate " + " ".join(sys.argv[1:])
+    args.command_line = command_line()
 
 
 def _run_cli(args) -> int:

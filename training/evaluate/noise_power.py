@@ -15,8 +15,6 @@ the scan's own noise, with the same texture. Writes ``<name>.json``,
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from napari_mediffuse import io
 
+from . import command_line
 from ..degrade import low_dose_noise
 from ..noise_power import crop_rois, nps_2d, nps_summary, radial_nps, uniform_roi_corners
 
@@ -134,7 +133,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", default="docs/evaluation")
 
     def run(args) -> int:
-        command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = command_line()
         results = evaluate(args.ct, roi=args.roi, dose=args.dose, max_slices=args.max_slices,
                            hu_range=tuple(args.hu_range), filter_name=args.filter)
         results["command"] = command

@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
-import sys
 import threading
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 from napari_mediffuse import io
 from napari_mediffuse.tasks.common import RunOptions
 
+from . import command_line
 from ..degrade import DEFAULT_PHOTONS, matched_photons, simulate_low_dose, simulate_thick_slices
 from ..metrics import psnr_hu, ssim_hu
 
@@ -513,10 +512,6 @@ def _photons(text: str):
     return "auto" if text == "auto" else float(text)
 
 
-def _command_line() -> str:
-    return "python -m training.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def _cmd_denoise(args) -> int:
     evaluate, target = evaluate_denoising, args.ct
     if args.ct_glob:
@@ -532,7 +527,7 @@ def _cmd_denoise(args) -> int:
         lam=args.lam, seed=args.seed, device=args.device, batch_size=args.batch_size,
         white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons,
         central_fraction=args.central_fraction, ensemble=args.ensemble)
-    report["command"] = _command_line()
+    report["command"] = command_line()
     write_outputs(report, images, Path(args.out), args.name)
     return 0
 
@@ -543,6 +538,6 @@ def _cmd_sr(args) -> int:
         holdout_fraction=args.holdout_fraction, steps=args.steps, strength=args.strength, lam=args.lam,
         seed=args.seed, device=args.device, batch_size=args.batch_size, full_volume=args.full_volume,
         sr_model=args.sr_model, learned_steps=args.learned_steps, ensemble=args.ensemble)
-    report["command"] = _command_line()
+    report["command"] = command_line()
     write_outputs(report, images, Path(args.out), args.name, flip_rows=True)
     return 0

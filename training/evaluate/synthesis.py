@@ -140,17 +140,18 @@ def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarra
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
              device="cpu", coarse_model="auto", refine_from=None, out=None, spacing=None,
-             orientation_fix=None) -> dict:
+             orientation_fix=None, command: str | None = None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
-    them pooled, closeness against the first)."""
+    them pooled, closeness against the first). ``command`` (the command line
+    that ran it) heads the table and is kept in the JSON."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1 (the scores describe generated volumes), got {samples}")
     paths = [real_path] if isinstance(real_path, (str, Path)) else list(real_path)
-    results = {"samples": [], "settings": {"shape": list(shape), "steps": steps, "region": region,
-                                           "model": model or "default ct_prior", "device": device,
-                                           "spacing_mm": spacing,
-                                           "torch_threads": torch.get_num_threads()}}
+    results = {"command": command, "samples": [],
+               "settings": {"shape": list(shape), "steps": steps, "region": region,
+                            "model": model or "default ct_prior", "device": device, "spacing_mm": spacing,
+                            "torch_threads": torch.get_num_threads()}}
     volumes = []
     reals: list[np.ndarray] = []
     pooled: list[np.ndarray] = []  # the real patients' body voxels, once
@@ -202,7 +203,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [
+    lines = ([f"<!-- {results['command']} -->", ""] if results.get("command") else []) + [
         f"Shape {tuple(s['shape'])}, {s['steps']} DDIM steps, region {s['region']}, model {s['model']}, "
         f"device {s['device']} ({s['torch_threads']} threads); coarse layout: {s.get('coarse_model') or 'none'}"
         + (f", refined from step {s['refine_from']}." if s.get("refine_from") else "."),
@@ -247,10 +248,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", default="docs/evaluation/synthesis")
 
     def run(args) -> int:
+        from . import command_line
+
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
                            refine_from=args.refine_from, out=args.out, spacing=args.spacing,
-                           orientation_fix=args.orientation_fix)
+                           orientation_fix=args.orientation_fix, command=command_line())
         print(markdown(results))
         return 0
 

@@ -465,13 +465,12 @@ def add_command(subparsers) -> None:
 
 
 def _cmd(args) -> int:
-    import shlex
-    import sys
+    from . import command_line
 
     from ..trainer import load_config
 
     config = load_config(args.config)  # resolves base: configs
-    command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     report = evaluate_translation(args.checkpoint, config, steps=args.steps, guidance=args.guidance,
                                   ensemble=args.ensemble,
                                   sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
