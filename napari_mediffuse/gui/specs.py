@@ -196,6 +196,7 @@ def _run_anomaly(volume, values, options):
 
 
 def anomaly_spec() -> TaskSpec:
+    from ..tasks.anomaly import POLARITIES
     from ..tasks.anomaly import detect_anomalies as detect
 
     return TaskSpec(
@@ -212,7 +213,7 @@ def anomaly_spec() -> TaskSpec:
                   tooltip="Noise seeds averaged (less variance, more time)"),
             Param("threshold", 0.0, options={"min": 0.0, "max": 100.0, "step": 0.1},
                   tooltip="Heatmap value that makes the mask; 0 = automatic (percentile)"),
-            Param("polarity", default(detect, "polarity"), options={"choices": ["both", "darker", "brighter"]},
+            Param("polarity", default(detect, "polarity"), options={"choices": list(POLARITIES)},
                   tooltip="Departures that count: both, or only where the scan is darker (hypodense lesions, "
                           "e.g. liver metastases) / brighter than the healthy reconstruction"),
             Param("match_level", default(detect, "match_level"), label="match organ level",

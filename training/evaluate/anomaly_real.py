@@ -504,6 +504,8 @@ def save_figure(path, figure, *, percentile: float, min_threshold: float, rows_p
 # -- command line ---------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
+    from napari_mediffuse.tasks.anomaly import DEFAULT_POLARITY, POLARITIES
+
     p = subparsers.add_parser("anomaly-real", help="anomaly detection on real tumours (LUNG1, LiTS) and inserted "
                                                    "lesions in a validation patient",
                               description=__doc__.split("\n\n")[0])
@@ -537,8 +539,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--offset-correct", action="store_true",
                    help="also score each diffusion configuration with the reconstruction shifted per slice by the "
                         "median signed residual in the ROI (the task's --match-level)")
-    p.add_argument("--polarity", default="both", choices=["both", "darker", "brighter"],
-                   help="departures scored by the diffusion method (the task's --polarity; default both)")
+    p.add_argument("--polarity", default=DEFAULT_POLARITY, choices=list(POLARITIES),
+                   help="departures scored by the diffusion method (the task's --polarity; default %(default)s)")
     p.add_argument("--recon-margin-mm", type=float, default=0.0,
                    help="the diffusion reconstructs the ROI grown by this margin (in-plane), scored in the ROI, so "
                         "the seam between reconstruction and pasted-back context lies outside the scored region")
