@@ -377,3 +377,114 @@ def test_sigterm_saves_the_state_and_resume_continues(tmp_path, ct_small_path):
     records = read_log(run)
     assert {"step": state["step"], "resumed": True}.items() <= next(r for r in records if r.get("resumed")).items()
     assert max(r["step"] for r in records if "loss" in r) == state["step"] + 2
+
+
+def _write_labels(path: Path, labels: np.ndarray, spacing=(2.0, 1.0, 1.0)) -> Path:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.diag(list(spacing) + [1.0])), str(path))
+    return path
+
+
+def test_anatomy_channels_travel_with_the_image_and_are_unknown_without_structures(tmp_path, capsys):
+    import nibabel as nib
+
+    from training.__main__ import main
+    from training.data import ConfigError, check_data_config
+
+    # two neck patients: a 'mandible' (label 7) of bone at 1000 HU in soft tissue at 40 HU; the
+    # cord (label 2) at 40 HU; and a chest scan without structures
+    shape, spacing = (12, 40, 36), (2.0, 1.0, 1.0)
+    for n in (1, 2):
+        ct = np.full(shape, 40, np.int16)
+        labels = np.zeros(shape, np.uint8)
+        ct[:, 5:15, 8:30] = 1000
+        labels[:, 5:15, 8:30] = 7
+        labels[:, 25:30, 15:20] = 2
+        folder = tmp_path / "neck" / f"pt_{n}"
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(ct, np.diag(list(spacing) + [1.0])), str(folder / "ct.nii.gz"))
+        _write_labels(folder / "structures.nii.gz", labels, spacing)
+    _write_ct(tmp_path / "chest.nii.gz", shape=(10, 30, 30), spacing=(2.0, 1.0, 1.0), value=-300)
+    data = {"train": [{"path": str(tmp_path / "neck"), "glob": "*/ct.nii.gz", "structures": "structures.nii.gz",
+                       "region": "head-neck"},
+                      {"path": str(tmp_path / "chest.nii.gz"), "region": "chest"}],
+            "anatomy_channels": {"mandible": [7], "cns": [1, 2]}, "anatomy_dropout": 0.3,
+            "patch_size": 16, "pixel_sizes_mm": [1.0, 3.0], "image_level_probability": 0.25, "augment": True,
+            "orientations": {"axial": 0.5, "coronal": 0.25, "sagittal": 0.25}}
+    normalization = {"type": "hu_window", "low": -1024.0, "high": 2048.0}
+    assert check_data_config(data)["train"] == ["chest", "pt_1", "pt_2"]
+    volumes = load_volumes(data, normalization)
+    assert [v.structures is not None for v in volumes] == [True, True, False]
+
+    stream = MultiLevelSlices(volumes, data, seed=0)
+    rng, augment = np.random.default_rng(0), stream.augmentation(0)
+    items = [stream.sample(rng, augment) for _ in range(300)]
+    hu = torch.stack([it["image"] for it in items])[:, 0].numpy() * 1536.0 + 512.0
+    condition = torch.stack([it["condition"] for it in items]).numpy()
+    region = np.array([int(it["region"]) for it in items])
+    assert condition.shape == (300, 2, 16, 16)
+    known = np.abs(condition).reshape(300, -1).max(axis=1) > 0
+    # chest samples never carry structures; about 30 % of the neck samples are dropped to 'unknown'
+    assert not known[region == 2].any()
+    assert 0.15 < 1 - known[region == 1].mean() < 0.45
+    # the planes are cropped, resampled and warped with the image: bone under the mandible plane,
+    # soft tissue under the cord plane and outside the mandible
+    mandible = condition[:, 0] > 0.5
+    cord = condition[:, 1] > 0.5
+    outside = (condition[:, 0] < -0.5) & (hu > -500)
+    assert mandible.sum() > 500 and cord.sum() > 100
+    assert hu[mandible].mean() > 900 and abs(hu[cord].mean() - 40) < 60 and abs(hu[outside].mean() - 40) < 60
+    # validation keeps every scan's structures and draws the same slices as a stream without them
+    val = MultiLevelSlices(volumes, data, part="train", seed=0)
+    val.anatomy_dropout = 0.0
+    plain = MultiLevelSlices(volumes, dict(data, anatomy_channels={}), seed=0)
+    np.testing.assert_array_equal(val.fixed_batch(8)["image"], plain.fixed_batch(8)["image"])
+    assert "condition" not in plain.fixed_batch(2)
+
+    # bad input, before any training: a missing label map, a label map on another grid
+    (tmp_path / "neck" / "pt_2" / "structures.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"structures .*pt_2/structures.nii.gz of .*pt_2/ct.nii.gz not found"):
+        check_data_config(data)
+    config = tmp_path / "anatomy.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"name": "a", "task": "ct_prior", "modality": "CT", "data": data}))
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pt_2/structures.nii.gz" in err and not (tmp_path / "run").exists()
+    _write_labels(tmp_path / "neck" / "pt_2" / "structures.nii.gz", np.zeros((12, 40, 30)), spacing)
+    with pytest.raises(ConfigError, match=r"structures .*pt_2/structures.nii.gz have shape \(30, 40, 12\), "
+                                          r"their scan \(36, 40, 12\)"):
+        load_volumes(data, normalization)
+
+
+def test_one_step_denoising_gives_a_prior_its_structures_or_unknown(tmp_path):
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+    from training.evaluate_prior import heldout_slices, one_step_denoising
+
+    from conftest import TINY_ARCHITECTURE
+
+    shape, spacing = (10, 24, 20), (3.0, 2.0, 2.0)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 4:10, :] = 7  # every axial slice: 10 x 6 voxels
+    _write_ct(tmp_path / "neck" / "pt_9" / "ct.nii.gz", shape=shape, spacing=spacing)
+    _write_labels(tmp_path / "neck" / "pt_9" / "structures.nii.gz", labels, spacing)
+    config = {"data": {"train": [str(tmp_path / "neck" / "pt_9" / "ct.nii.gz")],
+                       "validation": [{"path": str(tmp_path / "neck"), "glob": "*/ct.nii.gz",
+                                       "structures": "structures.nii.gz", "region": "head-neck"}],
+                       "anatomy_channels": {"mandible": [7]}},
+              "normalization": {"type": "hu_window", "low": -1024.0, "high": 2048.0}}
+    picks = heldout_slices(config, config["normalization"], max_slices=2)
+    assert len(picks) == 2 and all(p[2] is not None and (p[2] == 7).sum() == 60 for p in picks)
+
+    torch.manual_seed(0)
+    network = DiffusionNetwork(dict(TINY_ARCHITECTURE, condition_channels=1))
+    with torch.no_grad():  # make the network's output depend on its condition
+        network.backbone.conv_in.weight[:, 1].fill_(0.5)
+    given = one_step_denoising(network, config, noise_hu=(50.0,), max_slices=2)["noise_50HU"]
+    unknown = one_step_denoising(network, config, noise_hu=(50.0,), max_slices=2, structures=False)["noise_50HU"]
+    # the same noise either way: only the denoised PSNR changes
+    assert given["psnr_noisy_soft"] == unknown["psnr_noisy_soft"]
+    assert given["psnr_denoised_soft"] != pytest.approx(unknown["psnr_denoised_soft"], abs=1e-3)

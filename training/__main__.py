@@ -72,8 +72,10 @@ def _cmd_evaluate_prior(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config = load_config(args.config)  # resolves base: configs
     region = REGIONS.index(args.region) if args.region else None
-    results = one_step_denoising(checkpoint.network, config, max_slices=args.max_slices, region=region)
+    results = one_step_denoising(checkpoint.network, config, max_slices=args.max_slices, region=region,
+                                 structures=args.structures == "given")
     print(json.dumps({"checkpoint": str(args.checkpoint), "config": args.config, "region": args.region,
+                      "structures": args.structures if checkpoint.network.condition_channels else None,
                       **results}, indent=2))
     return 0
 
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--config", required=True, help="the held-out data: data.validation, else held-out blocks")
     p.add_argument("--max-slices", type=int, default=16, help="slices (per region with data.validation)")
+    p.add_argument("--structures", choices=["given", "unknown"], default="given",
+                   help="a prior with anatomy channels: each slice's structures where its scan has them "
+                        "(given), or none (unknown: what a new patient gets)")
     p.add_argument("--region", choices=["unknown", "head-neck", "chest", "abdomen"],
                    help="region class for every slice (default: each slice's own); e.g. abdomen for ct-prior-demo")
     p.set_defaults(func=_cmd_evaluate_prior)

@@ -16,6 +16,15 @@ Two spacing modes:
   log-uniformly in ``[low, high]`` (never finer than the slice's coarser
   axis: no axis is upsampled), so one prior learns 0.6-4 mm pixels.
 
+Anatomy channels (``data.anatomy_channels: {name: [labels], ...}``): where
+an entry names a label map of structures on the scan's grid (``structures:
+structures.nii.gz``, a file beside each matched scan: OpenKBP's organs and
+targets), each sample also carries a ``condition`` of one plane per channel,
++1 inside the channel's structures and -1 outside, cropped, resampled and
+augmented with the image. Scans without structures, and a fraction
+``data.anatomy_dropout`` of those with them, get 0 (unknown) in every plane,
+so the prior also learns to do without.
+
 Patients are split by the config: ``data.validation`` (held-out patients,
 the validation loss) and ``data.evaluation_only`` (scans that must never be
 trained on) are checked against ``data.train`` by
@@ -55,6 +64,13 @@ class TrainingVolume:
     holdout_start: int  # axial index where the held-out block starts
     spacing_mm: tuple = (1.0, 1.0, 1.0)  # (S, P, L) voxel size of ``data``
     patient: str = ""
+    structures: np.ndarray | None = None  # uint8 label map on the grid of ``data``, or None
+
+    def train_labels(self) -> np.ndarray | None:
+        return None if self.structures is None else self.structures[: self.holdout_start]
+
+    def holdout_labels(self) -> np.ndarray | None:
+        return None if self.structures is None else self.structures[self.holdout_start:]
 
     def train_part(self) -> np.ndarray:
         return self.data[: self.holdout_start]
@@ -112,6 +128,8 @@ def _entry_files(entries) -> list[tuple[Path, int, dict]]:
             nifti = sorted(p for p in path.glob(pattern) if io.is_nifti_path(p))
             if pattern == "*":
                 nifti = sorted(p for p in path.rglob("*") if io.is_nifti_path(p))
+            if entry.get("structures"):  # a label map beside each scan is not a scan
+                nifti = [p for p in nifti if p.name != entry["structures"]]
             if entry.get("glob") and not nifti:
                 raise ConfigError(f"training data {path}: no file matches glob {pattern!r}")
             files.extend((p, region, entry) for p in nifti)
@@ -127,7 +145,19 @@ def _entry_files(entries) -> list[tuple[Path, int, dict]]:
         mask = entry.get("exclude_mask")
         if mask and not resolve_path(mask).exists():
             raise FileNotFoundError(f"exclude_mask {resolve_path(mask)} of {path} not found")
+        for scan, _, owner in files:
+            labels = structures_path(scan, owner) if owner is entry else None
+            if labels is not None and not labels.exists():
+                raise FileNotFoundError(f"structures {labels} of {scan} not found")
     return files
+
+
+def structures_path(scan: Path, entry: dict) -> Path | None:
+    """The structure label map of ``scan`` named by its entry's ``structures``
+    (a file name beside the scan, e.g. OpenKBP's ``pt_N/structures.nii.gz``),
+    or None."""
+    name = entry.get("structures")
+    return None if not name else Path(scan).parent / name
 
 
 def check_data_config(data_config: dict) -> dict:
@@ -240,6 +270,10 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
                 log.warning("%s: skipping %dD series %s", path, vol.data.ndim, vol.name)
                 continue
             data, voxel = fix_orientation(vol.data.astype(np.float32), vol.spacing, entry.get("orientation_fix"))
+            labels = None
+            if data_config.get("anatomy_channels") and structures_path(path, entry) is not None:
+                labels = read_structures(structures_path(path, entry), vol.data.shape, vol.spacing,
+                                         entry.get("orientation_fix"))
             blocks = [slice(0, data.shape[0])]
             if entry.get("exclude_mask"):
                 mask = io.read(resolve_path(entry["exclude_mask"]))[0].data
@@ -251,10 +285,15 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
                                          int(entry.get("min_slices", 4)))
             for block in blocks:
                 part = data[block]
+                part_labels = None if labels is None else labels[block]
                 if crop_hu is not None:
-                    part = part[body_box(part, float(crop_hu))]
+                    box = body_box(part, float(crop_hu))
+                    part = part[box]
+                    part_labels = None if part_labels is None else part_labels[box]
                 if spacing:
                     part = resample_isotropic(part, voxel, spacing)
+                    if part_labels is not None:
+                        part_labels = resample_isotropic(part_labels, voxel, spacing, labels=True)
                     part_spacing = (spacing,) * 3
                 else:
                     part_spacing = voxel
@@ -262,22 +301,39 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
                 n = part.shape[0]
                 start = n - int(round(holdout * n)) if holdout else n
                 volumes.append(TrainingVolume(data=part, region=region, source=str(path), holdout_start=start,
-                                              spacing_mm=part_spacing, patient=patient_id(path)))
+                                              spacing_mm=part_spacing, patient=patient_id(path),
+                                              structures=None if part_labels is None
+                                              else np.ascontiguousarray(part_labels)))
     if not volumes:
         raise ValueError(f"no {split} volumes found")
     return volumes
 
 
-def resample_isotropic(data: np.ndarray, spacing_mm, target_mm: float) -> np.ndarray:
+def read_structures(path: Path, shape, spacing_mm, orientation_fix=None) -> np.ndarray:
+    """A label map of structures (one label per voxel) on its scan's grid
+    ``shape``, in display orientation with the scan's ``orientation_fix``,
+    as uint8."""
+    labels = io.read(path)[0].data
+    if labels.shape != tuple(shape):
+        raise ConfigError(f"structures {path} have shape {labels.shape}, their scan {tuple(shape)}")
+    if labels.min() < 0 or labels.max() > 255 or not np.array_equal(labels, np.round(labels)):
+        raise ConfigError(f"structures {path}: not a label map of integers 0-255")
+    return fix_orientation(labels.astype(np.uint8), spacing_mm, orientation_fix)[0]
+
+
+def resample_isotropic(data: np.ndarray, spacing_mm, target_mm: float, *, labels: bool = False) -> np.ndarray:
     """Resample a volume to ``target_mm`` isotropic voxels (linear).
 
     Axes that get coarser are low-pass filtered first (a Gaussian of
     0.4 x the zoom-out factor in input voxels), so that downsampling
-    averages tissue instead of picking single noisy voxels.
+    averages tissue instead of picking single noisy voxels. A label map
+    (``labels``) is resampled by nearest neighbour, onto the same grid.
     """
     zoom = np.asarray([s / target_mm for s in spacing_mm], dtype=float)
     if np.allclose(zoom, 1.0, atol=1e-3):
         return data
+    if labels:
+        return ndimage.zoom(data, zoom, order=0, mode="nearest")
     sigma = [0.4 / z if z < 1 else 0.0 for z in zoom]
     if any(sigma):
         data = ndimage.gaussian_filter(data, sigma, mode="nearest")
@@ -295,32 +351,27 @@ def take_slice(volume: np.ndarray, orientation: str, index: int) -> np.ndarray:
 def image_level(slice_2d: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The whole slice padded square (with air) and resized to ``size``.
 
-    Returns the image (size, size) and its coordinates (2, size, size)."""
-    h, w = slice_2d.shape
+    ``slice_2d`` is (H, W), or (C, H, W) for an image with its aligned
+    planes (anatomy), all treated alike. Returns the image (size, size) or
+    (C, size, size) and its coordinates (2, size, size)."""
+    stack = slice_2d if slice_2d.ndim == 3 else slice_2d[None]
+    c, h, w = stack.shape
     side = max(h, w)
-    padded = np.full((side, side), -1.0, dtype=np.float32)
+    padded = np.full((c, side, side), -1.0, dtype=np.float32)
     top, left = (side - h) // 2, (side - w) // 2
-    padded[top:top + h, left:left + w] = slice_2d
-    tensor = torch.from_numpy(padded)[None, None]
+    padded[:, top:top + h, left:left + w] = stack
+    tensor = torch.from_numpy(padded)[None]
     resized = F.interpolate(tensor, size=(size, size), mode="area" if side > size else "bilinear",
-                            **({} if side > size else {"align_corners": False}))[0, 0].numpy()
+                            **({} if side > size else {"align_corners": False}))[0].numpy()
     coords = coordinate_grid([(0, size), (0, size)], (size, size)).numpy()
-    return resized, coords
+    return (resized if slice_2d.ndim == 3 else resized[0]), coords
 
 
 def patch_level(slice_2d: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size`` crop at native resolution with its coordinates in the slice."""
-    h, w = slice_2d.shape
-    ph, pw = max(h, size), max(w, size)
-    if (ph, pw) != (h, w):  # slice smaller than the patch: pad with air
-        padded = np.full((ph, pw), -1.0, dtype=np.float32)
-        padded[:h, :w] = slice_2d
-        slice_2d = padded
-    r0 = int(rng.integers(0, ph - size + 1))
-    c0 = int(rng.integers(0, pw - size + 1))
-    crop = slice_2d[r0:r0 + size, c0:c0 + size]
-    coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
-    return np.ascontiguousarray(crop), coords
+    """A random ``size`` crop at native resolution with its coordinates in the
+    slice; ``slice_2d`` (H, W), or (C, H, W) cropped alike (see :func:`stacked_patch`)."""
+    crop, coords = stacked_patch(slice_2d if slice_2d.ndim == 3 else slice_2d[None], size, rng)
+    return (crop if slice_2d.ndim == 3 else crop[0]), coords
 
 
 def stacked_patch(stack: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -367,9 +418,10 @@ def make_augmentation(seed: int):
     aug.set_random_state(seed)
 
     def apply(slice_2d: np.ndarray) -> np.ndarray:
-        shifted = torch.from_numpy(slice_2d + 1.0)[None]  # air -> 0 so padding is air
-        out = aug(shifted)
-        return np.asarray(out)[0].astype(np.float32) - 1.0
+        """(H, W), or (C, H, W): one transform for all the planes."""
+        shifted = torch.from_numpy(slice_2d + 1.0)  # air -> 0 so padding is air
+        out = np.asarray(aug(shifted if slice_2d.ndim == 3 else shifted[None])).astype(np.float32) - 1.0
+        return out if slice_2d.ndim == 3 else out[0]
 
     return apply
 
@@ -426,6 +478,9 @@ class MultiLevelSlices(SampleStream):
         sizes = data_config.get("pixel_sizes_mm")
         self.pixel_sizes = (float(sizes[0]), float(sizes[1])) if sizes else None
         self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.anatomy = anatomy_channels(data_config)
+        # validation keeps every scan's structures (and draws the same slices as without them)
+        self.anatomy_dropout = float(data_config.get("anatomy_dropout", 0.0)) if part == "train" else 0.0
         self.seed = seed
         self.rank = rank
         self.part = part
@@ -438,12 +493,19 @@ class MultiLevelSlices(SampleStream):
     def _arrays(self):
         return [self._array(v) for v in self.volumes]
 
+    def _labels(self, volume: TrainingVolume) -> np.ndarray | None:
+        return volume.train_labels() if self.part == "train" else volume.holdout_labels()
+
     def sample(self, rng: np.random.Generator, augment=None) -> dict:
         k = int(rng.choice(len(self.volumes), p=self.volume_p))
         array = self._array(self.volumes[k])
         orientation = self.orientations[int(rng.choice(len(self.orientations), p=self.orientation_p))]
         index = int(rng.integers(0, array.shape[PLANE_AXIS[orientation]]))
         plane = take_slice(array, orientation, index)
+        labels = self._labels(self.volumes[k]) if self.anatomy else None
+        if labels is not None:  # the image and its anatomy planes travel together from here on
+            plane = np.concatenate([plane[None], anatomy_planes(take_slice(labels, orientation, index),
+                                                                self.anatomy)])
         if self.pixel_sizes is not None:
             spacing = plane_spacing(self.volumes[k].spacing_mm, orientation)
             plane = resample_plane(plane, spacing, draw_pixel_size(rng, spacing, self.pixel_sizes))
@@ -455,14 +517,35 @@ class MultiLevelSlices(SampleStream):
             image, coords = augmented_patch(plane, self.patch, rng, augment)
         else:
             image, coords = patch_level(plane, self.patch, rng)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
+        sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[None])[:1]),
             "coords": torch.from_numpy(np.ascontiguousarray(coords)),
             "region": torch.tensor(self.volumes[k].region, dtype=torch.long),
         }
+        if self.anatomy:
+            dropped = self.anatomy_dropout > 0 and rng.random() < self.anatomy_dropout
+            condition = (image[1:] if labels is not None and not dropped
+                         else np.zeros((len(self.anatomy),) + image.shape[-2:], dtype=np.float32))
+            sample["condition"] = torch.from_numpy(np.ascontiguousarray(condition, dtype=np.float32))
+        return sample
 
     def augmentation(self, seed: int):
         return make_augmentation(seed) if self.augment else None
+
+
+def anatomy_channels(data_config: dict) -> list[tuple[int, ...]]:
+    """The labels of each anatomy channel (``data.anatomy_channels``:
+    ``{name: [label, ...]}``, in order), or [] when the config has none."""
+    channels = data_config.get("anatomy_channels") or {}
+    if not isinstance(channels, dict) or not all(isinstance(v, list) and v for v in channels.values()):
+        raise ConfigError("data.anatomy_channels: a mapping {name: [label, ...]}, e.g. {mandible: [7]}")
+    return [tuple(int(x) for x in labels) for labels in channels.values()]
+
+
+def anatomy_planes(labels_2d: np.ndarray, channels) -> np.ndarray:
+    """(K, H, W) planes of a label slice: +1 where the slice holds channel
+    k's labels, -1 elsewhere (0 is kept for 'unknown')."""
+    return np.stack([np.where(np.isin(labels_2d, labels), 1.0, -1.0) for labels in channels]).astype(np.float32)
 
 
 def volume_probabilities(sizes, regions, region_weights: dict | None = None) -> np.ndarray:
@@ -502,29 +585,32 @@ def draw_pixel_size(rng: np.random.Generator, spacing: tuple[float, float], size
 
 
 def resample_plane(plane: np.ndarray, spacing: tuple[float, float], pixel_mm: float) -> np.ndarray:
-    """A slice resampled to square ``pixel_mm`` pixels (bilinear, antialiased
-    when made coarser)."""
-    shape = tuple(max(1, int(round(n * s / pixel_mm))) for n, s in zip(plane.shape, spacing))
-    if shape == plane.shape:
+    """A slice (H, W), or a stack of aligned planes (C, H, W), resampled to
+    square ``pixel_mm`` pixels (bilinear, antialiased when made coarser)."""
+    shape = tuple(max(1, int(round(n * s / pixel_mm))) for n, s in zip(plane.shape[-2:], spacing))
+    if shape == plane.shape[-2:]:
         return plane
-    tensor = torch.from_numpy(np.ascontiguousarray(plane))[None, None]
-    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    tensor = torch.from_numpy(np.ascontiguousarray(plane)).reshape((1, -1) + plane.shape[-2:])
+    out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+    return out if plane.ndim == 3 else out[0]
 
 
 def augmented_patch(plane: np.ndarray, size: int, rng: np.random.Generator, augment) -> tuple[np.ndarray, np.ndarray]:
     """A random ``size`` crop with geometric augmentation applied to a window
     1.5x larger around it (not the whole slice: a 500-px slice costs ~10x more
     to warp), so rotation brings in tissue, not padding, at the corners.
+    ``plane`` is (H, W) or (C, H, W) (one transform for all the planes).
     Coordinates are those of the crop in the slice."""
-    h, w = plane.shape
+    stack = plane if plane.ndim == 3 else plane[None]
+    c, h, w = stack.shape
     margin = size // 4
     r0 = int(rng.integers(0, max(h, size) - size + 1))
     c0 = int(rng.integers(0, max(w, size) - size + 1))
-    window = np.full((size + 2 * margin, size + 2 * margin), -1.0, dtype=np.float32)
+    window = np.full((c, size + 2 * margin, size + 2 * margin), -1.0, dtype=np.float32)
     rs, cs = r0 - margin, c0 - margin
-    src = plane[max(rs, 0):min(rs + window.shape[0], h), max(cs, 0):min(cs + window.shape[1], w)]
-    window[max(-rs, 0):max(-rs, 0) + src.shape[0], max(-cs, 0):max(-cs, 0) + src.shape[1]] = src
-    crop = augment(window)[margin:margin + size, margin:margin + size]
+    src = stack[:, max(rs, 0):min(rs + window.shape[1], h), max(cs, 0):min(cs + window.shape[2], w)]
+    window[:, max(-rs, 0):max(-rs, 0) + src.shape[1], max(-cs, 0):max(-cs, 0) + src.shape[2]] = src
+    crop = augment(window if plane.ndim == 3 else window[0])[..., margin:margin + size, margin:margin + size]
     coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
     return np.ascontiguousarray(crop), coords
 

@@ -18,12 +18,15 @@ from napari_mediffuse.engine.intensity import hu_per_unit, intensity_range
 from napari_mediffuse.engine.sampling import make_generator, predict_x0
 from napari_mediffuse.engine.schedulers import alphas_cumprod, timestep_for_noise_level
 
-from .data import load_volumes
+from .data import anatomy_channels, anatomy_planes, load_volumes
 from .metrics import psnr_hu
 
 
-def heldout_slices(config: dict, normalization: dict, max_slices: int = 16) -> list[tuple[np.ndarray, int]]:
-    """Held-out axial slices (normalised) with their region class.
+def heldout_slices(config: dict, normalization: dict,
+                   max_slices: int = 16) -> list[tuple[np.ndarray, int, np.ndarray | None]]:
+    """Held-out axial slices (normalised) with their region class and their
+    structure labels (None where the scan has none, or the config no
+    ``anatomy_channels``).
 
     With ``data.validation`` (held-out patients): up to ``max_slices`` per
     region, evenly spread over the central 60 % of the axial slices of that
@@ -38,17 +41,21 @@ def heldout_slices(config: dict, normalization: dict, max_slices: int = 16) -> l
             pool = [(v, i) for v in volumes if v.region == region
                     for i in range(int(0.2 * v.data.shape[0]), max(int(0.8 * v.data.shape[0]), 1))]
             chosen = np.linspace(0, len(pool) - 1, min(max_slices, len(pool))).round().astype(int)
-            picks += [(pool[k][0].data[pool[k][1]], region) for k in chosen]
+            picks += [(pool[k][0].data[pool[k][1]], region,
+                       None if pool[k][0].structures is None else pool[k][0].structures[pool[k][1]])
+                      for k in chosen]
         return picks
     volumes = load_volumes(data, normalization)
-    picks = [(s, v.region) for v in volumes for s in v.holdout_part()]
+    picks = [(v.holdout_part()[i], v.region, None if v.structures is None else v.holdout_labels()[i])
+             for v in volumes for i in range(len(v.holdout_part()))]
     if not picks:
         raise ValueError("no held-out slices: set data.validation or data.holdout_fraction in the config")
     return [picks[k] for k in np.linspace(0, len(picks) - 1, min(max_slices, len(picks))).round().astype(int)]
 
 
 def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), max_slices: int = 16,
-                       seed: int = 0, device: str = "cpu", region: int | None = None) -> dict:
+                       seed: int = 0, device: str = "cpu", region: int | None = None,
+                       structures: bool = True) -> dict:
     """PSNR (dB) before/after one-step denoising of held-out slices.
 
     Returns ``{"noise_25HU": {"psnr_noisy_soft": ..., "psnr_denoised_soft": ...,
@@ -56,12 +63,15 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
     (PSNR of all the slices' pixels together), and with ``data.validation``
     the same per region under ``"by_region"``. ``region``: the class given
     to the network (default: each slice's own; a prior trained on one region
-    gets that one).
+    gets that one). A prior with anatomy channels (``data.anatomy_channels``)
+    gets each slice's structures where its scan has them and ``structures``
+    is true, else 'unknown' (zeros), as in training; the same noise either way.
     """
     normalization = config["normalization"]
     scale = hu_per_unit(normalization)
     low, high = intensity_range(None, normalization)
     picks = heldout_slices(config, normalization, max_slices)
+    channels = anatomy_channels(config["data"]) if getattr(network, "condition_channels", 0) else []
     # noise estimates whatever the model predicts (epsilon, v or sample)
     predictor = NoisePredictor(network, device=device, schedule=config.get("schedule"))
     abar = alphas_cumprod(config.get("schedule"))
@@ -69,7 +79,7 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
     to_hu = lambda x: (x.numpy().ravel() + 1) * scale + low  # noqa: E731
     groups = {"all": list(range(len(picks)))}
     if config["data"].get("validation"):
-        for k, (_, r) in enumerate(picks):
+        for k, (_, r, _) in enumerate(picks):
             groups.setdefault(REGIONS[r], []).append(k)
     results = {}
     for level in noise_hu:
@@ -77,12 +87,17 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
         t = timestep_for_noise_level(sigma, config.get("schedule"))
         a = float(abar[t])
         per_slice = []
-        for slice_2d, r in picks:  # one at a time: held-out slices differ in size
+        for slice_2d, r, labels in picks:  # one at a time: held-out slices differ in size
             clean = torch.from_numpy(np.ascontiguousarray(slice_2d))[None, None]
             noisy = clean + sigma * torch.randn(clean.shape, generator=gen)
+            condition = None
+            if channels:
+                condition = torch.from_numpy(anatomy_planes(labels, channels) if structures and labels is not None
+                                             else np.zeros((len(channels),) + slice_2d.shape, np.float32))[None]
             # x_t = sqrt(a) * noisy is the noisy image at step t (noise std sigma*sqrt(a)
             # matches sqrt(1-a) up to the nearest step)
-            eps = predictor(noisy * a ** 0.5, t, region=torch.full((1,), r if region is None else region))
+            eps = predictor(noisy * a ** 0.5, t, condition=condition,
+                            region=torch.full((1,), r if region is None else region))
             denoised = predict_x0(noisy * a ** 0.5, eps, a).clamp(-1, 1)
             per_slice.append((to_hu(clean), to_hu(noisy), to_hu(denoised)))
         for name, members in groups.items():
