@@ -488,3 +488,51 @@ def test_one_step_denoising_gives_a_prior_its_structures_or_unknown(tmp_path):
     # the same noise either way: only the denoised PSNR changes
     assert given["psnr_noisy_soft"] == unknown["psnr_noisy_soft"]
     assert given["psnr_denoised_soft"] != pytest.approx(unknown["psnr_denoised_soft"], abs=1e-3)
+
+
+def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, monkeypatch):
+    from training.evaluate.__main__ import main as evaluate_main
+
+    from conftest import save_tiny_checkpoint
+
+    shape, spacing = (10, 24, 20), (3.0, 2.0, 2.0)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 4:10, :] = 7
+    _write_ct(tmp_path / "neck" / "pt_9" / "ct.nii.gz", shape=shape, spacing=spacing)
+    _write_labels(tmp_path / "neck" / "pt_9" / "structures.nii.gz", labels, spacing)
+    _write_ct(tmp_path / "chest.nii.gz", shape=(10, 30, 30), spacing=(2.0, 1.0, 1.0), value=0)
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"train": [str(tmp_path / "chest.nii.gz")],
+                 "validation": [{"path": str(tmp_path / "neck"), "glob": "*/ct.nii.gz",
+                                 "structures": "structures.nii.gz", "region": "head-neck"},
+                                {"path": str(tmp_path / "chest.nii.gz"), "region": "chest"}],
+                 "anatomy_channels": {"mandible": [7]}},
+        "normalization": {"type": "hu_window", "low": -1024.0, "high": 2048.0}}))
+    save_tiny_checkpoint(tmp_path / "plain")
+    save_tiny_checkpoint(tmp_path / "anatomy", condition_channels=1, seed=1)
+    out = tmp_path / "out"
+    argv = ["prior", "--config", str(config), "--model", f"plain={tmp_path / 'plain'}",
+            f"anatomy={tmp_path / 'anatomy'}", "--max-slices", "2", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", ["training.evaluate"] + argv)  # what the table's header records
+    assert evaluate_main(argv) == 0
+    report = json.loads((out / "prior.json").read_text())
+    assert list(report["results"]) == ["plain", "anatomy, structures given", "anatomy, structures unknown"]
+    chest = [r["by_region"]["chest"]["noise_50HU"] for r in report["results"].values()]
+    # the same slices and noise for every row: the noisy PSNR is one value (50 HU on a uniform
+    # 0 HU scan: 20 log10(400 / 50) = 18.1 dB in [-160, 240] HU)
+    assert len({c["psnr_noisy_soft"] for c in chest}) == 1 and chest[0]["slices"] == 2
+    assert chest[0]["psnr_noisy_soft"] == pytest.approx(18.06, abs=0.3)
+    # the chest has no structures: 'given' and 'unknown' are the same input there
+    assert chest[1]["psnr_denoised_soft"] == chest[2]["psnr_denoised_soft"]
+    table = (out / "prior_table.md").read_text().splitlines()
+    assert table[0].startswith("<!-- python -m training.evaluate prior --config")
+    assert any(line.startswith("| anatomy, structures given |") for line in table)
+    from skimage import io as skio
+
+    picture = skio.imread(str(out / "prior.png"))
+    # one axial neck slice (24 x 10 pixels in display orientation), 6 tiles with 4-pixel gaps:
+    # clean, noisy, the three rows' estimates, the structures
+    assert picture.shape == (24, 6 * 14) and "structures" in (out / "prior.txt").read_text()

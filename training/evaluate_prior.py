@@ -53,6 +53,31 @@ def heldout_slices(config: dict, normalization: dict,
     return [picks[k] for k in np.linspace(0, len(picks) - 1, min(max_slices, len(picks))).round().astype(int)]
 
 
+def slice_condition(slice_2d: np.ndarray, labels: np.ndarray | None, channels, structures: bool = True):
+    """The anatomy planes a prior with ``channels`` gets for a held-out slice
+    (1, K, H, W): its structures when known and wanted, else zeros
+    ('unknown'); None for a prior without anatomy channels."""
+    if not channels:
+        return None
+    planes = (anatomy_planes(labels, channels) if structures and labels is not None
+              else np.zeros((len(channels),) + slice_2d.shape, np.float32))
+    return torch.from_numpy(planes)[None]
+
+
+def one_step_estimate(predictor, clean: torch.Tensor, sigma: float, schedule: dict, *, generator,
+                      condition=None, region: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy, denoised) for a clean slice (1, 1, H, W) in normalised units:
+    Gaussian noise of std ``sigma`` added, then Tweedie's one-step estimate
+    at the step whose noise level matches."""
+    t = timestep_for_noise_level(sigma, schedule)
+    a = float(alphas_cumprod(schedule)[t])
+    noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+    # x_t = sqrt(a) * noisy is the noisy image at step t (noise std sigma*sqrt(a)
+    # matches sqrt(1-a) up to the nearest step)
+    eps = predictor(noisy * a ** 0.5, t, condition=condition, region=torch.full((1,), region))
+    return noisy, predict_x0(noisy * a ** 0.5, eps, a).clamp(-1, 1)
+
+
 def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), max_slices: int = 16,
                        seed: int = 0, device: str = "cpu", region: int | None = None,
                        structures: bool = True) -> dict:
@@ -74,7 +99,6 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
     channels = anatomy_channels(config["data"]) if getattr(network, "condition_channels", 0) else []
     # noise estimates whatever the model predicts (epsilon, v or sample)
     predictor = NoisePredictor(network, device=device, schedule=config.get("schedule"))
-    abar = alphas_cumprod(config.get("schedule"))
     gen = make_generator(seed)
     to_hu = lambda x: (x.numpy().ravel() + 1) * scale + low  # noqa: E731
     groups = {"all": list(range(len(picks)))}
@@ -85,20 +109,12 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
     for level in noise_hu:
         sigma = level / scale
         t = timestep_for_noise_level(sigma, config.get("schedule"))
-        a = float(abar[t])
         per_slice = []
         for slice_2d, r, labels in picks:  # one at a time: held-out slices differ in size
             clean = torch.from_numpy(np.ascontiguousarray(slice_2d))[None, None]
-            noisy = clean + sigma * torch.randn(clean.shape, generator=gen)
-            condition = None
-            if channels:
-                condition = torch.from_numpy(anatomy_planes(labels, channels) if structures and labels is not None
-                                             else np.zeros((len(channels),) + slice_2d.shape, np.float32))[None]
-            # x_t = sqrt(a) * noisy is the noisy image at step t (noise std sigma*sqrt(a)
-            # matches sqrt(1-a) up to the nearest step)
-            eps = predictor(noisy * a ** 0.5, t, condition=condition,
-                            region=torch.full((1,), r if region is None else region))
-            denoised = predict_x0(noisy * a ** 0.5, eps, a).clamp(-1, 1)
+            noisy, denoised = one_step_estimate(predictor, clean, sigma, config.get("schedule"), generator=gen,
+                                                condition=slice_condition(slice_2d, labels, channels, structures),
+                                                region=r if region is None else region)
             per_slice.append((to_hu(clean), to_hu(noisy), to_hu(denoised)))
         for name, members in groups.items():
             ref, noisy_hu, den_hu = (np.concatenate([per_slice[k][j] for k in members]) for j in range(3))
