@@ -500,7 +500,7 @@ def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, 
     labels[:, 4:10, :] = 7
     _write_ct(tmp_path / "neck" / "pt_9" / "ct.nii.gz", shape=shape, spacing=spacing)
     _write_labels(tmp_path / "neck" / "pt_9" / "structures.nii.gz", labels, spacing)
-    _write_ct(tmp_path / "chest.nii.gz", shape=(10, 30, 30), spacing=(2.0, 1.0, 1.0), value=0)
+    _write_ct(tmp_path / "chest.nii.gz", shape=(40, 40, 10), spacing=(1.0, 1.0, 2.0), value=0)  # 40 x 40 axial
     import yaml
 
     config = tmp_path / "config.yaml"
@@ -515,7 +515,7 @@ def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, 
     save_tiny_checkpoint(tmp_path / "anatomy", condition_channels=1, seed=1)
     out = tmp_path / "out"
     argv = ["prior", "--config", str(config), "--model", f"plain={tmp_path / 'plain'}",
-            f"anatomy={tmp_path / 'anatomy'}", "--max-slices", "2", "--out", str(out)]
+            f"anatomy={tmp_path / 'anatomy'}", "--max-slices", "2", "--noise-hu", "50", "--out", str(out)]
     monkeypatch.setattr("sys.argv", ["training.evaluate"] + argv)  # what the table's header records
     assert evaluate_main(argv) == 0
     report = json.loads((out / "prior.json").read_text())

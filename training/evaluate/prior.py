@@ -7,7 +7,7 @@
 Each model denoises the same held-out slices with the same noise in one
 network evaluation (:func:`training.evaluate_prior.one_step_denoising`:
 up to ``--max-slices`` per region of the config's ``data.validation``
-patients, Gaussian noise of 25, 50 and 100 HU); a model with anatomy
+patients, Gaussian noise of 25, 50, 100 and 400 HU); a model with anatomy
 channels does it twice, with each slice's structures (where its patient has
 them: the OpenKBP neck) and with none ('unknown', what a new patient gets).
 PSNR in the [-160, 240] HU window, per region.
@@ -33,7 +33,9 @@ from ..data import anatomy_channels
 from ..evaluate_prior import heldout_slices, one_step_denoising, one_step_estimate, slice_condition
 from . import command_line
 
-NOISE_HU = (25.0, 50.0, 100.0)
+#: Noise levels (HU): the tasks' range (a quarter-dose CT has 10-40 HU) and one far
+#: above it, where a prior must draw layout rather than keep detail.
+NOISE_HU = (25.0, 50.0, 100.0, 400.0)
 
 
 def rows_of(models: dict) -> list[tuple[str, object, bool]]:
@@ -48,29 +50,35 @@ def rows_of(models: dict) -> list[tuple[str, object, bool]]:
     return rows
 
 
-def evaluate(config: dict, models: dict, *, max_slices: int = 16) -> dict:
+def evaluate(config: dict, models: dict, *, max_slices: int = 16, noise_hu=NOISE_HU) -> dict:
     """One-step denoising PSNR of every row of :func:`rows_of` on the same slices and noise."""
     results = {}
     for label, network, given in rows_of(models):
-        results[label] = one_step_denoising(network, config, noise_hu=NOISE_HU, max_slices=max_slices,
+        results[label] = one_step_denoising(network, config, noise_hu=noise_hu, max_slices=max_slices,
                                             structures=given)
     return results
 
 
+def noise_levels(results: dict) -> list[int]:
+    first = next(iter(results.values()))
+    return [int(key[len("noise_"):-len("HU")]) for key in first if key.startswith("noise_")]
+
+
 def markdown(results: dict, command: str) -> str:
     regions = sorted({r for res in results.values() for r in res.get("by_region", {})})
-    head = " | ".join(f"{r} {int(n)} HU" for r in regions for n in NOISE_HU)
+    levels = noise_levels(results)
+    head = " | ".join(f"{r} {n} HU" for r in regions for n in levels)
     lines = [f"<!-- {command} -->", "",
              "One-step denoising of held-out slices, PSNR (dB) in [-160, 240] HU; the noisy input's PSNR "
              "in the first row.", "",
-             f"| model | {head} |", "|---|" + "---|" * (len(regions) * len(NOISE_HU))]
+             f"| model | {head} |", "|---|" + "---|" * (len(regions) * len(levels))]
     first = next(iter(results.values()))
-    noisy = [first["by_region"][r][f"noise_{int(n)}HU"]["psnr_noisy_soft"] for r in regions for n in NOISE_HU]
+    noisy = [first["by_region"][r][f"noise_{n}HU"]["psnr_noisy_soft"] for r in regions for n in levels]
     lines.append("| noisy input | " + " | ".join(f"{v:.2f}" for v in noisy) + " |")
     for label, res in results.items():
-        values = [res["by_region"][r][f"noise_{int(n)}HU"]["psnr_denoised_soft"] for r in regions for n in NOISE_HU]
+        values = [res["by_region"][r][f"noise_{n}HU"]["psnr_denoised_soft"] for r in regions for n in levels]
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
-    slices = {r: first["by_region"][r][f"noise_{int(NOISE_HU[0])}HU"]["slices"] for r in regions}
+    slices = {r: first["by_region"][r][f"noise_{levels[0]}HU"]["slices"] for r in regions}
     lines += ["", "Slices per region: " + ", ".join(f"{r} {n}" for r, n in slices.items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -121,6 +129,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--model", nargs="+", required=True, metavar="LABEL=NAME|FOLDER",
                    help="models to compare: an installed checkpoint's name or a checkpoint folder")
     p.add_argument("--max-slices", type=int, default=16, help="slices per region")
+    p.add_argument("--noise-hu", type=float, nargs="+", default=list(NOISE_HU), help="noise levels (HU)")
     p.add_argument("--out", required=True, help="folder for prior.json, prior_table.md, prior.png")
 
     def run(args) -> int:
@@ -135,7 +144,7 @@ def add_command(subparsers) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         command = command_line()
-        results = evaluate(config, models, max_slices=args.max_slices)
+        results = evaluate(config, models, max_slices=args.max_slices, noise_hu=args.noise_hu)
         tiles = picture(config, models, out / "prior.png")
         (out / "prior.json").write_text(json.dumps({"command": command, "config": args.config,
                                                     "models": dict(m.partition("=")[::2] for m in args.model),
