@@ -518,6 +518,7 @@ def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, 
             f"anatomy={tmp_path / 'anatomy'}", "--max-slices", "2", "--noise-hu", "50", "--out", str(out)]
     monkeypatch.setattr("sys.argv", ["training.evaluate"] + argv)  # what the table's header records
     assert evaluate_main(argv) == 0
+    assert torch.is_grad_enabled()  # the evaluation leaves autograd as it found it
     report = json.loads((out / "prior.json").read_text())
     assert list(report["results"]) == ["plain", "anatomy, structures given", "anatomy, structures unknown"]
     chest = [r["by_region"]["chest"]["noise_50HU"] for r in report["results"].values()]

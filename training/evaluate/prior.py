@@ -135,7 +135,6 @@ def add_command(subparsers) -> None:
     def run(args) -> int:
         from ..trainer import load_config
 
-        torch.set_grad_enabled(False)
         config = load_config(args.config)
         models = {}
         for item in args.model:
@@ -144,8 +143,9 @@ def add_command(subparsers) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         command = command_line()
-        results = evaluate(config, models, max_slices=args.max_slices, noise_hu=args.noise_hu)
-        tiles = picture(config, models, out / "prior.png")
+        with torch.no_grad():  # not set_grad_enabled(False): the caller's autograd state is theirs
+            results = evaluate(config, models, max_slices=args.max_slices, noise_hu=args.noise_hu)
+            tiles = picture(config, models, out / "prior.png")
         (out / "prior.json").write_text(json.dumps({"command": command, "config": args.config,
                                                     "models": dict(m.partition("=")[::2] for m in args.model),
                                                     "picture_tiles": tiles, "results": results}, indent=2))
