@@ -121,6 +121,7 @@ def dataset_files(entries) -> list[tuple[Path, int]]:
 def _entry_files(entries) -> list[tuple[Path, int, dict]]:
     files = []
     for entry in _entries(entries):
+        first = len(files)  # this entry's files are files[first:]
         path = resolve_path(entry["path"])
         region = region_index(entry.get("region"))
         if path.is_dir():
@@ -145,8 +146,8 @@ def _entry_files(entries) -> list[tuple[Path, int, dict]]:
         mask = entry.get("exclude_mask")
         if mask and not resolve_path(mask).exists():
             raise FileNotFoundError(f"exclude_mask {resolve_path(mask)} of {path} not found")
-        for scan, _, owner in files:
-            labels = structures_path(scan, owner) if owner is entry else None
+        for scan, _, _ in files[first:]:
+            labels = structures_path(scan, entry)
             if labels is not None and not labels.exists():
                 raise FileNotFoundError(f"structures {labels} of {scan} not found")
     return files

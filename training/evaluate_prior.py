@@ -80,7 +80,7 @@ def one_step_estimate(predictor, clean: torch.Tensor, sigma: float, schedule: di
 
 def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), max_slices: int = 16,
                        seed: int = 0, device: str = "cpu", region: int | None = None,
-                       structures: bool = True) -> dict:
+                       structures: bool = True, picks=None) -> dict:
     """PSNR (dB) before/after one-step denoising of held-out slices.
 
     Returns ``{"noise_25HU": {"psnr_noisy_soft": ..., "psnr_denoised_soft": ...,
@@ -91,11 +91,13 @@ def one_step_denoising(network, config: dict, *, noise_hu=(25.0, 50.0, 100.0), m
     gets that one). A prior with anatomy channels (``data.anatomy_channels``)
     gets each slice's structures where its scan has them and ``structures``
     is true, else 'unknown' (zeros), as in training; the same noise either way.
+    ``picks``: the slices of :func:`heldout_slices` when the caller has them
+    already (several models on the same slices read the patients once).
     """
     normalization = config["normalization"]
     scale = hu_per_unit(normalization)
     low, high = intensity_range(None, normalization)
-    picks = heldout_slices(config, normalization, max_slices)
+    picks = heldout_slices(config, normalization, max_slices) if picks is None else picks
     channels = anatomy_channels(config["data"]) if getattr(network, "condition_channels", 0) else []
     # noise estimates whatever the model predicts (epsilon, v or sample)
     predictor = NoisePredictor(network, device=device, schedule=config.get("schedule"))

@@ -50,13 +50,11 @@ def rows_of(models: dict) -> list[tuple[str, object, bool]]:
     return rows
 
 
-def evaluate(config: dict, models: dict, *, max_slices: int = 16, noise_hu=NOISE_HU) -> dict:
-    """One-step denoising PSNR of every row of :func:`rows_of` on the same slices and noise."""
-    results = {}
-    for label, network, given in rows_of(models):
-        results[label] = one_step_denoising(network, config, noise_hu=noise_hu, max_slices=max_slices,
-                                            structures=given)
-    return results
+def evaluate(config: dict, models: dict, picks, *, noise_hu=NOISE_HU) -> dict:
+    """One-step denoising PSNR of every row of :func:`rows_of` on the same
+    slices (``picks``, from :func:`heldout_slices`) and noise."""
+    return {label: one_step_denoising(network, config, noise_hu=noise_hu, structures=given, picks=picks)
+            for label, network, given in rows_of(models)}
 
 
 def noise_levels(results: dict) -> list[int]:
@@ -83,15 +81,16 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def picture(config: dict, models: dict, path: Path, *, noise_hu: float = 100.0, seed: int = 0) -> list[str]:
-    """One held-out slice with structures (the one with the most structure
-    pixels among the evaluated ones), noised, and each row's estimate, side
-    by side in the soft-tissue window; the last tile shows its structures."""
+def picture(config: dict, models: dict, picks, path: Path, *, noise_hu: float = 100.0,
+            seed: int = 0) -> list[str]:
+    """One held-out slice with structures (of ``picks``, the evaluated ones:
+    the one with the most structure pixels), noised, and each row's estimate,
+    side by side in the soft-tissue window; the last tile shows its structures."""
     from skimage import io as skio
 
     hu_range = intensity_range(None, config["normalization"])
     scale = hu_per_unit(config["normalization"])
-    picks = [p for p in heldout_slices(config, config["normalization"]) if p[2] is not None]
+    picks = [p for p in picks if p[2] is not None]
     if not picks:
         return []
     channels = anatomy_channels(config["data"])
@@ -143,9 +142,10 @@ def add_command(subparsers) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         command = command_line()
+        picks = heldout_slices(config, config["normalization"], args.max_slices)  # read once for every row
         with torch.no_grad():  # not set_grad_enabled(False): the caller's autograd state is theirs
-            results = evaluate(config, models, max_slices=args.max_slices, noise_hu=args.noise_hu)
-            tiles = picture(config, models, out / "prior.png")
+            results = evaluate(config, models, picks, noise_hu=args.noise_hu)
+            tiles = picture(config, models, picks, out / "prior.png")
         (out / "prior.json").write_text(json.dumps({"command": command, "config": args.config,
                                                     "models": dict(m.partition("=")[::2] for m in args.model),
                                                     "picture_tiles": tiles, "results": results}, indent=2))
