@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_mediffuse.tasks.anomaly import level_matched
 from training.evaluate.anomaly import baseline_heatmap, diffusion_configs, diffusion_heatmap
@@ -167,3 +168,65 @@ def test_reconstruction_margin_grows_the_roi_in_plane_only():
     assert not grown[0].any() and not grown[2].any()
     assert grown[1, 10, 4] and grown[1, 10, 16] and not grown[1, 10, 3]
     assert grown[1].sum() == 113  # pixels of a disc of radius 6
+
+
+def _write_neck(folder, spacing_mm, radius_mm, hu=30.0):
+    """A 40^3 OpenKBP-like box: a cylinder of ``hu`` along the slice axis in air (-1000)."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True)
+    n = 40
+    yy, xx = np.mgrid[:n, :n]
+    inside = ((yy - n / 2) * spacing_mm[1]) ** 2 + ((xx - n / 2) * spacing_mm[2]) ** 2 <= radius_mm ** 2
+    data = np.where(inside, hu, -1000.0)[None].repeat(n, axis=0).astype(np.int16)  # (S, P, L)
+    affine = np.diag([spacing_mm[2], spacing_mm[1], spacing_mm[0], 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine), str(folder / "ct.nii.gz"))
+
+
+def test_openkbp_inserted_case_puts_patients_on_one_4mm_grid(tmp_path):
+    from training.evaluate.anomaly_real import _fit, openkbp_inserted_case
+
+    _write_neck(tmp_path / "pt_1", (2.5, 4.5, 4.5), radius_mm=60.0)
+    _write_neck(tmp_path / "pt_2", (3.0, 5.0, 5.0), radius_mm=70.0)
+    (tmp_path / "notes").mkdir()  # not a patient: skipped
+    case = openkbp_inserted_case(tmp_path, patients=8, size=64, seed=3)
+    assert case.image.shape == (4, 64, 64) and case.region == "head-neck"
+    assert case.spacing[1:] == (4.0, 4.0)
+    # the body keeps its size in mm on the common grid: radius 60 / 70 mm = 15 / 17.5 pixels of 4 mm
+    areas_mm2 = case.roi[:2].sum(axis=(1, 2)) * 16.0
+    assert np.allclose(areas_mm2, [np.pi * 60.0 ** 2, np.pi * 70.0 ** 2], rtol=0.08)
+    # first half clean, second half the same slices with one lesion each, inside the body, nothing else changed
+    clean, lesioned = case.image[:2], case.image[2:]
+    assert not case.truth[:2].any() and case.truth[2:].any(axis=(1, 2)).all()
+    assert (case.truth[2:] <= case.roi[2:]).all()
+    # outside the lesion only its soft (partial-volume) edge changes: within 2 pixels (8 mm) of the mask
+    rim = np.stack([ndimage.binary_dilation(t, iterations=2) for t in case.truth[2:]])
+    assert np.array_equal(clean[~rim], lesioned[~rim])
+    for k, lesion in enumerate(case.extra["lesions"]):  # 30-90 HU drawn; the mask is where >= half of it
+        change = float(np.median((lesioned[k] - clean[k])[case.truth[2 + k]]))
+        assert 15.0 <= abs(change) <= 95.0 and np.sign(change) == (1 if lesion["kind"] == "hyper" else -1)
+        assert np.all(clean[k][case.truth[2 + k]] == 30.0)  # placed in the soft tissue, not on the blurred rim
+    assert [lesion["source"].split(":")[0] for lesion in case.extra["lesions"]] == ["pt_1", "pt_2"]
+    with pytest.raises(FileNotFoundError, match="no OpenKBP patient"):
+        openkbp_inserted_case(tmp_path / "notes")
+    # _fit: centre crop of an odd excess, centre pad with the fill value
+    assert _fit(np.arange(25.0).reshape(5, 5), 3, -1).tolist() == [[6, 7, 8], [11, 12, 13], [16, 17, 18]]
+    padded = _fit(np.ones((2, 2)), 4, -1000.0)
+    assert padded.sum() == 4 - 12 * 1000 and padded[1:3, 1:3].all()
+
+
+def test_roi_level_baseline_ranks_a_darker_lesion_in_a_flat_organ(case):
+    from training.evaluate.anomaly_real import roi_level_heatmap
+
+    roi, truth = case
+    rng = np.random.default_rng(0)
+    image = np.where(roi, 120.0, -1000.0) + rng.normal(0.0, 10.0, roi.shape)  # enhanced liver, 10 HU noise
+    image[truth] -= 50.0                                                       # hypodense lesions
+    image[2][disc((64, 64), (32, 20), 4)] += 50.0                              # a bright vessel, not a lesion
+    kw = dict(smooth_mm=2.0, window_hu=(-160.0, 240.0))
+    darker = roi_level_heatmap(image, roi, (1.0, 1.0, 1.0), polarity="darker", **kw)
+    both = roi_level_heatmap(image, roi, (1.0, 1.0, 1.0), polarity="both", **kw)
+    assert score_case(darker, roi, truth, **THR)["pixel_auroc"] > 0.99
+    assert score_case(both, roi, truth, **THR)["pixel_auroc"] > 0.95
+    assert darker[2][32, 20] <= 0.0 < both[2][32, 20]  # 'darker' ignores the bright vessel, 'both' flags it
+    assert not darker[~roi].any()

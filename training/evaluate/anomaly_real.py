@@ -30,13 +30,23 @@ Cases (``--cases``):
   segmentation: lesions go into soft tissue (-100..200 HU, opened with a
   5 mm disc, inside the body); ROI = the body (the task's default). Each
   slice is evaluated with and without its lesion (as ``anomaly``).
+* ``openkbp-inserted`` (optional): the same lesions inserted into the
+  head-and-neck CTs of OpenKBP's validation patients (never trained on;
+  the region the multi-patient prior saw most), one or more axial slices
+  per patient from the central 60 % of its box, each resampled in-plane to
+  ``--openkbp-pixel-mm`` (4 mm: the patients' own pixels are 3.9-5.1 mm,
+  one grid lets their slices form one stack) on a 128 x 128 grid; ROI =
+  the body (found on each patient's own volume). Each slice with and
+  without its lesion.
 
 For each case the diffusion method (the
 :func:`napari_mediffuse.tasks.anomaly.detect_anomalies` pipeline: healthy
 reconstruction of the ROI, residual or spread score, in-ROI smoothing,
-robust normalisation, automatic threshold) and the local z-score baseline
+robust normalisation, automatic threshold), the local z-score baseline
 of ``python -m training.evaluate anomaly`` (same smoothing, normalisation and
-threshold) report pixel AUROC over the ROI of every evaluated slice, PRO,
+threshold) and the ROI-level baseline (the diffusion heatmap's pipeline with
+a flat reconstruction at the ROI's median HU per slice, same polarity: what
+intensity alone tells inside an organ ROI) report pixel AUROC over the ROI of every evaluated slice, PRO,
 the Dice of the automatic mask (threshold from all evaluated slices, as a
 user running the task on them gets), the best Dice over thresholds (an
 optimistic bound), image AUROC (slice maximum in the ROI; only where
@@ -69,7 +79,9 @@ LUNG1_TUMOUR = DATA + "chest_ct_lung1_5mm_tumour.nii.gz"
 LITS_CT = DATA + "liver_ct_lits117_crop.nii.gz"
 LITS_LABELS = DATA + "liver_ct_lits117_crop_labels.nii.gz"
 LIDC_CT = DATA + "chest_ct_lidc0314_1mm.nii.gz"
-CASES = ("lung1", "lits", "lidc-inserted")
+#: OpenKBP's validation patients: never trained on by any bundled model.
+OPENKBP_VALIDATION = DATA + "openkbp/validation"
+CASES = ("lung1", "lits", "lidc-inserted", "openkbp-inserted")
 
 #: Targets of issue 18 (measured and reported, never asserted) and MedDiff-FM's
 #: BMAD liver result for comparison.
@@ -255,6 +267,69 @@ def lidc_inserted_case(ct_path=LIDC_CT, *, slices: int = 6, seed: int = 0, size_
                 ct.affine, "chest", picks.tolist() * 2, notes, extra={"roi": "body", "lesions": info})
 
 
+def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices_per_patient: int = 1,
+                          pixel_mm: float = 4.0, size: int = 128, seed: int = 0, size_range=(10.0, 30.0),
+                          contrast_range=(30.0, 90.0), orientation_fix=("rot90_PL", "flip_S")) -> Case:
+    """Lesions inserted into soft tissue of OpenKBP validation patients' neck
+    slices (in-plane ``pixel_mm`` on a ``size`` x ``size`` grid); each slice
+    twice (without, with its lesion); ROI = body."""
+    from napari_mediffuse import io
+    from napari_mediffuse.tasks.masks import body_mask
+    from training.data import fix_orientation
+
+    folders = sorted(p for p in Path(root).iterdir() if (p / "ct.nii.gz").is_file())
+    if not folders:
+        raise FileNotFoundError(f"{root}: no OpenKBP patient folders with a ct.nii.gz")
+    chosen_patients = [folders[k] for k in spread_pick(np.arange(len(folders)), patients)]
+    clean, body, sources = [], [], []
+    for folder in chosen_patients:
+        ct = io.read(folder / "ct.nii.gz")[0]
+        data, spacing = fix_orientation(ct.data.astype(np.float32), ct.spacing, list(orientation_fix))
+        grid = np.diag(list(spacing) + [1.0])
+        body3d = body_mask(_stack_volume(data, grid, folder.name))
+        area = soft_tissue(data, body3d, spacing[1:]).sum(axis=(1, 2)) * spacing[1] * spacing[2]
+        central = np.arange(int(0.2 * len(data)), int(0.8 * len(data)))
+        candidates = central[area[central] >= 3000.0]  # mm^2 of soft tissue: room for a 30 mm lesion
+        for k in spread_pick(candidates, slices_per_patient):
+            zoom = (spacing[1] / pixel_mm, spacing[2] / pixel_mm)
+            clean.append(_fit(ndimage.zoom(data[k], zoom, order=1), size, -1000.0))
+            body.append(_fit(ndimage.zoom(body3d[k].astype(np.uint8), zoom, order=0), size, 0).astype(bool))
+            sources.append(f"{folder.name}:{int(k)}")
+    clean, body = np.stack(clean), np.stack(body)
+    tissue = soft_tissue(clean, body, (pixel_mm, pixel_mm))  # on the resampled slices: no blurred rim
+    rng = np.random.default_rng(seed)
+    image, truth, info = make_lesion_volume(clean, {"soft tissue": tissue}, (pixel_mm, pixel_mm), rng, size_range,
+                                            contrast_range)
+    for lesion, source in zip(info, sources):
+        lesion["source"] = source
+    affine = np.diag([2.5, pixel_mm, pixel_mm, 1.0])  # slice positions are not used
+    notes = [f"{len(sources)} axial slices of {len(chosen_patients)} OpenKBP validation patients (never trained "
+             f"on): {', '.join(sources)}; orientation fix {' '.join(orientation_fix)}; resampled in-plane to "
+             f"{pixel_mm:g} mm on {size} x {size}; each without and with one inserted lesion (10-30 mm, |contrast| "
+             "30-90 HU, alternately hypo/hyper) in soft tissue (-100..200 HU, opened 5 mm); ROI = body"]
+    return Case(f"OpenKBP validation + inserted lesions (head and neck, {pixel_mm:g} mm)", "inserted lesions",
+                np.concatenate([clean, image]), np.concatenate([np.zeros_like(truth), truth]),
+                np.concatenate([body, body]), affine, "head-neck", sources * 2, notes,
+                extra={"roi": "body", "lesions": info})
+
+
+def _fit(image2d: np.ndarray, size: int, fill) -> np.ndarray:
+    """``image2d`` centre-cropped or padded with ``fill`` to ``size`` x ``size``."""
+    out = np.full((size, size), fill, dtype=image2d.dtype)
+    src, dst = [], []
+    for n in image2d.shape:
+        if n >= size:
+            start = (n - size) // 2
+            src.append(slice(start, start + size))
+            dst.append(slice(0, size))
+        else:
+            start = (size - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[tuple(dst)] = image2d[tuple(src)]
+    return out
+
+
 # -- metrics ----------------------------------------------------------------------
 
 def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percentile: float,
@@ -306,6 +381,20 @@ def _region_for(card: dict, region: Optional[str]) -> Optional[str]:
     return region if (not trained or region in trained) else None
 
 
+def roi_level_heatmap(image_hu: np.ndarray, roi: np.ndarray, spacing, *, polarity: str, smooth_mm: float,
+                      window_hu=None) -> np.ndarray:
+    """The diffusion heatmap's pipeline with a flat "reconstruction" at the
+    ROI's median HU on each axial slice: what the scan's own intensity inside
+    the ROI already tells (strong where the ROI is one organ, little for a
+    body ROI), as a second baseline."""
+    from napari_mediffuse.tasks.anomaly import level_matched
+
+    level = level_matched(image_hu, np.zeros_like(image_hu, dtype=np.float32), roi, window_hu=window_hu)
+    heat, _ = diffusion_heatmap(image_hu, [(level, None)], roi, spacing, score="residual", polarity=polarity,
+                                smooth_mm=smooth_mm, window_hu=window_hu)
+    return heat
+
+
 def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     """Metrics per method (diffusion configurations and the baseline) and the
     maps for the picture: ``(results, maps)``."""
@@ -349,6 +438,8 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                             window_hu=args.window_hu, smooth_mm=args.smooth_mm)
     results["baseline local z-score"] = score_case(heat, case.roi, case.truth, **thr)
     maps["baseline local z-score"] = (heat, None)
+    heat = roi_level_heatmap(case.image, case.roi, case.spacing, polarity=args.polarity, **smooth)
+    results["baseline ROI median level"] = score_case(heat, case.roi, case.truth, **thr)
     case.extra["seconds_per_slice"] = {str(t): round(s / len(case.image), 2) for t, s in seconds.items()}
     case.extra["model"] = prior.name
     return results, maps
@@ -368,6 +459,9 @@ def build_cases(args) -> list:
                                    max_normal_slices=args.max_normal_slices, min_liver_px=args.min_liver_px))
         elif name == "lidc-inserted":
             cases.append(lidc_inserted_case(args.lidc_ct, slices=args.lidc_slices, seed=args.seed))
+        elif name == "openkbp-inserted":
+            cases.append(openkbp_inserted_case(args.openkbp_validation, patients=args.openkbp_patients,
+                                               pixel_mm=args.openkbp_pixel_mm, seed=args.seed))
     return cases
 
 
@@ -524,6 +618,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--min-liver-px", type=int, default=100, help="liver pixels a LiTS slice needs to be used")
     p.add_argument("--lidc-ct", default=LIDC_CT)
     p.add_argument("--lidc-slices", type=int, default=6)
+    p.add_argument("--openkbp-validation", default=OPENKBP_VALIDATION,
+                   help="folder of OpenKBP validation patients (pt_N/ct.nii.gz)")
+    p.add_argument("--openkbp-patients", type=int, default=16, help="patients (one neck slice each), evenly spread")
+    p.add_argument("--openkbp-pixel-mm", type=float, default=4.0, help="in-plane pixel size the slices are put on")
     p.add_argument("--max-tumour-slices", type=int, default=12)
     p.add_argument("--max-normal-slices", type=int, default=12)
     p.add_argument("--t", type=int, nargs="+", default=None,
@@ -557,5 +655,5 @@ def _run_cli(args) -> int:
     return 0
 
 
-__all__ = ["Case", "lits_case", "lung1_case", "lidc_inserted_case", "lung_fields", "score_case", "soft_tissue",
+__all__ = ["Case", "roi_level_heatmap", "lits_case", "lung1_case", "lidc_inserted_case", "openkbp_inserted_case", "lung_fields", "score_case", "soft_tissue",
            "run"]
