@@ -392,3 +392,32 @@ def test_3d_network_by_configuration():
     assert eps.shape == x.shape and torch.isfinite(eps).all()
     with pytest.raises(ValueError, match="2D"):
         DiffusionNetwork({**config, "backbone": "diffusers.UNet2DModel"})
+
+
+def test_axis_correlated_noise_is_standard_normal_with_the_asked_neighbour_correlation():
+    from napari_mediffuse.engine.sampling import AxisCorrelatedNoise, make_generator, randn
+
+    noise = randn((1, 1, 40, 64, 64), AxisCorrelatedNoise(make_generator(0), 0.9), "cpu")
+    assert noise.shape == (1, 1, 40, 64, 64)
+    flat = noise[0, 0].reshape(40, -1)
+    assert abs(float(flat.std()) - 1.0) < 0.02 and abs(float(flat.mean())) < 0.02
+    assert abs(float(flat[0].std()) - 1.0) < 0.03 and abs(float(flat[-1].std()) - 1.0) < 0.03  # every slice N(0, 1)
+
+    def corr(d):
+        return float(np.mean([np.corrcoef(flat[k], flat[k + d])[0, 1] for k in range(40 - d)]))
+
+    assert corr(1) == pytest.approx(0.9, abs=0.02) and corr(2) == pytest.approx(0.81, abs=0.03)
+    # within a slice (and along the other axes) the noise stays white
+    rows = noise[0, 0, :, :-1, :].reshape(-1).numpy(), noise[0, 0, :, 1:, :].reshape(-1).numpy()
+    assert abs(np.corrcoef(*rows)[0, 1]) < 0.02
+    # the same seed gives the same draw; rho = 0 is the generator's plain noise
+    again = randn((1, 1, 40, 64, 64), AxisCorrelatedNoise(make_generator(0), 0.9), "cpu")
+    assert torch.equal(noise, again)
+    plain = AxisCorrelatedNoise(make_generator(3), 0.0).randn((2, 5, 6))
+    assert torch.equal(plain, torch.randn((2, 5, 6), generator=make_generator(3)))
+    # another axis
+    along_last = AxisCorrelatedNoise(make_generator(1), 0.95, axis=-1).randn((200, 50))
+    assert np.corrcoef(along_last[:, :-1].reshape(-1), along_last[:, 1:].reshape(-1))[0, 1] > 0.9
+    for rho in (1.0, -0.5):
+        with pytest.raises(ValueError, match="rho must be in"):
+            AxisCorrelatedNoise(make_generator(0), rho)

@@ -15,6 +15,7 @@ from napari_mediffuse.engine.sampling import make_generator
 from napari_mediffuse.tasks.common import RunOptions, TaskInputError, predictor_for
 from napari_mediffuse.tasks.synthesize import (
     DEFAULT_REFINE_FROM,
+    DEFAULT_SLICE_CORRELATION,
     alternating_plane_predictor,
     draw_coarse_layout,
     place_box,
@@ -250,6 +251,21 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
     assert default.metadata["parameters"]["refine_from"] == DEFAULT_REFINE_FROM
     assert default.metadata["parameters"]["refine_steps"] == 2
     np.testing.assert_array_equal(default.affine, vol.affine)
+    # refining in axial slices with noise correlated along S (the default: 0.9) keeps neighbouring
+    # slices closer than independent noise does, from the same layout and seed
+    assert default.metadata["parameters"]["planes"] == ["axial"]
+    assert default.metadata["parameters"]["slice_correlation"] == DEFAULT_SLICE_CORRELATION == 0.9
+
+    def slice_jump(volume):
+        return float(np.mean(np.abs(np.diff(volume.data, axis=0))))
+
+    jumps = {rho: slice_jump(synthesize((20, 16, 18), model="tiny-ct-prior", steps=8, refine_from=800,
+                                        slice_correlation=rho, options=opts)) for rho in (0.0, 0.95)}
+    assert jumps[0.95] < 0.7 * jumps[0.0]
+    for bad in (dict(slice_correlation=1.0), dict(slice_correlation=-0.1), dict(planes=("axial", "oblique")),
+                dict(planes=())):
+        with pytest.raises(TaskInputError, match="slice_correlation|planes"):
+            synthesize((16, 16, 16), model="tiny-ct-prior", steps=2, options=opts, **bad)
     # no coarse stage when asked, or with an unknown region; a missing coarse model is an error
     plain = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)
     assert plain.metadata["parameters"]["coarse_model"] is None
@@ -269,6 +285,9 @@ def test_synthesis_without_a_coarse_prior_installed(tiny_models):
     vol = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, options=RunOptions(device="cpu"))
     assert vol.metadata["parameters"]["coarse_model"] is None
     assert vol.metadata["parameters"]["refine_from"] is None
+    # from noise: all three planes alternate, slices draw independent noise
+    assert vol.metadata["parameters"]["planes"] == ["axial", "coronal", "sagittal"]
+    assert vol.metadata["parameters"]["slice_correlation"] == 0.0
 
 
 @pytest.mark.parametrize("name, region, shape, body_fraction, body_median_hu", [

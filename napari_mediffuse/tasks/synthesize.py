@@ -46,7 +46,7 @@ from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
 from ..engine.registry import load as load_model
 from ..engine.runner import SliceRunner
-from ..engine.sampling import add_noise, ddim_sample, make_generator, randn
+from ..engine.sampling import AxisCorrelatedNoise, add_noise, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
 from .common import GRID_LIMITS, RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
@@ -102,6 +102,12 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
 
     return predict
 
+
+#: Planes the 2D prior refines a coarse layout in (see :func:`synthesize`).
+REFINE_PLANES = ("axial",)
+#: Noise correlation between neighbouring axial slices when refining a coarse
+#: layout slice by slice (docs/evaluation/clinical.md, synthesis).
+DEFAULT_SLICE_CORRELATION = 0.9
 
 #: Step of the 1000-step schedule at which the 2D prior takes over from the
 #: coarse layout (noise std 0.65 of the [-1, 1] range with the cosine schedule:
@@ -218,8 +224,8 @@ def generation_spacing(card: dict, spacing=None) -> float:
 
 
 def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, steps: int = 50,
-               planes=PLANES, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
-               options: RunOptions | None = None) -> Volume:
+               planes=None, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
+               slice_correlation: float | None = None, options: RunOptions | None = None) -> Volume:
     """Generate a CT volume (HU) from the CT prior.
 
     Parameters
@@ -237,8 +243,11 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         Checkpoint name or folder; the default CT prior otherwise.
     steps : int
         DDIM steps (network evaluations over the whole volume).
-    planes : sequence of str
-        Planes alternated at successive steps (3D coherence).
+    planes : sequence of str, optional
+        Planes alternated at successive steps. Default: axial only when a
+        coarse layout is refined (:data:`REFINE_PLANES`: the layout and the
+        slice-correlated noise give the 3D coherence; coronal and sagittal
+        passes blur bone and edges), all three from noise (:data:`PLANES`).
     eta : float
         0 = deterministic DDIM from the seeded noise; 1 = ancestral.
     coarse_model : str or None
@@ -251,6 +260,11 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         from the noised coarse layout (:data:`DEFAULT_REFINE_FROM`); higher
         redraws more. The 2D stage then runs ``steps * refine_from / 1000``
         DDIM steps (at least 2).
+    slice_correlation : float, optional
+        Correlation in [0, 1) of the 2D stage's noise between neighbouring
+        axial slices (:class:`~..engine.sampling.AxisCorrelatedNoise`).
+        Default: :data:`DEFAULT_SLICE_CORRELATION` when a coarse layout is
+        refined, 0 (independent) from noise.
     options : RunOptions
         Device, seed, batch size, progress and cancel.
 
@@ -286,15 +300,25 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
     coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
+    planes = tuple(planes) if planes is not None else (PLANES if coarse is None else REFINE_PLANES)
+    if not planes or any(plane not in PLANES for plane in planes):
+        raise TaskInputError(f"planes must be a non-empty sequence of {', '.join(PLANES)}; got {planes!r}")
+    if slice_correlation is None:
+        slice_correlation = 0.0 if coarse is None else DEFAULT_SLICE_CORRELATION
+    if not 0.0 <= float(slice_correlation) < 1.0:
+        raise TaskInputError(f"slice_correlation must be in [0, 1), got {slice_correlation}")
 
     started = time.monotonic()
     gen = make_generator(options.seed)
-    predict = alternating_plane_predictor(predictor, tuple(planes), batch_size=options.batch_size,
+    predict = alternating_plane_predictor(predictor, planes, batch_size=options.batch_size,
                                           region=region_class, cancel=options.cancel)
     n_train = int(checkpoint.schedule["num_train_timesteps"])
+    # the 2D stage's noise (start and, with eta > 0, every step): correlated
+    # along S; the coarse prior's own draw keeps the plain generator
+    fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
     if coarse is None:
         t_start, fine_steps, coarse_steps = None, steps, 0
-        x_t = randn((1, 1) + native_shape, gen, predictor.device)
+        x_t = randn((1, 1) + native_shape, fine_noise, predictor.device)
     else:
         t_start = DEFAULT_REFINE_FROM if refine_from is None else int(refine_from)
         if not 1 <= t_start < n_train:
@@ -307,16 +331,16 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
                                     progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
                                                           "coarse layout"))
         x_t = noised_layout(box_hu, coarse.card["voxel_spacing_mm"], native_shape, native, checkpoint,
-                            t_start, gen, predictor.device)
+                            t_start, fine_noise, predictor.device)
     x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
-                     generator=gen, cancel=options.cancel,
+                     generator=fine_noise, cancel=options.cancel,
                      progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + fine_steps,
                                            "synthesis"))
     if native_shape != shape:
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
     hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), intensity_range(None, checkpoint.normalization))
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
-              "planes": list(planes), "seed": options.seed,
+              "planes": list(planes), "slice_correlation": float(slice_correlation), "seed": options.seed,
               "coarse_model": None if coarse is None else coarse.name,
               "refine_from": t_start, "refine_steps": fine_steps if coarse is not None else None,
               "seconds": round(time.monotonic() - started, 1)}
@@ -344,6 +368,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--refine-from", type=int, default=None, metavar="T",
                    help=f"step (of 1000) at which the 2D prior refines the coarse layout "
                         f"(default {DEFAULT_REFINE_FROM}; higher redraws more)")
+    p.add_argument("--planes", nargs="+", choices=PLANES, default=None,
+                   help="planes the 2D prior alternates (default: axial when refining a coarse layout, all three "
+                        "from noise)")
+    p.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
+                   help=f"noise correlation of neighbouring axial slices, 0-0.99 (default {DEFAULT_SLICE_CORRELATION} "
+                        "when refining a coarse layout, 0 from noise)")
     add_common_options(p, steps=50)
 
     def run(args) -> int:
@@ -353,7 +383,7 @@ def add_command(subparsers) -> None:
         options = options_from_args(args, progress=cli_progress(args.verbose))
         volume = synthesize(args.shape, spacing=args.spacing, region=args.region, model=args.model,
                             steps=args.steps, coarse_model=args.coarse_model, refine_from=args.refine_from,
-                            options=options)
+                            planes=args.planes, slice_correlation=args.slice_correlation, options=options)
         io.write_nifti(volume, args.output, overwrite=args.overwrite)
         print(f"wrote {args.output}")
         return 0

@@ -139,7 +139,8 @@ def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarra
 
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
-             device="cpu", coarse_model="auto", refine_from=None, out=None, spacing=None,
+             device="cpu", coarse_model="auto", refine_from=None, planes=None, slice_correlation=None,
+             out=None, spacing=None,
              orientation_fix=None, command: str | None = None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
@@ -170,11 +171,13 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
     for seed in range(samples):
         start = time.monotonic()
         vol = synthesize(shape, spacing=spacing, region=region, model=model, steps=steps, coarse_model=coarse_model,
-                         refine_from=refine_from, options=RunOptions(device=device, seed=seed, batch_size=8))
+                         refine_from=refine_from, planes=planes, slice_correlation=slice_correlation,
+                         options=RunOptions(device=device, seed=seed, batch_size=8))
         volumes.append(vol.data)
         params = vol.metadata["parameters"]
         results["samples"].append({"seed": seed, **scored(vol, time.monotonic() - start)})
-    results["settings"].update(coarse_model=params["coarse_model"], refine_from=params["refine_from"])
+    results["settings"].update(coarse_model=params["coarse_model"], refine_from=params["refine_from"],
+                               planes=params["planes"], slice_correlation=params["slice_correlation"])
     # For contrast: the 2D prior alone (alternating planes from noise) and
     # independent 2D draws (axial plane only, no 3D coupling).
     baselines = {"prior_2d_alone": {"planes": PLANES_ALL}, "axial_only_baseline": {"planes": ("axial",)}}
@@ -206,7 +209,8 @@ def markdown(results: dict) -> str:
     lines = ([f"<!-- {results['command']} -->", ""] if results.get("command") else []) + [
         f"Shape {tuple(s['shape'])}, {s['steps']} DDIM steps, region {s['region']}, model {s['model']}, "
         f"device {s['device']} ({s['torch_threads']} threads); coarse layout: {s.get('coarse_model') or 'none'}"
-        + (f", refined from step {s['refine_from']}." if s.get("refine_from") else "."),
+        + (f", refined from step {s['refine_from']} in plane(s) {'/'.join(s.get('planes') or [])}, "
+           f"slice noise correlation {s.get('slice_correlation', 0):g}." if s.get("refine_from") else "."),
         "",
         "| volume | adjacent-slice MAD (HU) | HU Wasserstein to real (HU) | correlation to real CT (8 mm) "
         "| seconds |",
@@ -242,6 +246,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
     p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
+    p.add_argument("--planes", nargs="+", choices=["axial", "coronal", "sagittal"], default=None,
+                   help="planes of the 2D stage (default: the task's)")
+    p.add_argument("--slice-correlation", type=float, default=None,
+                   help="noise correlation of neighbouring axial slices (default: the task's)")
     p.add_argument("--spacing", type=float, nargs=3, help="voxel size (mm) of the samples (default: the model's)")
     p.add_argument("--orientation-fix", nargs="*", default=None,
                    help="orientation fixes of the real CTs, as in the training configs (OpenKBP: rot90_PL flip_S)")
@@ -252,7 +260,8 @@ def add_command(subparsers) -> None:
 
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
-                           refine_from=args.refine_from, out=args.out, spacing=args.spacing,
+                           refine_from=args.refine_from, planes=args.planes,
+                           slice_correlation=args.slice_correlation, out=args.out, spacing=args.spacing,
                            orientation_fix=args.orientation_fix, command=command_line())
         print(markdown(results))
         return 0
