@@ -249,12 +249,12 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
     # the default refinement step redraws the detail: far from the layout, same geometry
     default = synthesize((20, 16, 18), model="tiny-ct-prior", steps=4, options=opts)
     assert default.metadata["parameters"]["refine_from"] == DEFAULT_REFINE_FROM
-    assert default.metadata["parameters"]["refine_steps"] == 2
+    assert default.metadata["parameters"]["refine_steps"] == 3  # 4 steps x 750 / 1000
     np.testing.assert_array_equal(default.affine, vol.affine)
-    # refining in axial slices with noise correlated along S (the default: 0.9) keeps neighbouring
+    # refining in axial slices with noise correlated along S (the default: 0.97) keeps neighbouring
     # slices closer than independent noise does, from the same layout and seed
     assert default.metadata["parameters"]["planes"] == ["axial"]
-    assert default.metadata["parameters"]["slice_correlation"] == DEFAULT_SLICE_CORRELATION == 0.9
+    assert default.metadata["parameters"]["slice_correlation"] == DEFAULT_SLICE_CORRELATION == 0.97
 
     def slice_jump(volume):
         return float(np.mean(np.abs(np.diff(volume.data, axis=0))))
@@ -357,3 +357,13 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
     assert lines[0] == f"<!-- {command} -->"
     assert "| sample seed 0 (alternating planes) | 80.0 | 66.0 | 0.50 | 20 |" in lines
     assert "Continuity ratio (samples / real): 0.69 (target <= 1.5)." in lines
+    assert "HU histogram distance of the samples: mean 66.0 HU, range 66.0-66.0 (target <= 20)." in lines
+    # a refined coarse layout names its plane(s) and noise
+    results["settings"].update(coarse_model="ct-prior-coarse-multi", refine_from=750, planes=["axial"],
+                               slice_correlation=0.95)
+    results["samples"].append({"seed": 1, **scores, "hu_wasserstein_to_real": 30.0})
+    lines = markdown(results).splitlines()
+    assert lines[2].endswith("coarse layout: ct-prior-coarse-multi, refined from step 750 in plane(s) axial, "
+                             "slice noise correlation 0.95.")
+    assert "| sample seed 1 (coarse layout + axial slices, slice-correlated noise) | 80.0 | 30.0 | 0.50 | 20 |" in lines
+    assert "HU histogram distance of the samples: mean 48.0 HU, range 30.0-66.0 (target <= 20)." in lines

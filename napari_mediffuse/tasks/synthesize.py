@@ -24,9 +24,15 @@ levels:
    2D image whose channels are the box's axial slices;
 2. :func:`place_box` resamples that box onto the output grid (both centred
    on the RAS origin; air outside the box), it is noised to the refinement
-   step ``refine_from`` and the 2D prior's alternating-plane sampler runs
-   from there, adding the detail the coarse box cannot hold while keeping
-   its layout (detail below ~ the noise level at that step is redrawn).
+   step ``refine_from`` and the 2D prior runs from there in axial slices,
+   adding the detail the coarse box cannot hold while keeping its layout
+   (detail below ~ the noise level at that step is redrawn). The noise is
+   correlated between neighbouring slices (``slice_correlation``), so with
+   deterministic DDIM neighbouring slices get related detail: the layout and
+   that correlation give the 3D coherence, and each slice stays an in-
+   distribution axial draw (coronal and sagittal passes, the method until
+   session 13, blurred bone and edges: HU histograms 2-3 times further from
+   real CT; docs/evaluation/clinical.md).
 
 The images are generated at the checkpoint's native pixel spacing and
 resampled to the requested spacing when it differs.
@@ -106,13 +112,17 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
 #: Planes the 2D prior refines a coarse layout in (see :func:`synthesize`).
 REFINE_PLANES = ("axial",)
 #: Noise correlation between neighbouring axial slices when refining a coarse
-#: layout slice by slice (docs/evaluation/clinical.md, synthesis).
-DEFAULT_SLICE_CORRELATION = 0.9
+#: layout slice by slice: measured with ct-prior-multi at 4 mm for 0-0.99
+#: (docs/evaluation/clinical.md, synthesis): 0.97 keeps the adjacent-slice
+#: differences within 1.0-1.3x real CT's (0: 2.8x) at the closest HU histograms.
+DEFAULT_SLICE_CORRELATION = 0.97
 
 #: Step of the 1000-step schedule at which the 2D prior takes over from the
-#: coarse layout (noise std 0.65 of the [-1, 1] range with the cosine schedule:
-#: the 12 mm layout survives, finer detail is redrawn).
-DEFAULT_REFINE_FROM = 450
+#: coarse layout (noise std 0.92 of the [-1, 1] range with the cosine schedule,
+#: signal 0.38: the coarse layout survives in the low frequencies, everything
+#: finer is redrawn; 450, the default until session 13, kept the coarse
+#: prior's blur: HU histograms 62-96 HU from real against 31-61 now).
+DEFAULT_REFINE_FROM = 750
 
 
 def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, generator,

@@ -223,12 +223,18 @@ def markdown(results: dict) -> str:
         return (f"| {label} | {r['adjacent_slice_mad_hu']:.1f} | {r['hu_wasserstein_to_real']:.1f} | "
                 f"{r.get('correlation_to_real', float('nan')):.2f} | {r['seconds']:.0f} |")
 
-    method = "coarse layout + alternating planes" if s.get("coarse_model") else "alternating planes"
+    planes = s.get("planes") or ["axial", "coronal", "sagittal"]
+    stage = ("axial slices" if planes == ["axial"] else "alternating planes") + (
+        ", slice-correlated noise" if s.get("slice_correlation") else "")
+    method = f"coarse layout + {stage}" if s.get("coarse_model") else stage
     lines += [row(f"sample seed {r['seed']} ({method})", r) for r in results["samples"]]
     if "prior_2d_alone" in results:
         lines.append(row("2D prior alone (alternating planes from noise)", results["prior_2d_alone"]))
     lines.append(row("axial-only (independent 2D draws)", results["axial_only_baseline"]))
-    lines += ["", f"Continuity ratio (samples / real): {results['continuity_ratio_to_real']:.2f} (target <= 1.5)."]
+    distances = [r["hu_wasserstein_to_real"] for r in results["samples"]]
+    lines += ["", f"Continuity ratio (samples / real): {results['continuity_ratio_to_real']:.2f} (target <= 1.5).",
+              f"HU histogram distance of the samples: mean {np.mean(distances):.1f} HU, range "
+              f"{min(distances):.1f}-{max(distances):.1f} (target <= 20)."]
     if "ms_ssim_between_samples" in results:
         lines.append(f"MS-SSIM between two samples: {results['ms_ssim_between_samples']:.3f} (lower = more diverse).")
     return "\n".join(lines) + "\n"
