@@ -59,6 +59,16 @@ def test_synthesis_tab_adds_synthetic_ct_layer(panel, qtbot):
     assert layer.metadata["synthetic"] is True and "synthetic" in layer.name
     assert layer.metadata["modality"] == "CT"
     assert tuple(layer.contrast_limits) == pytest.approx((-160.0, 240.0))
+    # no coarse prior among the test's models: drawn from noise in alternating planes; the correlation
+    # spin box, left at its default, leaves the slices independent there
+    params = layer.metadata["parameters"]
+    assert params["coarse_model"] is None and params["planes"] == ["axial", "coronal", "sagittal"]
+    assert tab.param_widgets["slice_correlation"].value == pytest.approx(0.97)
+    assert params["slice_correlation"] == 0.0
+    tab.param_widgets["slice_correlation"].value = 0.5  # moved by the user: taken as it is
+    tab.start()
+    _wait(qtbot, tab)
+    assert tab.last_result[0].metadata["parameters"]["slice_correlation"] == pytest.approx(0.5)
 
 
 def test_cancel_stops_and_adds_nothing(panel, qtbot):

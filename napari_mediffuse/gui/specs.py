@@ -35,20 +35,30 @@ def _synthetic_name(kwargs: dict) -> dict:
 
 # -- synthesis -------------------------------------------------------------------
 
+def _changed(value, default):
+    """``value`` if the user moved the spin box off ``default``, else None
+    (the task then picks its default for the path it takes)."""
+    return None if abs(value - default) < 1e-9 else value
+
+
 def _run_synthesis(volume, values, options):
-    from ..tasks.synthesize import synthesize
+    from ..tasks.synthesize import DEFAULT_SLICE_CORRELATION, synthesize
 
     spacing = zero_is_auto(values["spacing_mm"])
     result = synthesize((values["slices"], values["rows"], values["columns"]),
                         spacing=None if spacing is None else (spacing,) * 3, region=values["region"],
                         model=values["model"], steps=values["steps"],
                         coarse_model="auto" if values["coarse_layout"] else None,
-                        refine_from=zero_is_auto(values["refine_from"]), options=options)
+                        refine_from=zero_is_auto(values["refine_from"]),
+                        slice_correlation=_changed(values["slice_correlation"], DEFAULT_SLICE_CORRELATION),
+                        options=options)
     data, kwargs, kind = image_layer_data(result)
     return [(data, _synthetic_name(kwargs), kind)]
 
 
 def synthesis_spec() -> TaskSpec:
+    from ..tasks.synthesize import DEFAULT_SLICE_CORRELATION
+
     return TaskSpec(
         key="synthesize", title="Synthesis", run=_run_synthesis, needs_input=False, preview=False,
         description="Generate a 3D-coherent synthetic CT volume (HU) from the CT prior.",
@@ -66,6 +76,11 @@ def synthesis_spec() -> TaskSpec:
             Param("refine_from", 0, label="refine from step", options={"min": 0, "max": 999}, advanced=True,
                   tooltip="Step (of 1000) at which the 2D prior takes over from the coarse layout; "
                           "higher redraws more; 0 = the default"),
+            Param("slice_correlation", DEFAULT_SLICE_CORRELATION, label="slice noise correlation",
+                  options={"min": 0.0, "max": 0.99, "step": 0.01}, advanced=True,
+                  tooltip="Correlation of the noise between neighbouring axial slices: higher gives smoother "
+                          "transitions between slices, 0 independent slices. Left at its default, a coarse "
+                          "layout is refined with it and a draw from noise uses independent slices"),
             SEED, BATCH,
         ])
 
