@@ -184,7 +184,7 @@ def _write_neck(folder, spacing_mm, radius_mm, hu=30.0):
 
 
 def test_openkbp_inserted_case_puts_patients_on_one_4mm_grid(tmp_path):
-    from training.evaluate.anomaly_real import _fit, openkbp_inserted_case
+    from training.evaluate.anomaly_real import openkbp_inserted_case
 
     _write_neck(tmp_path / "pt_1", (2.5, 4.5, 4.5), radius_mm=60.0)
     _write_neck(tmp_path / "pt_2", (3.0, 5.0, 5.0), radius_mm=70.0)
@@ -209,10 +209,6 @@ def test_openkbp_inserted_case_puts_patients_on_one_4mm_grid(tmp_path):
     assert [lesion["source"].split(":")[0] for lesion in case.extra["lesions"]] == ["pt_1", "pt_2"]
     with pytest.raises(FileNotFoundError, match="no OpenKBP patient"):
         openkbp_inserted_case(tmp_path / "notes")
-    # _fit: centre crop of an odd excess, centre pad with the fill value
-    assert _fit(np.arange(25.0).reshape(5, 5), 3, -1).tolist() == [[6, 7, 8], [11, 12, 13], [16, 17, 18]]
-    padded = _fit(np.ones((2, 2)), 4, -1000.0)
-    assert padded.sum() == 4 - 12 * 1000 and padded[1:3, 1:3].all()
 
 
 def test_roi_level_baseline_ranks_a_darker_lesion_in_a_flat_organ(case):

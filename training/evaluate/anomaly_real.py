@@ -275,7 +275,7 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
     twice (without, with its lesion); ROI = body."""
     from napari_mediffuse import io
     from napari_mediffuse.tasks.masks import body_mask
-    from training.data import fix_orientation
+    from training.data import centre_fit, fix_orientation
 
     folders = sorted(p for p in Path(root).iterdir() if (p / "ct.nii.gz").is_file())
     if not folders:
@@ -292,8 +292,8 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
         candidates = central[area[central] >= 3000.0]  # mm^2 of soft tissue: room for a 30 mm lesion
         for k in spread_pick(candidates, slices_per_patient):
             zoom = (spacing[1] / pixel_mm, spacing[2] / pixel_mm)
-            clean.append(_fit(ndimage.zoom(data[k], zoom, order=1), size, -1000.0))
-            body.append(_fit(ndimage.zoom(body3d[k].astype(np.uint8), zoom, order=0), size, 0).astype(bool))
+            clean.append(centre_fit(ndimage.zoom(data[k], zoom, order=1), (size, size), -1000.0))
+            body.append(centre_fit(ndimage.zoom(body3d[k].astype(np.uint8), zoom, order=0), (size, size), 0) > 0.5)
             sources.append(f"{folder.name}:{int(k)}")
     clean, body = np.stack(clean), np.stack(body)
     tissue = soft_tissue(clean, body, (pixel_mm, pixel_mm))  # on the resampled slices: no blurred rim
@@ -311,23 +311,6 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
                 np.concatenate([clean, image]), np.concatenate([np.zeros_like(truth), truth]),
                 np.concatenate([body, body]), affine, "head-neck", sources * 2, notes,
                 extra={"roi": "body", "lesions": info})
-
-
-def _fit(image2d: np.ndarray, size: int, fill) -> np.ndarray:
-    """``image2d`` centre-cropped or padded with ``fill`` to ``size`` x ``size``."""
-    out = np.full((size, size), fill, dtype=image2d.dtype)
-    src, dst = [], []
-    for n in image2d.shape:
-        if n >= size:
-            start = (n - size) // 2
-            src.append(slice(start, start + size))
-            dst.append(slice(0, size))
-        else:
-            start = (size - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(start, start + n))
-    out[tuple(dst)] = image2d[tuple(src)]
-    return out
 
 
 # -- metrics ----------------------------------------------------------------------
