@@ -270,9 +270,10 @@ def lidc_inserted_case(ct_path=LIDC_CT, *, slices: int = 6, seed: int = 0, size_
 def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices_per_patient: int = 1,
                           pixel_mm: float = 4.0, size: int = 128, seed: int = 0, size_range=(10.0, 30.0),
                           contrast_range=(30.0, 90.0), orientation_fix=("rot90_PL", "flip_S")) -> Case:
-    """Lesions inserted into soft tissue of OpenKBP validation patients' neck
-    slices (in-plane ``pixel_mm`` on a ``size`` x ``size`` grid); each slice
-    twice (without, with its lesion); ROI = body."""
+    """Lesions inserted into soft tissue of OpenKBP validation patients' axial
+    slices (central 60 % of each box: neck to upper chest; in-plane
+    ``pixel_mm`` on a ``size`` x ``size`` grid); each slice twice (without,
+    with its lesion); ROI = body."""
     from napari_mediffuse import io
     from napari_mediffuse.tasks.masks import body_mask
     from training.data import centre_fit, fix_orientation
@@ -603,7 +604,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--lidc-slices", type=int, default=6)
     p.add_argument("--openkbp-validation", default=OPENKBP_VALIDATION,
                    help="folder of OpenKBP validation patients (pt_N/ct.nii.gz)")
-    p.add_argument("--openkbp-patients", type=int, default=16, help="patients (one neck slice each), evenly spread")
+    p.add_argument("--openkbp-patients", type=int, default=16, help="patients (one axial slice each from the central 60 %% of the box: neck to upper chest), evenly spread")
     p.add_argument("--openkbp-pixel-mm", type=float, default=4.0, help="in-plane pixel size the slices are put on")
     p.add_argument("--max-tumour-slices", type=int, default=12)
     p.add_argument("--max-normal-slices", type=int, default=12)
