@@ -103,6 +103,15 @@ def test_synthesize_cli(tiny_models, tmp_path, capsys):
     assert vol.data.shape == (16, 16, 20) and vol.modality == "CT"
     assert cli_main(["synthesize", "-o", str(out), "--shape", "16", "16", "20"]) == 2  # exists
     assert "exists" in capsys.readouterr().err
+    ancestral = tmp_path / "ancestral.nii.gz"
+    assert cli_main(["synthesize", "-o", str(ancestral), "--shape", "16", "16", "20", "--steps", "2", "--seed", "1",
+                     "--eta", "1", "--planes", "axial", "--slice-correlation", "0.9", "--device", "cpu",
+                     "--model", "tiny-ct-prior"]) == 0
+    assert not np.array_equal(io.read_nifti(ancestral).data, vol.data)  # same seed, other sampler and noise
+    assert cli_main(["synthesize", "-o", str(ancestral) + "x.nii.gz", "--shape", "16", "16", "20",
+                     "--slice-correlation", "1", "--device", "cpu", "--model", "tiny-ct-prior"]) == 2
+    assert "slice_correlation must be in [0, 1)" in capsys.readouterr().err
+    assert not Path(str(ancestral) + "x.nii.gz").exists()
     bad = tmp_path / "small.nii.gz"
     assert cli_main(["synthesize", "-o", str(bad), "--shape", "4", "16", "16", "--model", "tiny-ct-prior",
                      "--device", "cpu"]) == 2
@@ -263,8 +272,8 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
                                         slice_correlation=rho, options=opts)) for rho in (0.0, 0.95)}
     assert jumps[0.95] < 0.7 * jumps[0.0]
     for bad in (dict(slice_correlation=1.0), dict(slice_correlation=-0.1), dict(planes=("axial", "oblique")),
-                dict(planes=())):
-        with pytest.raises(TaskInputError, match="slice_correlation|planes"):
+                dict(planes=()), dict(eta=1.5)):
+        with pytest.raises(TaskInputError, match="slice_correlation|planes|eta"):
             synthesize((16, 16, 16), model="tiny-ct-prior", steps=2, options=opts, **bad)
     # no coarse stage when asked, or with an unknown region; a missing coarse model is an error
     plain = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)

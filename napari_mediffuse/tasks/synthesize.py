@@ -317,6 +317,8 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         slice_correlation = 0.0 if coarse is None else DEFAULT_SLICE_CORRELATION
     if not 0.0 <= float(slice_correlation) < 1.0:
         raise TaskInputError(f"slice_correlation must be in [0, 1), got {slice_correlation}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise TaskInputError(f"eta must be in [0, 1], got {eta}")
 
     started = time.monotonic()
     gen = make_generator(options.seed)
@@ -384,6 +386,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
                    help=f"noise correlation of neighbouring axial slices, 0-0.99 (default {DEFAULT_SLICE_CORRELATION} "
                         "when refining a coarse layout, 0 from noise)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="0 = deterministic DDIM (default), 1 = ancestral: fresh (slice-correlated) noise at each step")
     add_common_options(p, steps=50)
 
     def run(args) -> int:
@@ -393,7 +397,8 @@ def add_command(subparsers) -> None:
         options = options_from_args(args, progress=cli_progress(args.verbose))
         volume = synthesize(args.shape, spacing=args.spacing, region=args.region, model=args.model,
                             steps=args.steps, coarse_model=args.coarse_model, refine_from=args.refine_from,
-                            planes=args.planes, slice_correlation=args.slice_correlation, options=options)
+                            planes=args.planes, slice_correlation=args.slice_correlation, eta=args.eta,
+                            options=options)
         io.write_nifti(volume, args.output, overwrite=args.overwrite)
         print(f"wrote {args.output}")
         return 0
