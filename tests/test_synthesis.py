@@ -376,3 +376,19 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
                              "slice noise correlation 0.95.")
     assert "| sample seed 1 (coarse layout + axial slices, slice-correlated noise) | 80.0 | 30.0 | 0.50 | 20 |" in lines
     assert "HU histogram distance of the samples: mean 48.0 HU, range 30.0-66.0 (target <= 20)." in lines
+
+
+def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):
+    from skimage import io as skio
+
+    from training.evaluate.synthesis import picture
+
+    vol = np.full((32, 32, 32), 40.0, dtype=np.float32)  # soft tissue
+    vol[:, 12:20, 12:20] = 1000.0                          # a bony column through every axial slice
+    picture([vol, vol], ["a", "b"], tmp_path / "p.png")
+    image = skio.imread(tmp_path / "p.png")
+    assert image.shape == (2 * (128 + 4), 6 * 128)          # 2 rows; 3 planes x 2 windows, 128 px tiles
+    axial_soft, axial_bone = image[:128, :128], image[:128, 3 * 128:4 * 128]
+    assert axial_soft[64, 64] == 255 and axial_bone[64, 64] < 255  # bone saturates only in the soft window
+    assert axial_soft[5, 5] == 127 and axial_bone[5, 5] == 76        # 40 HU: mid-grey; 0.3 of the bone window
+    assert "W400 L40 then W1800 L400" in (tmp_path / "p.txt").read_text()

@@ -80,8 +80,14 @@ def _window(x, level=40.0, width=400.0):
     return (np.clip((x - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8)
 
 
+#: Windows of the picture's columns (level, width HU): soft tissue, then bone
+#: (mandible, vertebrae and skull are what a reader checks a neck volume for).
+PICTURE_WINDOWS = ((40.0, 400.0), (400.0, 1800.0))
+
+
 def picture(volumes: list[np.ndarray], labels: list[str], path: Path) -> None:
-    """Axial / coronal / sagittal mid-planes of each volume, one row each."""
+    """Axial / coronal / sagittal mid-planes of each volume, one row each, in
+    each of :data:`PICTURE_WINDOWS` side by side."""
     from skimage.transform import resize
     from skimage import io as skio
 
@@ -92,12 +98,14 @@ def picture(volumes: list[np.ndarray], labels: list[str], path: Path) -> None:
         height = 128
         tiles = [resize(p, (height, max(1, int(round(p.shape[1] * height / p.shape[0])))), order=1,
                         preserve_range=True) for p in planes]
-        rows.append(np.concatenate([_window(t) for t in tiles], axis=1))
+        rows.append(np.concatenate([_window(t, level, width) for level, width in PICTURE_WINDOWS for t in tiles],
+                                   axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]))) for r in rows]
     skio.imsave(str(path), np.concatenate(rows, axis=0), check_contrast=False)
+    windows = " then ".join(f"W{width:g} L{level:g}" for level, width in PICTURE_WINDOWS)
     path.with_suffix(".txt").write_text("rows: " + ", ".join(labels) + "\ncolumns: axial, coronal, sagittal"
-                                        " (mid-planes, soft-tissue window W400 L40)\n")
+                                        f" (mid-planes), in {windows} (soft tissue, bone)\n")
 
 
 def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: float = 3.0,
