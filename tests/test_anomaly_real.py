@@ -191,7 +191,7 @@ def test_openkbp_inserted_case_puts_patients_on_one_4mm_grid(tmp_path):
     (tmp_path / "notes").mkdir()  # not a patient: skipped
     case = openkbp_inserted_case(tmp_path, patients=8, size=64, seed=3)
     assert case.image.shape == (4, 64, 64) and case.region == "head-neck"
-    assert case.spacing[1:] == (4.0, 4.0)
+    assert case.spacing == (4.0, 4.0, 4.0)
     # the body keeps its size in mm on the common grid: radius 60 / 70 mm = 15 / 17.5 pixels of 4 mm
     areas_mm2 = case.roi[:2].sum(axis=(1, 2)) * 16.0
     assert np.allclose(areas_mm2, [np.pi * 60.0 ** 2, np.pi * 70.0 ** 2], rtol=0.08)
@@ -209,6 +209,11 @@ def test_openkbp_inserted_case_puts_patients_on_one_4mm_grid(tmp_path):
     assert [lesion["source"].split(":")[0] for lesion in case.extra["lesions"]] == ["pt_1", "pt_2"]
     with pytest.raises(FileNotFoundError, match="no OpenKBP patient"):
         openkbp_inserted_case(tmp_path / "notes")
+    with pytest.raises(ValueError, match="pixel size 0 mm"):
+        openkbp_inserted_case(tmp_path, pixel_mm=0)
+    _write_neck(tmp_path / "thin" / "pt_3", (2.5, 4.5, 4.5), radius_mm=20.0)  # 1257 mm^2: no room for a lesion
+    with pytest.raises(ValueError, match="3000 mm\\^2 of soft tissue"):
+        openkbp_inserted_case(tmp_path / "thin")
 
 
 def test_roi_level_baseline_ranks_a_darker_lesion_in_a_flat_organ(case):

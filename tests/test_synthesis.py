@@ -103,11 +103,15 @@ def test_synthesize_cli(tiny_models, tmp_path, capsys):
     assert vol.data.shape == (16, 16, 20) and vol.modality == "CT"
     assert cli_main(["synthesize", "-o", str(out), "--shape", "16", "16", "20"]) == 2  # exists
     assert "exists" in capsys.readouterr().err
-    ancestral = tmp_path / "ancestral.nii.gz"
-    assert cli_main(["synthesize", "-o", str(ancestral), "--shape", "16", "16", "20", "--steps", "2", "--seed", "1",
-                     "--eta", "1", "--planes", "axial", "--slice-correlation", "0.9", "--device", "cpu",
-                     "--model", "tiny-ct-prior"]) == 0
-    assert not np.array_equal(io.read_nifti(ancestral).data, vol.data)  # same seed, other sampler and noise
+    # --eta, --planes, --slice-correlation reach the sampler: same arguments, only eta differs
+    runs = {}
+    for eta in ("0", "1"):
+        runs[eta] = tmp_path / f"eta{eta}.nii.gz"
+        assert cli_main(["synthesize", "-o", str(runs[eta]), "--shape", "16", "16", "20", "--steps", "3",
+                         "--seed", "1", "--eta", eta, "--planes", "axial", "--slice-correlation", "0.9",
+                         "--device", "cpu", "--model", "tiny-ct-prior"]) == 0
+    assert not np.array_equal(io.read_nifti(runs["0"]).data, io.read_nifti(runs["1"]).data)
+    ancestral = runs["1"]
     assert cli_main(["synthesize", "-o", str(ancestral) + "x.nii.gz", "--shape", "16", "16", "20",
                      "--slice-correlation", "1", "--device", "cpu", "--model", "tiny-ct-prior"]) == 2
     assert "slice_correlation must be in [0, 1)" in capsys.readouterr().err
@@ -271,10 +275,18 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
     jumps = {rho: slice_jump(synthesize((20, 16, 18), model="tiny-ct-prior", steps=8, refine_from=800,
                                         slice_correlation=rho, options=opts)) for rho in (0.0, 0.95)}
     assert jumps[0.95] < 0.7 * jumps[0.0]
-    for bad in (dict(slice_correlation=1.0), dict(slice_correlation=-0.1), dict(planes=("axial", "oblique")),
-                dict(planes=()), dict(eta=1.5)):
-        with pytest.raises(TaskInputError, match="slice_correlation|planes|eta"):
+    for bad, message in ((dict(slice_correlation=1.0), r"slice_correlation must be in \[0, 1\), got 1.0"),
+                         (dict(slice_correlation=-0.1), r"slice_correlation must be in \[0, 1\), got -0.1"),
+                         (dict(planes=("axial", "oblique")), r"planes must be .*'oblique'"),
+                         (dict(planes=()), r"planes must be a non-empty sequence"),
+                         (dict(eta=1.5), r"eta must be in \[0, 1\], got 1.5")):
+        with pytest.raises(TaskInputError, match=message):
             synthesize((16, 16, 16), model="tiny-ct-prior", steps=2, options=opts, **bad)
+    # checked before any model is loaded; a plane given as one string is one plane
+    with pytest.raises(TaskInputError, match="eta must be"):
+        synthesize((64, 64, 64), model="no-such-model", eta=-1, options=opts)
+    one = synthesize((20, 16, 18), model="tiny-ct-prior", steps=2, planes="axial", eta=0.5, options=opts)
+    assert one.metadata["parameters"]["planes"] == ["axial"] and one.metadata["parameters"]["eta"] == 0.5
     # no coarse stage when asked, or with an unknown region; a missing coarse model is an error
     plain = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)
     assert plain.metadata["parameters"]["coarse_model"] is None

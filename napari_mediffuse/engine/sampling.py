@@ -61,7 +61,9 @@ class AxisCorrelatedNoise:
     detail independently, so a stack of them jumps from slice to slice; with
     deterministic DDIM (the output is a continuous function of the start
     noise) correlated start noise gives neighbouring slices related detail.
-    Anything in this module that takes a generator takes this as well.
+    :func:`randn`, :func:`add_noise` and :func:`ddim_sample` take it in place
+    of a generator (diffusers' schedulers in :func:`sample_with_scheduler` do
+    not).
 
     Parameters
     ----------

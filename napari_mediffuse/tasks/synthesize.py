@@ -1,8 +1,8 @@
-"""Volume synthesis from the 2D CT prior, 3D-coherent by alternating planes.
+"""Volume synthesis from the 2D CT prior: a coarse whole-body layout refined slice by slice.
 
 A 2D prior samples slices independently, so stacking 2D samples gives a
-volume whose neighbouring slices do not match. Here the whole volume is one
-sample of the reverse diffusion: at every step the noise of the *volume* is
+volume whose neighbouring slices do not match. Without a coarse prior the
+whole volume is one sample of the reverse diffusion: at every step the noise of the *volume* is
 estimated slice by slice along one plane, and the plane alternates
 (axial, coronal, sagittal, axial, ...). The demo prior was trained on all
 three orientations, so each plane's estimate is in-distribution, and
@@ -31,7 +31,7 @@ levels:
    deterministic DDIM neighbouring slices get related detail: the layout and
    that correlation give the 3D coherence, and each slice stays an in-
    distribution axial draw (coronal and sagittal passes, the method until
-   session 13, blurred bone and edges: HU histograms 2-3 times further from
+   session 13, blurred bone and edges: HU histograms 1.5-2 times further from
    real CT; docs/evaluation/clinical.md).
 
 The images are generated at the checkpoint's native pixel spacing and
@@ -114,14 +114,15 @@ REFINE_PLANES = ("axial",)
 #: Noise correlation between neighbouring axial slices when refining a coarse
 #: layout slice by slice: measured with ct-prior-multi at 4 mm for 0-0.99
 #: (docs/evaluation/clinical.md, synthesis): 0.97 keeps the adjacent-slice
-#: differences within 1.0-1.3x real CT's (0: 2.8x) at the closest HU histograms.
+#: differences within 1.0-1.3x real CT's in the neck and chest (0: 2.8x) with
+#: HU histograms near the best of the sweep (0.9: closer in the neck, but 1.5x).
 DEFAULT_SLICE_CORRELATION = 0.97
 
 #: Step of the 1000-step schedule at which the 2D prior takes over from the
 #: coarse layout (noise std 0.92 of the [-1, 1] range with the cosine schedule,
 #: signal 0.38: the coarse layout survives in the low frequencies, everything
 #: finer is redrawn; 450, the default until session 13, kept the coarse
-#: prior's blur: HU histograms 62-96 HU from real against 31-61 now).
+#: prior's blur: HU histograms 62-96 HU from real against means of 34 and 61 now).
 DEFAULT_REFINE_FROM = 750
 
 
@@ -290,6 +291,14 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     if shape[0] > GRID_LIMITS["slices"] or max(shape[1:]) > GRID_LIMITS["side"]:
         raise TaskInputError(f"synthesis: shape {shape} is too large (supported: at most "
                              f"{GRID_LIMITS['slices']} slices of {GRID_LIMITS['side']} x {GRID_LIMITS['side']})")
+    if isinstance(planes, str):
+        planes = (planes,)
+    if planes is not None and (not planes or any(plane not in PLANES for plane in planes)):
+        raise TaskInputError(f"planes must be a non-empty sequence of {', '.join(PLANES)}; got {tuple(planes)!r}")
+    if slice_correlation is not None and not 0.0 <= float(slice_correlation) < 1.0:
+        raise TaskInputError(f"slice_correlation must be in [0, 1), got {slice_correlation}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise TaskInputError(f"eta must be in [0, 1], got {eta}")
     checkpoint, predictor = load_prior(model, options)
     card = checkpoint.card
     patch = int((card.get("patch_size") or [1])[0])
@@ -310,15 +319,10 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
     coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
+    # the defaults depend on whether a coarse layout is refined
     planes = tuple(planes) if planes is not None else (PLANES if coarse is None else REFINE_PLANES)
-    if not planes or any(plane not in PLANES for plane in planes):
-        raise TaskInputError(f"planes must be a non-empty sequence of {', '.join(PLANES)}; got {planes!r}")
     if slice_correlation is None:
         slice_correlation = 0.0 if coarse is None else DEFAULT_SLICE_CORRELATION
-    if not 0.0 <= float(slice_correlation) < 1.0:
-        raise TaskInputError(f"slice_correlation must be in [0, 1), got {slice_correlation}")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise TaskInputError(f"eta must be in [0, 1], got {eta}")
 
     started = time.monotonic()
     gen = make_generator(options.seed)
@@ -352,7 +356,8 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
     hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), intensity_range(None, checkpoint.normalization))
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
-              "planes": list(planes), "slice_correlation": float(slice_correlation), "seed": options.seed,
+              "planes": list(planes), "slice_correlation": float(slice_correlation), "eta": float(eta),
+              "seed": options.seed,
               "coarse_model": None if coarse is None else coarse.name,
               "refine_from": t_start, "refine_steps": fine_steps if coarse is not None else None,
               "seconds": round(time.monotonic() - started, 1)}
@@ -384,7 +389,7 @@ def add_command(subparsers) -> None:
                    help="planes the 2D prior alternates (default: axial when refining a coarse layout, all three "
                         "from noise)")
     p.add_argument("--slice-correlation", type=float, default=None, metavar="RHO",
-                   help=f"noise correlation of neighbouring axial slices, 0-0.99 (default {DEFAULT_SLICE_CORRELATION} "
+                   help=f"noise correlation of neighbouring axial slices, in [0, 1) (default {DEFAULT_SLICE_CORRELATION} "
                         "when refining a coarse layout, 0 from noise)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="0 = deterministic DDIM (default), 1 = ancestral: fresh (slice-correlated) noise at each step")

@@ -278,6 +278,8 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
     from napari_mediffuse.tasks.masks import body_mask
     from training.data import centre_fit, fix_orientation
 
+    if pixel_mm <= 0 or size < 16:
+        raise ValueError(f"openkbp-inserted: pixel size {pixel_mm} mm and grid {size} px must be > 0 and >= 16")
     folders = sorted(p for p in Path(root).iterdir() if (p / "ct.nii.gz").is_file())
     if not folders:
         raise FileNotFoundError(f"{root}: no OpenKBP patient folders with a ct.nii.gz")
@@ -296,6 +298,8 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
             clean.append(centre_fit(ndimage.zoom(data[k], zoom, order=1), (size, size), -1000.0))
             body.append(centre_fit(ndimage.zoom(body3d[k].astype(np.uint8), zoom, order=0), (size, size), 0) > 0.5)
             sources.append(f"{folder.name}:{int(k)}")
+    if not clean:
+        raise ValueError(f"{root}: no slice of the chosen patients has 3000 mm^2 of soft tissue for a lesion")
     clean, body = np.stack(clean), np.stack(body)
     tissue = soft_tissue(clean, body, (pixel_mm, pixel_mm))  # on the resampled slices: no blurred rim
     rng = np.random.default_rng(seed)
@@ -303,7 +307,9 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
                                             contrast_range)
     for lesion, source in zip(info, sources):
         lesion["source"] = source
-    affine = np.diag([2.5, pixel_mm, pixel_mm, 1.0])  # slice positions are not used
+    # the slices come from different patients: their spacing along S is a
+    # placeholder (the heatmap smooths in-plane only, nothing uses it)
+    affine = np.diag([pixel_mm, pixel_mm, pixel_mm, 1.0])
     notes = [f"{len(sources)} axial slices of {len(chosen_patients)} OpenKBP validation patients (never trained "
              f"on): {', '.join(sources)}; orientation fix {' '.join(orientation_fix)}; resampled in-plane to "
              f"{pixel_mm:g} mm on {size} x {size}; each without and with one inserted lesion (10-30 mm, |contrast| "
@@ -604,7 +610,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--lidc-slices", type=int, default=6)
     p.add_argument("--openkbp-validation", default=OPENKBP_VALIDATION,
                    help="folder of OpenKBP validation patients (pt_N/ct.nii.gz)")
-    p.add_argument("--openkbp-patients", type=int, default=16, help="patients (one axial slice each from the central 60 %% of the box: neck to upper chest), evenly spread")
+    p.add_argument("--openkbp-patients", type=int, default=16, help="patients (one axial slice each from the central 60 %% of the box: neck to upper chest), evenly "
+                        "spread; 0 = all")
     p.add_argument("--openkbp-pixel-mm", type=float, default=4.0, help="in-plane pixel size the slices are put on")
     p.add_argument("--max-tumour-slices", type=int, default=12)
     p.add_argument("--max-normal-slices", type=int, default=12)

@@ -98,12 +98,12 @@ def picture(volumes: list[np.ndarray], labels: list[str], path: Path) -> None:
         height = 128
         tiles = [resize(p, (height, max(1, int(round(p.shape[1] * height / p.shape[0])))), order=1,
                         preserve_range=True) for p in planes]
-        rows.append(np.concatenate([_window(t, level, width) for level, width in PICTURE_WINDOWS for t in tiles],
-                                   axis=1))
+        rows.append(np.concatenate([_window(t, level, window_width) for level, window_width in PICTURE_WINDOWS
+                                    for t in tiles], axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]))) for r in rows]
     skio.imsave(str(path), np.concatenate(rows, axis=0), check_contrast=False)
-    windows = " then ".join(f"W{width:g} L{level:g}" for level, width in PICTURE_WINDOWS)
+    windows = " then ".join(f"W{window_width:g} L{level:g}" for level, window_width in PICTURE_WINDOWS)
     path.with_suffix(".txt").write_text("rows: " + ", ".join(labels) + "\ncolumns: axial, coronal, sagittal"
                                         f" (mid-planes), in {windows} (soft tissue, bone)\n")
 
@@ -231,7 +231,7 @@ def markdown(results: dict) -> str:
         return (f"| {label} | {r['adjacent_slice_mad_hu']:.1f} | {r['hu_wasserstein_to_real']:.1f} | "
                 f"{r.get('correlation_to_real', float('nan')):.2f} | {r['seconds']:.0f} |")
 
-    planes = s.get("planes") or ["axial", "coronal", "sagittal"]
+    planes = s.get("planes") or list(PLANES_ALL)
     stage = ("axial slices" if planes == ["axial"] else "alternating planes") + (
         ", slice-correlated noise" if s.get("slice_correlation") else "")
     method = f"coarse layout + {stage}" if s.get("coarse_model") else stage
@@ -260,7 +260,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
     p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
-    p.add_argument("--planes", nargs="+", choices=["axial", "coronal", "sagittal"], default=None,
+    p.add_argument("--planes", nargs="+", choices=list(PLANES_ALL), default=None,
                    help="planes of the 2D stage (default: the task's)")
     p.add_argument("--slice-correlation", type=float, default=None,
                    help="noise correlation of neighbouring axial slices (default: the task's)")
