@@ -290,9 +290,9 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
         data, spacing = fix_orientation(ct.data.astype(np.float32), ct.spacing, list(orientation_fix))
         grid = np.diag(list(spacing) + [1.0])
         body3d = body_mask(_stack_volume(data, grid, folder.name))
-        area = soft_tissue(data, body3d, spacing[1:]).sum(axis=(1, 2)) * spacing[1] * spacing[2]
         central = np.arange(int(0.2 * len(data)), int(0.8 * len(data)))
-        candidates = central[area[central] >= 3000.0]  # mm^2 of soft tissue: room for a 30 mm lesion
+        area = soft_tissue(data[central], body3d[central], spacing[1:]).sum(axis=(1, 2)) * spacing[1] * spacing[2]
+        candidates = central[area >= 3000.0]  # mm^2 of soft tissue: room for a 30 mm lesion
         for k in spread_pick(candidates, slices_per_patient):
             zoom = (spacing[1] / pixel_mm, spacing[2] / pixel_mm)
             clean.append(centre_fit(ndimage.zoom(data[k], zoom, order=1), (size, size), -1000.0))
