@@ -80,8 +80,9 @@ TINY_ARCHITECTURE = {
 
 
 def save_tiny_checkpoint(folder, *, name="tiny-ct-prior", task="ct_prior", modality="CT",
-                         condition_channels=0, seed=0, **card):
-    """A tiny randomly initialised checkpoint (API tests; not a useful model)."""
+                         condition_channels=0, seed=0, position_axes=None, **card):
+    """A tiny randomly initialised checkpoint (API tests; not a useful model);
+    ``position_axes=3``: a 2D prior that takes its slice's place in the volume."""
     import torch
 
     from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
@@ -89,6 +90,8 @@ def save_tiny_checkpoint(folder, *, name="tiny-ct-prior", task="ct_prior", modal
 
     torch.manual_seed(seed)
     arch = dict(TINY_ARCHITECTURE, condition_channels=condition_channels)
+    if position_axes is not None:
+        arch["position_axes"] = position_axes
     net = DiffusionNetwork(arch)
     save_checkpoint(folder, net, make_card(name=name, task=task, modality=modality, architecture=arch,
                                            pixel_spacing_mm=[3.0, 3.0], patch_size=[16, 16], **card))

@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from napari_mediffuse import io
 from napari_mediffuse.engine.intensity import normalize
-from napari_mediffuse.engine.position import coordinate_grid
+from napari_mediffuse.engine.position import body_extent, coordinate_grid, slice_coordinates
 from napari_mediffuse.tasks.common import PLANE_AXIS
 from napari_mediffuse.tasks.common import region_index as task_region_index
 
@@ -65,12 +65,28 @@ class TrainingVolume:
     spacing_mm: tuple = (1.0, 1.0, 1.0)  # (S, P, L) voxel size of ``data``
     patient: str = ""
     structures: np.ndarray | None = None  # uint8 label map on the grid of ``data``, or None
+    # coordinates in [-1, 1] of the first and last axial slice of ``data`` in its
+    # whole scan's body (a block of a scan cut round a tumour is part of it)
+    axial_span: tuple = (-1.0, 1.0)
 
     def train_labels(self) -> np.ndarray | None:
         return None if self.structures is None else self.structures[: self.holdout_start]
 
     def holdout_labels(self) -> np.ndarray | None:
         return None if self.structures is None else self.structures[self.holdout_start:]
+
+    def slice_coordinate(self, orientation: str, index: int, part: str = "train") -> float:
+        """The place in [-1, 1] of slice ``index`` of this volume's ``part``
+        along the axis normal to ``orientation`` (the prior's third coordinate):
+        axial slices within the whole scan's body, coronal and sagittal ones
+        within this volume's."""
+        if orientation != "axial":
+            n = self.data.shape[PLANE_AXIS[orientation]]
+            return float(slice_coordinates(index, 0, n))
+        full = index + (self.holdout_start if part != "train" else 0)
+        n = self.data.shape[0]
+        first, last = self.axial_span
+        return float(first + (last - first) * (full / (n - 1) if n > 1 else 0.5))
 
     def train_part(self) -> np.ndarray:
         return self.data[: self.holdout_start]
@@ -195,15 +211,7 @@ def body_box(data: np.ndarray, threshold: float, margin: int = 4) -> tuple:
     """Slices of the bounding box of voxels above ``threshold`` (the body,
     table included), grown by ``margin`` voxels: a neck in a 576 mm box of air
     becomes a neck with a little air round it."""
-    inside = data > threshold
-    if not inside.any():
-        return tuple(slice(0, n) for n in data.shape)
-    box = []
-    for axis, n in enumerate(data.shape):
-        other = tuple(a for a in range(data.ndim) if a != axis)
-        idx = np.nonzero(inside.any(axis=other))[0]
-        box.append(slice(max(0, idx[0] - margin), min(n, idx[-1] + 1 + margin)))
-    return tuple(box)
+    return tuple(slice(*body_extent(data, axis, threshold, margin)) for axis in range(data.ndim))
 
 
 def excluded_blocks(mask: np.ndarray, spacing_s: float, margin_mm: float, min_slices: int) -> list[slice]:
@@ -276,6 +284,7 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
                 labels = read_structures(structures_path(path, entry), vol.data.shape, vol.spacing,
                                          entry.get("orientation_fix"))
             blocks = [slice(0, data.shape[0])]
+            body_s = body_extent(data, 0, float(crop_hu)) if crop_hu is not None else (0, data.shape[0])
             if entry.get("exclude_mask"):
                 mask = io.read(resolve_path(entry["exclude_mask"]))[0].data
                 if mask.shape != vol.data.shape:
@@ -287,10 +296,13 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
             for block in blocks:
                 part = data[block]
                 part_labels = None if labels is None else labels[block]
+                first, stop = block.start, block.stop
                 if crop_hu is not None:
                     box = body_box(part, float(crop_hu))
                     part = part[box]
                     part_labels = None if part_labels is None else part_labels[box]
+                    first, stop = block.start + box[0].start, block.start + box[0].stop
+                span = tuple(float(x) for x in slice_coordinates([first, stop - 1], *body_s))
                 if spacing:
                     part = resample_isotropic(part, voxel, spacing)
                     if part_labels is not None:
@@ -304,7 +316,8 @@ def load_volumes(data_config: dict, normalization: dict, split: str = "train") -
                 volumes.append(TrainingVolume(data=part, region=region, source=str(path), holdout_start=start,
                                               spacing_mm=part_spacing, patient=patient_id(path),
                                               structures=None if part_labels is None
-                                              else np.ascontiguousarray(part_labels)))
+                                              else np.ascontiguousarray(part_labels),
+                                              axial_span=span))
     if not volumes:
         raise ValueError(f"no {split} volumes found")
     return volumes
@@ -482,6 +495,11 @@ class MultiLevelSlices(SampleStream):
         self.anatomy = anatomy_channels(data_config)
         # validation keeps every scan's structures (and draws the same slices as without them)
         self.anatomy_dropout = float(data_config.get("anatomy_dropout", 0.0)) if part == "train" else 0.0
+        # the slice's place along the volume's third axis as a third coordinate;
+        # a fraction of training samples get it 'not known' (NaN), as a task may
+        self.slice_position = bool(data_config.get("slice_position", False))
+        self.slice_position_dropout = (float(data_config.get("slice_position_dropout", 0.0))
+                                       if part == "train" else 0.0)
         self.seed = seed
         self.rank = rank
         self.part = part
@@ -518,6 +536,10 @@ class MultiLevelSlices(SampleStream):
             image, coords = augmented_patch(plane, self.patch, rng, augment)
         else:
             image, coords = patch_level(plane, self.patch, rng)
+        if self.slice_position:
+            dropped = self.slice_position_dropout > 0 and rng.random() < self.slice_position_dropout
+            third = math.nan if dropped else self.volumes[k].slice_coordinate(orientation, index, self.part)
+            coords = np.concatenate([coords, np.full((1,) + coords.shape[1:], third, dtype=coords.dtype)])
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[None])[:1]),
             "coords": torch.from_numpy(np.ascontiguousarray(coords)),

@@ -341,10 +341,11 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
     The checkpoint's architecture must equal ``architecture`` (the run's
     config); the noise schedule and prediction type may differ, so a model can
     be fine-tuned to another parameterisation or on other data. One
-    exception: an unconditioned prior may start a conditioned network of
-    otherwise the same architecture (the super-resolution model starts from
-    the CT prior): the new condition inputs get zero weights, so the network
-    starts as the prior and learns to use its condition (ControlNet's zero
+    exception: a network may gain inputs over the checkpoint's, otherwise the
+    same architecture: condition channels (the super-resolution model starts
+    from the CT prior) and position axes (the prior learning its slice's
+    place in the volume). The new inputs get zero weights, so the network
+    starts as the checkpoint and learns to use them (ControlNet's zero
     initialisation, on the first convolution).
     """
     from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
@@ -354,24 +355,43 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
     theirs, mine = complete_architecture(source.card["architecture"]), complete_architecture(architecture)
     if theirs == mine:
         network.load_state_dict(source.network.state_dict())
-    elif not theirs["condition_channels"] and _without_conditioning(theirs) == _without_conditioning(mine):
-        add_condition_inputs(network, source.network)
+    elif _without_added_inputs(theirs) == _without_added_inputs(mine) and _only_gains_inputs(source.network, network):
+        add_inputs(network, source.network)
     else:
         raise CheckpointError(f"train.init_from {checkpoint}: its architecture differs from the config's; "
-                              "a warm start needs the same network (or the same one without conditioning)")
+                              "a warm start needs the same network (or the same one with fewer inputs: "
+                              "no conditioning, fewer position axes)")
     log.info("initialised from %s (%s)", checkpoint, source.name)
 
 
-def _without_conditioning(architecture: dict) -> dict:
-    return {k: v for k, v in architecture.items() if k not in ("condition_channels", "condition_windows")}
+def _without_added_inputs(architecture: dict) -> dict:
+    return {k: v for k, v in architecture.items()
+            if k not in ("condition_channels", "condition_windows", "position_axes")}
 
 
-def add_condition_inputs(network: DiffusionNetwork, prior: DiffusionNetwork) -> None:
-    """Copy an unconditioned ``prior`` into the conditioned ``network``: every
-    weight as is, except the first convolution, whose input channels for the
-    image and the position encoding are copied and those of the condition
-    (and its windows) set to zero."""
-    source = prior.state_dict()
+def _only_gains_inputs(old: DiffusionNetwork, new: DiffusionNetwork) -> bool:
+    """``new`` has the inputs of ``old`` and maybe more: condition channels
+    where ``old`` has none, position axes beyond ``old``'s."""
+    return (old.condition_channels in (0, new.condition_channels)
+            and (not old.condition_channels or old.condition_windows == new.condition_windows)
+            and old.position_axes <= new.position_axes)
+
+
+def _input_layout(network: DiffusionNetwork) -> dict[str, tuple[int, int]]:
+    """(start, stop) of each input group of the network's first layer, before the stem."""
+    image = network.image_channels
+    condition = network.condition_channels * (1 + len(network.condition_windows))
+    positions = 2 * network.position_frequencies * network.position_axes
+    return {"image": (0, image), "condition": (image, image + condition),
+            "positions": (image + condition, image + condition + positions)}
+
+
+def add_inputs(network: DiffusionNetwork, smaller: DiffusionNetwork) -> None:
+    """Copy ``smaller`` into ``network``, which takes more inputs (condition
+    channels, position axes): every weight as is, except the first
+    convolution, whose weights for the inputs both take are copied and those
+    of the new inputs set to zero."""
+    source = smaller.state_dict()
     target = network.state_dict()
     widened = [k for k in target if k in source and target[k].shape != source[k].shape]
     if len(widened) != 1 or target[widened[0]].dim() < 3 or \
@@ -379,16 +399,13 @@ def add_condition_inputs(network: DiffusionNetwork, prior: DiffusionNetwork) -> 
         raise ValueError(f"expected one widened input convolution, found {widened}")
     key = widened[0]
     factor = network.stem_stride ** network.spatial_dims  # channels per input channel after the stem
-    image = network.image_channels
-    added = network.condition_channels * (1 + len(network.condition_windows))
-    old = source[key]
-    new = torch.zeros_like(target[key])
-    n_old = old.shape[1] // factor
-    for c in range(n_old):  # image channels first, then positions (after the new condition block)
-        d = c if c < image else c + added
-        new[:, d * factor:(d + 1) * factor] = old[:, c * factor:(c + 1) * factor]
-    source = dict(source, **{key: new})
-    network.load_state_dict(source)
+    old, new = source[key], torch.zeros_like(target[key])
+    old_layout, new_layout = _input_layout(smaller), _input_layout(network)
+    for group, (a, b) in old_layout.items():
+        # the encoding is axis-major, so the old position axes are the first channels of the new ones
+        d = new_layout[group][0]
+        new[:, d * factor:(d + b - a) * factor] = old[:, a * factor:b * factor]
+    network.load_state_dict(dict(source, **{key: new}))
 
 
 def _init_provenance(folder) -> dict:

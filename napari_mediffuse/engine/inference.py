@@ -82,8 +82,14 @@ class NoisePredictor:
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t, *, condition: torch.Tensor | None = None,
-                 region=None) -> torch.Tensor:
-        """Predicted noise for ``x_t`` (B, C, *spatial) at step ``t``."""
+                 region=None, slice_position=None) -> torch.Tensor:
+        """Predicted noise for ``x_t`` (B, C, *spatial) at step ``t``.
+
+        ``slice_position`` (B,): each slice's place along its volume's third
+        axis in [-1, 1] (:func:`~.position.slice_coordinates`; NaN: not
+        known), for a network that takes it (``position_axes``); others
+        ignore it.
+        """
         x_t = x_t.to(self.device)
         # float64 samplers (x0 from eps where abar ~ 1e-9) get float64 back;
         # the network itself always runs in float32 (or autocast's half type)
@@ -94,10 +100,11 @@ class NoisePredictor:
         spatial = tuple(x_t.shape[2:])
         window = self._window_for(spatial)
         with autocast(self.device, self.dtype):
+            slices = self._slice_positions(slice_position, x_in)
             if window is None:
-                eps = self._whole(x_in, t, condition, region)
+                eps = self._whole(x_in, t, condition, region, slices)
             else:
-                eps = self._sliding(x_in, t, condition, region, window)
+                eps = self._sliding(x_in, t, condition, region, window, slices)
         if self.prediction_type != "epsilon":
             from .sampling import to_epsilon
 
@@ -113,7 +120,27 @@ class NoisePredictor:
             return None
         return window
 
-    def _whole(self, x_t, t, condition, region):
+    def _slice_positions(self, slice_position, x_t):
+        """(B,) float positions on the device, or None (the network does not take them / none given)."""
+        if slice_position is None or not self.network.uses_slice_position:
+            return None
+        positions = torch.as_tensor(slice_position, dtype=x_t.dtype).reshape(-1).to(x_t.device)
+        if positions.numel() == 1:
+            positions = positions.expand(x_t.shape[0])
+        if positions.numel() != x_t.shape[0]:
+            raise ValueError(f"{positions.numel()} slice positions for {x_t.shape[0]} slices")
+        return positions
+
+    @staticmethod
+    def _with_slices(coords: torch.Tensor, slices) -> torch.Tensor:
+        """(B, D, *spatial) coordinates with each sample's slice position as one more constant axis."""
+        if slices is None:
+            return coords
+        view = (-1, 1) + (1,) * (coords.dim() - 2)
+        plane = slices.to(coords.dtype).view(view).expand(coords.shape[0], 1, *coords.shape[2:])
+        return torch.cat([coords, plane], dim=1)
+
+    def _whole(self, x_t, t, condition, region, slices=None):
         spatial = tuple(x_t.shape[2:])
         multiple = self.network.size_multiple
         inputs = x_t if condition is None else torch.cat([x_t, condition], dim=1)
@@ -122,14 +149,14 @@ class NoisePredictor:
         # coordinates are those of the unpadded image, extended into the pad
         coords = coordinate_grid([(0, n) for n in padded_shape], spatial,
                                  device=x_t.device, dtype=x_t.dtype)
-        coords = coords.unsqueeze(0).expand(x_t.shape[0], *coords.shape)
+        coords = self._with_slices(coords.unsqueeze(0).expand(x_t.shape[0], *coords.shape), slices)
         c = x_t.shape[1]
         eps = self.network(padded[:, :c], self._timesteps(t, x_t), coords=coords,
                            condition=padded[:, c:] if condition is not None else None,
                            region=self._region(region, x_t))
         return crop_to(eps, spatial)
 
-    def _sliding(self, x_t, t, condition, region, window):
+    def _sliding(self, x_t, t, condition, region, window, slices=None):
         from monai.inferers import sliding_window_inference
 
         spatial = tuple(x_t.shape[2:])
@@ -145,6 +172,7 @@ class NoisePredictor:
                 coordinate_grid([(s.start, s.stop) for s in loc[2:]], spatial,
                                 device=windows.device, dtype=windows.dtype)
                 for loc in locations])
+            coords = self._with_slices(coords, None if slices is None else slices[index])
             return self.network(windows[:, :c], timesteps[index], coords=coords,
                                 condition=windows[:, c:] if condition is not None else None,
                                 region=None if regions is None else regions[index])

@@ -3,7 +3,9 @@
 :class:`DiffusionNetwork` wraps a UNet backbone (diffusers ``UNet2DModel`` in
 2D, MONAI ``DiffusionModelUNet`` in 2D or 3D) and adds the MedDiff-FM
 conditioning: sinusoidal position channels of each pixel's coordinates in the
-whole image, an optional coarse body-region class, and optional conditioning
+whole image (and, for a 2D prior with ``position_axes: 3``, of its slice's
+place along the volume's third axis: MedDiff-FM's 3D position), an optional
+coarse body-region class, and optional conditioning
 channels (the source image for translation, neighbouring slices...). It is
 configured by a plain dict (saved in the checkpoint's JSON), like diffusers'
 models.
@@ -35,6 +37,11 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     # otherwise 0.03 units, which the first convolution barely sees).
     "condition_windows": [],
     "position_frequencies": 4,
+    # Coordinate axes given to the network: None = its spatial dims. A 2D
+    # network with 3 also gets its slice's place along the volume's third
+    # axis (constant over the slice); a coordinate may be NaN (not known), which
+    # encodes as zeros, a value sin/cos never take together.
+    "position_axes": None,
     "num_regions": len(REGIONS),
     # Space-to-depth stem: the UNet runs at 1/stride resolution on
     # stride^2 x channels (PixelUnshuffle/PixelShuffle), which cuts the cost of
@@ -123,8 +130,11 @@ class DiffusionNetwork(nn.Module):
         if self.condition_windows and not self.condition_channels:
             raise ValueError("condition_windows need condition_channels")
         self.position_frequencies = c["position_frequencies"]
+        self.position_axes = int(c["position_axes"] or self.spatial_dims)
+        if self.position_axes < self.spatial_dims:
+            raise ValueError(f"position_axes {self.position_axes} < spatial_dims {self.spatial_dims}")
         in_channels = (self.image_channels + self.condition_channels * (1 + len(self.condition_windows))
-                       + num_position_channels(self.spatial_dims, self.position_frequencies))
+                       + num_position_channels(self.position_axes, self.position_frequencies))
         self.stem_stride = int(c["stem_stride"])
         if self.stem_stride > 1 and self.spatial_dims != 2:
             raise ValueError("stem_stride > 1 is implemented for 2D networks only")
@@ -141,6 +151,11 @@ class DiffusionNetwork(nn.Module):
     def uses_regions(self) -> bool:
         return bool(self.config["num_regions"])
 
+    @property
+    def uses_slice_position(self) -> bool:
+        """Whether the network takes its slice's place along the volume's third axis."""
+        return self.position_axes > self.spatial_dims
+
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, *,
                 coords: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None,
@@ -155,7 +170,9 @@ class DiffusionNetwork(nn.Module):
             Diffusion step indices.
         coords : Tensor (B, D, *spatial), optional
             Coordinates of each pixel in the whole image, in [-1, 1]; the
-            sample is taken to be the whole image when omitted.
+            sample is taken to be the whole image when omitted. Axes the
+            network takes beyond these (``position_axes``: the slice's place
+            in its volume) are 'not known' (NaN) when not given.
         condition : Tensor (B, condition_channels, *spatial), optional
             Conditioning images (required when the network has any).
         region : Tensor (B,) of int, optional
@@ -167,6 +184,12 @@ class DiffusionNetwork(nn.Module):
             grid = coordinate_grid([(0, n) for n in spatial], spatial,
                                    device=sample.device, dtype=sample.dtype)
             coords = grid.unsqueeze(0).expand(batch, *grid.shape)
+        coords = coords.to(sample.dtype)
+        if coords.shape[1] < self.position_axes:
+            unknown = coords.new_full((batch, self.position_axes - coords.shape[1]) + tuple(spatial), float("nan"))
+            coords = torch.cat([coords, unknown], dim=1)
+        elif coords.shape[1] > self.position_axes:
+            raise ValueError(f"network takes {self.position_axes} coordinate axes, got {coords.shape[1]}")
         parts = [sample]
         if self.condition_channels:
             if condition is None or condition.shape[1] != self.condition_channels:
@@ -175,7 +198,8 @@ class DiffusionNetwork(nn.Module):
             condition = condition.to(sample.dtype)
             parts.append(condition)
             parts.extend(window_channels(condition, low, high) for low, high in self.condition_windows)
-        parts.append(encode_positions(coords.to(sample.dtype), self.position_frequencies))
+        # a coordinate that is not known (NaN) encodes as zeros
+        parts.append(torch.nan_to_num(encode_positions(coords, self.position_frequencies), nan=0.0))
         x = torch.cat(parts, dim=1)
         if self.stem_stride > 1:
             x = nn.functional.pixel_unshuffle(x, self.stem_stride)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -77,3 +78,28 @@ def encode_positions(coords: torch.Tensor, num_frequencies: int) -> torch.Tensor
 def num_position_channels(spatial_dims: int, num_frequencies: int) -> int:
     """Channels added by :func:`encode_positions`."""
     return 2 * num_frequencies * spatial_dims
+
+
+def body_extent(data, axis: int, threshold: float, margin: int = 4) -> tuple[int, int]:
+    """(start, stop) of the slices along ``axis`` that hold voxels above
+    ``threshold`` (the body, table included), grown by ``margin`` slices; the
+    whole axis when none do. The training volumes are cropped to this box, so
+    the third coordinate of a slice is measured in it (:func:`slice_coordinates`)."""
+    data = np.asarray(data)
+    n = data.shape[axis]
+    other = tuple(a for a in range(data.ndim) if a != axis)
+    idx = np.nonzero((data > threshold).any(axis=other))[0]
+    if idx.size == 0:
+        return 0, n
+    return max(0, int(idx[0]) - margin), min(n, int(idx[-1]) + 1 + margin)
+
+
+def slice_coordinates(indices, start: int, stop: int):
+    """Coordinates in [-1, 1] of slices ``indices`` of a volume whose body
+    spans slices ``start .. stop - 1`` (MedDiff-FM's 3D position, the third
+    axis of a 2D prior). Slices outside the body are clipped to its ends."""
+    indices = np.asarray(indices, dtype=np.float64)
+    if stop - start <= 1:
+        return np.zeros(indices.shape, dtype=np.float32)
+    coords = (indices - start) * (2.0 / (stop - 1 - start)) - 1.0
+    return np.clip(coords, -1.0, 1.0).astype(np.float32)

@@ -55,7 +55,9 @@ from ..engine.runner import SliceRunner
 from ..engine.sampling import AxisCorrelatedNoise, add_noise, ddim_sample, make_generator, randn
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
-from .common import GRID_LIMITS, RunOptions, TaskInputError, bind_region, load_prior, predictor_for, region_index
+from ..engine.position import body_extent, slice_coordinates
+from .common import (BODY_HU, GRID_LIMITS, PLANE_AXIS, RunOptions, TaskInputError, bind_region, load_prior,
+                     predictor_for, region_index, takes_slice_position)
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -87,11 +89,14 @@ def volume_from_stack(stack: torch.Tensor, plane: str) -> torch.Tensor:
     return stack.flip(1).permute(1, 2, 0)
 
 
-def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4, region=None, cancel=None):
+def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4, region=None, cancel=None,
+                                slice_positions: dict | None = None):
     """Noise predictor for a whole (1, 1, S, P, L) volume, one plane per call.
 
     Calls alternate through ``planes``; each call runs ``predictor`` on the
-    volume's slices of the current plane in batches.
+    volume's slices of the current plane in batches. ``slice_positions``
+    ({plane: (N,) array}, see :func:`volume_slice_positions`): each slice's
+    place along the plane's normal, for a prior that takes it.
     """
     state = {"call": 0}
 
@@ -103,10 +108,26 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
         for start in range(0, stack.shape[0], batch_size):
             check_cancel(cancel)
             chunk = stack[start:start + batch_size]
-            eps[start:start + batch_size] = predictor(chunk, t, region=region).to(eps.dtype)
+            extra = ({} if slice_positions is None
+                     else {"slice_position": slice_positions[plane][start:start + batch_size]})
+            eps[start:start + batch_size] = predictor(chunk, t, region=region, **extra).to(eps.dtype)
         return volume_from_stack(eps, plane)[None, None]
 
     return predict
+
+
+def volume_slice_positions(layout_hu: np.ndarray | None, shape) -> dict:
+    """Each plane's slice positions (:func:`~..engine.position.slice_coordinates`)
+    in a volume of ``shape`` (S, P, L): within the body of the coarse layout
+    (HU, on the output grid; voxels above -700 HU, as the training volumes are
+    cropped), or within the whole box without one."""
+    positions = {}
+    for plane in PLANES:
+        axis = PLANE_AXIS[plane]
+        n = shape[axis]
+        extent = (0, n) if layout_hu is None else body_extent(layout_hu, axis, BODY_HU)
+        positions[plane] = slice_coordinates(np.arange(n), *extent)
+    return positions
 
 
 #: Planes the 2D prior refines a coarse layout in (see :func:`synthesize`).
@@ -171,14 +192,18 @@ def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> n
                                     output_shape=tuple(shape), order=1, mode="constant", cval=fill)
 
 
-def noised_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, checkpoint, t: int,
-                  generator, device) -> torch.Tensor:
-    """The 2D stage's start: a coarse box placed on the (isotropic ``voxel_mm``)
-    grid of ``shape``, in ``checkpoint``'s normalised units (air outside the
-    box), noised to step ``t`` of its schedule: (1, 1, S, P, L)."""
+def placed_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, checkpoint) -> np.ndarray:
+    """A coarse box placed on the (isotropic ``voxel_mm``) grid of ``shape``,
+    in HU, with ``checkpoint``'s air outside the box."""
     hu_range = intensity_range(None, checkpoint.normalization)
-    layout = normalize(place_box(box_hu, box_spacing, shape, (voxel_mm,) * 3, fill=hu_range[0]),
-                       checkpoint.normalization, hu_range)
+    return place_box(box_hu, box_spacing, shape, (voxel_mm,) * 3, fill=hu_range[0])
+
+
+def noised_layout(layout_hu: np.ndarray, checkpoint, t: int, generator, device) -> torch.Tensor:
+    """The 2D stage's start: a placed layout (:func:`placed_layout`) in
+    ``checkpoint``'s normalised units, noised to step ``t`` of its schedule:
+    (1, 1, S, P, L)."""
+    layout = normalize(layout_hu, checkpoint.normalization, intensity_range(None, checkpoint.normalization))
     x0 = torch.from_numpy(layout)[None, None].to(device=device, dtype=torch.float32)
     return add_noise(x0, t, alphas_cumprod(checkpoint.schedule), generator)
 
@@ -326,14 +351,13 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
 
     started = time.monotonic()
     gen = make_generator(options.seed)
-    predict = alternating_plane_predictor(predictor, planes, batch_size=options.batch_size,
-                                          region=region_class, cancel=options.cancel)
     n_train = int(checkpoint.schedule["num_train_timesteps"])
     # the 2D stage's noise (start and, with eta > 0, every step): correlated
     # along S; the coarse prior's own draw keeps the plain generator
     fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
     if coarse is None:
         t_start, fine_steps, coarse_steps = None, steps, 0
+        layout_hu = None
         x_t = randn((1, 1) + native_shape, fine_noise, predictor.device)
     else:
         t_start = DEFAULT_REFINE_FROM if refine_from is None else int(refine_from)
@@ -346,8 +370,12 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
                                     generator=gen, cancel=options.cancel,
                                     progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
                                                           "coarse layout"))
-        x_t = noised_layout(box_hu, coarse.card["voxel_spacing_mm"], native_shape, native, checkpoint,
-                            t_start, fine_noise, predictor.device)
+        layout_hu = placed_layout(box_hu, coarse.card["voxel_spacing_mm"], native_shape, native, checkpoint)
+        x_t = noised_layout(layout_hu, checkpoint, t_start, fine_noise, predictor.device)
+    # a prior with the 3D position learns where in the body each slice lies
+    positions = volume_slice_positions(layout_hu, native_shape) if takes_slice_position(predictor) else None
+    predict = alternating_plane_predictor(predictor, planes, batch_size=options.batch_size,
+                                          region=region_class, cancel=options.cancel, slice_positions=positions)
     x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
                      generator=fine_noise, cancel=options.cancel,
                      progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + fine_steps,
@@ -360,6 +388,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
               "seed": options.seed,
               "coarse_model": None if coarse is None else coarse.name,
               "refine_from": t_start, "refine_steps": fine_steps if coarse is not None else None,
+              "slice_positions": positions is not None,
               "seconds": round(time.monotonic() - started, 1)}
     return Volume(
         data=hu.astype(np.float32), affine=synthesis_affine(shape, spacing), modality="CT",
