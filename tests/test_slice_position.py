@@ -236,3 +236,32 @@ def test_synthesis_with_a_3d_position_prior(tmp_path, monkeypatch):
     again = synthesize((16, 16, 16), model="tiny-3d", steps=2, coarse_model=None,
                        options=RunOptions(device="cpu", seed=1, batch_size=3))
     np.testing.assert_allclose(again.data, vol.data, atol=1e-2)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def test_held_out_slices_know_their_place_and_the_evaluation_gives_it_or_not(tmp_path):
+    from training.evaluate.prior import rows_of
+    from training.evaluate_prior import heldout_slices, one_step_denoising
+
+    ct = np.full((20, 16, 10), 40, np.int16)  # NIfTI (x, y, z): 10 axial slices of 2 mm, all body
+    ct[:, :, 0] = -1000  # the lowest slice is air: the body box is slices 0..9 (4-slice margin)
+    nib.save(nib.Nifti1Image(ct, np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / "chest.nii.gz"))
+    config = {"data": {"train": [], "validation": [{"path": str(tmp_path / "chest.nii.gz"), "region": "chest"}],
+                       "crop_to_body_hu": -700},
+              "normalization": {"type": "hu_window", "low": -1024.0, "high": 2048.0}}
+    picks = heldout_slices(config, config["normalization"], max_slices=3)
+    # the central 60 % (slices 2..7), evenly: 2, 4 (2.5 rounds to even: the pool's third), 7;
+    # placed in the 10-slice body box
+    assert [p.position for p in picks] == pytest.approx([-5 / 9, -1 / 9, 5 / 9], abs=1e-6)
+    torch.manual_seed(0)
+    network = DiffusionNetwork(ARCH_3D)
+    with torch.no_grad():  # make the output depend on the third coordinate
+        start, stop = _input_layout(network)["positions"]
+        network.backbone.conv_in.weight[:, stop - 4:stop].fill_(0.3)
+    given = one_step_denoising(network, config, noise_hu=(50.0,), picks=picks)["noise_50HU"]
+    unknown = one_step_denoising(network, config, noise_hu=(50.0,), picks=picks, slice_position=False)["noise_50HU"]
+    assert given["psnr_noisy_soft"] == unknown["psnr_noisy_soft"]  # the same noise
+    assert given["psnr_denoised_soft"] != pytest.approx(unknown["psnr_denoised_soft"], abs=1e-3)
+    labels = [row[0] for row in rows_of({"flat": DiffusionNetwork(TINY_ARCHITECTURE), "3d": network})]
+    assert labels == ["flat", "3d, position given", "3d, position not known"]

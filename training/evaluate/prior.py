@@ -1,4 +1,4 @@
-"""How much do anatomy channels help a CT prior? One-step denoising of held-out slices.
+"""How much do anatomy channels or the 3D position help a CT prior? One-step denoising of held-out slices.
 
     python -m training.evaluate prior --config training/configs/ct_prior_multi_anatomy.yaml \\
         --model bundled=ct-prior-multi control=runs/ct-prior-multi-anatomy-control/ema \\
@@ -9,7 +9,9 @@ network evaluation (:func:`training.evaluate_prior.one_step_denoising`:
 up to ``--max-slices`` per region of the config's ``data.validation``
 patients, Gaussian noise of 25, 50, 100 and 400 HU); a model with anatomy
 channels does it twice, with each slice's structures (where its patient has
-them: the OpenKBP neck) and with none ('unknown', what a new patient gets).
+them: the OpenKBP neck) and with none ('unknown', what a new patient gets);
+a model with the 3D position (``position_axes: 3``) also does it twice, with
+each slice's place in its scan and with none ('not known').
 PSNR in the [-160, 240] HU window, per region.
 
 Writes ``prior.json``, ``prior_table.md`` (the command first) and
@@ -38,23 +40,27 @@ from . import command_line
 NOISE_HU = (25.0, 50.0, 100.0, 400.0)
 
 
-def rows_of(models: dict) -> list[tuple[str, object, bool]]:
-    """(label, network, structures given) for every evaluation row: a model
-    with anatomy channels gives two rows."""
+def rows_of(models: dict) -> list[tuple[str, object, bool, bool]]:
+    """(label, network, structures given, slice position given) for every
+    evaluation row: a model with anatomy channels gives two rows, one with
+    the 3D position two more."""
     rows = []
     for name, network in models.items():
-        if getattr(network, "condition_channels", 0):
-            rows += [(f"{name}, structures given", network, True), (f"{name}, structures unknown", network, False)]
-        else:
-            rows.append((name, network, False))
+        structures = ([(", structures given", True), (", structures unknown", False)]
+                      if getattr(network, "condition_channels", 0) else [("", False)])
+        positions = ([(", position given", True), (", position not known", False)]
+                     if getattr(network, "uses_slice_position", False) else [("", False)])
+        rows += [(name + s_label + p_label, network, given, placed)
+                 for s_label, given in structures for p_label, placed in positions]
     return rows
 
 
 def evaluate(config: dict, models: dict, picks, *, noise_hu=NOISE_HU) -> dict:
     """One-step denoising PSNR of every row of :func:`rows_of` on the same
     slices (``picks``, from :func:`heldout_slices`) and noise."""
-    return {label: one_step_denoising(network, config, noise_hu=noise_hu, structures=given, picks=picks)
-            for label, network, given in rows_of(models)}
+    return {label: one_step_denoising(network, config, noise_hu=noise_hu, structures=given,
+                                      slice_position=placed, picks=picks)
+            for label, network, given, placed in rows_of(models)}
 
 
 def noise_levels(results: dict) -> list[int]:
@@ -90,20 +96,21 @@ def picture(config: dict, models: dict, picks, path: Path, *, noise_hu: float = 
 
     hu_range = intensity_range(None, config["normalization"])
     scale = hu_per_unit(config["normalization"])
-    picks = [p for p in picks if p[2] is not None]
+    picks = [p for p in picks if p.labels is not None]
     if not picks:
         return []
     channels = anatomy_channels(config["data"])
-    slice_2d, region, labels = max(picks, key=lambda p: int(np.isin(p[2], [v for c in channels for v in c]).sum()))
+    slice_2d, region, labels, position = max(
+        picks, key=lambda p: int(np.isin(p.labels, [v for c in channels for v in c]).sum()))
     clean = torch.from_numpy(np.ascontiguousarray(slice_2d))[None, None]
     to_hu = lambda x: denormalize(x[0, 0].numpy(), hu_range)  # noqa: E731
     tiles, labels_out = [to_hu(clean)], ["clean"]
-    for label, network, given in rows_of(models):
+    for label, network, given, placed in rows_of(models):
         predictor = NoisePredictor(network, schedule=config.get("schedule"))
         noisy, estimate = one_step_estimate(
             predictor, clean, noise_hu / scale, config.get("schedule"), generator=make_generator(seed),
             condition=slice_condition(slice_2d, labels, channels if network.condition_channels else [], given),
-            region=region)
+            region=region, slice_position=position if placed else None)
         if len(tiles) == 1:
             tiles.append(to_hu(noisy))
             labels_out.append(f"noisy ({noise_hu:g} HU)")
