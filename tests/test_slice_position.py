@@ -265,3 +265,32 @@ def test_held_out_slices_know_their_place_and_the_evaluation_gives_it_or_not(tmp
     assert given["psnr_denoised_soft"] != pytest.approx(unknown["psnr_denoised_soft"], abs=1e-3)
     labels = [row[0] for row in rows_of({"flat": DiffusionNetwork(TINY_ARCHITECTURE), "3d": network})]
     assert labels == ["flat", "3d, position given", "3d, position not known"]
+
+
+def test_prior_evaluation_writes_a_picture_without_anatomy_channels(tmp_path, monkeypatch):
+    from skimage import io as skio
+
+    from training.evaluate.__main__ import main as evaluate_main
+
+    ct = np.zeros((40, 40, 10), np.int16)  # 10 axial slices of 40 x 40 at 0 HU
+    nib.save(nib.Nifti1Image(ct, np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / "chest.nii.gz"))
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"train": [], "validation": [{"path": str(tmp_path / "chest.nii.gz"), "region": "chest"}]},
+        "normalization": {"type": "hu_window", "low": -1024.0, "high": 2048.0}}))
+    save_tiny_checkpoint(tmp_path / "flat")
+    save_tiny_checkpoint(tmp_path / "3d", position_axes=3, seed=2)
+    out = tmp_path / "out"
+    argv = ["prior", "--config", str(config), "--model", f"flat={tmp_path / 'flat'}", f"3d={tmp_path / '3d'}",
+            "--max-slices", "2", "--noise-hu", "50", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", ["training.evaluate"] + argv)
+    assert evaluate_main(argv) == 0
+    import json
+
+    results = json.loads((out / "prior.json").read_text())["results"]
+    assert list(results) == ["flat", "3d, position given", "3d, position not known"]
+    # clean, noisy and three estimates, 40 px wide plus 4-px gaps; no structures tile
+    assert skio.imread(str(out / "prior.png")).shape == (40, 5 * 44)
+    assert "structures" not in (out / "prior.txt").read_text()

@@ -89,19 +89,24 @@ def markdown(results: dict, command: str) -> str:
 
 def picture(config: dict, models: dict, picks, path: Path, *, noise_hu: float = 100.0,
             seed: int = 0) -> list[str]:
-    """One held-out slice with structures (of ``picks``, the evaluated ones:
-    the one with the most structure pixels), noised, and each row's estimate,
-    side by side in the soft-tissue window; the last tile shows its structures."""
+    """One held-out slice of ``picks`` (the evaluated ones), noised, and each
+    row's estimate, side by side in the soft-tissue window. With anatomy
+    channels: the slice with the most structure pixels, and a last tile
+    showing its structures; without: the middle slice of the first region."""
     from skimage import io as skio
 
     hu_range = intensity_range(None, config["normalization"])
     scale = hu_per_unit(config["normalization"])
-    picks = [p for p in picks if p.labels is not None]
-    if not picks:
-        return []
     channels = anatomy_channels(config["data"])
-    slice_2d, region, labels, position = max(
-        picks, key=lambda p: int(np.isin(p.labels, [v for c in channels for v in c]).sum()))
+    with_labels = [p for p in picks if p.labels is not None]
+    if channels and with_labels:
+        slice_2d, region, labels, position = max(
+            with_labels, key=lambda p: int(np.isin(p.labels, [v for c in channels for v in c]).sum()))
+    elif picks:
+        first = [p for p in picks if p.region == picks[0].region]
+        slice_2d, region, labels, position = first[len(first) // 2]
+    else:
+        return []
     clean = torch.from_numpy(np.ascontiguousarray(slice_2d))[None, None]
     to_hu = lambda x: denormalize(x[0, 0].numpy(), hu_range)  # noqa: E731
     tiles, labels_out = [to_hu(clean)], ["clean"]
@@ -117,12 +122,14 @@ def picture(config: dict, models: dict, picks, path: Path, *, noise_hu: float = 
         tiles.append(to_hu(estimate))
         labels_out.append(label)
     window = [np.clip((t + 160.0) / 400.0, 0, 1) for t in tiles]
-    structures = np.zeros(slice_2d.shape)
-    for k, c in enumerate(channels):
-        structures[np.isin(labels, c)] = (k + 1) / len(channels)
-    row = np.concatenate([np.pad(t, ((0, 0), (0, 4))) for t in window + [structures]], axis=1)
+    if channels and labels is not None:
+        structures = np.zeros(slice_2d.shape)
+        for k, c in enumerate(channels):
+            structures[np.isin(labels, c)] = (k + 1) / len(channels)
+        window.append(structures)
+        labels_out.append("structures (grey level = channel)")
+    row = np.concatenate([np.pad(t, ((0, 0), (0, 4))) for t in window], axis=1)
     skio.imsave(str(path), (row * 255).astype(np.uint8), check_contrast=False)
-    labels_out.append("structures (grey level = channel)")
     path.with_suffix(".txt").write_text("tiles, left to right: " + ", ".join(labels_out) + "\n")
     return labels_out
 
