@@ -199,8 +199,11 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
                          ensemble: int | None = None,
                          sampler: str = "ddim", max_slices: int | None = None, new_noise: bool = True,
                          device: str = "cpu", seed: int = 0, speed_size: int | None = 256,
-                         batch_size: int = 4, command: str | None = None) -> dict:
+                         batch_size: int = 4, command: str | None = None, force: bool = False) -> dict:
     """Metrics of a translation checkpoint on the held-out slices of ``config``'s pairs.
+
+    ``force``: run the model on regions it never saw (the task refuses them),
+    to measure it against a model that did.
 
     Returns a dict with per-pair, per-region and overall ``psnr_db``,
     ``ssim``, ``mae`` (``mae_hu`` for MR -> CT) and ``seconds_per_slice``,
@@ -244,7 +247,7 @@ def evaluate_translation(checkpoint, config: dict, *, steps: int | None = None, 
                      modality="CT" if direction == "ct2mr" else "MR", name=Path(str(pair.source)).name)
         started = time.perf_counter()
         result = translate(sub, direction=direction, model=str(checkpoint), steps=steps, guidance=guidance,
-                           ensemble=ensemble, sampler=sampler, region=region, options=options)
+                           ensemble=ensemble, sampler=sampler, region=region, options=options, force=force)
         seconds = time.perf_counter() - started
         mask = pair.mask[block]
         if direction == "ct2mr":
@@ -461,6 +464,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--speed-size", type=int, default=256, help="slice size for the speed run (0: skip)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="run the model on regions it never saw (the task refuses them), to compare it")
     p.set_defaults(func=_cmd)
 
 
@@ -475,7 +480,7 @@ def _cmd(args) -> int:
                                   ensemble=args.ensemble,
                                   sampler=args.sampler, max_slices=args.max_slices, new_noise=not args.same_noise,
                                   device=args.device, seed=args.seed, speed_size=args.speed_size or None,
-                                  command=command)
+                                  command=command, force=args.force)
     for path in write_report(report, args.output):
         print(f"wrote {path}")
     print(markdown(report))
