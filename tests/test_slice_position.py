@@ -12,7 +12,7 @@ from napari_mediffuse.engine.checkpoint import load_checkpoint
 from napari_mediffuse.engine.inference import NoisePredictor
 from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.position import body_extent, coordinate_grid, slice_coordinates
-from napari_mediffuse.tasks.common import RunOptions, at_slices, bind_region, slice_positions, takes_slice_position
+from napari_mediffuse.tasks.common import RunOptions, takes_slice_position
 from napari_mediffuse.tasks.synthesize import alternating_plane_predictor, synthesize, volume_slice_positions
 
 from conftest import TINY_ARCHITECTURE, save_tiny_checkpoint
@@ -32,7 +32,6 @@ def test_slice_coordinates_are_measured_in_the_body():
     assert coords[6] == -1.0 and coords[33] == 1.0
     assert coords[20] == pytest.approx((20 - 6) * 2 / 27 - 1, abs=1e-6)
     assert coords[0] == -1.0 and coords[39] == 1.0  # air slices beyond the body: clipped to its ends
-    np.testing.assert_allclose(slice_positions(vol, "axial"), coords)
     assert body_extent(np.full((5, 4, 4), -1000.0), 0, -700.0) == (0, 5)  # no body: the whole axis
 
 
@@ -92,6 +91,7 @@ def test_noise_predictor_gives_each_slice_its_position():
     for b in range(3):
         assert torch.all(seen[b, 2] == positions[b])
     torch.testing.assert_close(seen[:, :2], coordinate_grid([(0, 24), (0, 24)], (24, 24))[None].expand(3, 2, 24, 24))
+    assert takes_slice_position(predictor)
     predictor(x, 10)  # not given: the network gets 'not known'
     assert predictor.network.seen.shape[1] == 2
     with pytest.raises(ValueError, match="2 slice positions for 3 slices"):
@@ -99,7 +99,7 @@ def test_noise_predictor_gives_each_slice_its_position():
     # a 2D prior without the axis ignores positions
     flat = NoisePredictor(_RecordingNetwork(TINY_ARCHITECTURE), "cpu", "fp32")
     flat(x, 10, slice_position=positions)
-    assert flat.network.seen.shape[1] == 2
+    assert flat.network.seen.shape[1] == 2 and not takes_slice_position(flat)
 
 
 def test_sliding_windows_keep_each_slice_position():
@@ -116,26 +116,6 @@ def test_sliding_windows_keep_each_slice_position():
     predictor(torch.randn(2, 1, 24, 24), 10, slice_position=torch.tensor([-0.5, 0.75]))
     half = len(calls) // 2  # MONAI runs the windows of one image after the other's
     assert calls[:half] == [-0.5] * half and calls[half:] == [0.75] * half
-
-
-def test_bound_predictor_passes_positions_only_to_a_prior_that_takes_them(tmp_path):
-    got = []
-
-    class Fake:
-        device = "cpu"
-        network = DiffusionNetwork(ARCH_3D)
-
-        def __call__(self, x, t, region=None, slice_position=None):
-            got.append(slice_position)
-            return x
-
-    predict = bind_region(Fake(), 2)
-    assert takes_slice_position(predict)
-    at_slices(predict, [0.1, 0.2])(torch.zeros(2, 1, 4, 4), 5)
-    assert got[-1].tolist() == pytest.approx([0.1, 0.2])
-    Fake.network = DiffusionNetwork(TINY_ARCHITECTURE)
-    flat = bind_region(Fake(), 2)
-    assert at_slices(flat, [0.1, 0.2]) is flat
 
 
 # -- training samples -----------------------------------------------------------------------

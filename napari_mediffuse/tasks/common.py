@@ -18,7 +18,6 @@ from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
 from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
-from ..engine.position import body_extent, slice_coordinates
 from ..engine.registry import load as load_model
 from ..engine.runner import device_of
 from ..io.volume import Volume
@@ -331,45 +330,20 @@ def region_index(region: str | int | None, card: dict) -> int:
 
 
 def bind_region(predictor, region: int):
-    """``predictor(x, t)`` with the region class bound (when the network uses
-    one); a ``slice_position`` keyword is passed on (:func:`at_slices`)."""
-    def predict(x: torch.Tensor, t: int, **slices) -> torch.Tensor:
-        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long), **slices)
+    """``predictor(x, t)`` with the region class bound (when the network uses one)."""
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long))
 
     predict.device = device_of(predictor)  # where its inputs must live
-    predict.takes_slice_position = takes_slice_position(predictor)
     return predict
 
 
 # -- the slice's place in the volume (3D position of a 2D prior) -------------------
 
 def takes_slice_position(predictor) -> bool:
-    """Whether ``predictor`` (a :class:`NoisePredictor`, or a function made by
-    :func:`bind_region`) runs a network that takes each slice's place along
-    the volume's third axis (``position_axes: 3``)."""
-    if hasattr(predictor, "takes_slice_position"):
-        return bool(predictor.takes_slice_position)
+    """Whether ``predictor`` (a :class:`NoisePredictor`) runs a network that
+    takes each slice's place along the volume's third axis (``position_axes:
+    3``). Synthesis gives it; the tasks on real scans do not (measured: it
+    changes nothing there, docs/models/ct-prior-multi.md)."""
     network = getattr(predictor, "network", None)
     return bool(getattr(network, "uses_slice_position", False))
-
-
-def slice_positions(data_hu: np.ndarray, plane: str = "axial") -> np.ndarray:
-    """Place in [-1, 1] of every ``plane`` slice of a volume (HU, display
-    orientation) along the plane's normal, within the body (:data:`BODY_HU`)
-    as the priors were trained (:func:`~..engine.position.slice_coordinates`)."""
-    axis = PLANE_AXIS[plane]
-    return slice_coordinates(np.arange(data_hu.shape[axis]), *body_extent(data_hu, axis, BODY_HU))
-
-
-def at_slices(predict, positions):
-    """``predict(x, t)`` for one batch of slices whose places are ``positions``
-    (B,), or ``predict`` itself when its network does not take them (or
-    ``positions`` is None)."""
-    if positions is None or not takes_slice_position(predict):
-        return predict
-
-    def bound(x: torch.Tensor, t: int) -> torch.Tensor:
-        return predict(x, t, slice_position=torch.as_tensor(np.asarray(positions), dtype=torch.float32))
-
-    bound.device = device_of(predict)
-    return bound
