@@ -1,7 +1,7 @@
 """Does the 3D position help synthesis? The prior trained with it from random
 weights (runs/ct-prior-multi-slicepos-scratch) with the position given and
-not known, against the same network trained without it for the same steps
-(runs/size-small), for a head-and-neck volume (64^3 at 4 mm), with the coarse
+not known, against the same network trained without it for about as many
+steps (runs/size-small: 3575 against 3800), for a head-and-neck volume (64^3 at 4 mm), with the coarse
 layout (the task's default) and from noise (axial slices, slice-correlated
 noise), 2 seeds each, against 8 OpenKBP validation patients.
 

@@ -53,23 +53,42 @@ def test_an_unknown_slice_position_encodes_as_zeros():
         net(x, t, coords=torch.cat([grid, nan, nan], 1))
 
 
-def test_warm_start_from_a_2d_prior_gives_the_new_axis_zero_weights(tmp_path):
-    prior_dir = save_tiny_checkpoint(tmp_path / "prior", seed=4)
-    prior = load_checkpoint(prior_dir).network.eval()
-    net = DiffusionNetwork(ARCH_3D)
-    init_weights(net, prior_dir, ARCH_3D)
+@pytest.mark.parametrize("stem_stride", [1, 2])
+@pytest.mark.parametrize("condition_channels", [0, 1])
+def test_warm_start_from_a_2d_prior_gives_the_new_axis_zero_weights(tmp_path, stem_stride, condition_channels):
+    # the bundled prior has a space-to-depth stem (stride 2): each input channel is 4 after it;
+    # a conditioned network (a learned restoration model) may gain the axis as well
+    source_arch = dict(TINY_ARCHITECTURE, stem_stride=stem_stride, condition_channels=condition_channels)
+    torch.manual_seed(4)
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+
+    save_checkpoint(tmp_path / "prior", DiffusionNetwork(source_arch),
+                    make_card(name="prior", task="ct_prior", modality="CT", architecture=source_arch))
+    prior = load_checkpoint(tmp_path / "prior").network.eval()
+    arch = dict(source_arch, position_axes=3)
+    net = DiffusionNetwork(arch)
+    init_weights(net, tmp_path / "prior", arch)
     net.eval()
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 300, 900])
+    condition = torch.randn(3, 1, 16, 16) if condition_channels else None
     grid = coordinate_grid([(0, 16), (0, 16)], (16, 16))[None].expand(3, 2, 16, 16)
     third = torch.tensor([-0.9, 0.1, 0.7]).view(3, 1, 1, 1).expand(3, 1, 16, 16)
     with torch.no_grad():
-        np.testing.assert_allclose(net(x, t, coords=torch.cat([grid, third], 1)).numpy(),
-                                   prior(x, t, coords=grid).numpy(), atol=1e-5)
+        np.testing.assert_allclose(net(x, t, coords=torch.cat([grid, third], 1), condition=condition).numpy(),
+                                   prior(x, t, coords=grid, condition=condition).numpy(), atol=1e-5)
     start, stop = _input_layout(net)["positions"]
     weight = net.backbone.conv_in.weight
     old = 2 * net.position_frequencies * 2  # the in-plane axes' channels come first
-    assert torch.count_nonzero(weight[:, start + old:stop]) == 0
-    assert torch.count_nonzero(weight[:, start:start + old]) > 0
+    assert torch.count_nonzero(weight[:, (start + old) * stem_stride ** 2:stop * stem_stride ** 2]) == 0
+    assert torch.count_nonzero(weight[:, start * stem_stride ** 2:(start + old) * stem_stride ** 2]) > 0
+    # a config stating the default number of axes is the same network as a card without the key
+    same = dict(source_arch, position_axes=2)
+    init_weights(DiffusionNetwork(same), tmp_path / "prior", same)
+
+
+def test_only_a_2d_network_takes_one_more_position_axis():
+    with pytest.raises(ValueError, match="position_axes 4 for a 2D network; allowed: 2, 3"):
+        DiffusionNetwork(dict(TINY_ARCHITECTURE, position_axes=4))
 
 
 class _RecordingNetwork(DiffusionNetwork):
@@ -216,6 +235,13 @@ def test_synthesis_with_a_3d_position_prior(tmp_path, monkeypatch):
     again = synthesize((16, 16, 16), model="tiny-3d", steps=2, coarse_model=None,
                        options=RunOptions(device="cpu", seed=1, batch_size=3))
     np.testing.assert_allclose(again.data, vol.data, atol=1e-2)
+    # and the positions reach the network: never given them, the same prior draws another volume
+    import napari_mediffuse.tasks.synthesize as synthesis
+
+    monkeypatch.setattr(synthesis, "takes_slice_position", lambda predictor: False)
+    unplaced = synthesize((16, 16, 16), model="tiny-3d", steps=2, coarse_model=None, options=opts)
+    assert unplaced.metadata["parameters"]["slice_positions"] is False
+    assert np.abs(unplaced.data - vol.data).max() > 1.0  # HU
 
 
 # -- evaluation ------------------------------------------------------------------------------------

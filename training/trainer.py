@@ -352,7 +352,7 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
     from napari_mediffuse.engine.networks import complete_architecture
 
     source = load_checkpoint(checkpoint)
-    theirs, mine = complete_architecture(source.card["architecture"]), complete_architecture(architecture)
+    theirs, mine = (_explicit_axes(complete_architecture(a)) for a in (source.card["architecture"], architecture))
     if theirs == mine:
         network.load_state_dict(source.network.state_dict())
     elif _without_added_inputs(theirs) == _without_added_inputs(mine) and _only_gains_inputs(source.network, network):
@@ -362,6 +362,12 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
                               "a warm start needs the same network (or the same one with fewer inputs: "
                               "no conditioning, fewer position axes)")
     log.info("initialised from %s (%s)", checkpoint, source.name)
+
+
+def _explicit_axes(architecture: dict) -> dict:
+    """``position_axes`` written out (None means the spatial dims), so a card
+    without the key equals a config that states the default."""
+    return dict(architecture, position_axes=int(architecture["position_axes"] or architecture["spatial_dims"]))
 
 
 def _without_added_inputs(architecture: dict) -> dict:

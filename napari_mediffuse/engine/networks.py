@@ -131,8 +131,11 @@ class DiffusionNetwork(nn.Module):
             raise ValueError("condition_windows need condition_channels")
         self.position_frequencies = c["position_frequencies"]
         self.position_axes = int(c["position_axes"] or self.spatial_dims)
-        if self.position_axes < self.spatial_dims:
-            raise ValueError(f"position_axes {self.position_axes} < spatial_dims {self.spatial_dims}")
+        # a 2D network may take one axis more (its slice's place in the volume), nothing else
+        allowed = (self.spatial_dims, self.spatial_dims + 1) if self.spatial_dims == 2 else (self.spatial_dims,)
+        if self.position_axes not in allowed:
+            raise ValueError(f"position_axes {self.position_axes} for a {self.spatial_dims}D network; "
+                             f"allowed: {', '.join(map(str, allowed))}")
         in_channels = (self.image_channels + self.condition_channels * (1 + len(self.condition_windows))
                        + num_position_channels(self.position_axes, self.position_frequencies))
         self.stem_stride = int(c["stem_stride"])
