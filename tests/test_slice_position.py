@@ -300,3 +300,21 @@ def test_prior_evaluation_writes_a_picture_without_anatomy_channels(tmp_path, mo
     # clean, noisy and three estimates, 40 px wide plus 4-px gaps; no structures tile
     assert skio.imread(str(out / "prior.png")).shape == (40, 5 * 44)
     assert "structures" not in (out / "prior.txt").read_text()
+
+
+def test_training_refuses_a_bad_architecture_in_one_line_before_loading(tmp_path, capsys):
+    import yaml
+
+    from training.__main__ import main as training_main
+
+    ct = np.zeros((16, 16, 8), np.int16)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "bad", "task": "ct_prior", "data": {"train": [str(tmp_path / "ct.nii.gz")], "patch_size": 16},
+        "architecture": dict(TINY_ARCHITECTURE, position_axes=4),
+        "train": {"batch_size": 2, "learning_rate": 1e-4, "max_steps": 1}}))
+    assert training_main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {config}: architecture: position_axes 4 for a 2D network; allowed: 2, 3"
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ import torch
 def _cmd_train(args) -> int:
     from .data import ConfigError, check_data_config
     from .paired import check_pair_split
-    from .trainer import load_config, train
+    from .trainer import check_architecture, load_config, train
 
     try:
         config = load_config(args.config)
@@ -22,6 +22,7 @@ def _cmd_train(args) -> int:
             check_pair_split(config["data"])
         elif config["data"].get("kind") != "image_folder":
             check_data_config(config["data"])
+        check_architecture(config.get("architecture"))
     except (ConfigError, FileNotFoundError) as exc:  # one line naming the file, no traceback
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2

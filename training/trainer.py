@@ -335,6 +335,19 @@ class _StopFlag:
             self._previous = None
 
 
+def check_architecture(architecture: dict | None) -> None:
+    """Build the config's network on the ``meta`` device (no memory, no
+    weights), so a bad architecture (unknown backbone, a position axis too
+    many...) is a :class:`~training.data.ConfigError` before any data loads."""
+    from .data import ConfigError
+
+    try:
+        with torch.device("meta"):
+            DiffusionNetwork(architecture)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"architecture: {exc}") from exc
+
+
 def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> None:
     """Warm start: copy a checkpoint folder's weights into ``network``.
 
