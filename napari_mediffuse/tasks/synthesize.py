@@ -119,8 +119,8 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
 def volume_slice_positions(layout_hu: np.ndarray | None, shape) -> dict:
     """Each plane's slice positions (:func:`~..engine.position.slice_coordinates`)
     in a volume of ``shape`` (S, P, L): within the body of the coarse layout
-    (HU, on the output grid; voxels above -700 HU, as the training volumes are
-    cropped), or within the whole box without one."""
+    (HU, on the output grid; voxels above :data:`~.common.BODY_HU`, as the
+    training volumes are cropped), or within the whole box without one."""
     positions = {}
     for plane in PLANES:
         axis = PLANE_AXIS[plane]
