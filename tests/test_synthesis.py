@@ -152,6 +152,23 @@ def test_synthesis_metrics_on_known_volumes(ct_small_path):
     assert correlation_to_real(real[4:24, ::-1], real) < 0.9
 
 
+def test_real_patients_histogram_spread(ct_small_path):
+    """Item 5's histogram target is read against how far real patients are from each other."""
+    from training.evaluate.synthesis import real_histogram_spread
+
+    real = io.read_nifti(ct_small_path).data.astype(np.float32)
+    body = real > -500
+    brighter, darker = real + 40.0 * body, real - 20.0 * body
+    # leave one out: 'brighter' against (real, darker) pooled, whose mean body level is 10 HU below real
+    loo = real_histogram_spread([real, brighter, darker])
+    assert len(loo) == 3
+    assert loo[1] == pytest.approx(50.0, abs=2.0)
+    assert loo[0] < loo[1] and loo[2] > loo[0]
+    # a CT not in the pool is scored against all of it; one patient alone has no leave-one-out
+    assert real_histogram_spread([real], [brighter]) == [pytest.approx(40.0, abs=1.0)]
+    assert real_histogram_spread([real]) == []
+
+
 # -- coarse-to-fine synthesis (coarse whole-body prior, then the 2D prior) -----------
 
 COARSE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "ct_prior_coarse.yaml"
@@ -388,6 +405,11 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
                              "slice noise correlation 0.95.")
     assert "| sample seed 1 (coarse layout + axial slices, slice-correlated noise) | 80.0 | 30.0 | 0.50 | 20 |" in lines
     assert "HU histogram distance of the samples: mean 48.0 HU, range 30.0-66.0 (target <= 20)." in lines
+    # the real patients' own spread is reported beside it
+    results["real"]["hu_wasserstein_real_to_pool"] = [12.0, 30.0, 45.0]
+    results["real"]["references"] = ["c"]
+    assert ("Real patients, for comparison (each of the 2 patients against the other 1 and 1 other real CT(s) "
+            "of the region against them): mean 29.0 HU, range 12.0-45.0; 1 of 3 within 20 HU.") in markdown(results)
 
 
 def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):

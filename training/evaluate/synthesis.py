@@ -8,7 +8,10 @@ Reports, for samples of the CT prior and for the real CT:
 * slice-to-slice continuity: mean absolute HU difference between adjacent
   axial slices inside the body (independent 2D draws give large values);
 * HU histogram distance: 1-D Wasserstein distance (HU) between the body
-  voxels of a sample and of the real CT;
+  voxels of a sample and of the real CT(s); beside it, how far real patients
+  are from the same pool (each of several ``--real`` patients against the
+  others, and each ``--reference`` CT against all of them), so the samples'
+  distance can be read against the spread between real patients;
 * diversity: MS-SSIM between the axial slices of different samples (lower =
   more diverse);
 * closeness to the training CT: the highest correlation between a sample and
@@ -60,6 +63,22 @@ def histogram_distance(a_hu: np.ndarray, b_hu: np.ndarray, max_samples: int = 20
     a = rng.choice(a, min(max_samples, a.size), replace=False) if a.size else a
     b = rng.choice(b, min(max_samples, b.size), replace=False) if b.size else b
     return float(wasserstein_distance(a, b)) if a.size and b.size else float("nan")
+
+
+def real_histogram_spread(reals: list[np.ndarray], references: list[np.ndarray] = ()) -> list[float]:
+    """How far real patients are from a pool of real patients (HU, as
+    :func:`histogram_distance`): each of ``reals`` against the body voxels of
+    the others (leave one out; needs two or more), then each of
+    ``references`` (CTs not in the pool) against all of ``reals``."""
+    distances = []
+    if len(reals) >= 2:
+        bodies = [r[body_mask(r)] for r in reals]
+        for i, r in enumerate(reals):
+            distances.append(histogram_distance(r, np.concatenate([b for j, b in enumerate(bodies) if j != i])))
+    if len(references):
+        pooled = np.concatenate([r[body_mask(r)] for r in reals])
+        distances += [histogram_distance(r, pooled) for r in references]
+    return distances
 
 
 def ms_ssim_between(a_hu: np.ndarray, b_hu: np.ndarray, window=(-1024.0, 2048.0)) -> float:
@@ -148,12 +167,15 @@ def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarra
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
              device="cpu", coarse_model="auto", refine_from=None, planes=None, slice_correlation=None,
-             out=None, spacing=None,
+             out=None, spacing=None, references=(),
              orientation_fix=None, command: str | None = None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
-    them pooled, closeness against the first). ``command`` (the command line
-    that ran it) heads the table and is kept in the JSON."""
+    them pooled, closeness against the first). ``references``: other real
+    CTs of the region, not pooled, scored against the pool beside the
+    patients' leave-one-out distances (:func:`real_histogram_spread`).
+    ``command`` (the command line that ran it) heads the table and is kept in
+    the JSON."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1 (the scores describe generated volumes), got {samples}")
     paths = [real_path] if isinstance(real_path, (str, Path)) else list(real_path)
@@ -169,9 +191,12 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
         if not reals:  # on the first sample's grid
             reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
             pooled.append(np.concatenate([r[body_mask(r)] for r in reals]))
+            spread = real_histogram_spread(reals, real_volumes(references, float(vol.spacing[0]), orientation_fix))
             results["real"] = {"paths": [str(p) for p in paths], "voxel_mm": float(vol.spacing[0]),
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
-                                                                       for r in reals]))}
+                                                                       for r in reals])),
+                               "references": [str(p) for p in references],
+                               "hu_wasserstein_real_to_pool": spread}
         return {"seconds": round(seconds, 1), "adjacent_slice_mad_hu": adjacent_slice_difference(vol.data),
                 "hu_wasserstein_to_real": histogram_distance(vol.data, pooled[0]),
                 "correlation_to_real": correlation_to_real(vol.data, reals[0], voxel_mm=float(vol.spacing[0]))}
@@ -243,6 +268,15 @@ def markdown(results: dict) -> str:
     lines += ["", f"Continuity ratio (samples / real): {results['continuity_ratio_to_real']:.2f} (target <= 1.5).",
               f"HU histogram distance of the samples: mean {np.mean(distances):.1f} HU, range "
               f"{min(distances):.1f}-{max(distances):.1f} (target <= 20)."]
+    spread = results["real"].get("hu_wasserstein_real_to_pool") or []
+    if spread:
+        n_loo = len(results["real"]["paths"]) if len(results["real"]["paths"]) >= 2 else 0
+        who = " and ".join(([f"each of the {n_loo} patients against the other {n_loo - 1}"] if n_loo else [])
+                           + ([f"{len(spread) - n_loo} other real CT(s) of the region against them"]
+                              if len(spread) > n_loo else []))
+        lines.append(f"Real patients, for comparison ({who}): mean {np.mean(spread):.1f} HU, range "
+                     f"{min(spread):.1f}-{max(spread):.1f}; {sum(d <= 20 for d in spread)} of {len(spread)} "
+                     f"within 20 HU.")
     if "ms_ssim_between_samples" in results:
         lines.append(f"MS-SSIM between two samples: {results['ms_ssim_between_samples']:.3f} (lower = more diverse).")
     return "\n".join(lines) + "\n"
@@ -265,6 +299,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--slice-correlation", type=float, default=None,
                    help="noise correlation of neighbouring axial slices (default: the task's)")
     p.add_argument("--spacing", type=float, nargs=3, help="voxel size (mm) of the samples (default: the model's)")
+    p.add_argument("--reference", nargs="+", default=[],
+                   help="other real CT(s) of the region, not pooled: their histogram distance to the pool is "
+                        "reported beside the samples' (how far apart real patients are)")
     p.add_argument("--orientation-fix", nargs="*", default=None,
                    help="orientation fixes of the real CTs, as in the training configs (OpenKBP: rot90_PL flip_S)")
     p.add_argument("--out", default="docs/evaluation/synthesis")
@@ -276,7 +313,7 @@ def add_command(subparsers) -> None:
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
                            refine_from=args.refine_from, planes=args.planes,
                            slice_correlation=args.slice_correlation, out=args.out, spacing=args.spacing,
-                           orientation_fix=args.orientation_fix, command=command_line())
+                           references=args.reference, orientation_fix=args.orientation_fix, command=command_line())
         print(markdown(results))
         return 0
 
