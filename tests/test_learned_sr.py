@@ -183,3 +183,22 @@ def test_sr_slab_operator_is_the_training_slab_average():
     # the task's slab model (thick centres, thickness k d) is the average the training pairs use
     op = superres.slab_operator(4, 5, 5.0, 5.0)
     np.testing.assert_allclose(op.weights, SlabOperator.slab_average(4, 5).weights, atol=1e-12)
+
+
+def test_learned_sr_warns_for_slabs_outside_the_thicknesses_it_saw(chest_thin, tmp_path):
+    """The card's slice_spacing_mm (the thick slices trained on) is checked for the learned method."""
+    model = save_tiny_checkpoint(tmp_path / "sr-domain", name="tiny-sr", condition_channels=1,
+                                 domain={"pixel_spacing_mm": [0.78, 0.96], "slice_spacing_mm": [2.0, 6.0]},
+                                 **SR_CARD)
+
+    def slice_warnings(volume, factor, method="learned"):
+        out = superres.super_resolve(volume, factor=factor, method=method, model=str(model), planes="coronal",
+                                     options=RunOptions(batch_size=16, seed=0))
+        return [w for w in out.metadata["warnings"] if "slices" in w and "outside what the model saw" in w]
+
+    assert slice_warnings(simulate_thick_slices(chest_thin, 5), 5) == []  # 5 mm slabs: inside 2-6 mm
+    # the 1 mm scan itself, made 0.5 mm: thinner slices than any slab the model saw
+    (warning,) = slice_warnings(chest_thin, 2)
+    assert warning == ("tiny-sr was trained on 2-6 mm slices; this scan's are 1 mm apart "
+                       "(outside what the model saw)")
+    assert slice_warnings(chest_thin, 2, method="cubic") == []  # interpolation has no model

@@ -410,6 +410,10 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
     results["real"]["references"] = ["c"]
     assert ("Real patients, for comparison (each of the 2 patients against the other 1 and 1 other real CT(s) "
             "of the region against them): mean 29.0 HU, range 12.0-45.0; 1 of 3 within 20 HU.") in markdown(results)
+    # one real patient: no leave-one-out, the references are scored against it
+    results["real"].update(paths=["a"], hu_wasserstein_real_to_pool=[31.9, 31.0], references=["c", "d"])
+    assert ("Real patients, for comparison (2 other real CT(s) of the region against the real CT): mean 31.4 HU, "
+            "range 31.0-31.9; 0 of 2 within 20 HU.") in markdown(results)
 
 
 def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):

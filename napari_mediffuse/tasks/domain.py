@@ -141,7 +141,8 @@ def _range_text(lo: float, hi: float) -> str:
 
 
 def check_domain(card: dict, volume: Volume, *, task: str, region: Optional[str] = None,
-                 refuse_other_region: bool = False, force: bool = False) -> list[str]:
+                 refuse_other_region: bool = False, force: bool = False,
+                 slice_spacing_mm: Optional[float] = None) -> list[str]:
     """Warnings for a scan outside the model's domain (an empty list inside it).
 
     Parameters
@@ -159,6 +160,10 @@ def check_domain(card: dict, volume: Volume, *, task: str, region: Optional[str]
         model saw (translation: its output would be meaningless), unless ``force``.
     force : bool
         Run anyway; the refusal becomes a warning.
+    slice_spacing_mm : float, optional
+        For a task whose model works across the slices (super-resolution:
+        the thick slices' spacing, mm), checked against the domain's
+        ``slice_spacing_mm``. Tasks that run slice by slice leave it out.
     """
     domain = model_domain(card)
     name = card.get("name", "the model")
@@ -171,6 +176,12 @@ def check_domain(card: dict, volume: Volume, *, task: str, region: Optional[str]
         if not lo / SPACING_TOLERANCE <= pixel <= hi * SPACING_TOLERANCE:
             warnings.append(f"{name} was trained on {_range_text(lo, hi)} pixels; this scan's are "
                             f"{pixel:.2g} mm (outside what the model saw)")
+    lo_hi = domain.get("slice_spacing_mm")
+    if lo_hi and slice_spacing_mm is not None:
+        lo, hi = float(lo_hi[0]), float(lo_hi[-1])
+        if not lo / SPACING_TOLERANCE <= float(slice_spacing_mm) <= hi * SPACING_TOLERANCE:
+            warnings.append(f"{name} was trained on {_range_text(lo, hi)} slices; this scan's are "
+                            f"{float(slice_spacing_mm):.2g} mm apart (outside what the model saw)")
     regions = [r for r in domain.get("regions") or [] if r != "unknown"]
     if regions:
         found, how = scan_region(volume, region)

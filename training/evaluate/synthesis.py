@@ -272,7 +272,8 @@ def markdown(results: dict) -> str:
     if spread:
         n_loo = len(results["real"]["paths"]) if len(results["real"]["paths"]) >= 2 else 0
         who = " and ".join(([f"each of the {n_loo} patients against the other {n_loo - 1}"] if n_loo else [])
-                           + ([f"{len(spread) - n_loo} other real CT(s) of the region against them"]
+                           + ([f"{len(spread) - n_loo} other real CT(s) of the region against "
+                               + ("them" if n_loo else "the real CT")]
                               if len(spread) > n_loo else []))
         lines.append(f"Real patients, for comparison ({who}): mean {np.mean(spread):.1f} HU, range "
                      f"{min(spread):.1f}-{max(spread):.1f}; {sum(d <= 20 for d in spread)} of {len(spread)} "
