@@ -362,10 +362,12 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
     initialisation, on the first convolution).
     """
     from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
-    from napari_mediffuse.engine.networks import complete_architecture
+    from napari_mediffuse.engine.networks import complete_architecture, position_axes_of
 
     source = load_checkpoint(checkpoint)
-    theirs, mine = (_explicit_axes(complete_architecture(a)) for a in (source.card["architecture"], architecture))
+    # position_axes written out, so a card without the key equals a config that states the default
+    theirs, mine = (dict(c, position_axes=position_axes_of(c))
+                    for c in map(complete_architecture, (source.card["architecture"], architecture)))
     if theirs == mine:
         network.load_state_dict(source.network.state_dict())
     elif _without_added_inputs(theirs) == _without_added_inputs(mine) and _only_gains_inputs(source.network, network):
@@ -375,12 +377,6 @@ def init_weights(network: DiffusionNetwork, checkpoint, architecture: dict) -> N
                               "a warm start needs the same network (or the same one with fewer inputs: "
                               "no conditioning, fewer position axes)")
     log.info("initialised from %s (%s)", checkpoint, source.name)
-
-
-def _explicit_axes(architecture: dict) -> dict:
-    """``position_axes`` written out (None means the spatial dims), so a card
-    without the key equals a config that states the default."""
-    return dict(architecture, position_axes=int(architecture["position_axes"] or architecture["spatial_dims"]))
 
 
 def _without_added_inputs(architecture: dict) -> dict:

@@ -69,6 +69,12 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def position_axes_of(config: dict) -> int:
+    """Coordinate axes a (completed) architecture gives its network:
+    ``position_axes``, or its spatial dims when that is None."""
+    return int(config["position_axes"] or config["spatial_dims"])
+
+
 def complete_architecture(config: dict | None) -> dict:
     """Fill in defaults so a saved config fully describes the network.
 
@@ -130,7 +136,7 @@ class DiffusionNetwork(nn.Module):
         if self.condition_windows and not self.condition_channels:
             raise ValueError("condition_windows need condition_channels")
         self.position_frequencies = c["position_frequencies"]
-        self.position_axes = int(c["position_axes"] or self.spatial_dims)
+        self.position_axes = position_axes_of(c)
         # a 2D network may take one axis more (its slice's place in the volume), nothing else
         allowed = (self.spatial_dims, self.spatial_dims + 1) if self.spatial_dims == 2 else (self.spatial_dims,)
         if self.position_axes not in allowed:

@@ -70,13 +70,13 @@ def real_histogram_spread(reals: list[np.ndarray], references: list[np.ndarray] 
     :func:`histogram_distance`): each of ``reals`` against the body voxels of
     the others (leave one out; needs two or more), then each of
     ``references`` (CTs not in the pool) against all of ``reals``."""
+    bodies = [r[body_mask(r)] for r in reals]
     distances = []
     if len(reals) >= 2:
-        bodies = [r[body_mask(r)] for r in reals]
         for i, r in enumerate(reals):
             distances.append(histogram_distance(r, np.concatenate([b for j, b in enumerate(bodies) if j != i])))
     if len(references):
-        pooled = np.concatenate([r[body_mask(r)] for r in reals])
+        pooled = np.concatenate(bodies)
         distances += [histogram_distance(r, pooled) for r in references]
     return distances
 
