@@ -220,6 +220,20 @@ def diffusion_configs(t_list, scores, ensemble: int, patch_mm=None) -> dict:
     return configs
 
 
+def smoothing_variants(smooth_mm) -> list:
+    """``[(label suffix, sigma mm), ...]`` for the ``--smooth-mm`` values: no
+    suffix when there is one value (the tables stay as they were)."""
+    values = [float(v) for v in np.atleast_1d(smooth_mm)]
+    return [("" if len(values) == 1 else f" smooth {v:g} mm", v) for v in values]
+
+
+def matching_baseline(label: str, keys, baseline: str = "baseline local z-score") -> str:
+    """The key among ``keys`` of the ``baseline`` row smoothed as the
+    diffusion row ``label`` (the longest smoothing suffix ``label`` ends with)."""
+    rows = [k for k in keys if k.startswith(baseline) and label.endswith(k[len(baseline):])]
+    return max(rows, key=len)
+
+
 def diffusion_heatmap(image_hu: np.ndarray, runs, roi: np.ndarray, spacing, *, score: str, smooth_mm: float,
                       window_hu=None, polarity: str = "both"):
     """Heatmap and pooled reconstruction from ``runs`` = ``[(reconstruction,
@@ -374,7 +388,7 @@ def run(args) -> dict:
             return ndimage.binary_dilation(organ_union, structure=np.ones((1, 3, 3)))
         return body_mask(vol)
 
-    smooth = dict(smooth_mm=args.smooth_mm, window_hu=tuple(args.window_hu) if args.window_hu else None)
+    window = tuple(args.window_hu) if args.window_hu else None
     thr_kwargs = dict(percentile=args.percentile, min_threshold=args.min_threshold)
 
     # reconstructions: per t (ensemble mean), normal and lesion volumes
@@ -393,28 +407,29 @@ def run(args) -> dict:
             log.info("t=%d %s: %.1f s (%.2f s/slice)", t, name, timing[(t, name)], timing[(t, name)] / len(keep))
     configs = diffusion_configs(args.t, args.scores, args.ensemble, args.patch_mm)
 
-    def diffusion_map(name, ts, score):
+    def diffusion_map(name, ts, score, smooth_mm):
         return diffusion_heatmap(volumes[name].data, [recs[(t, name)] for t in ts], rois[name], spacing,
-                                 score=score, **smooth)
+                                 score=score, smooth_mm=smooth_mm, window_hu=window)
 
-    def baseline_map(name):
+    def baseline_map(name, smooth_mm):
         return baseline_heatmap(volumes[name].data, rois[name], spacing, sigma_mm=args.baseline_sigma_mm,
-                                window_hu=tuple(args.window_hu) if args.window_hu else None,
-                                smooth_mm=args.smooth_mm)
+                                window_hu=window, smooth_mm=smooth_mm)
 
     results = {}
     maps_for_figure = {}
     for cname, cond in conditions.items():
         results[cname] = {}
-        for label, (ts, score) in configs.items():
-            n_map, _ = diffusion_map("normal", ts, score)
-            l_map, l_rec = diffusion_map(cname, ts, score)
-            results[cname][label] = score_method(n_map, rois["normal"], l_map, rois[cname], cond["truth"], **thr_kwargs)
-            maps_for_figure[(cname, label)] = (l_map, l_rec)
-        b_n, b_l = baseline_map("normal"), baseline_map(cname)
-        results[cname]["baseline local z-score"] = score_method(b_n, rois["normal"], b_l, rois[cname], cond["truth"],
-                                                                **thr_kwargs)
-        maps_for_figure[(cname, "baseline")] = (b_l, None)
+        for suffix, smooth_mm in smoothing_variants(args.smooth_mm):
+            for label, (ts, score) in configs.items():
+                n_map, _ = diffusion_map("normal", ts, score, smooth_mm)
+                l_map, l_rec = diffusion_map(cname, ts, score, smooth_mm)
+                results[cname][label + suffix] = score_method(n_map, rois["normal"], l_map, rois[cname],
+                                                              cond["truth"], **thr_kwargs)
+                maps_for_figure[(cname, label + suffix)] = (l_map, l_rec)
+            b_n, b_l = baseline_map("normal", smooth_mm), baseline_map(cname, smooth_mm)
+            results[cname]["baseline local z-score" + suffix] = score_method(b_n, rois["normal"], b_l, rois[cname],
+                                                                             cond["truth"], **thr_kwargs)
+            maps_for_figure[(cname, "baseline local z-score" + suffix)] = (b_l, None)
 
     seconds_per_slice = {str(t): float(np.mean([timing[(t, n)] for n in volumes]) / len(keep)) for t in args.t}
     report = {
@@ -442,11 +457,13 @@ def run(args) -> dict:
     (out / "anomaly_table.md").write_text(table + "\n")
     print(table)
     first = next(iter(conditions))
-    best_label = max(configs, key=lambda c: results[first][c]["pixel_auroc"])
+    best_label = max((k for k in results[first] if k.startswith("diffusion")),
+                     key=lambda k: results[first][k]["pixel_auroc"])
+    base_label = matching_baseline(best_label, results[first])
     save_figure(out / "anomaly.png", conditions[first], maps_for_figure[(first, best_label)],
-                maps_for_figure[(first, "baseline")], rois[first],
-                results[first][best_label]["threshold"], results[first]["baseline local z-score"]["threshold"],
-                titles=(best_label, "baseline"))
+                maps_for_figure[(first, base_label)], rois[first],
+                results[first][best_label]["threshold"], results[first][base_label]["threshold"],
+                titles=(best_label, base_label))
     return report
 
 
@@ -624,7 +641,9 @@ def add_heatmap_options(p, *, threads: int) -> None:
     """Options shared by the anomaly evaluations: heatmap post-processing
     (None = the task's defaults, see :func:`fill_task_defaults`), the
     baseline, the run and the output folder."""
-    p.add_argument("--smooth-mm", type=float, default=None)
+    p.add_argument("--smooth-mm", type=float, nargs="+", default=None,
+                   help="in-plane smoothing of the heatmaps (mm); several values give rows for each, from the "
+                        "same reconstructions (default: the task's)")
     p.add_argument("--window-hu", type=float, nargs=2, default=None)
     p.add_argument("--percentile", type=float, default=None)
     p.add_argument("--min-threshold", type=float, default=None)
@@ -645,7 +664,7 @@ def fill_task_defaults(args) -> None:
 
     defaults = dict(t=[task.DEFAULT_T], t_end=task.DEFAULT_T_END, patch_mm=task.DEFAULT_PATCH_MM or 0.0,
                     ensemble=task.DEFAULT_ENSEMBLE, steps=task.DEFAULT_STEPS,
-                    smooth_mm=task.DEFAULT_SMOOTH_MM, window_hu=list(task.DEFAULT_WINDOW_HU),
+                    smooth_mm=[task.DEFAULT_SMOOTH_MM], window_hu=list(task.DEFAULT_WINDOW_HU),
                     percentile=task.DEFAULT_PERCENTILE, min_threshold=task.DEFAULT_MIN_THRESHOLD)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -660,4 +679,4 @@ def _run_cli(args) -> int:
 
 
 __all__ = ["auroc", "baseline_heatmap", "best_dice", "dice", "diffusion_configs", "diffusion_heatmap",
-           "local_zscore_map", "pro_auc", "run", "slice_components"]
+           "local_zscore_map", "pro_auc", "run", "matching_baseline", "slice_components", "smoothing_variants"]

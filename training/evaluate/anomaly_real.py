@@ -69,7 +69,8 @@ import numpy as np
 from scipy import ndimage
 
 from .anomaly import (_gray, _heat, _overlay, _slice_max, add_heatmap_options, auroc, baseline_heatmap, best_dice,
-                      dice, diffusion_configs, diffusion_heatmap, make_lesion_volume, pro_auc, slice_components)
+                      dice, diffusion_configs, diffusion_heatmap, make_lesion_volume, matching_baseline, pro_auc,
+                      slice_components, smoothing_variants)
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     prior = prepare_prior(vol, args.model, options, task="anomaly evaluation",
                           region=region).at_pixel_size(args.pixel_mm)
     case.extra["prior_region"] = region or "prior's default"
-    smooth = dict(smooth_mm=args.smooth_mm, window_hu=tuple(args.window_hu) if args.window_hu else None)
+    window = tuple(args.window_hu) if args.window_hu else None
     thr = dict(percentile=args.percentile, min_threshold=args.min_threshold)
     recon_roi = grow_in_plane(case.roi, case.spacing[1:], args.recon_margin_mm)
     recs, seconds = {}, {}
@@ -412,24 +413,26 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
         log.info("%s t=%d: %.1f s (%.2f s/slice)", case.name, t, seconds[t], seconds[t] / len(case.image))
     results, maps = {}, {}
     variants = [False, True] if args.offset_correct else [False]
-    for label, (ts, score) in diffusion_configs(args.t, args.scores, args.ensemble, args.patch_mm).items():
-        for corrected in variants:
-            runs = [recs[t] for t in ts]
-            if corrected:
-                runs = [(level_matched(case.image, rec, case.roi, window_hu=smooth["window_hu"]), spread)
-                        for rec, spread in runs]
-            heat, rec = diffusion_heatmap(case.image, runs, case.roi, case.spacing, score=score,
-                                          polarity=args.polarity, **smooth)
-            name = (label + ("" if args.polarity == "both" else f" {args.polarity}")
-                    + (" offset-corrected" if corrected else ""))
-            results[name] = score_case(heat, case.roi, case.truth, **thr)
-            maps[name] = (heat, rec)
-    heat = baseline_heatmap(case.image, case.roi, case.spacing, sigma_mm=args.baseline_sigma_mm,
-                            window_hu=args.window_hu, smooth_mm=args.smooth_mm)
-    results["baseline local z-score"] = score_case(heat, case.roi, case.truth, **thr)
-    maps["baseline local z-score"] = (heat, None)
-    heat = roi_level_heatmap(case.image, case.roi, case.spacing, polarity=args.polarity, **smooth)
-    results["baseline ROI median level"] = score_case(heat, case.roi, case.truth, **thr)
+    for suffix, smooth_mm in smoothing_variants(args.smooth_mm):
+        for label, (ts, score) in diffusion_configs(args.t, args.scores, args.ensemble, args.patch_mm).items():
+            for corrected in variants:
+                runs = [recs[t] for t in ts]
+                if corrected:
+                    runs = [(level_matched(case.image, rec, case.roi, window_hu=window), spread)
+                            for rec, spread in runs]
+                heat, rec = diffusion_heatmap(case.image, runs, case.roi, case.spacing, score=score,
+                                              polarity=args.polarity, smooth_mm=smooth_mm, window_hu=window)
+                name = (label + ("" if args.polarity == "both" else f" {args.polarity}")
+                        + (" offset-corrected" if corrected else "") + suffix)
+                results[name] = score_case(heat, case.roi, case.truth, **thr)
+                maps[name] = (heat, rec)
+        heat = baseline_heatmap(case.image, case.roi, case.spacing, sigma_mm=args.baseline_sigma_mm,
+                                window_hu=args.window_hu, smooth_mm=smooth_mm)
+        results["baseline local z-score" + suffix] = score_case(heat, case.roi, case.truth, **thr)
+        maps["baseline local z-score" + suffix] = (heat, None)
+        heat = roi_level_heatmap(case.image, case.roi, case.spacing, polarity=args.polarity, smooth_mm=smooth_mm,
+                                 window_hu=window)
+        results["baseline ROI median level" + suffix] = score_case(heat, case.roi, case.truth, **thr)
     case.extra["seconds_per_slice"] = {str(t): round(s / len(case.image), 2) for t, s in seconds.items()}
     case.extra["model"] = prior.name
     return results, maps
@@ -555,7 +558,7 @@ def save_figure(path, figure, *, percentile: float, min_threshold: float, rows_p
     for case, results, maps in figure:
         label = best_diffusion(results)
         d_map, d_rec = maps[label]
-        b_map, _ = maps["baseline local z-score"]
+        b_map, _ = maps[matching_baseline(label, maps)]
         thr_d = auto_threshold(d_map, case.roi, percentile=percentile, minimum=min_threshold)
         thr_b = auto_threshold(b_map, case.roi, percentile=percentile, minimum=min_threshold)
         area = case.truth.sum(axis=(1, 2))
