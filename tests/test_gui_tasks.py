@@ -138,14 +138,15 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_c
     viewer, panel = panel
     tab = panel.task_tabs["anomaly"]
     kinds = {type(layer).__name__: layer
-             for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1, polarity="darker", match_level=True)}
+             for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1, polarity="darker", match_level=True,
+                               smooth_mm=6.0)}
     heat, mask = kinds["Image"], kinds["Labels"]
     for layer in (heat, mask):
         _assert_on_grid_of(layer, ct_crop_layer)
     assert "t=200" in heat.name and "t=200" in mask.name
     # the panel's choices reach the task
     params = heat.metadata["parameters"]
-    assert params["polarity"] == "darker" and params["match_level"] is True
+    assert params["polarity"] == "darker" and params["match_level"] is True and params["smooth_mm"] == 6.0
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 

@@ -206,7 +206,8 @@ def _run_anomaly(volume, values, options):
                               steps=values["steps"], threshold=zero_is_auto(values["threshold"]),
                               percentile=values["percentile"], model=values["model"],
                               pixel_mm=zero_is_auto(values["pixel_mm"]), polarity=values["polarity"],
-                              match_level=values["match_level"], options=options)
+                              match_level=values["match_level"], smooth_mm=values["smooth_mm"],
+                              options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
@@ -237,6 +238,11 @@ def anomaly_spec() -> TaskSpec:
             Param("show_reconstruction", False, label="add healthy reconstruction"),
             Param("steps", default(detect, "steps"), options={"min": 1, "max": 200}, advanced=True,
                   tooltip="DDIM steps from t to 0"),
+            Param("smooth_mm", default(detect, "smooth_mm"), label="heatmap smoothing (mm)",
+                  options={"min": 0.0, "max": 20.0, "step": 0.5}, advanced=True,
+                  tooltip="Gaussian sigma of the heatmap in the slice plane, about half the lesion size you look "
+                          "for: 6 mm scored best for 10-30 mm soft-tissue lesions, the default for lung "
+                          "nodules and liver tumours (docs/evaluation/anomaly_real.md)"),
             Param("percentile", default(detect, "percentile"), options={"min": 50.0, "max": 99.99}, advanced=True,
                   tooltip="Automatic threshold: this percentile of the heatmap inside the region"),
             Param("pixel_mm", 0.0, label="pixel size (mm)", options={"min": 0.0, "max": 10.0, "step": 0.25},
