@@ -169,6 +169,27 @@ def test_real_patients_histogram_spread(ct_small_path):
     assert real_histogram_spread([real]) == []
 
 
+def test_pooled_groups_of_real_patients(ct_small_path):
+    """Pooled samples are read against real patients pooled as many at a time."""
+    from training.evaluate.synthesis import pooled_group_spread, voxel_distance
+
+    real = io.read_nifti(ct_small_path).data.astype(np.float32)
+    body = real > -500
+    shifts = [0.0, 10.0, 20.0, 30.0, 60.0]
+    reals = [real + d * body for d in shifts]
+    # groups of 2: (0, 10) against (20, 30, 60), whose body levels sit 30 HU higher on average;
+    # (20, 30) against (0, 10, 60): 3.3 HU lower; the fifth patient is left out
+    groups = pooled_group_spread(reals, 2)
+    assert len(groups) == 2
+    assert groups[0] == pytest.approx(30.0, abs=2.0)
+    assert groups[1] < groups[0]
+    # too few patients for two groups: the references pooled against them
+    assert pooled_group_spread(reals[:3], 2, [real + 100.0 * body]) == [pytest.approx(90.0, abs=2.0)]
+    assert pooled_group_spread(reals[:3], 2) == []
+    a = np.arange(1000.0)
+    assert voxel_distance(a, a + 25.0) == pytest.approx(25.0)
+
+
 # -- coarse-to-fine synthesis (coarse whole-body prior, then the 2D prior) -----------
 
 COARSE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "ct_prior_coarse.yaml"
@@ -414,6 +435,15 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
     results["real"].update(paths=["a"], hu_wasserstein_real_to_pool=[31.9, 31.0], references=["c", "d"])
     assert ("Real patients, for comparison (2 other real CT(s) of the region against the real CT): mean 31.4 HU, "
             "range 31.0-31.9; 0 of 2 within 20 HU.") in markdown(results)
+    # the samples pooled, beside the references pooled (one real patient) ...
+    results.update(samples_pooled_hu_wasserstein=41.5)
+    results["real"]["hu_wasserstein_real_groups_to_pool"] = [27.25]
+    assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; the other real CT(s) pooled "
+            "against them: 27.2 HU.") in markdown(results)
+    # ... or beside real patients pooled as many at a time (enough patients)
+    results["real"].update(paths=list("abcdef"), hu_wasserstein_real_groups_to_pool=[10.0, 20.0, 15.0])
+    assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; real patients pooled 2 at a time "
+            "against the others: mean 15.0 HU, range 10.0-20.0 (3 groups).") in markdown(results)
 
 
 def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):

@@ -11,7 +11,9 @@ Reports, for samples of the CT prior and for the real CT:
   voxels of a sample and of the real CT(s); beside it, how far real patients
   are from the same pool (each of several ``--real`` patients against the
   others, and each ``--reference`` CT against all of them), so the samples'
-  distance can be read against the spread between real patients;
+  distance can be read against the spread between real patients; and all
+  samples pooled against the real pool (the model's HU population), beside
+  real patients pooled as many at a time against the others;
 * diversity: MS-SSIM between the axial slices of different samples (lower =
   more diverse);
 * closeness to the training CT: the highest correlation between a sample and
@@ -57,12 +59,32 @@ def adjacent_slice_difference(volume_hu: np.ndarray) -> float:
 
 def histogram_distance(a_hu: np.ndarray, b_hu: np.ndarray, max_samples: int = 200_000) -> float:
     """Wasserstein-1 distance (HU) between body-voxel HU distributions."""
+    return voxel_distance(a_hu[body_mask(a_hu)], b_hu[body_mask(b_hu)], max_samples)
+
+
+def voxel_distance(a: np.ndarray, b: np.ndarray, max_samples: int = 200_000) -> float:
+    """Wasserstein-1 distance (HU) between two sets of voxel values, each
+    subsampled to at most ``max_samples`` (a fixed seed: repeatable)."""
     rng = np.random.default_rng(0)
-    a = a_hu[body_mask(a_hu)]
-    b = b_hu[body_mask(b_hu)]
     a = rng.choice(a, min(max_samples, a.size), replace=False) if a.size else a
     b = rng.choice(b, min(max_samples, b.size), replace=False) if b.size else b
     return float(wasserstein_distance(a, b)) if a.size and b.size else float("nan")
+
+
+def pooled_group_spread(reals: list[np.ndarray], group_size: int, references: list[np.ndarray] = ()) -> list[float]:
+    """Like-for-like comparison for pooled samples: real patients taken
+    ``group_size`` at a time (consecutive groups; a remainder is left out),
+    each group's body voxels pooled against those of all other patients.
+    Fewer than ``2 x group_size`` patients: the ``references`` pooled against
+    all of ``reals`` instead (one figure; none without references)."""
+    bodies = [r[body_mask(r)] for r in reals]
+    if len(bodies) >= 2 * group_size:
+        groups = [list(range(k, k + group_size)) for k in range(0, len(bodies) - group_size + 1, group_size)]
+        return [voxel_distance(np.concatenate([bodies[i] for i in g]),
+                               np.concatenate([b for i, b in enumerate(bodies) if i not in g])) for g in groups]
+    if len(references):
+        return [voxel_distance(np.concatenate([r[body_mask(r)] for r in references]), np.concatenate(bodies))]
+    return []
 
 
 def real_histogram_spread(reals: list[np.ndarray], references: list[np.ndarray] = ()) -> list[float]:
@@ -221,6 +243,12 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                          options=RunOptions(device=device, seed=0, batch_size=8), **kwargs)
         results[key] = scored(vol, time.monotonic() - start)
         extra_volumes.append(vol.data)
+    # the samples as a population against the patients as one: per-sample
+    # distances also hold how much one patient differs from the others
+    results["samples_pooled_hu_wasserstein"] = voxel_distance(
+        np.concatenate([v[body_mask(v)] for v in volumes]), pooled[0])
+    results["real"]["hu_wasserstein_real_groups_to_pool"] = pooled_group_spread(
+        reals, samples, real_volumes(references, results["real"]["voxel_mm"], orientation_fix))
     if samples >= 2:
         results["ms_ssim_between_samples"] = ms_ssim_between(volumes[0], volumes[1])
     real_mad = results["real"]["adjacent_slice_mad_hu"]
@@ -278,6 +306,16 @@ def markdown(results: dict) -> str:
         lines.append(f"Real patients, for comparison ({who}): mean {np.mean(spread):.1f} HU, range "
                      f"{min(spread):.1f}-{max(spread):.1f}; {sum(d <= 20 for d in spread)} of {len(spread)} "
                      f"within 20 HU.")
+    if "samples_pooled_hu_wasserstein" in results:
+        groups = results["real"].get("hu_wasserstein_real_groups_to_pool") or []
+        n = len(results["samples"])
+        lines.append(f"All {n} samples pooled against the real patients pooled: "
+                     f"{results['samples_pooled_hu_wasserstein']:.1f} HU"
+                     + (f"; real patients pooled {n} at a time against the others: mean {np.mean(groups):.1f} HU, "
+                        f"range {min(groups):.1f}-{max(groups):.1f} ({len(groups)} groups)"
+                        if groups and len(results["real"]["paths"]) >= 2 * n else
+                        f"; the other real CT(s) pooled against them: {groups[0]:.1f} HU" if groups else "")
+                     + ".")
     if "ms_ssim_between_samples" in results:
         lines.append(f"MS-SSIM between two samples: {results['ms_ssim_between_samples']:.3f} (lower = more diverse).")
     return "\n".join(lines) + "\n"
