@@ -1,9 +1,10 @@
 """Every task on clinical grids built from a real thin-slice chest CT
 (../shared/data/ct/chest_ct_lidc0314_1mm.nii.gz, 0.78 x 0.78 x 1 mm, LPS):
 its native pixels, resampled to 0.4 mm pixels, and 5 mm slabs. Small crops
-for speed; the bundled 3 mm demo models. The tasks must run, keep the input's
-grid (mm), stay finite, say that the grid is outside what the model saw, and
-do what they are for (measured against the real CT).
+for speed; the bundled default models (the CT prior ct-prior-multi saw 0.6-4 mm
+pixels, so 0.78 mm is inside and 0.4 mm outside). The tasks must run, keep the
+input's grid (mm), stay finite, say when the grid is outside what the model
+saw, and do what they are for (measured against the real CT).
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_denoise_on_clinical_pixels_removes_noise(grid, request):
     noisy = clean.with_data((clean.data + rng.normal(0, 40, clean.data.shape)).astype(np.float32))
     result = denoise.denoise(noisy, options=FAST)
     assert_same_grid(result, noisy)
-    assert pixel_warning(result) and result.metadata["out_of_domain"]
+    assert result.metadata["model"] == "ct-prior-multi"
+    assert pixel_warning(result) == bool(result.metadata.get("out_of_domain")) == (grid == "fine")
     before = soft_tissue_rmse(noisy.data, clean.data, clean.data)
     after = soft_tissue_rmse(result.data, clean.data, clean.data)
     assert after < 0.8 * before, (before, after)
@@ -113,7 +115,7 @@ def test_super_resolution_of_5mm_slabs_on_0p78mm_pixels(thick_and_truth):
     assert result.data.shape == thin.data.shape
     # the slab model puts the thin slices exactly where the real 1 mm slices are
     np.testing.assert_allclose(result.affine, thin.affine, atol=1e-3)
-    assert pixel_warning(result)
+    assert result.metadata["model"] == "ct-prior-multi" and not pixel_warning(result)  # 0.78 mm: inside
     # consistent with the measured slabs wherever the final clip to the input's HU range left it alone
     lo, hi = thick.data.min(), thick.data.max()
     clipped = ((result.data <= lo + 1e-3) | (result.data >= hi - 1e-3)).reshape(5, 5, 96, 96).any(axis=1)
@@ -136,7 +138,8 @@ def test_inpainting_on_clinical_pixels_keeps_everything_outside_the_mask(grid, r
     np.testing.assert_array_equal(result.data[~mask], volume.data[~mask])
     inside = result.data[mask]
     assert -1024 <= inside.min() and inside.max() <= 3071
-    assert pixel_warning(result)
+    assert result.metadata["model"] == "ct-prior-multi"
+    assert pixel_warning(result) == (grid == "fine")
 
 
 def test_anomaly_on_clinical_pixels_keeps_the_grid_and_scores_the_roi_only(native):
@@ -147,7 +150,11 @@ def test_anomaly_on_clinical_pixels_keeps_the_grid_and_scores_the_roi_only(nativ
         assert_same_grid(layer, native)
     assert not result.mask.data[~roi].any()
     np.testing.assert_array_equal(result.reconstruction.data[~roi], native.data[~roi])
-    assert pixel_warning(result.heatmap)
+    assert result.heatmap.metadata["model"] == "ct-prior-multi" and not pixel_warning(result.heatmap)
+    # the 3 mm demo, named, still says the grid is outside what it saw
+    demo = anomaly.detect_anomalies(native, roi=roi, t=150, ensemble=1, steps=1, model="ct-prior-demo",
+                                    options=FAST)
+    assert demo.heatmap.metadata["model"] == "ct-prior-demo" and pixel_warning(demo.heatmap)
 
 
 def test_partial_diffusion_keeps_the_detail_finer_than_the_prior(native):

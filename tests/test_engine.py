@@ -311,6 +311,31 @@ def test_registry_lookup_order_env_then_user_then_bundled(tmp_path, monkeypatch)
     assert registry.resolve_checkpoint(task="ct_prior").name == "prior"
 
 
+def test_a_card_marked_default_is_its_tasks_default_within_its_folder(tmp_path, monkeypatch):
+    user_dir, bundled = tmp_path / "user", tmp_path / "bundled"
+    _save_tiny(bundled / "a-demo", name="a-demo")
+    _save_tiny(bundled / "b-multi", name="b-multi")
+    card_path = bundled / "b-multi" / "mediffuse.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "default": True}))
+    monkeypatch.setattr(registry, "user_models_dir", lambda: user_dir)
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: bundled)
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    # alphabetically a-demo would come first; the card's flag puts b-multi first (lists too)
+    assert registry.resolve_checkpoint(task="ct_prior").name == "b-multi"
+    assert [i.name for i in registry.list_checkpoints(task="ct_prior")] == ["b-multi", "a-demo"]
+    assert registry.resolve_checkpoint("a-demo").name == "a-demo"  # a named model is still found
+    # a model the user installed still shadows the bundled default
+    _save_tiny(user_dir / "mine", name="mine")
+    assert registry.resolve_checkpoint(task="ct_prior").name == "mine"
+
+
+def test_the_bundled_default_ct_prior_is_the_multi_patient_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "no-user-models")
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    assert registry.resolve_checkpoint(task="ct_prior", modality="CT").name == "ct-prior-multi"
+    assert registry.resolve_checkpoint("ct-prior-demo", task="ct_prior").name == "ct-prior-demo"
+
+
 def test_registry_errors_name_what_is_available(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "user")
     monkeypatch.setattr(registry, "bundled_models_dir", lambda: tmp_path / "bundled")

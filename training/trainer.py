@@ -495,6 +495,8 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         extra = {"volume_shape": [int(n) for n in data["volume_shape"]],
                  "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
     extra.update(card_domain(config))
+    if config.get("default"):  # the task's default among the models of its folder (engine.registry)
+        extra["default"] = True
     if data.get("residual_scale"):  # a restoration model generating s (target - condition)
         extra["residual_scale"] = float(data["residual_scale"])
     card = make_card(

@@ -8,6 +8,11 @@ Lookup order (first match wins, so a user can shadow a bundled model):
    (``os.pathsep``-separated); each holds checkpoint folders;
 3. the user models folder, :func:`user_models_dir` (platformdirs);
 4. the demo checkpoints bundled in the package.
+
+Within one folder, a checkpoint whose card says ``"default": true`` comes
+first, so it is the task's default when no model is named (the bundled
+multi-patient CT prior over the one-patient demo); otherwise folder names
+decide.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class CheckpointInfo:
     task: str
     modality: str
     summary: str
+    default: bool = False  # the card asks to be its task's default within its folder
 
     def label(self) -> str:
         """Text for model choosers: name, origin and the card's summary."""
@@ -61,7 +67,7 @@ def _info(path: Path, origin: str) -> CheckpointInfo:
     card = read_card(path)
     return CheckpointInfo(name=card.get("name", path.name), path=path, origin=origin,
                           task=card["task"], modality=card["modality"],
-                          summary=card.get("summary", ""))
+                          summary=card.get("summary", ""), default=bool(card.get("default", False)))
 
 
 def list_checkpoints(task: str | tuple[str, ...] | None = None,
@@ -73,13 +79,15 @@ def list_checkpoints(task: str | tuple[str, ...] | None = None,
     for origin, folder in search_dirs():
         if not folder.is_dir():
             continue
+        infos = []
         for sub in sorted(folder.iterdir()):
             if not (sub / CARD_FILE).is_file():
                 continue
             try:
-                info = _info(sub, origin)
+                infos.append(_info(sub, origin))
             except CheckpointError:
                 continue  # listed by check_models_dir(); not fatal for lookup
+        for info in sorted(infos, key=lambda i: not i.default):  # stable: names decide among equals
             if info.name in found:
                 continue
             if tasks is not None and info.task not in tasks:
