@@ -376,7 +376,9 @@ def test_a_multi_resolution_prior_generates_at_the_requested_spacing_within_its_
     multi = {"pixel_spacing_mm": None, "domain": {"pixel_spacing_mm": [0.6, 4.0]}}
     assert generation_spacing(multi, (3.0, 4.0, 4.0)) == 3.0   # a neck box at its own voxel size
     assert generation_spacing(multi, (8.0, 8.0, 8.0)) == 4.0   # coarser than it saw: its coarsest
-    assert generation_spacing(multi, None) == 1.0
+    # none asked for: 3 mm, so a default-sized volume holds a body (the default prior is this kind)
+    assert generation_spacing(multi, None) == 3.0
+    assert generation_spacing({"domain": {"pixel_spacing_mm": [0.5, 1.0]}}, None) == 1.0  # within its range
     assert generation_spacing({"pixel_spacing_mm": [3.0, 3.0]}, (1.0, 1.0, 1.0)) == 3.0  # a 3 mm prior
 
 

@@ -67,7 +67,7 @@ def synthesis_spec() -> TaskSpec:
             Param("rows", 101, options={"min": 16, "max": 1024}, tooltip="Voxels along anterior-posterior"),
             Param("columns", 122, options={"min": 16, "max": 1024}, tooltip="Voxels along right-left"),
             Param("spacing_mm", 0.0, label="spacing (mm)", options={"min": 0.0, "max": 10.0, "step": 0.25},
-                  tooltip="Isotropic voxel spacing; 0 = the model's native spacing"),
+                  tooltip="Isotropic voxel spacing; 0 = the model's own (3 mm for a prior trained at several pixel sizes)"),
             Param("region", "abdomen", options={"choices": list(REGIONS)}, tooltip="Body region to synthesise"),
             Param("steps", 50, options={"min": 1, "max": 1000}, tooltip="DDIM steps over the whole volume"),
             Param("coarse_layout", True, label="coarse layout first",
@@ -242,7 +242,7 @@ def anomaly_spec() -> TaskSpec:
                   options={"min": 0.0, "max": 20.0, "step": 0.5}, advanced=True,
                   tooltip="Gaussian sigma of the heatmap in the slice plane, about half the lesion size you look "
                           "for: 6 mm scored best for 10-30 mm soft-tissue lesions, the default for lung "
-                          "nodules and liver tumours (docs/evaluation/anomaly_real.md)"),
+                          "tumours and liver tumours (docs/evaluation/anomaly_real.md)"),
             Param("percentile", default(detect, "percentile"), options={"min": 50.0, "max": 99.99}, advanced=True,
                   tooltip="Automatic threshold: this percentile of the heatmap inside the region"),
             Param("pixel_mm", 0.0, label="pixel size (mm)", options={"min": 0.0, "max": 10.0, "step": 0.25},

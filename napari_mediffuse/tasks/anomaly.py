@@ -55,7 +55,7 @@ DEFAULT_STEPS = 10
 DEFAULT_ENSEMBLE = 2
 #: In-plane Gaussian smoothing of the residual (sigma, mm). 3 mm keeps the
 #: LUNG1 tumour's mask (Dice 0.42; 0.30 at 6 mm); 6 mm ranks 10-30 mm soft-
-#: tissue lesions higher (pixel AUROC 0.76 -> 0.81 on OpenKBP), so it is a
+#: tissue lesions higher (pixel AUROC 0.755 -> 0.806 on OpenKBP), so it is a
 #: user setting (docs/evaluation/anomaly_real.md, session 16).
 DEFAULT_SMOOTH_MM = 3.0
 #: HU window both images are clipped to before the residual (soft tissue).

@@ -246,16 +246,22 @@ def synthesis_affine(shape, spacing) -> np.ndarray:
     return affine
 
 
+#: Voxel size (mm) a multi-resolution prior generates at when no spacing is
+#: asked for: the demo prior's, so a default-sized volume (e.g. 64 x 101 x
+#: 122 voxels) still holds a whole abdomen, not a 10 cm block of it.
+DEFAULT_SPACING_MM = 3.0
+
+
 def generation_spacing(card: dict, spacing=None) -> float:
     """The voxel size (mm) the prior generates at: its pixel spacing, or for a
     multi-resolution prior (a pixel-size range in its domain, no single
     spacing) the requested spacing's finest axis brought into that range
-    (1 mm when none is requested), so a 4 mm box is drawn at 4 mm, not at
-    64 times the voxels."""
+    (:data:`DEFAULT_SPACING_MM` when none is requested), so a 4 mm box is
+    drawn at 4 mm, not at 64 times the voxels."""
     if card.get("pixel_spacing_mm"):
         return float(card["pixel_spacing_mm"][0])
     low, high = (card.get("domain") or {}).get("pixel_spacing_mm") or (1.0, 1.0)
-    wanted = min(spacing) if spacing else 1.0
+    wanted = min(spacing) if spacing else DEFAULT_SPACING_MM
     return float(min(max(wanted, float(low)), float(high)))
 
 
@@ -269,8 +275,9 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     shape : (int, int, int)
         Output voxels along (S, P, L): slices, rows, columns.
     spacing : (float, float, float), optional
-        Output voxel spacing in mm; the checkpoint's native pixel spacing
-        (isotropic) by default.
+        Output voxel spacing in mm; by default the checkpoint's native pixel
+        spacing (isotropic), or 3 mm for a multi-resolution prior
+        (:func:`generation_spacing`).
     region : str
         Body region the sample should show (``'abdomen'``, ``'chest'``,
         ``'head-neck'`` or ``'unknown'``), if the checkpoint is
@@ -406,7 +413,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--shape", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"),
                    help="voxels along superior, posterior, left")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("DZ", "DY", "DX"),
-                   help="voxel spacing in mm (default: the model's native spacing)")
+                   help="voxel spacing in mm (default: the model's own; 3 mm for a prior trained at several pixel sizes)")
     p.add_argument("--region", default="abdomen", help="body region (abdomen, chest, head-neck, unknown)")
     p.add_argument("--coarse-model", default="auto", metavar="NAME|FOLDER|none",
                    help="coarse whole-body prior drawing the layout first (default: the installed one, if any; "

@@ -223,7 +223,7 @@ def diffusion_configs(t_list, scores, ensemble: int, patch_mm=None) -> dict:
 def smoothing_variants(smooth_mm) -> list:
     """``[(label suffix, sigma mm), ...]`` for the ``--smooth-mm`` values: no
     suffix when there is one value (the tables stay as they were)."""
-    values = [float(v) for v in np.atleast_1d(smooth_mm)]
+    values = list(dict.fromkeys(float(v) for v in np.atleast_1d(smooth_mm)))  # a repeat would overwrite rows
     return [("" if len(values) == 1 else f" smooth {v:g} mm", v) for v in values]
 
 
