@@ -32,8 +32,7 @@ import numpy as np
 
 from napari_mediffuse.tasks.anomaly import DEFAULT_STEPS, DEFAULT_WINDOW_HU, healthy_reconstruction
 from napari_mediffuse.tasks.common import RunOptions
-from napari_mediffuse.tasks.inpaint import prepare_prior
-from training.evaluate.anomaly_real import _region_for, _stack_volume, openkbp_inserted_case
+from training.evaluate.anomaly_real import _stack_volume, case_prior, openkbp_inserted_case
 
 
 def error_budget(image, truth, roi, reconstruction, spread, ensemble: int, window=DEFAULT_WINDOW_HU) -> dict:
@@ -69,8 +68,7 @@ def main(argv=None) -> int:
     case = openkbp_inserted_case(seed=args.seed)
     vol = _stack_volume(case.image, case.affine, case.name)
     options = RunOptions(device="cpu", seed=args.seed)
-    probe = prepare_prior(vol, args.model, options, task="benchmark")
-    prior = prepare_prior(vol, args.model, options, task="benchmark", region=_region_for(probe.card, case.region))
+    prior, _ = case_prior(case, vol, args.model, options, task="benchmark")
     rows = []
     for t in args.t:
         rec, spread = healthy_reconstruction(vol, case.roi, prior, t=t, ensemble=args.ensemble, steps=DEFAULT_STEPS,

@@ -179,13 +179,14 @@ def test_pooled_groups_of_real_patients(ct_small_path):
     reals = [real + d * body for d in shifts]
     # groups of 2: (0, 10) against (20, 30, 60), whose body levels sit 30 HU higher on average;
     # (20, 30) against (0, 10, 60): 3.3 HU lower; the fifth patient is left out
-    groups = pooled_group_spread(reals, 2)
+    groups = pooled_group_spread(reals, 2)["hu_wasserstein_real_groups_to_pool"]
     assert len(groups) == 2
     assert groups[0] == pytest.approx(30.0, abs=2.0)
     assert groups[1] < groups[0]
     # too few patients for two groups: the references pooled against them
-    assert pooled_group_spread(reals[:3], 2, [real + 100.0 * body]) == [pytest.approx(90.0, abs=2.0)]
-    assert pooled_group_spread(reals[:3], 2) == []
+    assert pooled_group_spread(reals[:3], 2, [real + 100.0 * body]) == {
+        "hu_wasserstein_references_pooled": pytest.approx(90.0, abs=2.0)}
+    assert pooled_group_spread(reals[:3], 2) == {}
     a = np.arange(1000.0)
     assert voxel_distance(a, a + 25.0) == pytest.approx(25.0)
 
@@ -439,10 +440,11 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
             "range 31.0-31.9; 0 of 2 within 20 HU.") in markdown(results)
     # the samples pooled, beside the references pooled (one real patient) ...
     results.update(samples_pooled_hu_wasserstein=41.5)
-    results["real"]["hu_wasserstein_real_groups_to_pool"] = [27.25]
+    results["real"]["hu_wasserstein_references_pooled"] = 27.25
     assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; the other real CT(s) pooled "
             "against them: 27.2 HU.") in markdown(results)
     # ... or beside real patients pooled as many at a time (enough patients)
+    del results["real"]["hu_wasserstein_references_pooled"]
     results["real"].update(paths=list("abcdef"), hu_wasserstein_real_groups_to_pool=[10.0, 20.0, 15.0])
     assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; real patients pooled 2 at a time "
             "against the others: mean 15.0 HU, range 10.0-20.0 (3 groups).") in markdown(results)

@@ -372,6 +372,16 @@ def _region_for(card: dict, region: Optional[str]) -> Optional[str]:
     return region if (not trained or region in trained) else None
 
 
+def case_prior(case: Case, volume, model, options, *, task: str = "anomaly evaluation"):
+    """``(prior, region)``: ``model`` loaded for ``volume``, conditioned on the
+    case's region where the prior was trained on it (else its default)."""
+    from napari_mediffuse.tasks.inpaint import prepare_prior
+
+    probe = prepare_prior(volume, model, options, task=task)
+    region = _region_for(probe.card, case.region)
+    return prepare_prior(volume, model, options, task=task, region=region), region
+
+
 def roi_level_heatmap(image_hu: np.ndarray, roi: np.ndarray, spacing, *, polarity: str, smooth_mm: float,
                       window_hu=None) -> np.ndarray:
     """The diffusion heatmap's pipeline with a flat "reconstruction" at the
@@ -391,14 +401,11 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     maps for the picture: ``(results, maps)``."""
     from napari_mediffuse.tasks.anomaly import healthy_reconstruction, level_matched
     from napari_mediffuse.tasks.common import RunOptions
-    from napari_mediffuse.tasks.inpaint import prepare_prior
 
     options = RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size)
     vol = _stack_volume(case.image, case.affine, case.name)
-    probe = prepare_prior(vol, args.model, options, task="anomaly evaluation")
-    region = _region_for(probe.card, case.region)
-    prior = prepare_prior(vol, args.model, options, task="anomaly evaluation",
-                          region=region).at_pixel_size(args.pixel_mm)
+    prior, region = case_prior(case, vol, args.model, options)
+    prior = prior.at_pixel_size(args.pixel_mm)
     case.extra["prior_region"] = region or "prior's default"
     window = tuple(args.window_hu) if args.window_hu else None
     thr = dict(percentile=args.percentile, min_threshold=args.min_threshold)
@@ -649,5 +656,5 @@ def _run_cli(args) -> int:
     return 0
 
 
-__all__ = ["Case", "roi_level_heatmap", "lits_case", "lung1_case", "lidc_inserted_case", "openkbp_inserted_case", "lung_fields", "score_case", "soft_tissue",
+__all__ = ["Case", "case_prior", "roi_level_heatmap", "lits_case", "lung1_case", "lidc_inserted_case", "openkbp_inserted_case", "lung_fields", "score_case", "soft_tissue",
            "run"]

@@ -71,20 +71,24 @@ def voxel_distance(a: np.ndarray, b: np.ndarray, max_samples: int = 200_000) -> 
     return float(wasserstein_distance(a, b)) if a.size and b.size else float("nan")
 
 
-def pooled_group_spread(reals: list[np.ndarray], group_size: int, references: list[np.ndarray] = ()) -> list[float]:
-    """Like-for-like comparison for pooled samples: real patients taken
+def pooled_group_spread(reals: list[np.ndarray], group_size: int, references: list[np.ndarray] = ()) -> dict:
+    """Like-for-like comparison for pooled samples, named by what it is:
+    ``{"hu_wasserstein_real_groups_to_pool": [...]}``, real patients taken
     ``group_size`` at a time (consecutive groups; a remainder is left out),
-    each group's body voxels pooled against those of all other patients.
-    Fewer than ``2 x group_size`` patients: the ``references`` pooled against
-    all of ``reals`` instead (one figure; none without references)."""
+    each group's body voxels pooled against those of all other patients; with
+    fewer than ``2 x group_size`` patients ``{"hu_wasserstein_references_pooled":
+    d}``, the ``references`` pooled against all of ``reals``; ``{}`` without
+    references."""
     bodies = [r[body_mask(r)] for r in reals]
     if len(bodies) >= 2 * group_size:
         groups = [list(range(k, k + group_size)) for k in range(0, len(bodies) - group_size + 1, group_size)]
-        return [voxel_distance(np.concatenate([bodies[i] for i in g]),
-                               np.concatenate([b for i, b in enumerate(bodies) if i not in g])) for g in groups]
+        return {"hu_wasserstein_real_groups_to_pool": [
+            voxel_distance(np.concatenate([bodies[i] for i in g]),
+                           np.concatenate([b for i, b in enumerate(bodies) if i not in g])) for g in groups]}
     if len(references):
-        return [voxel_distance(np.concatenate([r[body_mask(r)] for r in references]), np.concatenate(bodies))]
-    return []
+        return {"hu_wasserstein_references_pooled": voxel_distance(
+            np.concatenate([r[body_mask(r)] for r in references]), np.concatenate(bodies))}
+    return {}
 
 
 def real_histogram_spread(reals: list[np.ndarray], references: list[np.ndarray] = ()) -> list[float]:
@@ -207,13 +211,15 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                             "torch_threads": torch.get_num_threads()}}
     volumes = []
     reals: list[np.ndarray] = []
+    refs: list[np.ndarray] = []
     pooled: list[np.ndarray] = []  # the real patients' body voxels, once
 
     def scored(vol, seconds) -> dict:
         if not reals:  # on the first sample's grid
             reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
+            refs.extend(real_volumes(references, float(vol.spacing[0]), orientation_fix))
             pooled.append(np.concatenate([r[body_mask(r)] for r in reals]))
-            spread = real_histogram_spread(reals, real_volumes(references, float(vol.spacing[0]), orientation_fix))
+            spread = real_histogram_spread(reals, refs)
             results["real"] = {"paths": [str(p) for p in paths], "voxel_mm": float(vol.spacing[0]),
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
                                                                        for r in reals])),
@@ -247,8 +253,7 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
     # distances also hold how much one patient differs from the others
     results["samples_pooled_hu_wasserstein"] = voxel_distance(
         np.concatenate([v[body_mask(v)] for v in volumes]), pooled[0])
-    results["real"]["hu_wasserstein_real_groups_to_pool"] = pooled_group_spread(
-        reals, samples, real_volumes(references, results["real"]["voxel_mm"], orientation_fix))
+    results["real"].update(pooled_group_spread(reals, samples, refs))
     if samples >= 2:
         results["ms_ssim_between_samples"] = ms_ssim_between(volumes[0], volumes[1])
     real_mad = results["real"]["adjacent_slice_mad_hu"]
@@ -307,14 +312,15 @@ def markdown(results: dict) -> str:
                      f"{min(spread):.1f}-{max(spread):.1f}; {sum(d <= 20 for d in spread)} of {len(spread)} "
                      f"within 20 HU.")
     if "samples_pooled_hu_wasserstein" in results:
-        groups = results["real"].get("hu_wasserstein_real_groups_to_pool") or []
+        groups = results["real"].get("hu_wasserstein_real_groups_to_pool")
+        refs_pooled = results["real"].get("hu_wasserstein_references_pooled")
         n = len(results["samples"])
         lines.append(f"All {n} samples pooled against the real patients pooled: "
                      f"{results['samples_pooled_hu_wasserstein']:.1f} HU"
                      + (f"; real patients pooled {n} at a time against the others: mean {np.mean(groups):.1f} HU, "
-                        f"range {min(groups):.1f}-{max(groups):.1f} ({len(groups)} groups)"
-                        if groups and len(results["real"]["paths"]) >= 2 * n else
-                        f"; the other real CT(s) pooled against them: {groups[0]:.1f} HU" if groups else "")
+                        f"range {min(groups):.1f}-{max(groups):.1f} ({len(groups)} groups)" if groups else
+                        f"; the other real CT(s) pooled against them: {refs_pooled:.1f} HU"
+                        if refs_pooled is not None else "")
                      + ".")
     if "ms_ssim_between_samples" in results:
         lines.append(f"MS-SSIM between two samples: {results['ms_ssim_between_samples']:.3f} (lower = more diverse).")
