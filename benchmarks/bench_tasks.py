@@ -92,8 +92,8 @@ def run():
         return denoise.denoise(volume, options=options)
     if task == "denoise-bm3d":
         return denoise.denoise(volume, method="bm3d", options=options)
-    if task == "sr":
-        return superres.super_resolve(volume, factor=2, options=options)
+    if task == "sr":  # DiffPIR, as measured before method 'auto' (session 17) could pick the learned model
+        return superres.super_resolve(volume, factor=2, method="diffusion", options=options)
     if task == "sr-cubic":
         return superres.super_resolve(volume, factor=2, method="cubic", options=options)
     if task == "anomaly":

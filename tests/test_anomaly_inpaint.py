@@ -32,15 +32,25 @@ def crop(volume: io.Volume, index) -> io.Volume:
 def oracle_prior(healthy_hu: np.ndarray) -> Prior:
     """A point-mass prior at a known healthy image: eps = (x_t - sqrt(abar) x*) / sqrt(1 - abar).
 
-    Every batch must be the whole stack of slices (batch size >= slices).
+    Every batch must be the whole stack of slices (batch size >= slices);
+    like the real predictor it takes crops of them with their ``extent`` in
+    the whole slice (its calls' crop shapes are kept in ``predictor.shapes``).
     """
     target = torch.from_numpy(normalize(healthy_hu, DEFAULT_CT_NORMALIZATION))[:, None]
     abar = alphas_cumprod(DEFAULT_SCHEDULE)
 
-    def predictor(x, t):
-        assert x.shape == target.shape, "oracle needs the whole stack in one batch"
+    def predictor(x, t, extent=None):
+        here = target
+        if extent is not None:
+            (r0, rows), (c0, cols) = extent
+            assert (rows, cols) == target.shape[2:], "the extent names the whole slice"
+            here = target[:, :, int(r0):int(r0) + x.shape[2], int(c0):int(c0) + x.shape[3]]
+        assert x.shape == here.shape, "oracle needs the whole stack in one batch"
+        predictor.shapes.append(tuple(x.shape[2:]))
         a = float(abar[t])
-        return (x - a ** 0.5 * target) / (1.0 - a) ** 0.5
+        return (x - a ** 0.5 * here) / (1.0 - a) ** 0.5
+
+    predictor.shapes = []
 
     return Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, name="oracle", modality="CT")
 
@@ -202,6 +212,25 @@ def test_inpainting_with_oracle_restores_healthy_tissue(liver_stack, resample):
     assert np.abs(out.data[truth].astype(float) - vol.data[truth]).max() <= 1.0
     assert np.abs(sick_vol.data[truth].astype(float) - vol.data[truth]).mean() > 30  # there was a lesion
     assert out.metadata["synthetic"] is True and out.metadata["parameters"]["inpainted_voxels"] == truth.sum()
+
+
+def test_inpainting_runs_on_the_mask_and_its_context_only(liver_stack):
+    from napari_mediffuse.tasks.inpaint import CONTEXT_MM
+
+    vol, _, sick, truth = liver_stack
+    one = np.zeros_like(truth)
+    one[1] = truth[1]  # one 20 mm lesion: its box plus 32 mm each side is a small part of the slice
+    prior = oracle_prior(vol.data[1:2])
+    out = inpaint(vol.with_data(sick), one, steps=4, resample=0, model=prior, options=RunOptions(batch_size=4))
+    rows, cols = np.flatnonzero(one[1].any(axis=1)), np.flatnonzero(one[1].any(axis=0))
+    margin = [int(np.ceil(CONTEXT_MM / s)) for s in vol.spacing[1:]]
+    expected = (min(vol.data.shape[1], rows[-1] + 1 + margin[0]) - max(0, rows[0] - margin[0]),
+                min(vol.data.shape[2], cols[-1] + 1 + margin[1]) - max(0, cols[0] - margin[1]))
+    assert set(prior.predictor.shapes) == {expected}
+    assert expected[0] * expected[1] < 0.5 * vol.data[0].size
+    # the crop's pixels are the whole slice's: the oracle restores the healthy tissue exactly there
+    assert np.abs(out.data[one] - vol.data[one]).max() <= 1.0
+    assert np.array_equal(out.data[~one], sick[~one])
 
 
 def test_inpainting_rejects_empty_and_foreign_masks(liver_stack):
@@ -411,8 +440,8 @@ def test_thin_pixels_are_resampled_to_the_prior_spacing(small_ct):
 
     seen = []
 
-    def predictor(x, t):
-        seen.append(tuple(x.shape[-2:]))
+    def predictor(x, t, extent=None):
+        seen.append((tuple(x.shape[-2:]), extent))
         return torch.zeros_like(x)
 
     prior = Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, modality="CT", pixel_spacing_mm=(3.0, 3.0))
@@ -424,7 +453,9 @@ def test_thin_pixels_are_resampled_to_the_prior_spacing(small_ct):
     mask = np.zeros(thin.shape, bool)
     mask[:, 40:60, 50:70] = True
     out = inpaint(thin_vol, mask, steps=2, resample=0, model=prior, options=RunOptions(batch_size=2))
-    assert set(seen) == {(48, 64)}
+    # the mask's box plus 32 mm (22 px) of context, rows 18-82 and columns 28-92 of the 96 x 128 slice,
+    # at 3 mm: a 32 x 32 crop that starts at (9, 14) of the whole 48 x 64 slice
+    assert set(seen) == {((32, 32), ((9.0, 48), (14.0, 64)))}
     assert out.data.shape == thin.shape and np.array_equal(out.data[~mask], thin[~mask])
 
 

@@ -92,6 +92,28 @@ def test_sliding_window_passes_true_coordinates_and_reassembles_any_image():
             torch.testing.assert_close(c, full[:, r0:r0 + c.shape[1], c0:c0 + c.shape[2]])
 
 
+@pytest.mark.parametrize("window", [None, (16, 24)])
+def test_a_crop_gets_its_place_in_the_whole_image(window):
+    # MedDiff-FM's patch-level position: a crop starting at (10, 7.5) of a 70 x 95 image (fractional:
+    # a crop resampled to the prior's pixels) gets the whole image's coordinates of its pixels
+    net = _Identity()
+    predictor = NoisePredictor(net, device="cpu", window=window, overlap=0.25)
+    x = torch.randn(2, 1, 30, 40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(predictor(x, 10, extent=((10, 70), (7.5, 95))), x)
+    rows = torch.arange(10, 40, dtype=torch.float32) * 2 / 69 - 1
+    cols = (7.5 + torch.arange(40, dtype=torch.float32)) * 2 / 94 - 1
+    seen = torch.zeros(30, 40, dtype=torch.bool)
+    for coords in net.calls:
+        for c in coords:
+            r0 = int(round((c[0, 0, 0].item() + 1) * 69 / 2)) - 10
+            c0 = int(round((c[1, 0, 0].item() + 1) * 94 / 2 - 7.5))
+            h, w = c.shape[1:]
+            torch.testing.assert_close(c[0, :, 0], rows[r0:r0 + h])
+            torch.testing.assert_close(c[1, 0, :], cols[c0:c0 + w])
+            seen[r0:r0 + h, c0:c0 + w] = True
+    assert seen.all() and (window is None) == (len(net.calls) == 1)
+
+
 # -- samplers against known answers ----------------------------------------------
 
 def _gaussian_oracle(mu: float, s: float, abar):

@@ -82,13 +82,19 @@ class NoisePredictor:
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t, *, condition: torch.Tensor | None = None,
-                 region=None, slice_position=None) -> torch.Tensor:
+                 region=None, slice_position=None, extent=None) -> torch.Tensor:
         """Predicted noise for ``x_t`` (B, C, *spatial) at step ``t``.
 
         ``slice_position`` (B,): each slice's place along its volume's third
         axis in [-1, 1] (:func:`~.position.slice_coordinates`; NaN: not
         known), for a network that takes it (``position_axes``); others
         ignore it.
+
+        ``extent``: ``x_t`` is a crop of larger images, ``((start, full), ...)``
+        per spatial axis in pixels (``start`` may be fractional): the
+        network gets each pixel's coordinates in the whole image, as it was
+        trained on patches (MedDiff-FM's patch-level position). ``None``: the
+        input is the whole image.
         """
         x_t = x_t.to(self.device)
         # float64 samplers (x0 from eps where abar ~ 1e-9) get float64 back;
@@ -98,13 +104,15 @@ class NoisePredictor:
         if condition is not None:
             condition = condition.to(self.device).float()
         spatial = tuple(x_t.shape[2:])
+        starts, full = (((0,) * len(spatial), spatial) if extent is None
+                        else tuple(zip(*[(float(a), float(n)) for a, n in extent])))
         window = self._window_for(spatial)
         with autocast(self.device, self.dtype):
             slices = self._slice_positions(slice_position, x_in)
             if window is None:
-                eps = self._whole(x_in, t, condition, region, slices)
+                eps = self._whole(x_in, t, condition, region, slices, starts, full)
             else:
-                eps = self._sliding(x_in, t, condition, region, window, slices)
+                eps = self._sliding(x_in, t, condition, region, window, slices, starts, full)
         if self.prediction_type != "epsilon":
             from .sampling import to_epsilon
 
@@ -140,14 +148,14 @@ class NoisePredictor:
         plane = slices.to(coords.dtype).view(view).expand(coords.shape[0], 1, *coords.shape[2:])
         return torch.cat([coords, plane], dim=1)
 
-    def _whole(self, x_t, t, condition, region, slices=None):
+    def _whole(self, x_t, t, condition, region, slices, starts, full):
         spatial = tuple(x_t.shape[2:])
         multiple = self.network.size_multiple
         inputs = x_t if condition is None else torch.cat([x_t, condition], dim=1)
         padded, _ = pad_to_multiple(inputs, multiple)
         padded_shape = tuple(padded.shape[2:])
-        # coordinates are those of the unpadded image, extended into the pad
-        coords = coordinate_grid([(0, n) for n in padded_shape], spatial,
+        # coordinates are those of the unpadded image (in the whole one), extended into the pad
+        coords = coordinate_grid([(a, a + n) for a, n in zip(starts, padded_shape)], full,
                                  device=x_t.device, dtype=x_t.dtype)
         coords = self._with_slices(coords.unsqueeze(0).expand(x_t.shape[0], *coords.shape), slices)
         c = x_t.shape[1]
@@ -156,10 +164,9 @@ class NoisePredictor:
                            region=self._region(region, x_t))
         return crop_to(eps, spatial)
 
-    def _sliding(self, x_t, t, condition, region, window, slices=None):
+    def _sliding(self, x_t, t, condition, region, window, slices, starts, full):
         from monai.inferers import sliding_window_inference
 
-        spatial = tuple(x_t.shape[2:])
         c = x_t.shape[1]
         inputs = x_t if condition is None else torch.cat([x_t, condition], dim=1)
         timesteps = self._timesteps(t, x_t)
@@ -169,7 +176,7 @@ class NoisePredictor:
             # MONAI passes, per window, [batch slice, channel slice, *spatial slices]
             index = torch.tensor([loc[0].start for loc in locations], device=windows.device)
             coords = torch.stack([
-                coordinate_grid([(s.start, s.stop) for s in loc[2:]], spatial,
+                coordinate_grid([(a + s.start, a + s.stop) for a, s in zip(starts, loc[2:])], full,
                                 device=windows.device, dtype=windows.dtype)
                 for loc in locations])
             coords = self._with_slices(coords, None if slices is None else slices[index])

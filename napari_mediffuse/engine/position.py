@@ -17,12 +17,15 @@ import numpy as np
 import torch
 
 
-def normalized_coordinates(start: int, stop: int, full: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def normalized_coordinates(start: float, stop: float, full: float, *, device=None,
+                           dtype=torch.float32) -> torch.Tensor:
     """Coordinates in [-1, 1] of pixels ``start..stop-1`` of an axis of length ``full``.
 
-    Pixel centres: pixel 0 maps to -1 and pixel ``full - 1`` to +1.
+    Pixel centres: pixel 0 maps to -1 and pixel ``full - 1`` to +1. ``start``
+    and ``full`` may be fractional (a crop resampled to another pixel size:
+    its first pixel's place in the whole, resampled, slice).
     """
-    index = torch.arange(start, stop, device=device, dtype=dtype)
+    index = start + torch.arange(int(round(stop - start)), device=device, dtype=dtype)
     if full <= 1:
         return torch.zeros_like(index)
     return index * (2.0 / (full - 1)) - 1.0

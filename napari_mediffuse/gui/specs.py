@@ -154,7 +154,7 @@ def _run_sr(volume, values, options):
                            steps=values["steps"] or None, strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
                            noise_hu=zero_is_auto(values["noise_hu"]),
-                           ensemble=values["ensemble"] if values["method"] == "learned" else 1, options=options)
+                           ensemble=values["ensemble"] if values["method"] in ("auto", "learned") else 1, options=options)
     return [image_layer_data(result)]
 
 
@@ -168,9 +168,12 @@ def sr_spec() -> TaskSpec:
                     "Method diffusion runs a CT prior, learned a super_resolution model.",
         params=[
             Param("factor", 2, options={"min": 2, "max": 8}, tooltip="Thin slices per thick slice"),
-            Param("method", "diffusion", options={"choices": ["diffusion", "learned", "cubic", "sinc"]},
-                  tooltip="diffusion = DiffPIR with a CT prior on coronal/sagittal planes; learned = a "
-                          "super_resolution model on the same planes; cubic / windowed sinc = interpolation"),
+            Param("method", default(super_resolve, "method"),
+                  options={"choices": ["auto", "diffusion", "learned", "cubic", "sinc"]},
+                  tooltip="auto = learned where a super_resolution model is installed and the scan is inside "
+                          "what it saw, else diffusion; diffusion = DiffPIR with a CT prior on coronal/sagittal "
+                          "planes; learned = a super_resolution model on the same planes; cubic / windowed "
+                          "sinc = interpolation"),
             Param("steps", 0, options={"min": 0, "max": 200},
                   tooltip="Network evaluations per plane; 0 = the method's default (diffusion 4, "
                           "learned 1 = the model's posterior mean)"),

@@ -13,12 +13,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..engine.checkpoint import Checkpoint
+from ..engine.checkpoint import Checkpoint, CheckpointError, read_card
 from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
 from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
 from ..engine.registry import load as load_model
+from ..engine.registry import resolve_checkpoint
 from ..engine.runner import device_of
 from ..io.volume import Volume
 
@@ -197,6 +198,40 @@ def check_ensemble(ensemble: int, method: str, model: str) -> int:
     return int(ensemble)
 
 
+#: ``method='auto'``: a learned model where it applies, else DiffPIR (super-resolution; denoising
+#: keeps DiffPIR as its default: the learned denoiser trails BM3D on lightly noised slices,
+#: docs/evaluation/clinical.md).
+AUTO_METHOD = "auto"
+
+
+def resolve_auto_method(model: Optional[str], *, learned_task: str,
+                        domain_warnings: Callable[[dict], list[str]]) -> tuple[str, str]:
+    """What ``method='auto'`` runs: ``('learned' or 'diffusion', why)``.
+
+    The learned model (checkpoint task ``learned_task``: the named ``model``,
+    else the first installed one for CT) where the scan is inside what it saw
+    (``domain_warnings(card)``, :func:`~.domain.check_domain` for the scan,
+    returns nothing); DiffPIR with the CT prior otherwise, which covers every
+    region and pixel size the prior was trained on. A ``model`` that is a
+    prior runs DiffPIR. Reads model cards only, no weights.
+    """
+    try:
+        info = resolve_checkpoint(model, modality="CT") if model is not None else \
+            resolve_checkpoint(task=learned_task, modality="CT")
+    except CheckpointError as exc:
+        if model is not None:
+            raise
+        return "diffusion", f"no {learned_task} model installed ({str(exc).split(';')[0]})"
+    if info.task != learned_task:
+        return "diffusion", f"{info.name} is a {info.task} model"
+    if model is not None:
+        return "learned", f"{info.name} named"
+    outside = domain_warnings(read_card(info.path))
+    if outside:
+        return "diffusion", outside[0]
+    return "learned", f"{info.name}, inside what it saw"
+
+
 def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Normalizer", runner, *,
                      region_class: int, noise, steps: int = LEARNED_STEPS, flip_rows: bool = False,
                      ensemble: int = 1, flips=FLIP_VIEWS[:1], progress=None, cancel=None) -> np.ndarray:
@@ -330,11 +365,22 @@ def region_index(region: str | int | None, card: dict) -> int:
 
 
 def bind_region(predictor, region: int):
-    """``predictor(x, t)`` with the region class bound (when the network uses one)."""
-    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long))
+    """``predictor(x, t)`` with the region class bound (when the network uses one);
+    other keywords (``extent``) pass through."""
+    def predict(x: torch.Tensor, t: int, **kwargs) -> torch.Tensor:
+        return predictor(x, t, region=torch.full((x.shape[0],), int(region), dtype=torch.long), **kwargs)
 
     predict.device = device_of(predictor)  # where its inputs must live
+    return predict
+
+
+def in_crop(predictor, extent):
+    """``predictor(x, t)`` on crops of larger slices: ``extent`` ``((start, full), ...)``
+    per axis in pixels (see :class:`~..engine.inference.NoisePredictor`)."""
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        return predictor(x, t, extent=extent)
+
+    predict.device = device_of(predictor)
     return predict
 
 

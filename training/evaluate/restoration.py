@@ -190,7 +190,10 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
             seconds = time.perf_counter() - started
         entry = with_gains(scores(result.data, clean), degraded)
         entry.update(seconds_per_slice=seconds / len(index), peak_memory_mb=memory.above_start_mb,
-                     parameters=result.metadata["parameters"])
+                     parameters=result.metadata["parameters"],
+                     # the pooled PSNR is dominated by the noisiest slices; each slice's own gain shows the rest
+                     psnr_soft_gain_per_slice=[psnr_hu(result.data[i], clean[i], SOFT_WINDOW)
+                                               - psnr_hu(low[i], clean[i], SOFT_WINDOW) for i in range(len(index))])
         results[method] = entry
         images[method] = result.data
         log.info("%s: PSNR %.2f dB (gain %+.2f), SSIM %.4f (gain %+.4f), %.2f s/slice", method,
@@ -210,6 +213,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
         "white_noise_hu": white_noise_hu,
         "simulator": None if white_noise_hu else {"filter": filter_name, "photons": photons or DEFAULT_PHOTONS},
         "added_noise_std_hu": float(added.std()),
+        "added_noise_std_hu_per_slice": [float(a.std()) for a in added],
         "estimated_noise_hu": noise,
         "model": model,
         "denoise_model": denoise_model,
@@ -396,6 +400,16 @@ def markdown_table(report: dict) -> str:
             f"| {method} | {r['psnr_soft']:.2f} | {r['psnr_soft_gain']:+.2f} | {r['ssim_soft']:.4f} | "
             f"{r['ssim_soft_gain']:+.4f} | {r['psnr_full']:.2f} | {r['psnr_full_gain']:+.2f} | "
             f"{r['ssim_full']:.4f} | {r['ssim_full_gain']:+.4f} | {per_label} | {r['peak_memory_mb']:.0f} |")
+    methods = [m for m in report["results"] if "psnr_soft_gain_per_slice" in report["results"][m]]
+    if methods and not report.get("per_ct"):
+        gains = {m: report["results"][m]["psnr_soft_gain_per_slice"] for m in methods}
+        lines += ["", "PSNR gain in [-160, 240] HU per slice (the table above pools the slices' squared "
+                      "errors, so the noisiest slices weigh most):", "",
+                  "| slice | added noise std (HU) | " + " | ".join(methods) + " |",
+                  "| --- | ---: |" + " ---: |" * len(methods)]
+        for i, (number, noise) in enumerate(zip(report["slices"], report["added_noise_std_hu_per_slice"])):
+            lines.append(f"| {number} | {noise:.1f} | " + " | ".join(f"{gains[m][i]:+.2f}" for m in methods) + " |")
+        lines.append("| median | | " + " | ".join(f"{np.median(gains[m]):+.2f}" for m in methods) + " |")
     if report.get("per_ct"):  # pooled over patients: the mean above, each patient's gains below
         methods = [m for m in report["results"] if m != "input"]
         lines += ["", f"Means over {len(report['per_ct'])} CTs (each weighs the same). PSNR / SSIM gain "
