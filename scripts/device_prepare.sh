@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Before a call to a lent GPU machine (the `device` tool): make the working tree fit what
+# travels (64 MiB; the tracked tree is about 81 MiB, 66 of them bundled weights) and fetch the
+# Python packages that machine's image lacks, as wheels for its Python 3.12. Afterwards,
+# `bash scripts/device_prepare.sh restore` puts every moved file back (or `git checkout -- .`).
+#
+#   bash scripts/device_prepare.sh            # moves files to $STASH, downloads wheels into .whl/
+#   (device run: command "bash scripts/device_check.sh", carry [".whl"], timeout_s 540)
+#   bash scripts/device_prepare.sh restore
+#
+# What stays: the code, tests and the models the gpu tests and the task benchmark load
+# (ct-prior-multi, ct-prior-coarse-demo, ct-prior-coarse-multi, ct2mr-multi, brain-mr-128-demo).
+# What moves: pictures and logs under docs/ and the bundled models no gpu test loads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STASH=${MEDIFFUSE_DEVICE_STASH:-/tmp/mediffuse-device-stash}
+MODELS="ct-prior-demo mr2ct-multi ct-denoise-multi ct-sr-multi"
+# the image has torch, numpy, scipy, scikit-image, safetensors, einops, pyyaml, pillow, pytest
+# and huggingface-hub 1.33 (which diffusers 0.42 accepts: >= 1.32) (the device tool's KINDS.md);
+# the versions here are this project's tested ones
+WHEELS="diffusers==0.42.1 monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2 platformdirs==4.14.9
+bm3d==4.0.3 bm4d==4.2.5 PyWavelets==1.10.0"
+
+if [ "${1:-}" = "restore" ]; then
+    [ -d "$STASH" ] || { echo "nothing stashed in $STASH"; exit 0; }
+    (cd "$STASH" && find . -type f) | while read -r f; do
+        mkdir -p "$(dirname "$f")"; mv "$STASH/$f" "$f"; done
+    rm -rf "$STASH"
+    git status --short | head
+    echo "restored; git status above should show no deleted files"
+    exit 0
+fi
+
+mkdir -p "$STASH"
+move() { for f in "$@"; do [ -e "$f" ] || continue; mkdir -p "$STASH/$(dirname "$f")"; mv "$f" "$STASH/$f"; done; }
+move $(git ls-files 'docs/*.png' 'docs/*.jsonl')
+for m in $MODELS; do move $(git ls-files "napari_mediffuse/data/models/$m"); done
+
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+# shellcheck disable=SC2086
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl $WHEELS
+tree=$( (git ls-files; git ls-files --others --exclude-standard) | while read -r f; do [ -f "$f" ] && echo "$f"; done \
+        | tr '\n' '\0' | xargs -0 du -cb | tail -1 | cut -f1)
+wheels=$(du -cb .whl/* | tail -1 | cut -f1)
+echo "working tree $((tree / 1048576)) MiB + wheels $((wheels / 1048576)) MiB (limit 64 MiB); moved files in $STASH"
