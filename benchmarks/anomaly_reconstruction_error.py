@@ -92,12 +92,14 @@ def main(argv=None) -> int:
     p.add_argument("--ensemble", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scores", action="store_true", help="also score other heatmaps (module docstring)")
+    p.add_argument("--window", type=int, help="evaluate the prior in sliding windows of this many pixels "
+                                              "(the patch size it was trained at: 64) instead of whole slices")
     p.add_argument("--out", default="docs/evaluation/anomaly_reconstruction_error.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     case = openkbp_inserted_case(seed=args.seed)
     vol = _stack_volume(case.image, case.affine, case.name)
-    options = RunOptions(device="cpu", seed=args.seed)
+    options = RunOptions(device="cpu", seed=args.seed, window=args.window)
     prior, _ = case_prior(case, vol, args.model, options, task="benchmark")
     rows = []
     for t in args.t:
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
             rows[-1][1]["auroc"] = score_variants(case.image, case.truth, case.roi, rec, vol.spacing)
     lines = [f"<!-- PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/anomaly_reconstruction_error.py "
              f"{' '.join(sys.argv[1:] if argv is None else argv)} -->", "",
-             f"{case.name}, model `{args.model}`, {args.ensemble} seeds averaged, {DEFAULT_STEPS} DDIM steps; "
+             f"{case.name}, model `{args.model}`, {args.ensemble} seeds averaged, {DEFAULT_STEPS} DDIM steps, "
+             f"{'whole slices' if args.window is None else f'{args.window}-pixel sliding windows'}; "
              f"mean inserted |contrast| {rows[0][1]['inserted_hu']:.1f} HU.", "",
              "| t | lesion contrast removed | normal soft tissue: mean abs. error of the average (HU) | spread per seed (HU) "
              "| abs. error if it were all spread (HU) |", "|---|---|---|---|---|"]
