@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from napari_mediffuse.tasks.anomaly import DEFAULT_STEPS, DEFAULT_WINDOW_HU, healthy_reconstruction
 from napari_mediffuse.tasks.common import RunOptions
 from training.evaluate.anomaly_real import _stack_volume, case_prior, openkbp_inserted_case
+from training.report import write_markdown
 
 
 def error_budget(image, truth, roi, reconstruction, spread, ensemble: int, window=DEFAULT_WINDOW_HU) -> dict:
@@ -123,10 +123,7 @@ def main(argv=None) -> int:
         lines += ["", "Pixel AUROC (ROI body) of heatmaps made from the same reconstructions:", "",
                   "| t | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {t} | " + " | ".join(f"{r['auroc'][n]:.3f}" for n in names) + " |" for t, r in rows]
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    print(write_markdown(lines, args.out))
     return 0
 
 

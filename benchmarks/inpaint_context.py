@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.report import write_markdown
+
 REPO = Path(__file__).resolve().parents[1]
 CHEST = REPO.parent / "shared" / "data" / "ct" / "chest_ct_lidc0314_1mm.nii.gz"
 #: (axial slice, row, column) of each mask's corner, in the held-out half: mediastinum (38 HU on
@@ -77,10 +79,7 @@ def main(argv=None) -> int:
         label = "whole slice" if context is None else f"mask box + {context:g} mm"
         lines.append(f"| {label} | {np.mean([v[0] for v in values]):.1f} | "
                      f"{' / '.join(f'{v[1]:.0f}' for v in values)} |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    print(write_markdown(lines, args.out))
     return 0
 
 

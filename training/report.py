@@ -61,3 +61,11 @@ def loss_curve(run, path, *, width: int = 720, height: int = 360, smooth: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def write_markdown(lines: list[str], out) -> str:
+    """Write a benchmark's or evaluation's Markdown lines to ``out`` (folders made) and return the text."""
+    text = "\n".join(lines) + "\n"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return text

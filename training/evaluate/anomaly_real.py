@@ -402,7 +402,8 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     from napari_mediffuse.tasks.anomaly import healthy_reconstruction, level_matched
     from napari_mediffuse.tasks.common import RunOptions
 
-    options = RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size)
+    options = RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size,
+                         window=getattr(args, "window", None))
     vol = _stack_volume(case.image, case.affine, case.name)
     prior, region = case_prior(case, vol, args.model, options)
     prior = prior.at_pixel_size(args.pixel_mm)
@@ -492,7 +493,7 @@ def run(args) -> dict:
                      "min_threshold": args.min_threshold, "baseline_sigma_mm": args.baseline_sigma_mm,
                      "seed": args.seed, "device": args.device, "threads": args.threads,
                      "offset_correct": args.offset_correct, "polarity": args.polarity,
-                     "recon_margin_mm": args.recon_margin_mm},
+                     "recon_margin_mm": args.recon_margin_mm, "window": getattr(args, "window", None)},
         "cases": report_cases,
         "targets": TARGETS,
     }
@@ -643,6 +644,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--recon-margin-mm", type=float, default=0.0,
                    help="the diffusion reconstructs the ROI grown by this margin (in-plane), scored in the ROI, so "
                         "the seam between reconstruction and pasted-back context lies outside the scored region")
+    p.add_argument("--window", type=int, default=None,
+                   help="run the prior in sliding windows of this many pixels (its training patch: 64) "
+                        "instead of whole slices (the task's --window)")
     add_heatmap_options(p, threads=1)
     p.add_argument("--stem", default="anomaly_real", help="file stem of the outputs")
     p.set_defaults(func=_run_cli)

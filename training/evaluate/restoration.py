@@ -124,7 +124,8 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
                        device: str = "cpu", batch_size: int = 8,
                        white_noise_hu: float | None = None, filter_name: str = "ramp",
                        photons: float | str | None = None,
-                       central_fraction: float = 1.0, ensemble: int = 1) -> tuple[dict, dict]:
+                       central_fraction: float = 1.0, ensemble: int = 1,
+                       window: int | None = None) -> tuple[dict, dict]:
     """Scores of every method on simulated low-dose held-out slices.
 
     ``central_fraction``: draw the slices from this central part of the
@@ -171,7 +172,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
     degraded = scores(low, clean)
     results = {"input": dict(degraded)}
     images = {"input": low, "reference": clean}
-    options = RunOptions(device=device, seed=seed, batch_size=batch_size)
+    options = RunOptions(device=device, seed=seed, batch_size=batch_size, window=window)
     steps = DEFAULT_STEPS if steps is None else steps
     for method in methods:
         kwargs = dict(method=method, strength=strength, options=options)
@@ -218,6 +219,7 @@ def evaluate_denoising(ct_path, *, model=None, denoise_model=None, methods=("dif
         "model": model,
         "denoise_model": denoise_model,
         "seed": seed,
+        "window": window,
         "device": device,
         "threads": _threads(),
         "results": results,
@@ -268,7 +270,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
                               strength: float = 1.0, lam: float | None = None, seed: int = 0,
                               device: str = "cpu", batch_size: int = 8,
                               full_volume: bool = False, learned_steps: int | None = None,
-                              ensemble: int = 1) -> tuple[dict, dict]:
+                              ensemble: int = 1, window: int | None = None) -> tuple[dict, dict]:
     """Scores of every method on thick slices simulated from the CT, on coronal planes.
 
     ``model`` is the CT prior of ``'diffusion'``, ``sr_model`` the
@@ -294,7 +296,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
     degraded = scores(pick(nearest), ref)
     results = {"input": dict(degraded)}
     images = {"input": np.moveaxis(nearest, 1, 0)[chosen], "reference": np.moveaxis(reference, 1, 0)[chosen]}
-    options = RunOptions(device=device, seed=seed, batch_size=batch_size)
+    options = RunOptions(device=device, seed=seed, batch_size=batch_size, window=window)
     steps = superres.DEFAULT_STEPS if steps is None else steps
     for method in methods:
         kwargs = dict(strength=strength, steps=steps) if method == "diffusion" else {}
@@ -360,6 +362,7 @@ def evaluate_super_resolution(ct_path, *, model=None, sr_model=None, methods=("d
         "model": model,
         "sr_model": sr_model,
         "seed": seed,
+        "window": window,
         "device": device,
         "threads": _threads(),
         "results": results,
@@ -479,6 +482,8 @@ def _common(p, *, slices_name: str, slices_default: int, methods):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--window", type=int, help="networks in sliding windows of this many pixels (the tasks' "
+                                              "--window; default whole images)")
     p.add_argument("--out", default="docs/evaluation", help="output folder")
 
 
@@ -540,7 +545,7 @@ def _cmd_denoise(args) -> int:
         holdout_fraction=args.holdout_fraction, dose=args.dose, steps=args.steps, strength=args.strength,
         lam=args.lam, seed=args.seed, device=args.device, batch_size=args.batch_size,
         white_noise_hu=args.white_noise_hu, filter_name=args.filter, photons=args.photons,
-        central_fraction=args.central_fraction, ensemble=args.ensemble)
+        central_fraction=args.central_fraction, ensemble=args.ensemble, window=args.window)
     report["command"] = command_line()
     write_outputs(report, images, Path(args.out), args.name)
     return 0
@@ -551,7 +556,8 @@ def _cmd_sr(args) -> int:
         args.ct, model=args.model, methods=args.methods, factor=args.factor, planes=args.planes,
         holdout_fraction=args.holdout_fraction, steps=args.steps, strength=args.strength, lam=args.lam,
         seed=args.seed, device=args.device, batch_size=args.batch_size, full_volume=args.full_volume,
-        sr_model=args.sr_model, learned_steps=args.learned_steps, ensemble=args.ensemble)
+        sr_model=args.sr_model, learned_steps=args.learned_steps, ensemble=args.ensemble,
+        window=args.window)
     report["command"] = command_line()
     write_outputs(report, images, Path(args.out), args.name, flip_rows=True)
     return 0
