@@ -29,22 +29,34 @@ def crop(volume: io.Volume, index) -> io.Volume:
                      name=volume.name, source=volume.source)
 
 
-def oracle_prior(healthy_hu: np.ndarray) -> Prior:
+def oracle_prior(healthy_hu: np.ndarray, crops_of=None) -> Prior:
     """A point-mass prior at a known healthy image: eps = (x_t - sqrt(abar) x*) / sqrt(1 - abar).
 
     Every batch must be the whole stack of slices (batch size >= slices);
     like the real predictor it takes crops of them with their ``extent`` in
     the whole slice (its calls' crop shapes are kept in ``predictor.shapes``).
+    Inpainting crops each slice to its own mask's box, so with ``crops_of``
+    ``(mask, spacing)`` the oracle tells the slices apart by their boxes.
     """
+    from napari_mediffuse.tasks.inpaint import CONTEXT_MM, context_box
+
     target = torch.from_numpy(normalize(healthy_hu, DEFAULT_CT_NORMALIZATION))[:, None]
     abar = alphas_cumprod(DEFAULT_SCHEDULE)
+    slices_at = {}
+    if crops_of is not None:
+        mask, spacing = crops_of
+        for k in range(len(mask)):
+            box = context_box(mask[k:k + 1], spacing, CONTEXT_MM)
+            if box is not None:
+                slices_at.setdefault((box[0].start, box[1].start), []).append(k)
 
     def predictor(x, t, extent=None):
         here = target
         if extent is not None:
             (r0, rows), (c0, cols) = extent
             assert (rows, cols) == target.shape[2:], "the extent names the whole slice"
-            here = target[:, :, int(r0):int(r0) + x.shape[2], int(c0):int(c0) + x.shape[3]]
+            stack = target[slices_at[(int(r0), int(c0))]] if slices_at else target
+            here = stack[:, :, int(r0):int(r0) + x.shape[2], int(c0):int(c0) + x.shape[3]]
         assert x.shape == here.shape, "oracle needs the whole stack in one batch"
         predictor.shapes.append(tuple(x.shape[2:]))
         a = float(abar[t])
@@ -205,7 +217,7 @@ def test_normal_scan_gives_empty_mask(liver_stack):
 def test_inpainting_with_oracle_restores_healthy_tissue(liver_stack, resample):
     vol, _, sick, truth = liver_stack
     sick_vol = vol.with_data(np.round(sick).astype(vol.data.dtype))
-    out = inpaint(sick_vol, truth, steps=8, resample=resample, model=oracle_prior(vol.data),
+    out = inpaint(sick_vol, truth, steps=8, resample=resample, model=oracle_prior(vol.data, (truth, vol.spacing[1:])),
                   options=RunOptions(batch_size=4))
     assert out.data.dtype == sick_vol.data.dtype and np.array_equal(out.affine, vol.affine)
     assert np.array_equal(out.data[~truth], sick_vol.data[~truth])  # untouched, bit for bit

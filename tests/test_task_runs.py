@@ -58,7 +58,8 @@ def assert_same_up_to_float_rounding(a, b):
 TASKS = {
     "denoise": lambda v, o: denoise.denoise(v, options=o).data,
     # one plane direction (both are covered by tests/test_clinical_grids.py)
-    "sr": lambda v, o: superres.super_resolve(v, factor=2, steps=2, planes="coronal", options=o).data,
+    "sr": lambda v, o: superres.super_resolve(v, factor=2, method="diffusion", steps=2, planes="coronal",
+                                              options=o).data,
     "anomaly": lambda v, o: anomaly.detect_anomalies(v, roi=np.ones(v.data.shape, bool), t=150, ensemble=2,
                                                      steps=2, patch_mm=None, options=o).reconstruction.data,
     "inpaint": lambda v, o: inpaint.inpaint(v, lesion_mask(v), steps=4, resample=1, options=o).data,

@@ -205,31 +205,28 @@ AUTO_METHOD = "auto"
 
 
 def resolve_auto_method(model: Optional[str], *, learned_task: str,
-                        domain_warnings: Callable[[dict], list[str]]) -> tuple[str, str]:
-    """What ``method='auto'`` runs: ``('learned' or 'diffusion', why)``.
+                        domain_warnings: Callable[[dict], list[str]]) -> tuple[str, Optional[str], str]:
+    """What ``method='auto'`` runs: ``('learned' or 'diffusion', model, why)``.
 
-    The learned model (checkpoint task ``learned_task``: the named ``model``,
-    else the first installed one for CT) where the scan is inside what it saw
-    (``domain_warnings(card)``, :func:`~.domain.check_domain` for the scan,
-    returns nothing); DiffPIR with the CT prior otherwise, which covers every
-    region and pixel size the prior was trained on. A ``model`` that is a
-    prior runs DiffPIR. Reads model cards only, no weights.
+    A ``model`` of task ``learned_task`` runs as named. Otherwise the first
+    installed ``learned_task`` model for CT runs where the scan is inside
+    what it saw (``domain_warnings(card)``, :func:`~.domain.check_domain`
+    for the scan, returns nothing), and DiffPIR with ``model`` (a prior, or
+    ``None``: the default one) elsewhere: the panel always names a model from
+    its list, whose first entry is the default prior. Reads cards only.
     """
-    try:
-        info = resolve_checkpoint(model, modality="CT") if model is not None else \
-            resolve_checkpoint(task=learned_task, modality="CT")
-    except CheckpointError as exc:
-        if model is not None:
-            raise
-        return "diffusion", f"no {learned_task} model installed ({str(exc).split(';')[0]})"
-    if info.task != learned_task:
-        return "diffusion", f"{info.name} is a {info.task} model"
     if model is not None:
-        return "learned", f"{info.name} named"
+        named = resolve_checkpoint(model, modality="CT")
+        if named.task == learned_task:
+            return "learned", model, f"{named.name} named"
+    try:
+        info = resolve_checkpoint(task=learned_task, modality="CT")
+    except CheckpointError:
+        return "diffusion", model, f"no {learned_task} model installed"
     outside = domain_warnings(read_card(info.path))
     if outside:
-        return "diffusion", outside[0]
-    return "learned", f"{info.name}, inside what it saw"
+        return "diffusion", model, outside[0]
+    return "learned", None, f"{info.name}, inside what it saw"
 
 
 def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Normalizer", runner, *,

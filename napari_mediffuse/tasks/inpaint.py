@@ -72,7 +72,9 @@ class Prior:
     ----------
     predictor : callable
         ``eps = predictor(x_t, t)`` on (B, 1, H, W) normalised slices (region
-        class bound).
+        class bound); one that also takes ``extent=`` (a crop's place in the
+        whole slice, :class:`~..engine.inference.NoisePredictor`) lets inpainting
+        run on the mask's context only (:func:`accepts_extent`).
     schedule : dict
         The checkpoint's noise schedule.
     normalization : dict
@@ -314,15 +316,15 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
     out = np.array(x_all, dtype=np.float32, copy=True)
     spread = np.zeros(x_all.shape, dtype=np.float32) if return_spread else None
     spacing = in_plane_spacing(volume, plane)
-    box = None if context_mm is None or not len(todo) else context_box(u_all[todo], spacing, context_mm)
-    predictor = prior.predictor
-    if box is not None:
-        x_all, u_all = x_all[(slice(None),) + box], u_all[(slice(None),) + box]
-        # the crop's first pixel and the whole slice, in the prior's pixels
-        whole = SliceGrid(spacing, prior.pixel_spacing_mm, out.shape[1:])
-        predictor = in_crop(prior.predictor, tuple((b.start * m / n, m) for b, m, n
-                                                   in zip(box, whole.size, whole.shape)))
-    grid = SliceGrid(spacing, prior.pixel_spacing_mm, x_all.shape[1:])
+    # each slice's own box (the same slice gets the same crop in a preview slab as in the whole run);
+    # slices sharing a box run together
+    crops = not (context_mm is None or not accepts_extent(prior.predictor))
+    groups: dict = {}
+    for i in todo:
+        box = context_box(u_all[i:i + 1], spacing, context_mm) if crops else None
+        key = None if box is None else (box[0].start, box[0].stop, box[1].start, box[1].stop)
+        groups.setdefault(key, []).append(int(i))
+    whole = SliceGrid(spacing, prior.pixel_spacing_mm, out.shape[1:])
     t_list = [t_start] if t_start is None or np.isscalar(t_start) else list(t_start)
     runs = [(t, s) for t in t_list for s in seeds]
     n_train = len(alphas_cumprod(prior.schedule))
@@ -332,10 +334,54 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
     runner = SliceRunner(device_of(prior.predictor), seed=options.seed, batch_size=options.batch_size,
                          progress=options.progress, cancel=options.cancel,
                          index_offset=slice_offset(volume, plane))
+    cost = sum(per_run)
+    total = sum(len(runner.batches(members)) for members in groups.values()) * cost
+    offset = 0
+    for key, members in groups.items():
+        box = None if key is None else (slice(key[0], key[1]), slice(key[2], key[3]))
+        crop = (slice(None),) if box is None else (slice(None),) + box
+        # a crop's first pixel and the whole slice, in the prior's pixels
+        predictor = prior.predictor if box is None else in_crop(
+            prior.predictor, tuple((b.start * m / n, m) for b, m, n in zip(box, whole.size, whole.shape)))
+        reconstruct = _reconstructor(x_all[crop], u_all[crop], prior, predictor, runs, run_seeds, per_run,
+                                     spacing=spacing, steps=steps, resample=resample, eta=eta, t_end=t_end,
+                                     runner=runner, message=message, options=options,
+                                     with_spread=spread is not None)
+        done = runner.run(np.asarray(members), reconstruct, cost=cost, message=message,
+                          progress_offset=offset, progress_total=total)
+        offset += len(runner.batches(members)) * cost
+        where = (np.asarray(members),) if box is None else np.ix_(
+            members, np.arange(box[0].start, box[0].stop), np.arange(box[1].start, box[1].stop))
+        if spread is None:
+            out[where] = done
+        else:
+            out[where], spread[where] = done[:, 0], done[:, 1]
+    out = np.moveaxis(out, 0, PLANE_AXIS[plane])
+    if spread is not None:
+        return out, np.moveaxis(spread, 0, PLANE_AXIS[plane])
+    return out
 
+
+def accepts_extent(predictor) -> bool:
+    """Whether ``predictor`` takes ``extent`` (a crop's place in the whole slice): a
+    :class:`~..engine.inference.NoisePredictor` behind :func:`~.common.bind_region` does; a plain
+    ``predictor(x_t, t)`` gets whole slices."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(predictor).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "extent" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _reconstructor(x_all, u_all, prior, predictor, runs, run_seeds, per_run, *, spacing, steps, resample, eta,
+                   t_end, runner, message, options, with_spread):
+    """The batch function of :func:`masked_reconstruction` on slices ``x_all`` (whole or one crop)."""
+    grid = SliceGrid(spacing, prior.pixel_spacing_mm, x_all.shape[1:])
     # a partial diffusion keeps what the prior cannot see: the detail finer than its pixels
     # (generation from pure noise, inpainting, has nothing of the input to keep)
-    keep_fine_detail = not grid.identity and all(t is not None for t in t_list)
+    keep_fine_detail = not grid.identity and all(t is not None for t, _ in runs)
 
     def reconstruct(index, _noise, span):
         x0 = runner.tensor(x_all[index])
@@ -355,23 +401,12 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
             stacked = stacked + (x0 - grid.from_model(x0_m))
         u_np = u_all[index].astype(bool)
         mean = np.where(u_np, runner.numpy(stacked.mean(0)), x_all[index])
-        if spread is None:
+        if not with_spread:
             return mean
         std = runner.numpy(stacked.std(0)) if len(results) > 1 else np.zeros_like(mean)
         return np.stack([mean, np.where(u_np, std, 0.0)], axis=1)
 
-    if len(todo):
-        done = runner.run(todo, reconstruct, cost=sum(per_run), message=message)
-        where = (todo,) if box is None else np.ix_(todo, np.arange(box[0].start, box[0].stop),
-                                                    np.arange(box[1].start, box[1].stop))
-        if spread is None:
-            out[where] = done
-        else:
-            out[where], spread[where] = done[:, 0], done[:, 1]
-    out = np.moveaxis(out, 0, PLANE_AXIS[plane])
-    if spread is not None:
-        return out, np.moveaxis(spread, 0, PLANE_AXIS[plane])
-    return out
+    return reconstruct
 
 
 def _scaled_progress(progress, offset: int, cost: int, total: int, message: str):

@@ -430,10 +430,9 @@ def super_resolve(volume: Volume, *, factor: int, method: str = AUTO_METHOD, mod
     chosen_because = None
     if method == AUTO_METHOD:
         check_ensemble(ensemble, "learned", "learned model")
-        method, chosen_because = resolve_auto_method(
+        method, model, chosen_because = resolve_auto_method(
             model, learned_task=SR_TASK,
-            domain_warnings=lambda card: check_domain(card, volume, task="super-resolution", region=region,
-                                                      slice_spacing_mm=float(volume.spacing[0])))
+            domain_warnings=lambda card: learned_sr_domain(card, volume, factor, region))
         log.info("super-resolution: method auto -> %s (%s)", method, chosen_because)
         ensemble = ensemble if method == "learned" else 1
     ensemble = check_ensemble(ensemble, method, "learned model")
@@ -504,6 +503,29 @@ def super_resolve(volume: Volume, *, factor: int, method: str = AUTO_METHOD, mod
     result.metadata["slice_thickness_mm"] = spacing / k
     mark_out_of_domain([result], domain_warnings)
     return result
+
+
+#: Thin-slice spacings (mm) a learned model's training slabs were cut into: the 1 mm chest and
+#: 1.5 mm head CTs of ct_sr_multi.yaml (its card records the scans, not their spacings).
+LEARNED_THIN_MM = (1.0, 1.5)
+
+
+def learned_sr_domain(card: dict, volume: Volume, factor, region=None) -> list[str]:
+    """:func:`~.domain.check_domain` of a learned model for this scan's thick slices, and its thin
+    spacing (thick spacing / factor) against the spacings it was trained to restore."""
+    from .domain import SPACING_TOLERANCE
+
+    spacing = float(volume.spacing[0])
+    warnings = check_domain(card, volume, task="super-resolution", region=region, slice_spacing_mm=spacing)
+    try:
+        thin = spacing / float(factor)
+    except (TypeError, ValueError):  # check_factor names the problem
+        return warnings
+    lo, hi = LEARNED_THIN_MM
+    if not lo / SPACING_TOLERANCE <= thin <= hi * SPACING_TOLERANCE:
+        warnings.append(f"{card.get('name', 'the model')} restores {lo:g}-{hi:g} mm slices; "
+                        f"x{factor:g} of these makes {thin:.2g} mm")
+    return warnings
 
 
 def _stage(progress, index: int, count: int, plane: str):
