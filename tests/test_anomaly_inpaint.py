@@ -48,7 +48,7 @@ def oracle_prior(healthy_hu: np.ndarray, crops_of=None) -> Prior:
         for k in range(len(mask)):
             box = context_box(mask[k:k + 1], spacing, CONTEXT_MM)
             if box is not None:
-                slices_at.setdefault((box[0].start, box[1].start), []).append(k)
+                slices_at.setdefault((box[0][0], box[1][0]), []).append(k)
 
     def predictor(x, t, extent=None):
         here = target

@@ -56,9 +56,9 @@ from .domain import check_domain
 DEFAULT_INPAINT_STEPS = 50
 DEFAULT_RESAMPLE = 1
 #: Context (mm, in-plane) inpainting keeps around the mask when it crops the
-#: slices to it (see :func:`context_box`). A 16 x 16 px mask on two 512 x 399
-#: chest slices: 200 s on whole slices, 8 s cropped, error to the real tissue
-#: no worse (docs/evaluation/clinical.md, inpainting).
+#: slices to it (see :func:`context_box`). Three 16 x 16 px masks on 512 x 399
+#: chest slices: 95 s per mask on whole slices, 6 s cropped; error to the real
+#: tissue lower on two masks, 4 HU higher on one (docs/evaluation/inpaint_context.md).
 CONTEXT_MM = 32.0
 #: Slices are cropped only when the box is at most this share of their area.
 CROP_MAX_FRACTION = 0.5
@@ -271,11 +271,12 @@ def repaint(predictor: Predictor, x0: torch.Tensor, known: torch.Tensor, schedul
     return known * x0 + unknown * out
 
 
-def context_box(unknown_slices: np.ndarray, spacing_mm, context_mm: float) -> Optional[tuple[slice, slice]]:
-    """In-plane box of the unknown pixels of a stack of slices (N, H, W), grown
-    by ``context_mm`` on every side and clipped to the slice; ``None`` when it
-    covers more than ``CROP_MAX_FRACTION`` of the slice (cropping would save
-    little) or nothing is unknown."""
+def context_box(unknown_slices: np.ndarray, spacing_mm, context_mm: float) -> Optional[tuple]:
+    """In-plane box ``((row_start, row_stop), (col_start, col_stop))`` of the
+    unknown pixels of a stack of slices (N, H, W), grown by ``context_mm`` on
+    every side and clipped to the slice; ``None`` when it covers more than
+    ``CROP_MAX_FRACTION`` of the slice (cropping would save little) or nothing
+    is unknown."""
     plane = unknown_slices.any(axis=0)
     if not plane.any():
         return None
@@ -283,8 +284,8 @@ def context_box(unknown_slices: np.ndarray, spacing_mm, context_mm: float) -> Op
     for axis, (n, mm) in enumerate(zip(plane.shape, spacing_mm)):
         hit = np.flatnonzero(plane.any(axis=1 - axis))
         margin = int(np.ceil(context_mm / float(mm)))
-        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
-    area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+        box.append((max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    area = (box[0][1] - box[0][0]) * (box[1][1] - box[1][0])
     return None if area > CROP_MAX_FRACTION * plane.size else tuple(box)
 
 
@@ -318,12 +319,10 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
     spacing = in_plane_spacing(volume, plane)
     # each slice's own box (the same slice gets the same crop in a preview slab as in the whole run);
     # slices sharing a box run together
-    crops = not (context_mm is None or not accepts_extent(prior.predictor))
+    crops = context_mm is not None and accepts_extent(prior.predictor)
     groups: dict = {}
     for i in todo:
-        box = context_box(u_all[i:i + 1], spacing, context_mm) if crops else None
-        key = None if box is None else (box[0].start, box[0].stop, box[1].start, box[1].stop)
-        groups.setdefault(key, []).append(int(i))
+        groups.setdefault(context_box(u_all[i:i + 1], spacing, context_mm) if crops else None, []).append(int(i))
     whole = SliceGrid(spacing, prior.pixel_spacing_mm, out.shape[1:])
     t_list = [t_start] if t_start is None or np.isscalar(t_start) else list(t_start)
     runs = [(t, s) for t in t_list for s in seeds]
@@ -337,12 +336,11 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
     cost = sum(per_run)
     total = sum(len(runner.batches(members)) for members in groups.values()) * cost
     offset = 0
-    for key, members in groups.items():
-        box = None if key is None else (slice(key[0], key[1]), slice(key[2], key[3]))
-        crop = (slice(None),) if box is None else (slice(None),) + box
+    for box, members in groups.items():
+        crop = (slice(None),) if box is None else (slice(None),) + tuple(slice(*b) for b in box)
         # a crop's first pixel and the whole slice, in the prior's pixels
         predictor = prior.predictor if box is None else in_crop(
-            prior.predictor, tuple((b.start * m / n, m) for b, m, n in zip(box, whole.size, whole.shape)))
+            prior.predictor, tuple((b[0] * m / n, m) for b, m, n in zip(box, whole.size, whole.shape)))
         reconstruct = _reconstructor(x_all[crop], u_all[crop], prior, predictor, runs, run_seeds, per_run,
                                      spacing=spacing, steps=steps, resample=resample, eta=eta, t_end=t_end,
                                      runner=runner, message=message, options=options,
@@ -350,8 +348,7 @@ def masked_reconstruction(volume: Volume, unknown: np.ndarray, prior: Prior, *, 
         done = runner.run(np.asarray(members), reconstruct, cost=cost, message=message,
                           progress_offset=offset, progress_total=total)
         offset += len(runner.batches(members)) * cost
-        where = (np.asarray(members),) if box is None else np.ix_(
-            members, np.arange(box[0].start, box[0].stop), np.arange(box[1].start, box[1].stop))
+        where = (np.asarray(members),) if box is None else np.ix_(members, *(np.arange(*b) for b in box))
         if spread is None:
             out[where] = done
         else:
