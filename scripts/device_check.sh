@@ -11,8 +11,14 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'diffusers', diffusers.__version__, 'monai', monai.__version__)" | tee -a "$OUT/gpu.txt"
+failed=""
 # the gpu tests: every task on CUDA against the CPU, fp32 and auto precision, synthesis, training steps
 timeout 300 python3 -m pytest -m gpu -p no:cacheprovider -p no:xvfb -q tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || failed="$failed gpu-tests(rc $rc)"
 # seconds per 512 x 512 slice of every task on the GPU (the sample CT when ../shared is absent there)
 timeout 200 python3 benchmarks/bench_tasks.py --device cuda --skip memory --out "$OUT/tasks_cuda.md" 2>&1 | tail -20
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || failed="$failed benchmark(rc $rc)"
 ls -la "$OUT"
+# the device tool reports this status: non-zero when either step failed or timed out (124)
+if [ -n "$failed" ]; then echo "device check FAILED:$failed"; exit 1; fi
+echo "device check passed"

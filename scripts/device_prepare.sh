@@ -23,9 +23,14 @@ bm3d==4.0.3 bm4d==4.2.5 PyWavelets==1.10.0"
 
 if [ "${1:-}" = "restore" ]; then
     [ -d "$STASH" ] || { echo "nothing stashed in $STASH"; exit 0; }
-    (cd "$STASH" && find . -type f) | while read -r f; do
-        mkdir -p "$(dirname "$f")"; mv "$STASH/$f" "$f"; done
-    rm -rf "$STASH"
+    # never overwrite: a file changed since the move stays as it is, its stashed copy stays in $STASH
+    kept=0
+    while read -r f; do
+        mkdir -p "$(dirname "$f")"
+        if [ -e "$f" ]; then echo "kept $f (it exists here; the stashed copy stays in $STASH)"; kept=1
+        else mv "$STASH/$f" "$f"; fi
+    done < <(cd "$STASH" && find . -type f)
+    if [ "$kept" -eq 0 ]; then rm -rf "$STASH"; fi
     git status --short | head
     echo "restored; git status above should show no deleted files"
     exit 0
@@ -42,7 +47,7 @@ rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $WHEELS
-tree=$( (git ls-files; git ls-files --others --exclude-standard) | while read -r f; do [ -f "$f" ] && echo "$f"; done \
+tree=$( (git ls-files; git ls-files --others --exclude-standard) | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done \
         | tr '\n' '\0' | xargs -0 du -cb | tail -1 | cut -f1)
 wheels=$(du -cb .whl/* | tail -1 | cut -f1)
 echo "working tree $((tree / 1048576)) MiB + wheels $((wheels / 1048576)) MiB (limit 64 MiB); moved files in $STASH"

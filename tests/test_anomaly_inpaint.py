@@ -45,13 +45,14 @@ def oracle_prior(healthy_hu: np.ndarray, crops_of=None) -> Prior:
     slices_at = {}
     if crops_of is not None:
         mask, spacing = crops_of
-        for k in range(len(mask)):
+        for k in np.flatnonzero(mask.any(axis=(1, 2))):
             box = context_box(mask[k:k + 1], spacing, CONTEXT_MM)
-            if box is not None:
-                slices_at.setdefault((box[0][0], box[1][0]), []).append(k)
+            slices_at.setdefault(None if box is None else (box[0][0], box[1][0]), []).append(int(k))
 
     def predictor(x, t, extent=None):
         here = target
+        if extent is None and slices_at:  # the slices whose mask is too large to crop
+            here = target[slices_at[None]]
         if extent is not None:
             (r0, rows), (c0, cols) = extent
             assert (rows, cols) == target.shape[2:], "the extent names the whole slice"
@@ -243,6 +244,28 @@ def test_inpainting_runs_on_the_mask_and_its_context_only(liver_stack):
     # the crop's pixels are the whole slice's: the oracle restores the healthy tissue exactly there
     assert np.abs(out.data[one] - vol.data[one]).max() <= 1.0
     assert np.array_equal(out.data[~one], sick[~one])
+
+
+def test_inpainting_crops_each_slice_to_its_own_mask(liver_stack):
+    from napari_mediffuse.tasks.inpaint import CONTEXT_MM
+
+    vol, _, sick, truth = liver_stack
+    n_rows, n_cols = vol.data.shape[1:]
+    mask = np.zeros_like(truth)
+    mask[0, 10:14, 10:14] = True                      # a small mask in one corner
+    mask[1, -14:-10, -14:-10] = True                  # another in the opposite corner
+    mask[3, :, : int(0.8 * n_cols)] = True            # most of the slice: no crop; slice 2 has none
+    prior = oracle_prior(vol.data, (mask, vol.spacing[1:]))
+    out = inpaint(vol.with_data(sick), mask, steps=4, resample=0, model=prior, options=RunOptions(batch_size=4))
+    margin = [int(np.ceil(CONTEXT_MM / s)) for s in vol.spacing[1:]]
+    corner = (min(n_rows, 14 + margin[0]) - max(0, 10 - margin[0]), min(n_cols, 14 + margin[1]) - max(0, 10 - margin[1]))
+    far = (n_rows - max(0, n_rows - 14 - margin[0]), n_cols - max(0, n_cols - 14 - margin[1]))
+    assert set(prior.predictor.shapes) == {corner, far, (n_rows, n_cols)}
+    # each slice was given its own healthy tissue, in its own place; slice 2 was left alone
+    # (slice 3's mask takes in air below -1024 HU, which the prior's window cannot hold)
+    healthy = np.clip(vol.data, DEFAULT_CT_NORMALIZATION["low"], None)
+    assert np.abs(out.data[mask] - healthy[mask]).max() <= 1.0
+    assert np.array_equal(out.data[~mask], sick[~mask]) and np.array_equal(out.data[2], sick[2])
 
 
 def test_inpainting_rejects_empty_and_foreign_masks(liver_stack):

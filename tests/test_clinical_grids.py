@@ -144,6 +144,19 @@ def test_super_resolution_by_default_takes_the_learned_model_for_5mm_slabs(thick
     assert "1.5 mm apart" in chosen.metadata["parameters"]["method_auto"]
 
 
+def test_learned_super_resolution_named_explicitly_warns_about_the_thin_spacing(thick_and_truth):
+    thick, _ = thick_and_truth
+    # 5 mm slabs x 2 = 2.5 mm slices: the model restores 1-1.5 mm ones; it runs, and says so
+    result = superres.super_resolve(thick, factor=2, method="learned", planes="coronal", options=FAST)
+    assert result.metadata["parameters"]["method"] == "learned"
+    assert np.isclose(result.metadata["parameters"]["thin_spacing_mm"], 2.5)
+    assert result.metadata["out_of_domain"] and "[outside the model's domain]" in result.name
+    assert any("restores 1-1.5 mm slices" in w and "2.5 mm" in w for w in result.metadata["warnings"])
+    # x5 (1 mm) is inside: no warning
+    inside = superres.super_resolve(thick, factor=5, method="learned", planes="coronal", options=FAST)
+    assert not inside.metadata.get("out_of_domain"), inside.metadata.get("warnings")
+
+
 @pytest.mark.parametrize("grid", ["native", "fine"])
 def test_inpainting_on_clinical_pixels_keeps_everything_outside_the_mask(grid, request):
     volume = request.getfixturevalue(grid)

@@ -459,9 +459,10 @@ def super_resolve(volume: Volume, *, factor: int, method: str = AUTO_METHOD, mod
         steps = (LEARNED_STEPS if learned else DEFAULT_STEPS) if steps is None else int(steps)
         checkpoint, predictor = load_prior(model, options, task=SR_TASK if learned else "ct_prior")
         model_name = checkpoint.name
-        # the learned model saw slabs of given thicknesses; DiffPIR's prior works on the thin grid
-        domain_warnings = check_domain(checkpoint.card, volume, task="super-resolution", region=region,
-                                       slice_spacing_mm=spacing if learned else None)
+        # the learned model saw slabs of given thicknesses cut into given thin spacings;
+        # DiffPIR's prior works on the thin grid
+        domain_warnings = (learned_sr_domain(checkpoint.card, volume, k, region) if learned else
+                           check_domain(checkpoint.card, volume, task="super-resolution", region=region))
         op = slab_operator(n_thick, k, spacing, thickness)
         initial = cubic_along(data, k, axis=0)
         if not learned and noise_hu is None:
