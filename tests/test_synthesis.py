@@ -278,6 +278,27 @@ def test_place_box_keeps_world_positions_in_mm():
     assert np.all(out[np.abs(world) > 32.5, 2, 2] == -999.0)  # outside the 72 mm box: fill
 
 
+def test_synthesis_refines_a_given_layout(tiny_models):
+    # a 96 mm box of 8 mm voxels: soft tissue (40 HU) with a bone column (700 HU) along S, air around
+    box = np.full((12, 12, 12), -1000.0, np.float32)
+    box[:, 2:10, 2:10] = 40.0
+    box[:, 5:7, 5:7] = 700.0
+    opts = RunOptions(device="cpu", seed=1, batch_size=8)
+    # refine_from=1: almost no noise is added, so the result is the layout placed on the 3 mm grid
+    vol = synthesize((20, 16, 18), model="tiny-ct-prior", steps=4, refine_from=1, layout=(box, 8.0),
+                     coarse_model="no-such-coarse-model", options=opts)  # not used with a layout
+    params = vol.metadata["parameters"]
+    assert params["coarse_model"] == "given layout" and params["planes"] == ["axial"]
+    expected = place_box(box, 8.0, (20, 16, 18), (3.0,) * 3, fill=-1024.0)
+    assert np.median(np.abs(vol.data - expected)) < 20  # HU
+    # the bone column sits at the box's centre (the origin), 3 mm voxels 8-9 of 16 rows / 18 columns
+    assert vol.data[:, 7:9, 8:10].mean() > 500 and vol.data[:, 2:4, 2:4].mean() < 100
+    for bad, message in (((box[0], 8.0), "3D box"), ((box, 0.0), "positive voxel size"),
+                         ((box * np.nan, 8.0), "finite HU"), (box, "layout must be")):
+        with pytest.raises(TaskInputError, match=message):
+            synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, layout=bad, options=opts)
+
+
 def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models, tiny_coarse_config):
     from training.trainer import train
 

@@ -176,6 +176,20 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
     return denormalize(SliceRunner.host(x0[0]).numpy(), intensity_range(None, checkpoint.normalization))
 
 
+def check_layout(layout) -> tuple:
+    """``(box_hu, voxel_mm)`` of a given coarse layout, checked (see :func:`synthesize`)."""
+    try:
+        box_hu, voxel_mm = layout
+        box_hu, voxel_mm = np.asarray(box_hu, dtype=np.float32), float(voxel_mm)
+    except (TypeError, ValueError) as exc:
+        raise TaskInputError(f"layout must be (box in HU, voxel size in mm): {exc}") from exc
+    if box_hu.ndim != 3 or min(box_hu.shape) < 2:
+        raise TaskInputError(f"layout must be a 3D box of at least 2 voxels a side, got shape {box_hu.shape}")
+    if not np.isfinite(box_hu).all() or not (np.isfinite(voxel_mm) and voxel_mm > 0):
+        raise TaskInputError("layout must hold finite HU and a positive voxel size in mm")
+    return box_hu, voxel_mm
+
+
 def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> np.ndarray:
     """Resample a box centred on the origin onto a grid centred on the origin.
 
@@ -267,7 +281,8 @@ def generation_spacing(card: dict, spacing=None) -> float:
 
 def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, steps: int = 50,
                planes=None, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
-               slice_correlation: float | None = None, options: RunOptions | None = None) -> Volume:
+               slice_correlation: float | None = None, layout=None,
+               options: RunOptions | None = None) -> Volume:
     """Generate a CT volume (HU) from the CT prior.
 
     Parameters
@@ -308,6 +323,12 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         axial slices (:class:`~..engine.sampling.AxisCorrelatedNoise`).
         Default: :data:`DEFAULT_SLICE_CORRELATION` when a coarse layout is
         refined, 0 (independent) from noise.
+    layout : (ndarray, float), optional
+        ``(box_hu, voxel_mm)``: a coarse layout to refine instead of drawing
+        one (``coarse_model`` is then not used): a box (S, P, L) in HU centred
+        on the origin, of isotropic ``voxel_mm`` voxels, as
+        :func:`draw_coarse_layout` returns. E.g. a real scan resampled, to
+        measure what the 2D stage makes of a layout as good as a patient's.
     options : RunOptions
         Device, seed, batch size, progress and cancel.
 
@@ -350,11 +371,16 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"shape {shape} at {spacing} mm is {native_shape} voxels at the model's {native:g} mm; "
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
-    coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
+    if layout is not None:
+        box_hu, box_mm = check_layout(layout)
+        coarse, coarse_region = None, None
+    else:
+        coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
+    refining = layout is not None or coarse is not None
     # the defaults depend on whether a coarse layout is refined
-    planes = tuple(planes) if planes is not None else (PLANES if coarse is None else REFINE_PLANES)
+    planes = tuple(planes) if planes is not None else (REFINE_PLANES if refining else PLANES)
     if slice_correlation is None:
-        slice_correlation = 0.0 if coarse is None else DEFAULT_SLICE_CORRELATION
+        slice_correlation = DEFAULT_SLICE_CORRELATION if refining else 0.0
 
     started = time.monotonic()
     gen = make_generator(options.seed)
@@ -362,7 +388,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     # the 2D stage's noise (start and, with eta > 0, every step): correlated
     # along S; the coarse prior's own draw keeps the plain generator
     fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
-    if coarse is None:
+    if not refining:
         t_start, fine_steps, coarse_steps = None, steps, 0
         layout_hu = None
         x_t = randn((1, 1) + native_shape, fine_noise, predictor.device)
@@ -371,13 +397,15 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         if not 1 <= t_start < n_train:
             raise TaskInputError(f"refine_from must be a step in [1, {n_train - 1}], got {t_start}")
         fine_steps = max(2, round(steps * t_start / n_train))
-        coarse_steps = steps
-        box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
-                                    region=coarse_region, steps=coarse_steps,
-                                    generator=gen, cancel=options.cancel,
-                                    progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
-                                                          "coarse layout"))
-        layout_hu = placed_layout(box_hu, coarse.card["voxel_spacing_mm"], native_shape, native, checkpoint)
+        coarse_steps = 0 if coarse is None else steps
+        if coarse is not None:
+            box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
+                                        region=coarse_region, steps=coarse_steps,
+                                        generator=gen, cancel=options.cancel,
+                                        progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
+                                                              "coarse layout"))
+            box_mm = coarse.card["voxel_spacing_mm"]
+        layout_hu = placed_layout(box_hu, box_mm, native_shape, native, checkpoint)
         x_t = noised_layout(layout_hu, checkpoint, t_start, fine_noise, predictor.device)
     # a prior with the 3D position learns where in the body each slice lies
     positions = volume_slice_positions(layout_hu, native_shape) if takes_slice_position(predictor) else None
@@ -393,8 +421,8 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
               "planes": list(planes), "slice_correlation": float(slice_correlation), "eta": float(eta),
               "seed": options.seed,
-              "coarse_model": None if coarse is None else coarse.name,
-              "refine_from": t_start, "refine_steps": fine_steps if coarse is not None else None,
+              "coarse_model": "given layout" if layout is not None else None if coarse is None else coarse.name,
+              "refine_from": t_start, "refine_steps": fine_steps if refining else None,
               "slice_positions": positions is not None,
               "seconds": round(time.monotonic() - started, 1)}
     return Volume(
