@@ -461,6 +461,17 @@ def test_cli_bad_inputs_give_clear_errors_and_write_nothing(tiny_models, small_c
     inpainted = tmp_path / "inpainted.nii.gz"
     assert main(["inpaint", str(path), "--mask", str(other), "-o", str(inpainted)]) == 2
     assert "another grid" in capsys.readouterr().err and not inpainted.exists()
+    # --region reaches the prior: a region its training data did not have is refused before anything runs
+    from tests.conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tiny_models / "neck-only", name="neck-only",
+                         training={"data": [{"path": "ct.nii.gz", "region": "head-neck"}]})
+    assert main(["anomaly", str(path), "-o", str(out), "--model", "neck-only", "--region", "chest"]) == 2
+    assert "trained on head-neck only; it does not know the region 'chest'" in capsys.readouterr().err
+    assert main(["inpaint", str(path), "--mask", str(full), "-o", str(inpainted), "--model", "neck-only",
+                 "--region", "abdomen"]) == 2
+    assert "does not know the region 'abdomen'" in capsys.readouterr().err
+    assert not out.exists() and not inpainted.exists()
 
 
 def test_thin_pixels_are_resampled_to_the_prior_spacing(small_ct):

@@ -548,7 +548,7 @@ def anomaly_layers(result: AnomalyResult, *, reconstruction: bool = False, color
 # -- CLI --------------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
-    from .cli import add_common_options
+    from .cli import add_common_options, add_region_option
 
     p = subparsers.add_parser(
         "anomaly", help="anomaly heatmap and mask from the healthy-CT prior (partial diffusion)",
@@ -590,6 +590,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
                    help="in-plane pixel size (mm) the prior reconstructs at, within the sizes it was trained "
                         "at (default: the prior's own; a multi-resolution prior: the scan's)")
+    add_region_option(p)
     add_common_options(p, steps=DEFAULT_STEPS)
     p.set_defaults(func=_run_cli)
 
@@ -615,7 +616,7 @@ def _run_cli(args) -> int:
                               smooth_mm=args.smooth_mm, score=args.score, patch_mm=args.patch_mm,
                               t_end=args.t_end, pixel_mm=args.pixel_mm, polarity=args.polarity,
                               match_level=args.match_level,
-                              plane=args.plane, model=args.model,
+                              plane=args.plane, model=args.model, region=args.region,
                               options=options_from_args(args, cli_progress()))
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)
     if args.mask_out:

@@ -55,6 +55,22 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
         add_input_options(parser)
 
 
+def add_region_option(parser) -> None:
+    """``--region``: the body-region class a region-conditioned prior is given."""
+    from ..engine.networks import REGIONS
+
+    parser.add_argument("--region", choices=list(REGIONS), default=None,
+                        help="body region for region-conditioned priors (default: the prior's own when it "
+                             "knows one region, else 'unknown', its any-region class)")
+
+
+def add_ensemble_option(parser, *, per: str, default: int = 1) -> None:
+    """``--ensemble``: estimates of a learned model averaged (each one more network evaluation)."""
+    parser.add_argument("--ensemble", type=int, default=default,
+                        help=f"learned: average this many estimates per {per} (own noise draws, mirrored "
+                             f"views); each costs one more network evaluation (default {default})")
+
+
 def add_input_options(parser) -> None:
     """``--series`` and ``--modality``: which series of INPUT, and what it is."""
     parser.add_argument("--series", default=None, metavar="INDEX|UID|DESCRIPTION",

@@ -383,7 +383,7 @@ def _denoise_diffusion(data, volume, sigmas, *, model, steps, strength, lam, eta
 
 def add_command(subparsers) -> None:
     """``mediffuse denoise INPUT -o OUTPUT [--method ...]``."""
-    from .cli import add_common_options
+    from .cli import add_common_options, add_ensemble_option, add_region_option
 
     p = subparsers.add_parser(
         "denoise", help="denoise a (low-dose) CT: DiffPIR with the CT prior, a learned denoiser, BM3D or NLM",
@@ -403,10 +403,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--noise-hu", type=float, help="noise std in HU (default: estimated from the image)")
     p.add_argument("--lambda", dest="lam", type=float, default=DENOISE_LAMBDA,
                    help=f"DiffPIR lambda (default {DENOISE_LAMBDA:g})")
-    p.add_argument("--region", help="body region for region-conditioned priors (e.g. abdomen)")
-    p.add_argument("--ensemble", type=int, default=1,
-                   help="learned: average this many estimates per slice (own noise draws, mirrored views); "
-                        "each costs one more network evaluation (default 1)")
+    add_region_option(p)
+    add_ensemble_option(p, per="slice")
     p.set_defaults(func=_cmd_denoise)
 
 

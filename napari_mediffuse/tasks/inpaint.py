@@ -500,7 +500,7 @@ def _dilate_in_plane(mask: np.ndarray, volume: Volume, plane: str, mm: float) ->
 # -- CLI ------------------------------------------------------------------------
 
 def add_command(subparsers) -> None:
-    from .cli import add_common_options
+    from .cli import add_common_options, add_region_option
 
     p = subparsers.add_parser(
         "inpaint", help="replace a masked region with tissue synthesised by the prior (RePaint)",
@@ -515,6 +515,7 @@ def add_command(subparsers) -> None:
                    help=f"RePaint resampling rounds per step (default {DEFAULT_RESAMPLE})")
     p.add_argument("--dilate-mm", type=float, default=0.0, help="grow the mask by this many mm first")
     p.add_argument("--plane", default="axial", choices=list(PLANE_AXIS))
+    add_region_option(p)
     add_common_options(p, steps=DEFAULT_INPAINT_STEPS)
     p.set_defaults(func=_run_cli)
 
@@ -525,6 +526,6 @@ def _run_cli(args) -> int:
     volume, options = prepare_volume_command(args)
     mask = read_single_volume(args.mask)
     result = inpaint(volume, mask, steps=args.steps, resample=args.resample, dilate_mm=args.dilate_mm,
-                     plane=args.plane, model=args.model, options=options)
+                     plane=args.plane, model=args.model, region=args.region, options=options)
     p = result.metadata["parameters"]
     return finish_volume_command(args, result, f"{p['inpainted_voxels']} voxels inpainted, {p['seconds']} s")

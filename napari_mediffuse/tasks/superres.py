@@ -544,7 +544,7 @@ def _stage(progress, index: int, count: int, plane: str):
 
 def add_command(subparsers) -> None:
     """``mediffuse sr INPUT -o OUTPUT --factor K [--method ...]``."""
-    from .cli import add_common_options
+    from .cli import add_common_options, add_ensemble_option, add_region_option
 
     p = subparsers.add_parser(
         "sr", help="thick -> thin slice super-resolution (DiffPIR with the CT prior, a learned model, "
@@ -569,10 +569,8 @@ def add_command(subparsers) -> None:
                    help="planes the prior works on (default both, averaged)")
     p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
                    help=f"DiffPIR lambda (default {DEFAULT_LAMBDA})")
-    p.add_argument("--region", help="body region for region-conditioned priors (e.g. abdomen)")
-    p.add_argument("--ensemble", type=int, default=1,
-                   help="learned: average this many estimates per plane (own noise draws, every other one "
-                        "mirrored left-right); each costs one more network evaluation (default 1)")
+    add_region_option(p)
+    add_ensemble_option(p, per="plane")
     p.set_defaults(func=_cmd_sr)
 
 
