@@ -14,7 +14,7 @@ from napari_mediffuse.engine.checkpoint import CheckpointError
 from napari_mediffuse.io.volume import Volume
 from napari_mediffuse.tasks.common import RunOptions, TaskInputError
 from napari_mediffuse.tasks.translate import cfg_combine, guided_predictor, translate
-from training import paired
+from training import mr_simulator, paired
 
 from conftest import TINY_ARCHITECTURE, save_tiny_checkpoint, translation_card
 
@@ -70,8 +70,8 @@ def ct2mr_model(tmp_path, monkeypatch):
 def test_simulated_mr_contrasts_on_real_ct(ct_and_labels):
     ct, labels = ct_and_labels
     hu = np.asarray(ct.data, dtype=np.float32)
-    t1 = paired.simulate_mr(hu, labels, contrast="T1", seed=3)
-    t2 = paired.simulate_mr(hu, labels, contrast="T2", seed=3)
+    t1 = mr_simulator.simulate_mr(hu, labels, contrast="T1", seed=3)
+    t2 = mr_simulator.simulate_mr(hu, labels, contrast="T2", seed=3)
 
     def median(image, sel):
         assert sel.sum() > 50
@@ -93,26 +93,26 @@ def test_simulated_mr_contrasts_on_real_ct(ct_and_labels):
     assert median(t1.mr, ~t1.mask) < 0.1 * median(t1.mr, fat)
     assert t1.mr.shape == hu.shape and np.isfinite(t1.mr).all() and t1.mr.min() >= 0
     # deterministic given the seed; the seed changes bias and noise only
-    again = paired.simulate_mr(hu, labels, contrast="T1", seed=3)
-    other = paired.simulate_mr(hu, labels, contrast="T1", seed=4)
+    again = mr_simulator.simulate_mr(hu, labels, contrast="T1", seed=3)
+    other = mr_simulator.simulate_mr(hu, labels, contrast="T1", seed=4)
     np.testing.assert_array_equal(t1.mr, again.mr)
     assert not np.allclose(t1.mr, other.mr)
     np.testing.assert_allclose(t1.clean, other.clean)
     # without labels: HU-only classes, still fat bright and cortex dark
-    hu_only = paired.simulate_mr(hu, None, contrast="T1", seed=3)
+    hu_only = mr_simulator.simulate_mr(hu, None, contrast="T1", seed=3)
     soft = (hu > 30) & (hu < 70)
     assert median(hu_only.mr, fat) > 1.5 * median(hu_only.mr, soft)
     assert median(hu_only.mr, cortex) < median(hu_only.mr, soft)
 
 
 def test_spin_echo_equation():
-    t = paired.Tissue(t1=500.0, t2=50.0, pd=0.8)
-    assert paired.spin_echo(t, 500.0, 15.0) == pytest.approx(0.8 * (1 - np.exp(-1)) * np.exp(-0.3))
-    s1, s2 = paired.tissue_signals("T1"), paired.tissue_signals("T2")
+    t = mr_simulator.Tissue(t1=500.0, t2=50.0, pd=0.8)
+    assert mr_simulator.spin_echo(t, 500.0, 15.0) == pytest.approx(0.8 * (1 - np.exp(-1)) * np.exp(-0.3))
+    s1, s2 = mr_simulator.tissue_signals("T1"), mr_simulator.tissue_signals("T2")
     assert s1["fat"] > s1["liver"] > s1["fluid"] and s2["fluid"] > s2["fat"] > s2["liver"]
     assert s1["cortical_bone"] < 1e-6
     with pytest.raises(ValueError, match="contrast"):
-        paired.tissue_signals("PD")
+        mr_simulator.tissue_signals("PD")
 
 
 def test_label_crop_placed_by_offset(tmp_path, ct_and_labels):
@@ -706,9 +706,9 @@ def test_openkbp_structures_set_the_tissue_signal():
     voxels the HU rules; unlabelled bone stays bone (only the mandible is drawn)."""
     hu, labels = _blocks_volume()
     kw = dict(contrast="T1", bias=0.0, noise=0.0, blur=0.0, smooth_ct=0.0)
-    sim = paired.simulate_mr(hu, labels, label_scheme="openkbp", **kw).clean
-    hu_only = paired.simulate_mr(hu, None, **kw).clean
-    s = paired.tissue_signals("T1")
+    sim = mr_simulator.simulate_mr(hu, labels, label_scheme="openkbp", **kw).clean
+    hu_only = mr_simulator.simulate_mr(hu, None, **kw).clean
+    s = mr_simulator.tissue_signals("T1")
 
     def at(image, r, c):
         return float(image[4, 8 * r + 4, 8 * c + 4])
@@ -728,10 +728,10 @@ def test_openkbp_structures_set_the_tissue_signal():
     assert at(sim, 1, 2) < 0.05 * soft  # 1000 HU unlabelled: cortical bone, dark
     assert at(sim, 2, 0) / soft == pytest.approx(s["fat"] / s["soft_tissue"], rel=1e-4)
     # the default TotalSegmentator legend reads the same numbers as other organs (2: a kidney)
-    ts = paired.simulate_mr(hu, labels, **kw).clean
+    ts = mr_simulator.simulate_mr(hu, labels, **kw).clean
     assert at(ts, 0, 1) / soft == pytest.approx(s["kidney"] / s["soft_tissue"], rel=1e-4)
     with pytest.raises(ValueError, match="label_scheme"):
-        paired.simulate_mr(hu, labels, label_scheme="brats", **kw)
+        mr_simulator.simulate_mr(hu, labels, label_scheme="brats", **kw)
 
 
 def test_openkbp_patient_simulated_with_its_structures():
@@ -757,7 +757,7 @@ def test_openkbp_patient_simulated_with_its_structures():
     cord = (labels == 2) & (pair.ct > 0) & (pair.ct < 80)
     assert cord.sum() > 200
     ratio = np.median(pair.mr_clean[cord]) / np.median(hu_only.mr_clean[cord])
-    s = paired.tissue_signals("T1")
+    s = mr_simulator.tissue_signals("T1")
     assert 1.06 < ratio < 1.2 and s["spinal_cord"] / s["soft_tissue"] == pytest.approx(1.18, abs=0.01)
     mandible = (labels == 7) & (pair.ct > 200)
     assert mandible.sum() > 500 and np.median(pair.mr_clean[mandible]) < 0.5 * np.median(pair.mr_clean[cord])
