@@ -164,6 +164,36 @@ def test_a_residual_model_that_adds_no_correction_returns_its_condition(chest_cr
     assert np.abs(far.data - chest_crop.data).mean() > 100.0
 
 
+def test_noise_texture_mix_swaps_the_bank_noise_for_blurred_white_noise_of_its_std(chest_crop):
+    volume = _training_volume(chest_crop)
+    # bank noise: 20 HU that is constant along rows (a texture nothing like white noise)
+    noise = np.repeat(np.random.default_rng(0).normal(0, 20.0, (64, 1)), 64, axis=1).astype(np.float32)
+    bank = [{"volume": 0, "slice": 2, "noise": noise, "dose": 0.25, "filter": "ramp", "photons": 8e5}]
+    config = {"patch_size": 48, "noise_scale_range": [1.0, 1.0]}
+
+    def added(texture):
+        pairs = LowDosePairs([volume], bank, {**config, "noise_texture": texture}, NORMALIZATION)
+        sample = pairs.sample(np.random.default_rng(3))
+        hu = (sample["condition"] - sample["image"]).numpy()[0] * 3072.0 / 2.0
+        row_spread = float(np.std(hu, axis=1).mean())  # 0 for the bank's row-constant noise
+        neighbours = float(np.corrcoef(hu[:, :-1].ravel(), hu[:, 1:].ravel())[0, 1])
+        return float(np.std(hu)), row_spread, neighbours
+
+    std, spread, _ = added({"probability": 0.0})
+    assert spread < 1e-3 and 15 < std < 25
+    std, spread, neighbours = added({"probability": 1.0, "blur_px": [0.0, 0.0]})  # white
+    assert abs(std - np.std(noise)) < 2.0 and spread > 15 and abs(neighbours) < 0.1
+    _, _, blurred = added({"probability": 1.0, "blur_px": [1.5, 1.5]})
+    assert blurred > 0.6  # neighbouring pixels share the blurred noise
+    with pytest.raises(ValueError, match="noise_texture"):
+        LowDosePairs([volume], bank, {**config, "noise_texture": {"probability": 2.0}}, NORMALIZATION)
+    # validation pairs keep the simulator's noise
+    val = LowDosePairs([volume], bank, {**config, "noise_texture": {"probability": 1.0}}, NORMALIZATION,
+                       part="val")
+    hu = (val.sample(np.random.default_rng(3))["condition"] - val.sample(np.random.default_rng(3))["image"])
+    assert float(np.std(hu.numpy()[0] * 1536.0, axis=1).mean()) < 1e-3
+
+
 def test_inverse_noise_weighting_weighs_a_sample_by_its_added_noise(chest_crop):
     volume = _training_volume(chest_crop)
     rng = np.random.default_rng(0)

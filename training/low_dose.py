@@ -14,7 +14,12 @@ noise increase on a 4 mm neck box as on a 0.8 mm chest slice. Simulating a
 (saved beside the run, ``noise_bank.npz``, and reused when the run
 resumes) and each sample is a random crop of a (clean, clean + s x noise)
 pair, with ``s`` drawn in ``noise_scale_range`` (a dose change scales the
-added noise) and random flips. The clean slice is the image, the noisy
+added noise) and random flips. With ``noise_texture: {probability: p,
+blur_px: [a, b]}`` a share p of the samples get, instead of the bank's
+filtered back-projection noise, Gaussian white noise blurred by a Gaussian of
+a-b pixels and scaled to the bank noise's std: other reconstruction kernels
+and iterative reconstructions make other textures, and a model that saw only
+the simulator's learns to remove that texture alone. The clean slice is the image, the noisy
 one the condition; with ``residual_scale`` r the image is ``r (clean -
 noisy)`` instead, a correction of the low-dose slice (the card records r).
 
@@ -107,6 +112,12 @@ class LowDosePairs(SampleStream):
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.residual_scale = float(data_config.get("residual_scale") or 0.0)
         self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
+        texture = data_config.get("noise_texture") or {}
+        self.texture_p = float(texture.get("probability", 0.0)) if part == "train" else 0.0
+        self.texture_blur_px = tuple(float(v) for v in texture.get("blur_px", [0.0, 1.5]))
+        if not 0.0 <= self.texture_p <= 1.0 or not 0.0 <= self.texture_blur_px[0] <= self.texture_blur_px[1]:
+            raise ValueError(f"data.noise_texture needs a probability in [0, 1] and blur_px [low, high] >= 0, "
+                             f"got {texture}")
         low, high = float(normalization["low"]), float(normalization["high"])
         self.units_per_hu = 2.0 / (high - low)  # hu_window: a noise of 1 HU in normalised units
         # loss_weighting: inverse_noise weighs each sample by (reference_noise_hu / its added noise)^power
@@ -128,7 +139,10 @@ class LowDosePairs(SampleStream):
         volume = self.volumes[entry["volume"]]
         clean = volume.data[entry["slice"]]
         scale = float(rng.uniform(*self.scale_range))
-        noisy = np.clip(clean + scale * self.units_per_hu * entry["noise"], -1.0, 1.0)
+        noise = entry["noise"]
+        if self.texture_p and rng.random() < self.texture_p:
+            noise = other_texture(noise, float(rng.uniform(*self.texture_blur_px)), rng)
+        noisy = np.clip(clean + scale * self.units_per_hu * noise, -1.0, 1.0)
         both = np.stack([clean, noisy]).astype(np.float32)
         if augment is not None:
             if rng.random() < 0.5:
@@ -152,6 +166,16 @@ class LowDosePairs(SampleStream):
 
     def augmentation(self, seed: int):
         return True if self.augment else None
+
+
+def other_texture(noise: np.ndarray, blur_px: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian white noise blurred by ``blur_px`` pixels (0: white), with the std of ``noise`` (HU)."""
+    from scipy import ndimage
+
+    white = rng.standard_normal(noise.shape, dtype=np.float32)
+    if blur_px > 0:
+        white = ndimage.gaussian_filter(white, blur_px)
+    return white * np.float32(float(np.std(noise)) / max(float(np.std(white)), 1e-12))
 
 
 def _hu(volume: TrainingVolume, normalization: dict) -> np.ndarray:
