@@ -139,7 +139,7 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_c
     tab = panel.task_tabs["anomaly"]
     kinds = {type(layer).__name__: layer
              for layer in _run(qtbot, tab, t=200, steps=2, ensemble=1, polarity="darker", match_level=True,
-                               smooth_mm=6.0)}
+                               smooth_mm=6.0, region="abdomen")}
     heat, mask = kinds["Image"], kinds["Labels"]
     for layer in (heat, mask):
         _assert_on_grid_of(layer, ct_crop_layer)
@@ -147,6 +147,7 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_c
     # the panel's choices reach the task
     params = heat.metadata["parameters"]
     assert params["polarity"] == "darker" and params["match_level"] is True and params["smooth_mm"] == 6.0
+    assert params["region"] == "abdomen"
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 
@@ -190,7 +191,8 @@ def test_inpaint_tab_replaces_only_the_painted_voxels(ct_small_path, panel, ct_c
     viewer.add_labels(mask, name="lesion", scale=ct_crop_layer.scale, translate=ct_crop_layer.translate)
     tab = panel.task_tabs["inpaint"]
     tab.param_widgets["mask"].reset_choices()
-    (result,) = _run(qtbot, tab, mask="lesion", steps=2, resample=0)
+    (result,) = _run(qtbot, tab, mask="lesion", steps=2, resample=0, region="abdomen")
+    assert result.metadata["parameters"]["region"] == "abdomen"
     _assert_on_grid_of(result, ct_crop_layer)
     inside = mask > 0
     np.testing.assert_allclose(result.data[~inside], ct_crop_layer.data[~inside], atol=0.5)

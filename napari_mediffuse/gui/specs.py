@@ -26,6 +26,13 @@ def zero_is_auto(value):
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
 BATCH = Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
               tooltip="Slices processed together (larger keeps a GPU busy)")
+#: The scan's body region for the CT tasks (the CLI's --region); empty = not said.
+BODY_REGION = Param("region", "", label="body region", options={"choices": ["", "head-neck", "chest", "abdomen"]},
+                    advanced=True,
+                    tooltip="The scan's body region: the class a region-conditioned model is given and the "
+                            "region checked against what a model saw (super-resolution 'auto' picks by it); "
+                            "empty = the model's default class, and the check judges the region from DICOM "
+                            "BodyPartExamined or the scan")
 
 
 def _synthetic_name(kwargs: dict) -> dict:
@@ -115,7 +122,7 @@ def _run_denoise(volume, values, options):
     result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"] or None,
                      strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
                      lam=values["lam"], ensemble=values["ensemble"] if values["method"] == "learned" else 1,
-                     options=options)
+                     region=values.get("region") or None, options=options)
     return [image_layer_data(result)]
 
 
@@ -143,7 +150,7 @@ def denoise_spec() -> TaskSpec:
                   options={"min": 1, "max": 16}, advanced=True,
                   tooltip="Learned only: average this many estimates per slice (own noise draws, mirrored "
                           "views); each costs one more network run"),
-            SEED, BATCH,
+            BODY_REGION, SEED, BATCH,
         ])
 
 
@@ -154,7 +161,8 @@ def _run_sr(volume, values, options):
                            steps=values["steps"] or None, strength=values["strength"], planes=values["planes"],
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
                            noise_hu=zero_is_auto(values["noise_hu"]),
-                           ensemble=values["ensemble"] if values["method"] in ("auto", "learned") else 1, options=options)
+                           ensemble=values["ensemble"] if values["method"] in ("auto", "learned") else 1,
+                           region=values.get("region") or None, options=options)
     return [image_layer_data(result)]
 
 
@@ -196,7 +204,7 @@ def sr_spec() -> TaskSpec:
                   options={"min": 1, "max": 16}, advanced=True,
                   tooltip="Learned only: average this many estimates per plane (own noise draws, every other "
                           "one mirrored left-right); each costs one more network run"),
-            SEED, BATCH,
+            BODY_REGION, SEED, BATCH,
         ])
 
 
@@ -210,7 +218,7 @@ def _run_anomaly(volume, values, options):
                               percentile=values["percentile"], model=values["model"],
                               pixel_mm=zero_is_auto(values["pixel_mm"]), polarity=values["polarity"],
                               match_level=values["match_level"], smooth_mm=values["smooth_mm"],
-                              options=options)
+                              region=values.get("region") or None, options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
@@ -252,7 +260,7 @@ def anomaly_spec() -> TaskSpec:
                   advanced=True,
                   tooltip="In-plane pixel size the prior reconstructs at (within the sizes it was trained "
                           "at); 0 = the prior's own (a multi-resolution prior: the scan's)"),
-            SEED, BATCH,
+            BODY_REGION, SEED, BATCH,
         ])
 
 
@@ -262,7 +270,7 @@ def _run_inpaint(volume, values, options):
     if values["mask"] is None:
         raise ValueError("paint the region to replace in a Labels layer and choose it as mask")
     result = inpaint(volume, values["mask"], steps=values["steps"], resample=values["resample"],
-                     model=values["model"], options=options)
+                     model=values["model"], region=values.get("region") or None, options=options)
     return [image_layer_data(result)]
 
 
@@ -279,7 +287,7 @@ def inpaint_spec() -> TaskSpec:
             Param("steps", default(inpaint, "steps"), options={"min": 1, "max": 500}, tooltip="DDIM steps"),
             Param("resample", default(inpaint, "resample"), options={"min": 0, "max": 5}, advanced=True,
                   tooltip="RePaint resampling rounds per step (better harmony, more time)"),
-            SEED, BATCH,
+            BODY_REGION, SEED, BATCH,
         ])
 
 

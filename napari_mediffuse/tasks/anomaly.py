@@ -362,7 +362,7 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     params = dict(t=steps_t if len(steps_t) > 1 else steps_t[0], ensemble=int(ensemble), steps=int(steps),
                   eta=eta, plane=plane, seed=options.seed, roi="body (automatic)" if roi is None else "given",
                   score=score, polarity=polarity, match_level=bool(match_level),
-                  patch_mm=patch_mm or None, t_end=int(t_end),
+                  patch_mm=patch_mm or None, t_end=int(t_end), region=region,
                   pixel_mm=None if prior.pixel_spacing_mm is None else list(prior.pixel_spacing_mm),
                   seconds=round(seconds, 2),
                   seconds_per_slice=round(seconds / max(n_slices, 1), 3))

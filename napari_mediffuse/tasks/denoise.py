@@ -241,7 +241,7 @@ def denoise(volume: Volume, *, method: str = "diffusion", model: Optional[str] =
         sigmas = estimate_noise_hu(data)
     else:
         sigmas = np.full(data.shape[0], float(noise_hu))
-    params = {"method": method, "strength": float(strength),
+    params = {"method": method, "strength": float(strength), "region": region,
               "noise_hu": float(np.median(sigmas)), "noise_estimated": noise_hu is None}
     warnings: list[str] = []
     model_name = None

@@ -480,7 +480,7 @@ def inpaint(volume: Volume, mask, *, steps: int = DEFAULT_INPAINT_STEPS, resampl
         info = np.iinfo(data.dtype)
         synth = np.clip(np.round(synth), info.min, info.max)
     data[unknown] = synth[unknown].astype(data.dtype)
-    params = dict(steps=steps, resample=resample, dilate_mm=dilate_mm, eta=eta, plane=plane,
+    params = dict(steps=steps, resample=resample, dilate_mm=dilate_mm, eta=eta, plane=plane, region=region,
                   seed=options.seed, inpainted_voxels=int(unknown.sum()), seconds=round(seconds, 2))
     result = result_volume(volume, data, task="inpainting", suffix=f"inpainted ({steps} steps)", params=params,
                            synthetic=True, model=prior.name)

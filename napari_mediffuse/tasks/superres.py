@@ -444,7 +444,7 @@ def super_resolve(volume: Volume, *, factor: int, method: str = AUTO_METHOD, mod
     spacing = float(volume.spacing[0])
     thickness = slice_thickness(volume)
     affine = thin_affine(volume.affine, k)
-    params = {"method": method, "factor": k, "thick_spacing_mm": spacing, "slice_thickness_mm": thickness,
+    params = {"method": method, "factor": k, "region": region, "thick_spacing_mm": spacing, "slice_thickness_mm": thickness,
               "thin_spacing_mm": spacing / k}
     if chosen_because is not None:
         params["method_auto"] = chosen_because
