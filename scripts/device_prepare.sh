@@ -23,12 +23,14 @@ bm3d==4.0.3 bm4d==4.2.5 PyWavelets==1.10.0"
 
 if [ "${1:-}" = "restore" ]; then
     [ -d "$STASH" ] || { echo "nothing stashed in $STASH"; exit 0; }
-    # never overwrite: a file changed since the move stays as it is, its stashed copy stays in $STASH
+    # never overwrite: a file that is here again (e.g. after git checkout) and differs from its
+    # stashed copy stays as it is, and the copy stays in $STASH; an identical copy is dropped
     kept=0
     while read -r f; do
         mkdir -p "$(dirname "$f")"
-        if [ -e "$f" ]; then echo "kept $f (it exists here; the stashed copy stays in $STASH)"; kept=1
-        else mv "$STASH/$f" "$f"; fi
+        if [ ! -e "$f" ]; then mv "$STASH/$f" "$f"
+        elif cmp -s "$STASH/$f" "$f"; then rm "$STASH/$f"
+        else echo "kept $f (it differs from the stashed copy, which stays in $STASH)"; kept=1; fi
     done < <(cd "$STASH" && find . -type f)
     if [ "$kept" -eq 0 ]; then rm -rf "$STASH"; fi
     git status --short | head

@@ -64,6 +64,7 @@ def oracle_prior(healthy_hu: np.ndarray, crops_of=None) -> Prior:
         return (x - a ** 0.5 * here) / (1.0 - a) ** 0.5
 
     predictor.shapes = []
+    predictor.slices_at = slices_at
 
     return Prior(predictor, DEFAULT_SCHEDULE, DEFAULT_CT_NORMALIZATION, name="oracle", modality="CT")
 
@@ -260,7 +261,10 @@ def test_inpainting_crops_each_slice_to_its_own_mask(liver_stack):
     margin = [int(np.ceil(CONTEXT_MM / s)) for s in vol.spacing[1:]]
     corner = (min(n_rows, 14 + margin[0]) - max(0, 10 - margin[0]), min(n_cols, 14 + margin[1]) - max(0, 10 - margin[1]))
     far = (n_rows - max(0, n_rows - 14 - margin[0]), n_cols - max(0, n_cols - 14 - margin[1]))
+    # three groups: the two corner boxes (the same size here, at opposite corners) and one whole slice;
+    # the oracle tells the boxes apart by where they start and fails on any other crop
     assert set(prior.predictor.shapes) == {corner, far, (n_rows, n_cols)}
+    assert set(prior.predictor.slices_at) == {None, (0, 0), (n_rows - far[0], n_cols - far[1])}
     # each slice was given its own healthy tissue, in its own place; slice 2 was left alone
     # (slice 3's mask takes in air below -1024 HU, which the prior's window cannot hold)
     healthy = np.clip(vol.data, DEFAULT_CT_NORMALIZATION["low"], None)
@@ -462,7 +466,7 @@ def test_cli_bad_inputs_give_clear_errors_and_write_nothing(tiny_models, small_c
     assert main(["inpaint", str(path), "--mask", str(other), "-o", str(inpainted)]) == 2
     assert "another grid" in capsys.readouterr().err and not inpainted.exists()
     # --region reaches the prior: a region its training data did not have is refused before anything runs
-    from tests.conftest import save_tiny_checkpoint
+    from conftest import save_tiny_checkpoint
 
     save_tiny_checkpoint(tiny_models / "neck-only", name="neck-only",
                          training={"data": [{"path": "ct.nii.gz", "region": "head-neck"}]})

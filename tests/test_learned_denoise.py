@@ -185,8 +185,9 @@ def test_noise_texture_mix_swaps_the_bank_noise_for_blurred_white_noise_of_its_s
     assert abs(std - np.std(noise)) < 2.0 and spread > 15 and abs(neighbours) < 0.1
     _, _, blurred = added({"probability": 1.0, "blur_px": [1.5, 1.5]})
     assert blurred > 0.6  # neighbouring pixels share the blurred noise
-    with pytest.raises(ValueError, match="noise_texture"):
-        LowDosePairs([volume], bank, {**config, "noise_texture": {"probability": 2.0}}, NORMALIZATION)
+    for bad in ({"probability": 2.0}, {"probability": 0.5, "blur_px": 1.0}, {"probability": 0.5, "blur_px": [2, 1]}):
+        with pytest.raises(ValueError, match="noise_texture"):
+            LowDosePairs([volume], bank, {**config, "noise_texture": bad}, NORMALIZATION)
     # validation pairs keep the simulator's noise
     val = LowDosePairs([volume], bank, {**config, "noise_texture": {"probability": 1.0}}, NORMALIZATION,
                        part="val")

@@ -294,7 +294,7 @@ def test_synthesis_refines_a_given_layout(tiny_models):
     # the bone column sits at the box's centre (the origin), 3 mm voxels 8-9 of 16 rows / 18 columns
     assert vol.data[:, 7:9, 8:10].mean() > 500 and vol.data[:, 2:4, 2:4].mean() < 100
     for bad, message in (((box[0], 8.0), "3D box"), ((box, 0.0), "positive voxel size"),
-                         ((box * np.nan, 8.0), "finite HU"), (box, "layout must be")):
+                         ((box * np.nan, 8.0), "finite HU"), (box, "box in HU, voxel size")):
         with pytest.raises(TaskInputError, match=message):
             synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, layout=bad, options=opts)
 

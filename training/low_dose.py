@@ -114,10 +114,14 @@ class LowDosePairs(SampleStream):
         self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
         texture = data_config.get("noise_texture") or {}
         self.texture_p = float(texture.get("probability", 0.0)) if part == "train" else 0.0
-        self.texture_blur_px = tuple(float(v) for v in texture.get("blur_px", [0.0, 1.5]))
-        if not 0.0 <= self.texture_p <= 1.0 or not 0.0 <= self.texture_blur_px[0] <= self.texture_blur_px[1]:
-            raise ValueError(f"data.noise_texture needs a probability in [0, 1] and blur_px [low, high] >= 0, "
-                             f"got {texture}")
+        try:
+            low_px, high_px = (float(v) for v in texture.get("blur_px", [0.0, 1.5]))
+        except (TypeError, ValueError):
+            low_px, high_px = -1.0, -1.0  # reported below
+        self.texture_blur_px = (low_px, high_px)
+        if not 0.0 <= self.texture_p <= 1.0 or not 0.0 <= low_px <= high_px:
+            raise ValueError(f"data.noise_texture needs a probability in [0, 1] and blur_px [low, high] with "
+                             f"0 <= low <= high, got {texture}")
         low, high = float(normalization["low"]), float(normalization["high"])
         self.units_per_hu = 2.0 / (high - low)  # hu_window: a noise of 1 HU in normalised units
         # loss_weighting: inverse_noise weighs each sample by (reference_noise_hu / its added noise)^power

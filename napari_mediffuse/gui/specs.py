@@ -18,6 +18,11 @@ def default(function, name: str):
     return inspect.signature(function).parameters[name].default
 
 
+def body_region(values: dict):
+    """The body region a tab's values name (its empty choice: not said)."""
+    return values.get("region") or None
+
+
 def zero_is_auto(value):
     """Spin boxes use 0 for 'automatic': the task functions take None."""
     return None if value <= 0 else value
@@ -122,7 +127,7 @@ def _run_denoise(volume, values, options):
     result = denoise(volume, method=values["method"], model=values["model"], steps=values["steps"] or None,
                      strength=values["strength"], noise_hu=zero_is_auto(values["noise_hu"]),
                      lam=values["lam"], ensemble=values["ensemble"] if values["method"] == "learned" else 1,
-                     region=values.get("region") or None, options=options)
+                     region=body_region(values), options=options)
     return [image_layer_data(result)]
 
 
@@ -162,7 +167,7 @@ def _run_sr(volume, values, options):
                            lam=values["lam"], eta=values["eta"], end_hu=values["end_hu"],
                            noise_hu=zero_is_auto(values["noise_hu"]),
                            ensemble=values["ensemble"] if values["method"] in ("auto", "learned") else 1,
-                           region=values.get("region") or None, options=options)
+                           region=body_region(values), options=options)
     return [image_layer_data(result)]
 
 
@@ -218,7 +223,7 @@ def _run_anomaly(volume, values, options):
                               percentile=values["percentile"], model=values["model"],
                               pixel_mm=zero_is_auto(values["pixel_mm"]), polarity=values["polarity"],
                               match_level=values["match_level"], smooth_mm=values["smooth_mm"],
-                              region=values.get("region") or None, options=options)
+                              region=body_region(values), options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
@@ -270,7 +275,7 @@ def _run_inpaint(volume, values, options):
     if values["mask"] is None:
         raise ValueError("paint the region to replace in a Labels layer and choose it as mask")
     result = inpaint(volume, values["mask"], steps=values["steps"], resample=values["resample"],
-                     model=values["model"], region=values.get("region") or None, options=options)
+                     model=values["model"], region=body_region(values), options=options)
     return [image_layer_data(result)]
 
 
@@ -306,7 +311,7 @@ def _run_translate(volume, values, options):
                        guidance=values.get("guidance"), sampler=values.get("sampler", "ddim"),
                        ensemble=None if pipeline else values.get("ensemble"),
                        prompt=values.get("prompt") or None, image_guidance=values.get("image_guidance"),
-                       region=values.get("region") or None, force=bool(values.get("force")),
+                       region=body_region(values), force=bool(values.get("force")),
                        options=options)
     return [image_layer_data(result)]  # marked synthetic by the task (name, metadata)
 

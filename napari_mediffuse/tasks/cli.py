@@ -59,9 +59,11 @@ def add_region_option(parser) -> None:
     """``--region``: the body-region class a region-conditioned prior is given."""
     from ..engine.networks import REGIONS
 
-    parser.add_argument("--region", choices=list(REGIONS), default=None,
-                        help="body region for region-conditioned priors (default: the prior's own when it "
-                             "knows one region, else 'unknown', its any-region class)")
+    # 'unknown' is the class a model gets when no region is given, not one to ask for
+    parser.add_argument("--region", choices=[r for r in REGIONS if r != "unknown"], default=None,
+                        help="the scan's body region: the class a region-conditioned model is given and the "
+                             "region checked against what a model saw (default: the model's own class; the "
+                             "check judges the region from DICOM BodyPartExamined or the scan)")
 
 
 def add_ensemble_option(parser, *, per: str, default: int = 1) -> None:

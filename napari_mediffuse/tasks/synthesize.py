@@ -352,6 +352,8 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         raise TaskInputError(f"slice_correlation must be in [0, 1), got {slice_correlation}")
     if not 0.0 <= float(eta) <= 1.0:
         raise TaskInputError(f"eta must be in [0, 1], got {eta}")
+    if layout is not None:  # checked before any model is loaded
+        box_hu, box_mm = check_layout(layout)
     checkpoint, predictor = load_prior(model, options)
     card = checkpoint.card
     patch = int((card.get("patch_size") or [1])[0])
@@ -372,7 +374,6 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
             f"every side must be at least the model's patch size ({patch} voxels = {patch * native:g} mm)")
 
     if layout is not None:
-        box_hu, box_mm = check_layout(layout)
         coarse, coarse_region = None, None
     else:
         coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
