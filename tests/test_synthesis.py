@@ -362,6 +362,40 @@ def test_two_stage_synthesis_starts_from_the_coarse_layout(tmp_path, tiny_models
                    options=opts)
 
 
+def test_a_3d_coarse_prior_trains_on_whole_boxes_and_lays_out_synthesis(tmp_path, tiny_models, tiny_coarse_config):
+    from training.data import ConfigError
+    from training.trainer import make_datasets, train
+
+    config = tiny_coarse_config
+    config["name"] = "tiny-coarse-3d"
+    config["data"]["box_as"] = "volume"
+    config["architecture"] = {"backbone": "monai.DiffusionModelUNet", "spatial_dims": 3, "stem_stride": 1,
+                              "image_channels": 1, "position_frequencies": 2,
+                              "backbone_config": {"channels": [8, 16], "attention_levels": [False, False],
+                                                  "num_res_blocks": 1, "norm_num_groups": 4}}
+    _, val_set = make_datasets(config)
+    sample = next(iter(val_set))
+    # one 3D image of the whole 144 mm box and the x, y, z coordinates of each voxel
+    assert sample["image"].shape == (1, 12, 12, 12) and sample["coords"].shape == (3, 12, 12, 12)
+    water = (40 + 1024) / 1536 - 1
+    assert float(sample["image"][0, 6, 6, 6]) == pytest.approx(water, abs=0.05)
+    folder = train(config, tmp_path / "coarse-3d", device="cpu", command="pytest")
+    ckpt = load_checkpoint(folder, task="ct_prior_coarse", modality="CT")
+    assert ckpt.network.spatial_dims == 3 and ckpt.card["volume_shape"] == [12, 12, 12]
+    opts = RunOptions(device="cpu", seed=2, batch_size=8)
+    box = draw_coarse_layout(ckpt, predictor_for(ckpt, opts), region=3, steps=2, generator=make_generator(2))
+    assert box.shape == (12, 12, 12) and np.isfinite(box).all() and -1024 <= box.min() and box.max() <= 2048
+    # synthesis refines the 3D network's draw as it does a 2D one's (refine_from=1: the layout itself)
+    vol = synthesize((20, 16, 18), model="tiny-ct-prior", steps=2, refine_from=1, coarse_model=str(folder),
+                     options=opts)
+    assert vol.metadata["parameters"]["coarse_model"] == "tiny-coarse-3d"
+    expected = place_box(box, (12.0,) * 3, (20, 16, 18), (3.0,) * 3, fill=-1024.0)
+    assert np.median(np.abs(vol.data - expected)) < 20  # HU
+    config["data"]["box_as"] = "slices"
+    with pytest.raises(ConfigError, match="box_as must be 'channels'.*or 'volume'"):
+        make_datasets(config)
+
+
 def test_synthesis_without_a_coarse_prior_installed(tiny_models):
     vol = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, options=RunOptions(device="cpu"))
     assert vol.metadata["parameters"]["coarse_model"] is None

@@ -664,20 +664,29 @@ class CoarseVolumes(SampleStream):
     image whose channels are the axial slices: ``image`` (S, P, L),
     ``coords`` (2, P, L) of the whole box, ``region``. A 2D UNet on slices-
     as-channels sees the whole body at once at a fraction of a 3D UNet's
-    cost on CPU (a 3D MONAI UNet took 6 s per step of 4 x 32^3 here).
+    cost on CPU (a 3D MONAI UNet took 6 s per step of 4 x 32^3 here), but
+    cannot keep detail along S. With ``box_as: volume`` the box is one 3D
+    image instead, for a 3D network: ``image`` (1, S, P, L), ``coords``
+    (3, S, P, L).
     """
 
     def __init__(self, volumes: list[TrainingVolume], data_config: dict, *, seed: int = 0,
                  rank: int = 0, part: str = "train"):
         super().__init__()
         self.shape = tuple(int(n) for n in data_config["volume_shape"])
+        box_as = data_config.get("box_as", "channels")
+        if box_as not in ("channels", "volume"):
+            raise ConfigError(f"data.box_as must be 'channels' (a 2D network, axial slices as channels) or "
+                              f"'volume' (a 3D network), got {box_as!r}")
+        self.as_volume = box_as == "volume"
         self.boxes = [centre_fit(v.data, self.shape) for v in volumes]
         self.regions = [v.region for v in volumes]
         # with region_weights a region first, then one of its boxes (all boxes are alike in size):
         # 170 neck boxes must not drown the two abdomens
         self.volume_p = volume_probabilities([1] * len(volumes), self.regions, data_config.get("region_weights"))
         # every sample is the whole box: the same coordinates each time
-        self.coords = coordinate_grid([(0, n) for n in self.shape[1:]], self.shape[1:])
+        spatial = self.shape if self.as_volume else self.shape[1:]
+        self.coords = coordinate_grid([(0, n) for n in spatial], spatial)
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.seed, self.rank, self.part = seed, rank, part
 
@@ -686,8 +695,9 @@ class CoarseVolumes(SampleStream):
         box = self.boxes[k]
         if augment is not None:
             box = augment(box)
+        image = torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32)),
+            "image": image[None] if self.as_volume else image,
             "coords": self.coords,
             "region": torch.tensor(self.regions[k], dtype=torch.long),
         }

@@ -155,7 +155,8 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
     ----------
     checkpoint, predictor
         A ``ct_prior_coarse`` checkpoint and its noise predictor: a 2D
-        network whose image channels are the box's axial slices.
+        network whose image channels are the box's axial slices, or a 3D
+        network of the whole box.
     region : int
         Region class index.
     steps : int
@@ -170,10 +171,13 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
         RAS origin, voxels of ``checkpoint.card['voxel_spacing_mm']``.
     """
     shape = tuple(int(n) for n in checkpoint.card["volume_shape"])
-    x_T = randn((1,) + shape, generator, predictor.device)  # (1, S as channels, P, L)
+    # (1, S as channels, P, L) for a 2D network, (1, 1, S, P, L) for a 3D one
+    lead = (1, 1) if getattr(predictor, "spatial_dims", 2) == 3 else (1,)
+    x_T = randn(lead + shape, generator, predictor.device)
     x0 = ddim_sample(bind_region(predictor, region), x_T, checkpoint.schedule, steps=steps, generator=generator,
                      progress=progress, cancel=cancel)
-    return denormalize(SliceRunner.host(x0[0]).numpy(), intensity_range(None, checkpoint.normalization))
+    box = x0.reshape(shape)
+    return denormalize(SliceRunner.host(box).numpy(), intensity_range(None, checkpoint.normalization))
 
 
 def check_layout(layout) -> tuple:
