@@ -85,6 +85,10 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         from .low_dose import make_datasets as low_dose_datasets
 
         return low_dose_datasets(config, seed=seed, rank=rank, start_step=start_step, output=output)
+    if config["data"].get("kind") == "lesion_healing":
+        from .healing import make_datasets as healing_datasets
+
+        return healing_datasets(config, seed=seed, rank=rank, start_step=start_step)
     if config["data"].get("kind") == "thick_thin":
         from .thick_thin import make_datasets as thick_thin_datasets
 

@@ -36,7 +36,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "mediffuse.json"
 
 #: Tasks a checkpoint can be made for.
-TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising")
+TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising",
+         "lesion_healing")
 
 
 class CheckpointError(ValueError):

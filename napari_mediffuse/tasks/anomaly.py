@@ -25,6 +25,13 @@ averaged over ``ensemble`` noise seeds (and over several ``t`` when a list
 is given) to cut variance. A threshold (automatic: a percentile of the heatmap over the
 ROI of the volume, never below a floor; or user-set) gives the binary mask.
 
+``method='learned'`` takes ``x_hat`` from a lesion-healing model instead
+(a ``lesion_healing`` checkpoint: a conditional model of the healthy axial
+slice given the slice, trained on synthetic lesions pasted into healthy CT,
+:mod:`training.healing`): one network evaluation per slice (and per
+``ensemble`` view), no partial diffusion, so ``t``, ``steps``, ``patch_mm``,
+``pixel_mm`` and the 'spread' score do not apply.
+
 Defaults are those measured best by ``python -m training.evaluate anomaly``
 with the demo prior (docs/evaluation/anomaly.md).
 """
@@ -39,8 +46,8 @@ from scipy import ndimage
 
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume
-from .common import (PLANE_AXIS, Normalizer, RunOptions, TaskInputError, mark_out_of_domain, require_volume,
-                     result_volume)
+from .common import (PLANE_AXIS, Normalizer, RunOptions, TaskInputError, learned_slices, mark_out_of_domain,
+                     require_volume, result_volume)
 from .domain import check_domain
 from .inpaint import Prior, masked_reconstruction, prepare_prior
 from .masks import resolve_roi
@@ -85,6 +92,11 @@ DEFAULT_PIXEL_MM = None
 #: below the healthy reconstruction (hypodense lesions), 'brighter' = above.
 POLARITIES = ("both", "darker", "brighter")
 DEFAULT_POLARITY = "both"
+#: Where the healthy version comes from: the prior's partial diffusion, or a
+#: learned lesion-healing model (module doc).
+METHODS = ("diffusion", "learned")
+#: Checkpoint task of the learned method's models.
+HEALING_TASK = "lesion_healing"
 
 
 @dataclass
@@ -255,7 +267,8 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                      patch_mm: Optional[float] = DEFAULT_PATCH_MM, t_end: int = DEFAULT_T_END, eta: float = 0.0,
                      plane: str = "axial", region: Optional[str] = None, model=None,
                      pixel_mm: Optional[float] = DEFAULT_PIXEL_MM, polarity: str = DEFAULT_POLARITY,
-                     match_level: bool = False, options: Optional[RunOptions] = None) -> AnomalyResult:
+                     match_level: bool = False, method: str = "diffusion",
+                     options: Optional[RunOptions] = None) -> AnomalyResult:
     """Anomaly heatmap and mask of a scan against a healthy-anatomy prior.
 
     Parameters
@@ -323,6 +336,10 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         Shift the reconstruction, slice by slice, to this patient's median
         level inside the ROI before the residual (for an organ ROI whose
         enhancement differs from what the prior learnt).
+    method : {'diffusion', 'learned'}
+        The healthy version from the prior's partial diffusion, or from a
+        lesion-healing model (``model`` then names a ``lesion_healing``
+        checkpoint; axial only; ``ensemble`` averages flipped views).
     options : RunOptions
         Device, seed (first of the ensemble's seeds), batch size, progress,
         cancel.
@@ -339,6 +356,13 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     """
     options = options or RunOptions()
     require_volume(volume, task="anomaly detection")
+    if method not in METHODS:
+        raise TaskInputError(f"unknown anomaly method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "learned":
+        return _detect_learned(volume, roi=roi, ensemble=ensemble, threshold=threshold, percentile=percentile,
+                               min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
+                               score=score, patch_mm=patch_mm, plane=plane, region=region, model=model,
+                               pixel_mm=pixel_mm, polarity=polarity, match_level=match_level, options=options)
     if plane not in PLANE_AXIS:
         raise TaskInputError(f"unknown plane {plane!r}; choose one of {', '.join(PLANE_AXIS)}")
     if int(ensemble) < 1:
@@ -359,7 +383,8 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                                                options=options, return_spread=True)
     seconds = time.perf_counter() - start
     n_slices = int(np.any(np.moveaxis(roi_mask, PLANE_AXIS[plane], 0), axis=(1, 2)).sum())
-    params = dict(t=steps_t if len(steps_t) > 1 else steps_t[0], ensemble=int(ensemble), steps=int(steps),
+    params = dict(method="diffusion", t=steps_t if len(steps_t) > 1 else steps_t[0], ensemble=int(ensemble),
+                  steps=int(steps),
                   eta=eta, plane=plane, seed=options.seed, roi="body (automatic)" if roi is None else "given",
                   score=score, polarity=polarity, match_level=bool(match_level),
                   patch_mm=patch_mm or None, t_end=int(t_end), region=region,
@@ -372,6 +397,46 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
                             match_level=match_level, plane=plane, params=params, model_name=prior.name)
     mark_out_of_domain([result.heatmap, result.mask, result.reconstruction, result.roi],
                        check_domain(prior.card, volume, task="anomaly detection", region=region))
+    return result
+
+
+def _detect_learned(volume: Volume, *, roi, ensemble, threshold, percentile, min_threshold, smooth_mm,
+                    window_hu, score, patch_mm, plane, region, model, pixel_mm, polarity, match_level,
+                    options: RunOptions) -> AnomalyResult:
+    """:func:`detect_anomalies` with a lesion-healing model's healthy version."""
+    if plane != "axial":
+        raise TaskInputError("the learned anomaly method works on axial slices (the plane it was trained "
+                             f"on); got plane {plane!r}")
+    for name, value in (("patch_mm", patch_mm), ("pixel_mm", pixel_mm)):
+        if value:
+            raise TaskInputError(f"{name} applies to the diffusion method, not 'learned'")
+    if score not in (None, "residual"):
+        raise TaskInputError(f"the learned method scores the residual; the {score!r} score needs the "
+                             "diffusion method's ensemble of reconstructions")
+    if int(ensemble) < 1:
+        raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
+    check_polarity(polarity)
+    roi_mask = resolve_roi(volume, roi)
+    data = np.asarray(volume.data, dtype=np.float32)
+    slices = np.flatnonzero(np.any(roi_mask, axis=(1, 2)))
+    start = time.perf_counter()
+    estimates, checkpoint, warnings = learned_slices(volume, data, task=HEALING_TASK, label="anomaly detection",
+                                                     model=model, options=options, ensemble=int(ensemble),
+                                                     region=region, indices=slices, message="anomaly (learned)")
+    rec_hu = data.copy()
+    rec_hu[slices] = estimates
+    del estimates
+    rec_hu[~roi_mask] = data[~roi_mask]
+    seconds = time.perf_counter() - start
+    params = dict(method="learned", ensemble=int(ensemble), plane="axial", seed=options.seed,
+                  roi="body (automatic)" if roi is None else "given", score="residual", polarity=polarity,
+                  match_level=bool(match_level), region=region, seconds=round(seconds, 2),
+                  seconds_per_slice=round(seconds / max(len(slices), 1), 3))
+    result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
+                            min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
+                            polarity=polarity, match_level=match_level, plane="axial", params=params,
+                            model_name=checkpoint.name)
+    mark_out_of_domain([result.heatmap, result.mask, result.reconstruction, result.roi], warnings)
     return result
 
 
@@ -484,6 +549,8 @@ def anomaly_result(volume: Volume, reconstruction_hu: np.ndarray, roi: np.ndarra
     if "t" in params:
         t_text = "+".join(str(v) for v in params["t"]) if isinstance(params["t"], list) else str(params["t"])
         tag = f" (t={t_text}, {params.get('ensemble', 1)} seeds)"
+    elif params.get("method") == "learned":
+        tag = f" (learned, {params.get('ensemble', 1)} views)"
     heat_vol = result_volume(volume, heat, task="anomaly detection", suffix=f"anomaly heatmap{tag}",
                              params=params, modality="OT", model=model_name)
     heat_vol.metadata["units"] = ("robust SD of the reconstruction error"
@@ -564,6 +631,9 @@ def add_command(subparsers) -> None:
                                  "(default: the body, found automatically)")
     p.add_argument("--roi-labels", type=int, nargs="+",
                    help="use only these label values of --roi (e.g. 5 = liver in TotalSegmentator)")
+    p.add_argument("--method", default="diffusion", choices=list(METHODS),
+                   help="healthy version from the prior's partial diffusion, or from a learned lesion-healing "
+                        "model (--model then names a lesion_healing checkpoint; default %(default)s)")
     p.add_argument("--t", type=int, nargs="+", default=[DEFAULT_T],
                    help=f"noise step(s) of 1000; several are averaged (default {DEFAULT_T})")
     p.add_argument("--ensemble", type=int, default=DEFAULT_ENSEMBLE,
@@ -615,7 +685,7 @@ def _run_cli(args) -> int:
                               threshold=args.threshold, percentile=args.percentile,
                               smooth_mm=args.smooth_mm, score=args.score, patch_mm=args.patch_mm,
                               t_end=args.t_end, pixel_mm=args.pixel_mm, polarity=args.polarity,
-                              match_level=args.match_level,
+                              match_level=args.match_level, method=args.method,
                               plane=args.plane, model=args.model, region=args.region,
                               options=options_from_args(args, cli_progress()))
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)

@@ -20,7 +20,7 @@ from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
 from ..engine.registry import load as load_model
 from ..engine.registry import resolve_checkpoint
-from ..engine.runner import device_of
+from ..engine.runner import SliceRunner, device_of
 from ..io.volume import Volume
 
 #: Display orientation axes: index of the slice axis for each plane.
@@ -284,6 +284,36 @@ def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Nor
     if flip_rows:
         estimate = estimate[:, ::-1]
     return norm.inverse(estimate) + (condition_hu - np.clip(condition_hu, low, high))
+
+
+def learned_slices(volume: Volume, data: np.ndarray, *, task: str, label: str, model, options: "RunOptions",
+                   steps: int = LEARNED_STEPS, ensemble: int = 1, region=None, indices=None,
+                   message: str = "learned restoration"):
+    """A learned restoration model's estimate (HU) of axial slices of ``data``.
+
+    Loads the ``task`` checkpoint ``model`` (default: the installed one) on
+    the options' device and runs :func:`learned_estimate` on each slice of
+    ``indices`` (default: all), seeded per slice, with the flips the models
+    are trained with; ``label`` names the user's task in the messages. Returns ``(estimates, checkpoint, warnings)``:
+    ``estimates`` is stacked in the order of ``indices``; ``warnings`` are
+    the domain checks of the model's card against ``volume``.
+    """
+    from .domain import check_domain
+
+    checkpoint, predictor = load_prior(model, options, task=task)
+    norm = Normalizer(checkpoint.normalization, data)
+    region_class = region_index(region, checkpoint.card)
+    runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
+    warnings = check_domain(checkpoint.card, volume, task=label, region=region)
+
+    def restore(index, noise, progress):
+        return learned_estimate(predictor, checkpoint, data[index], norm, runner, region_class=region_class,
+                                noise=noise, steps=steps, ensemble=ensemble, flips=FLIP_VIEWS,
+                                progress=progress, cancel=options.cancel)
+
+    indices = range(data.shape[0]) if indices is None else indices
+    estimates = runner.run(indices, restore, cost=steps * ensemble, message=message)
+    return estimates.astype(np.float32, copy=False), checkpoint, warnings
 
 
 def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, params: dict,

@@ -41,14 +41,13 @@ from ..engine.schedulers import timestep_for_noise_level
 from ..io.volume import Volume
 from .baselines import bm3d_slices, nlm_slices
 from .common import (
-    FLIP_VIEWS,
     LEARNED_STEPS,
     Normalizer,
     RunOptions,
     TaskInputError,
     bind_region,
     check_ensemble,
-    learned_estimate,
+    learned_slices,
     load_prior,
     map_slices,
     region_index,
@@ -318,24 +317,13 @@ def diffpir_denoise(predictor, y: torch.Tensor, sigma_n, schedule: dict, *, step
 
 def _denoise_learned(data, volume, *, model, steps, strength, region, ensemble, options):
     """The learned denoiser's estimate of each axial slice (its posterior mean for one step)."""
-    checkpoint, predictor = load_prior(model, options, task=DENOISE_TASK)
-    norm = Normalizer(checkpoint.normalization, data)
-    region_class = region_index(region, checkpoint.card)
-    runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
-    warnings = check_domain(checkpoint.card, volume, task="denoise", region=region)
-    share = min(float(strength), 1.0)
     steps = LEARNED_STEPS if steps is None else max(1, int(steps))
-
-    def restore(index, noise, progress):
-        y_hu = data[index]
-        estimate = learned_estimate(predictor, checkpoint, y_hu, norm, runner, region_class=region_class,
-                                    noise=noise, steps=steps, ensemble=ensemble, flips=FLIP_VIEWS,
-                                    progress=progress, cancel=options.cancel)
-        return y_hu + share * (estimate - y_hu)
-
-    out = runner.run(range(data.shape[0]), restore, cost=steps * ensemble, message="learned denoising")
-    return (out.astype(np.float32, copy=False), {"steps": steps, "ensemble": ensemble, "warnings": warnings},
-            checkpoint.name)
+    estimate, checkpoint, warnings = learned_slices(volume, data, task=DENOISE_TASK, label="denoise", model=model,
+                                                    options=options, steps=steps, ensemble=ensemble,
+                                                    region=region, message="learned denoising")
+    share = min(float(strength), 1.0)
+    out = data + share * (estimate - data) if share < 1.0 else estimate
+    return out, {"steps": steps, "ensemble": ensemble, "warnings": warnings}, checkpoint.name
 
 
 def start_step(sigma_n: float, strength: float, schedule: dict) -> int:

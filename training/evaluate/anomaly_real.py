@@ -405,9 +405,11 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     options = RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size,
                          window=getattr(args, "window", None))
     vol = _stack_volume(case.image, case.affine, case.name)
-    prior, region = case_prior(case, vol, args.model, options)
-    prior = prior.at_pixel_size(args.pixel_mm)
-    case.extra["prior_region"] = region or "prior's default"
+    prior = None
+    if args.t:
+        prior, region = case_prior(case, vol, args.model, options)
+        prior = prior.at_pixel_size(args.pixel_mm)
+        case.extra["prior_region"] = region or "prior's default"
     window = tuple(args.window_hu) if args.window_hu else None
     thr = dict(percentile=args.percentile, min_threshold=args.min_threshold)
     recon_roi = grow_in_plane(case.roi, case.spacing[1:], args.recon_margin_mm)
@@ -419,6 +421,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                                          t_end=args.t_end, return_spread=True)
         seconds[t] = time.perf_counter() - start
         log.info("%s t=%d: %.1f s (%.2f s/slice)", case.name, t, seconds[t], seconds[t] / len(case.image))
+    learned = learned_reconstruction(case, vol, args, options) if args.learned_model else None
     results, maps = {}, {}
     variants = [False, True] if args.offset_correct else [False]
     for suffix, smooth_mm in smoothing_variants(args.smooth_mm):
@@ -434,6 +437,12 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                         + (" offset-corrected" if corrected else "") + suffix)
                 results[name] = score_case(heat, case.roi, case.truth, **thr)
                 maps[name] = (heat, rec)
+        if learned is not None:
+            heat, rec = diffusion_heatmap(case.image, [(learned, None)], case.roi, case.spacing, score="residual",
+                                          polarity=args.polarity, smooth_mm=smooth_mm, window_hu=window)
+            name = "learned" + ("" if args.polarity == "both" else f" {args.polarity}") + suffix
+            results[name] = score_case(heat, case.roi, case.truth, **thr)
+            maps[name] = (heat, rec)
         heat = baseline_heatmap(case.image, case.roi, case.spacing, sigma_mm=args.baseline_sigma_mm,
                                 window_hu=args.window_hu, smooth_mm=smooth_mm)
         results["baseline local z-score" + suffix] = score_case(heat, case.roi, case.truth, **thr)
@@ -442,8 +451,29 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                                  window_hu=window)
         results["baseline ROI median level" + suffix] = score_case(heat, case.roi, case.truth, **thr)
     case.extra["seconds_per_slice"] = {str(t): round(s / len(case.image), 2) for t, s in seconds.items()}
-    case.extra["model"] = prior.name
+    case.extra["model"] = None if prior is None else prior.name
     return results, maps
+
+
+def learned_reconstruction(case: Case, volume, args, options) -> np.ndarray:
+    """The lesion-healing model's healthy version of the case's slices (HU),
+    the task's ``method='learned'`` (its axial slices; ``--ensemble`` views)."""
+    from napari_mediffuse.engine.checkpoint import read_card
+    from napari_mediffuse.engine.registry import resolve_checkpoint
+    from napari_mediffuse.tasks.anomaly import HEALING_TASK
+    from napari_mediffuse.tasks.common import learned_slices
+
+    region = _region_for(read_card(resolve_checkpoint(args.learned_model, task=HEALING_TASK).path), case.region)
+    start = time.perf_counter()
+    data = np.asarray(volume.data, dtype=np.float32)
+    rec, checkpoint, _ = learned_slices(volume, data, task=HEALING_TASK, label="anomaly evaluation",
+                                        model=args.learned_model, options=options,
+                                        ensemble=args.learned_ensemble, region=region,
+                                        message="anomaly (learned)")
+    case.extra["learned_model"] = checkpoint.name
+    case.extra["learned_region"] = region or "model's default"
+    case.extra["learned_seconds_per_slice"] = round((time.perf_counter() - start) / len(data), 3)
+    return rec
 
 
 def build_cases(args) -> list:
@@ -467,8 +497,9 @@ def build_cases(args) -> list:
 
 
 def best_diffusion(results: dict) -> str:
-    """The diffusion configuration with the highest pixel AUROC."""
-    return max((k for k in results if k.startswith("diffusion")), key=lambda k: results[k]["pixel_auroc"])
+    """The model configuration (diffusion or learned) with the highest pixel AUROC."""
+    return max((k for k in results if k.startswith(("diffusion", "learned"))),
+               key=lambda k: results[k]["pixel_auroc"])
 
 
 def run(args) -> dict:
@@ -586,7 +617,7 @@ def save_figure(path, figure, *, percentile: float, min_threshold: float, rows_p
     width = rows[0].shape[1]
     canvas = Image.new("RGB", (width, header + len(rows) * (tile + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for i, text in enumerate(["CT, tumour (blue), ROI (yellow)", "healthy reconstruction", "heatmap: diffusion",
+    for i, text in enumerate(["CT, tumour (blue), ROI (yellow)", "healthy reconstruction", "heatmap: model",
                               "mask (auto)", "heatmap: baseline z-score", "mask (auto)"]):
         draw.text((i * tile + 4, 3), text, fill=(0, 0, 0))
     for r, (row, title) in enumerate(zip(rows, row_titles)):
@@ -648,6 +679,13 @@ def add_command(subparsers) -> None:
                    help="run the prior in sliding windows of this many pixels (its training patch: 64) "
                         "instead of whole slices (the task's --window)")
     add_heatmap_options(p, threads=1)
+    p.add_argument("--learned-model", default=None,
+                   help="also score a lesion-healing model (the task's --method learned): checkpoint name or "
+                        "folder")
+    p.add_argument("--learned-ensemble", type=int, default=2,
+                   help="views averaged by the learned model (the task's --ensemble; default %(default)s)")
+    p.add_argument("--no-diffusion", action="store_true",
+                   help="score only the learned model and the baselines (no partial diffusion)")
     p.add_argument("--stem", default="anomaly_real", help="file stem of the outputs")
     p.set_defaults(func=_run_cli)
 
@@ -656,6 +694,10 @@ def _run_cli(args) -> int:
     from .anomaly import fill_task_defaults
 
     fill_task_defaults(args)
+    if args.no_diffusion:
+        if not args.learned_model:
+            raise SystemExit("--no-diffusion needs --learned-model")
+        args.t = []
     run(args)
     return 0
 

@@ -1,0 +1,168 @@
+"""The anomaly task's learned method (a lesion-healing model) and its training data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import napari_mediffuse
+from napari_mediffuse import io
+from napari_mediffuse.tasks import anomaly
+from napari_mediffuse.tasks.common import RunOptions, TaskInputError
+from training.data import TrainingVolume
+from training.healing import LesionHealingPairs, body_mask, corrupt
+
+from conftest import TINY_ARCHITECTURE
+
+SAMPLE = Path(napari_mediffuse.__file__).parent / "data" / "sample" / "abdomen_ct_3mm.nii.gz"
+NORMALIZATION = {"type": "hu_window", "low": -1024.0, "high": 2048.0}
+HEALING_CARD = dict(task="lesion_healing", schedule={"beta_schedule": "squaredcos_cap_v2",
+                                                     "prediction_type": "v_prediction"})
+
+
+@pytest.fixture(scope="module")
+def sample_ct():
+    """Axial slices 50-55 of the packaged 3 mm abdominal CT (HU)."""
+    ct, = io.read(SAMPLE)
+    data = np.array(ct.data[50:56], dtype=np.float32)
+    affine = np.array(ct.affine)
+    affine[:3, 3] = (affine @ np.array([50, 0, 0, 1.0]))[:3]
+    return io.Volume(data, affine, modality="CT", name="sample slab")
+
+
+@pytest.fixture
+def zero_healer(tmp_path):
+    """A residual lesion-healing model with all weights zero: its correction is 0,
+    so its healthy version is the scan itself."""
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
+    network = DiffusionNetwork(arch)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+    return save_checkpoint(tmp_path / "zero-healer", network, make_card(
+        name="zero-healer", modality="CT", architecture=arch, patch_size=[16, 16], residual_scale=4.0,
+        pixel_spacing_mm=[3.0, 3.0], **HEALING_CARD))
+
+
+# -- training data ------------------------------------------------------------------
+
+def test_corrupt_changes_the_slice_only_under_its_lesions_and_inside_the_body(sample_ct):
+    slice_hu = sample_ct.data[2]
+    body = body_mask(slice_hu)
+    # the body is the patient (about 60 % of this abdominal field of view), not the air around
+    assert 0.3 < body.mean() < 0.9 and not body[0, 0]
+    for seed in range(5):
+        out, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), body=body)
+        change = np.abs(out - slice_hu)
+        assert change[weight < 1e-6].max() < 0.01  # HU: nothing moves away from the lesions
+        core = weight > 0.9
+        assert core.any() and body[core].mean() > 0.5  # the lesions sit in the body
+        # at a lesion's core the tissue is changed by at least its smallest contrast (10 HU)
+        # less its texture's dip, for most of the core's pixels
+        assert np.median(change[core]) > 5.0
+
+
+def test_healing_pairs_are_a_crop_and_the_same_crop_with_lesions(sample_ct):
+    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
+    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
+                            spacing_mm=tuple(sample_ct.spacing))
+    config = {"patch_size": 48, "residual_scale": 4, "clean_probability": 0.0,
+              "lesions": {"contrast_hu": [100.0, 200.0], "replace_probability": 0.0, "texture_hu": [0.0, 0.0]}}
+    stream = LesionHealingPairs([volume], config, NORMALIZATION, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        sample = stream.sample(rng)
+        correction_hu = sample["image"].numpy()[0] / 4.0 * 1536.0  # healthy - with lesions, HU
+        assert sample["condition"].shape == (1, 48, 48) and int(sample["region"]) == 3
+        # additive lesions of 100-200 HU and no texture: the correction reaches at least 100 HU
+        assert 95.0 < np.abs(correction_hu).max() < 200.5
+    clean = LesionHealingPairs([volume], dict(config, clean_probability=1.0), NORMALIZATION, seed=0)
+    assert float(clean.sample(rng)["image"].abs().max()) == 0.0
+
+
+def test_healing_config_rejects_unknown_lesion_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        LesionHealingPairs([], {"patch_size": 32, "lesions": {"diameters": [1, 2]}}, NORMALIZATION)
+
+
+# -- the task ----------------------------------------------------------------------
+
+def test_learned_method_with_a_healer_that_changes_nothing_flags_nothing(sample_ct, zero_healer):
+    result = anomaly.detect_anomalies(sample_ct, method="learned", model=str(zero_healer),
+                                      options=RunOptions(seed=0))
+    np.testing.assert_allclose(result.reconstruction.data, sample_ct.data, atol=0.1)  # HU
+    assert int(result.mask.data.sum()) == 0
+    params = result.heatmap.metadata["parameters"]
+    assert params["method"] == "learned" and params["score"] == "residual" and "t" not in params
+    assert result.heatmap.metadata["model"] == "zero-healer" and "learned" in result.heatmap.name
+    np.testing.assert_allclose(result.heatmap.affine, sample_ct.affine)
+
+
+def test_learned_method_maps_where_the_scan_departs_from_the_healed_version(sample_ct, monkeypatch):
+    # a stand-in for a perfect healer: it returns the slices without the lesion
+    healthy = sample_ct.data.copy()
+    scan = sample_ct.with_data(healthy.copy())
+    lesion = np.zeros(healthy.shape, dtype=bool)
+    lesion[3, 40:46, 60:66] = True  # 18 x 18 mm, in the liver / abdomen of this slab
+    assert body_mask(healthy[3])[lesion[3]].all()
+    scan.data[lesion] -= 60.0
+    roi = np.zeros(healthy.shape, dtype=bool)
+    roi[2:5] = body_mask(healthy[3])[None]
+    seen = {}
+
+    def healer(volume, data, *, indices, **kwargs):
+        seen["indices"] = list(indices)
+        checkpoint = type("Checkpoint", (), {"name": "perfect"})()
+        return healthy[list(indices)] + 0.0, checkpoint, []
+
+    monkeypatch.setattr(anomaly, "learned_slices", healer)
+    result = anomaly.detect_anomalies(scan, roi=roi, method="learned", smooth_mm=1.0, options=RunOptions(seed=0))
+    assert seen["indices"] == [2, 3, 4]  # only the ROI's slices are healed
+    flagged = result.mask.data.astype(bool)
+    assert flagged[lesion].mean() > 0.5 and not flagged[~roi].any()
+    assert result.heatmap.data[lesion].min() > result.heatmap.data[roi & ~lesion].max() * 0.5
+    np.testing.assert_array_equal(result.reconstruction.data[~roi], scan.data[~roi])
+    np.testing.assert_allclose(result.reconstruction.data[lesion], healthy[lesion])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(plane="coronal"), "axial slices"),
+    (dict(patch_mm=20.0), "patch_mm applies to the diffusion method"),
+    (dict(pixel_mm=2.0), "pixel_mm applies to the diffusion method"),
+    (dict(score="spread"), "scores the residual"),
+    (dict(method="healing"), "unknown anomaly method"),
+])
+def test_learned_method_refuses_settings_of_the_diffusion_method(sample_ct, zero_healer, bad, message):
+    kwargs = {"method": "learned", "model": str(zero_healer), **bad}
+    with pytest.raises(TaskInputError, match=message):
+        anomaly.detect_anomalies(sample_ct, **kwargs)
+
+
+def test_learned_method_needs_a_lesion_healing_model(sample_ct, tmp_path):
+    from conftest import save_tiny_checkpoint
+    from napari_mediffuse.engine.checkpoint import CheckpointError
+
+    prior = save_tiny_checkpoint(tmp_path / "tiny-prior")
+    with pytest.raises(CheckpointError, match="this needs a 'lesion_healing' model"):
+        anomaly.detect_anomalies(sample_ct, method="learned", model=str(prior))
+
+
+def test_cli_learned_anomaly_writes_maps_on_the_input_grid(sample_ct, zero_healer, tmp_path, capsys):
+    from napari_mediffuse.cli import main
+
+    path = tmp_path / "slab.nii.gz"
+    io.write_nifti(sample_ct, path)
+    heat, mask = tmp_path / "heat.nii.gz", tmp_path / "mask.nii.gz"
+    code = main(["anomaly", str(path), "-o", str(heat), "--mask-out", str(mask), "--method", "learned",
+                 "--model", str(zero_healer), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    for out in (heat, mask):
+        got = io.read(out)[0]
+        assert got.data.shape == sample_ct.data.shape
+        np.testing.assert_allclose(got.affine, sample_ct.affine, atol=1e-4)
+    assert int(io.read(mask)[0].data.sum()) == 0 and "0 voxels flagged" in capsys.readouterr().out

@@ -1,0 +1,185 @@
+"""Training data for the learned lesion-healing model (``data.kind: lesion_healing``).
+
+The anomaly task's ``learned`` method compares a scan with a *healthy*
+version of it. The partial-diffusion prior draws that version with an error
+on normal tissue as large as the lesions it should reveal (about 44 HU of
+bias at 4 mm, docs/evaluation/anomaly_reconstruction_error.md); a
+conditional model trained to undo lesions pasted into healthy CT learns the
+healthy version directly (the self-supervised synthetic-anomaly recipe of
+DRAEM, Zavrtanik et al. ICCV 2021, and of foreign-patch interpolation, Tan et
+al. 2022, with a restoration network instead of a segmentation one).
+
+Each sample is an axial crop of a training slice at its own pixel size (the
+target) and the same crop with 0-``max_lesions`` synthetic lesions (the
+condition). The lesions here are deliberately *not* those of the evaluation
+(:mod:`training.lesions`, lobulated ellipsoids with a necrotic core added to
+the tissue): they are blobs cut from thresholded smooth noise inside a
+random ellipse, with a Gaussian edge, either *added* to the tissue
+(``contrast_hu``, either sign) or *replacing* it by a random soft-tissue
+level (``replace_hu``: nodules in the lung, fluid or fat in an organ), with
+a smooth internal texture. So the inserted-lesion benchmark is not the
+training distribution, and the real tumours (LUNG1, LiTS) are the honest
+test.
+
+Validation samples come from the ``data.validation`` patients.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from napari_mediffuse.engine.position import coordinate_grid
+
+from .data import SampleStream, TrainingVolume, load_volumes, restoration_sample, volume_probabilities
+
+#: Smoothed HU above which a pixel is body (the lungs are filled in as holes).
+BODY_HU = -500.0
+
+
+def body_mask(slice_hu: np.ndarray) -> np.ndarray:
+    """The body of one axial slice (HU): tissue above -500 HU with its holes (lungs, airway) filled."""
+    tissue = ndimage.uniform_filter(slice_hu, 3) > BODY_HU
+    return ndimage.binary_fill_holes(tissue)
+
+
+def _smooth_field(shape, sigma_px: float, rng: np.random.Generator) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px, mode="wrap")
+    return field / max(float(field.std()), 1e-6)
+
+
+def lesion_weight(shape, center, spacing_mm, *, diameter_mm: float, rng: np.random.Generator,
+                  edge_mm: float = 1.0) -> np.ndarray:
+    """A soft blob (float32 in [0, 1], ``shape``) of about ``diameter_mm`` at ``center`` (row, col).
+
+    A random ellipse (axis ratio 0.6-1.6, any orientation) whose normalised
+    radius is perturbed by smooth noise of a third of the diameter, so the
+    border is irregular; the edge is a logistic ramp of ``edge_mm``.
+    """
+    rows = (np.arange(shape[0]) - center[0]) * spacing_mm[0]
+    cols = (np.arange(shape[1]) - center[1]) * spacing_mm[1]
+    r, c = np.meshgrid(rows, cols, indexing="ij")
+    angle = rng.uniform(0, math.pi)
+    u, v = r * math.cos(angle) + c * math.sin(angle), -r * math.sin(angle) + c * math.cos(angle)
+    ratio = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    a, b = diameter_mm / 2 * math.sqrt(ratio), diameter_mm / 2 / math.sqrt(ratio)
+    radius = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+    sigma_px = max(diameter_mm / 3.0 / float(np.mean(spacing_mm)), 1.0)
+    radius = radius + rng.uniform(0.0, 0.35) * _smooth_field(shape, sigma_px, rng)
+    edge = max(edge_mm, 0.3) / (diameter_mm / 2)
+    return (1.0 / (1.0 + np.exp(np.clip((radius - 1.0) / (edge / 4), -30, 30)))).astype(np.float32)
+
+
+def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=None,
+            max_lesions: int = 3, diameter_mm=(3.0, 40.0), contrast_hu=(10.0, 300.0),
+            replace_hu=(-150.0, 150.0), replace_probability: float = 0.4,
+            texture_hu=(0.0, 25.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``slice_hu`` with 1-``max_lesions`` synthetic lesions (module doc), and their soft mask.
+
+    Centres are drawn inside ``body`` (default :func:`body_mask`); diameters
+    log-uniform in ``diameter_mm``; an added lesion's contrast log-uniform in
+    ``contrast_hu`` with a random sign; a replacing one's level uniform in
+    ``replace_hu``; texture a smooth field of std uniform in ``texture_hu``.
+    """
+    out = np.array(slice_hu, dtype=np.float32)
+    mask = np.zeros(out.shape, dtype=np.float32)
+    inside = np.argwhere(body_mask(out) if body is None else body)
+    if not len(inside):
+        return out, mask
+    for _ in range(int(rng.integers(1, max_lesions + 1))):
+        center = inside[int(rng.integers(len(inside)))]
+        diameter = math.exp(rng.uniform(math.log(diameter_mm[0]), math.log(diameter_mm[1])))
+        w = lesion_weight(out.shape, center, spacing_mm, diameter_mm=diameter, rng=rng,
+                          edge_mm=rng.uniform(0.5, 2.0))
+        texture = rng.uniform(*texture_hu) * _smooth_field(out.shape, rng.uniform(1.0, 3.0), rng)
+        if rng.random() < replace_probability:
+            level = rng.uniform(*replace_hu)
+            out = out + w * (level + texture - out)
+        else:
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            contrast = math.exp(rng.uniform(math.log(contrast_hu[0]), math.log(contrast_hu[1])))
+            out = out + w * (sign * contrast + texture)
+        mask = np.maximum(mask, w)
+    return out, mask
+
+
+class LesionHealingPairs(SampleStream):
+    """Endless stream of (healthy, with synthetic lesions) axial crops (module docstring)."""
+
+    def __init__(self, volumes: list[TrainingVolume], data_config: dict, normalization: dict,
+                 *, seed: int = 0, rank: int = 0, part: str = "train"):
+        super().__init__()
+        self.volumes = volumes
+        self.patch = int(data_config["patch_size"])
+        self.seed, self.rank, self.part = seed, rank, part
+        self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
+        self.clean_probability = float(data_config.get("clean_probability", 0.2))
+        lesions = dict(data_config.get("lesions") or {})
+        unknown = set(lesions) - {"max_lesions", "diameter_mm", "contrast_hu", "replace_hu",
+                                  "replace_probability", "texture_hu"}
+        if unknown:
+            raise ValueError(f"data.lesions: unknown keys {sorted(unknown)}")
+        self.lesions = lesions
+        self.low, self.high = float(normalization["low"]), float(normalization["high"])
+        self.volume_p = volume_probabilities([v.data.size for v in volumes], [v.region for v in volumes],
+                                             data_config.get("region_weights"))
+
+    def _to_hu(self, x):
+        return (x + 1.0) * (self.high - self.low) / 2.0 + self.low
+
+    def _to_units(self, hu):
+        return np.clip(2.0 * (hu - self.low) / (self.high - self.low) - 1.0, -1.0, 1.0)
+
+    def sample(self, rng: np.random.Generator, augment=None) -> dict:
+        volume = self.volumes[int(rng.choice(len(self.volumes), p=self.volume_p))]
+        index = int(rng.integers(volume.data.shape[0]))
+        clean = np.asarray(volume.data[index], dtype=np.float32)
+        hu = self._to_hu(clean)
+        body = body_mask(hu)
+        # the crop: centred near a body pixel (most crops of a 512 px slice are otherwise air)
+        h, w = clean.shape
+        size = self.patch
+        padded = max(h, size), max(w, size)
+        inside = np.argwhere(body)
+        if len(inside):
+            cr, cc = inside[int(rng.integers(len(inside)))]
+        else:
+            cr, cc = h // 2, w // 2
+        r0 = int(np.clip(cr - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, padded[0] - size))
+        c0 = int(np.clip(cc - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, padded[1] - size))
+        crop_hu = np.full((size, size), self.low, dtype=np.float32)
+        crop_body = np.zeros((size, size), dtype=bool)
+        part = hu[r0:r0 + size, c0:c0 + size]
+        crop_hu[:part.shape[0], :part.shape[1]] = part
+        crop_body[:part.shape[0], :part.shape[1]] = body[r0:r0 + size, c0:c0 + size]
+        if rng.random() < self.clean_probability or not crop_body.any():
+            corrupted_hu = crop_hu
+        else:
+            corrupted_hu, _ = corrupt(crop_hu, volume.spacing_mm[1:], rng, body=crop_body, **self.lesions)
+        both = np.stack([self._to_units(crop_hu), self._to_units(corrupted_hu)]).astype(np.float32)
+        if augment is not None:
+            if rng.random() < 0.5:
+                both = both[:, :, ::-1]
+            if rng.random() < 0.5:
+                both = both[:, ::-1]
+        coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
+        return restoration_sample(np.ascontiguousarray(both), coords, volume.region, self.residual_scale)
+
+    def augmentation(self, seed: int):
+        return True if self.augment else None
+
+
+def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):
+    """(train, validation) streams of a ``data.kind: lesion_healing`` config."""
+    data, norm = config["data"], config["normalization"]
+    if norm.get("type") != "hu_window":
+        raise ValueError("data.kind lesion_healing needs normalization type hu_window")
+    if data.get("pixel_sizes_mm") or data.get("spacing_mm"):
+        raise ValueError("data.kind lesion_healing keeps each scan's own pixel size: "
+                         "remove pixel_sizes_mm / spacing_mm")
+    train = LesionHealingPairs(load_volumes(data, norm), data, norm, seed=seed, rank=rank)
+    train.start_step = start_step
+    return train, LesionHealingPairs(load_volumes(data, norm, split="validation"), data, norm, seed=seed,
+                                     part="val")
