@@ -32,8 +32,7 @@ def sample_ct():
     return io.Volume(data, affine, modality="CT", name="sample slab")
 
 
-@pytest.fixture
-def zero_healer(tmp_path):
+def save_zero_healer(folder):
     """A residual lesion-healing model with all weights zero: its correction is 0,
     so its healthy version is the scan itself."""
     from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
@@ -44,9 +43,14 @@ def zero_healer(tmp_path):
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.zero_()
-    return save_checkpoint(tmp_path / "zero-healer", network, make_card(
+    return save_checkpoint(folder, network, make_card(
         name="zero-healer", modality="CT", architecture=arch, patch_size=[16, 16], residual_scale=4.0,
         pixel_spacing_mm=[3.0, 3.0], **HEALING_CARD))
+
+
+@pytest.fixture
+def zero_healer(tmp_path):
+    return save_zero_healer(tmp_path / "zero-healer")
 
 
 # -- training data ------------------------------------------------------------------

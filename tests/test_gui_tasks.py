@@ -151,6 +151,34 @@ def test_anomaly_tab_adds_heatmap_and_mask_on_ct_grid(ct_small_path, panel, ct_c
     assert heat.blending == "additive" and heat.colormap.name in ("inferno", "turbo")
 
 
+def test_anomaly_tab_runs_the_learned_method_with_a_healing_model(ct_small_path, panel, ct_crop_layer, qtbot):
+    from test_anomaly_learned import save_zero_healer
+
+    viewer, panel = panel
+    tab = panel.task_tabs["anomaly"]
+    folder = next(p.parent for p in tab_model_paths(tab))  # the test's models folder
+    save_zero_healer(folder / "zero-healer")
+    tab.refresh_models()
+    labels = [tab.model_combo.itemText(i) for i in range(tab.model_combo.count())]
+    assert any("zero-healer" in label for label in labels) and any("tiny-ct-prior" in label for label in labels)
+    tab.model_combo.setCurrentIndex(next(i for i, label in enumerate(labels) if "zero-healer" in label))
+    heat, mask = (layer for layer in _run(qtbot, tab, method="learned", ensemble=1))
+    _assert_on_grid_of(heat, ct_crop_layer)
+    assert heat.metadata["parameters"]["method"] == "learned" and "learned" in heat.name
+    assert int(np.asarray(mask.data).sum()) == 0  # a healer that changes nothing flags nothing
+    # the prior chosen with the learned method: the task says which kind of model it needs
+    tab.model_combo.setCurrentIndex(next(i for i, label in enumerate(labels) if "tiny-ct-prior" in label))
+    tab.start()
+    _wait(qtbot, tab)
+    assert "this needs a 'lesion_healing' model" in tab.last_error
+
+
+def tab_model_paths(tab):
+    from pathlib import Path
+
+    return [Path(tab.model_combo.itemData(i)) for i in range(tab.model_combo.count())]
+
+
 def test_preview_runs_only_the_slice_under_the_slider(ct_small_path, panel, ct_crop_layer, qtbot):
     viewer, panel = panel
     tab = panel.task_tabs["denoise"]

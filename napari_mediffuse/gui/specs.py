@@ -223,19 +223,23 @@ def _run_anomaly(volume, values, options):
                               percentile=values["percentile"], model=values["model"],
                               pixel_mm=zero_is_auto(values["pixel_mm"]), polarity=values["polarity"],
                               match_level=values["match_level"], smooth_mm=values["smooth_mm"],
-                              region=body_region(values), options=options)
+                              method=values["method"], region=body_region(values), options=options)
     return anomaly_layers(result, reconstruction=values["show_reconstruction"])
 
 
 def anomaly_spec() -> TaskSpec:
-    from ..tasks.anomaly import POLARITIES
+    from ..tasks.anomaly import METHODS, POLARITIES
     from ..tasks.anomaly import detect_anomalies as detect
 
     return TaskSpec(
-        key="anomaly", title="Anomaly", run=_run_anomaly,
-        description="Where does the scan depart from healthy anatomy? Heatmap and mask from the prior's "
-                    "healthy reconstruction (partial diffusion).",
+        key="anomaly", title="Anomaly", run=_run_anomaly, model_task=("ct_prior", "lesion_healing"),
+        description="Where does the scan depart from healthy anatomy? Heatmap and mask from a healthy "
+                    "version of the scan: the prior's reconstruction (partial diffusion) or a learned "
+                    "lesion-healing model.",
         params=[
+            Param("method", default(detect, "method"), options={"choices": list(METHODS)},
+                  tooltip="diffusion = partial diffusion with a CT prior; learned = a lesion-healing model "
+                          "(choose one as the model; t, steps and pixel size do not apply)"),
             Param("roi", None, label="region", annotation=LABELS_LAYER,
                   options={"none_label": "(body, automatic)"},
                   tooltip="Labels layer restricting the analysis (nonzero = inside); default: the body"),
