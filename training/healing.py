@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from napari_mediffuse.engine.position import coordinate_grid
@@ -116,6 +117,9 @@ class LesionHealingPairs(SampleStream):
         self.augment = bool(data_config.get("augment", False)) and part == "train"
         self.residual_scale = float(data_config.get("residual_scale") or 0.0)
         self.clean_probability = float(data_config.get("clean_probability", 0.2))
+        # the lesions are a few per cent of the pixels: their squared error counts
+        # 1 + lesion_loss_weight times (else the loss barely sees them)
+        self.lesion_loss_weight = float(data_config.get("lesion_loss_weight", 0.0))
         lesions = dict(data_config.get("lesions") or {})
         unknown = set(lesions) - {"max_lesions", "diameter_mm", "contrast_hu", "replace_hu",
                                   "replace_probability", "texture_hu"}
@@ -155,17 +159,20 @@ class LesionHealingPairs(SampleStream):
         crop_hu[:part.shape[0], :part.shape[1]] = part
         crop_body[:part.shape[0], :part.shape[1]] = body[r0:r0 + size, c0:c0 + size]
         if rng.random() < self.clean_probability or not crop_body.any():
-            corrupted_hu = crop_hu
+            corrupted_hu, lesions = crop_hu, np.zeros_like(crop_hu)
         else:
-            corrupted_hu, _ = corrupt(crop_hu, volume.spacing_mm[1:], rng, body=crop_body, **self.lesions)
-        both = np.stack([self._to_units(crop_hu), self._to_units(corrupted_hu)]).astype(np.float32)
+            corrupted_hu, lesions = corrupt(crop_hu, volume.spacing_mm[1:], rng, body=crop_body, **self.lesions)
+        planes = np.stack([self._to_units(crop_hu), self._to_units(corrupted_hu), lesions]).astype(np.float32)
         if augment is not None:
             if rng.random() < 0.5:
-                both = both[:, :, ::-1]
+                planes = planes[:, :, ::-1]
             if rng.random() < 0.5:
-                both = both[:, ::-1]
+                planes = planes[:, ::-1]
         coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
-        return restoration_sample(np.ascontiguousarray(both), coords, volume.region, self.residual_scale)
+        sample = restoration_sample(np.ascontiguousarray(planes[:2]), coords, volume.region, self.residual_scale)
+        if self.lesion_loss_weight:
+            sample["weight_map"] = torch.from_numpy(1.0 + self.lesion_loss_weight * planes[2:3])
+        return sample
 
     def augmentation(self, seed: int):
         return True if self.augment else None

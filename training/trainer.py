@@ -121,8 +121,9 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
     ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (``'v_prediction'``, well
     conditioned at every step, used by translation models that sample in a
     few steps from pure noise) or the clean image (``'sample'``). A batch
-    with ``weight`` (one per sample) weighs each sample's mean squared error
-    by it (normalised by the batch's total weight).
+    with ``weight_map`` (the image's shape) weighs each pixel's squared
+    error by it; one with ``weight`` (one per sample) weighs each sample's
+    mean squared error by it (normalised by the batch's total weight).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {PREDICTION_TYPES}")
@@ -142,9 +143,12 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
     else:
         target = x0
+    squared = (pred.float() - target) ** 2
+    if "weight_map" in batch:  # per pixel (lesion healing: the lesions' pixels count more)
+        squared = squared * batch["weight_map"].to(device, torch.float32)
     if "weight" not in batch:
-        return torch.mean((pred.float() - target) ** 2)
-    per_sample = ((pred.float() - target) ** 2).flatten(1).mean(dim=1)
+        return torch.mean(squared)
+    per_sample = squared.flatten(1).mean(dim=1)
     weight = batch["weight"].to(device, torch.float32)
     return (weight * per_sample).sum() / weight.sum().clamp_min(1e-12)
 
