@@ -89,6 +89,38 @@ def test_healing_pairs_are_a_crop_and_the_same_crop_with_lesions(sample_ct):
     assert float(clean.sample(rng)["image"].abs().max()) == 0.0
 
 
+def test_healing_pairs_weigh_the_lesion_pixels(sample_ct):
+    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
+    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
+                            spacing_mm=tuple(sample_ct.spacing))
+    config = {"patch_size": 48, "residual_scale": 8, "clean_probability": 0.0, "lesion_loss_weight": 9.0,
+              "lesions": {"max_lesions": 1, "contrast_hu": [100.0, 200.0], "replace_probability": 0.0,
+                          "texture_hu": [0.0, 0.0]}}
+    sample = LesionHealingPairs([volume], config, NORMALIZATION, seed=0).sample(np.random.default_rng(1))
+    weight, correction = sample["weight_map"].numpy(), np.abs(sample["image"].numpy())
+    assert weight.shape == correction.shape and weight.min() == pytest.approx(1.0) and weight.max() > 9.0
+    # one lesion without texture: the correction is its soft mask times its contrast, and the weight
+    # 1 + 9 x that mask (10 at its core, 1 where nothing changed)
+    np.testing.assert_allclose((weight - 1.0) / 9.0, correction / correction.max(), atol=0.01)
+
+
+def test_a_weight_map_weighs_each_pixels_squared_error():
+    from training.trainer import diffusion_loss
+
+    class Constant(torch.nn.Module):  # predicts 0: the squared error is the target's square
+        def forward(self, x_t, t, coords=None, condition=None, region=None):
+            return torch.zeros_like(x_t)
+
+    image = torch.full((1, 1, 4, 4), 2.0)
+    weight_map = torch.zeros((1, 1, 4, 4))
+    weight_map[..., :2, :] = 3.0  # half the pixels count 3 times, half not at all
+    batch = {"image": image, "coords": torch.zeros(1, 3, 4, 4), "region": torch.zeros(1, dtype=torch.long),
+             "weight_map": weight_map}
+    loss = diffusion_loss(Constant(), batch, torch.linspace(0.999, 0.001, 10), torch.Generator().manual_seed(0),
+                          torch.device("cpu"), timesteps=torch.tensor([9]), prediction_type="sample")
+    assert float(loss) == pytest.approx(0.5 * 3.0 * 4.0)
+
+
 def test_healing_config_rejects_unknown_lesion_keys():
     with pytest.raises(ValueError, match="unknown keys"):
         LesionHealingPairs([], {"patch_size": 32, "lesions": {"diameters": [1, 2]}}, NORMALIZATION)
