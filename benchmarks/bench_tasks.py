@@ -117,13 +117,14 @@ print(json.dumps({"task": task, "mode": mode, "slices": int(volume.data.shape[0]
                   "seconds": seconds, "seconds_per_slice": seconds / volume.data.shape[0],
                   "rss_before_mb": rss_before,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "gpu_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
                   "device": describe_device(dev) if dev.type != "meta" else "meta"}))
 """
 
 
 def measure(task: str, mode: str, args) -> dict:
     cmd = [sys.executable, "-c", CHILD, task, mode, args.device, str(args.slices), str(args.time_slices),
-           str(CHEST)]
+           str(args.ct)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -135,6 +136,9 @@ def measure(task: str, mode: str, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--ct", default=str(CHEST),
+                        help="the test CT (default: the 1 mm chest CT of ../shared/data; a slab of it where that "
+                             "folder is absent, e.g. on a lent GPU machine)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the memory run's volume")
     parser.add_argument("--time-slices", type=int, default=2, help="slices of the timing run (at least 2)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
@@ -175,6 +179,9 @@ def main(argv=None) -> int:
                  f"{m['peak_rss_mb']:.0f}" if "error" not in m else f"error: {m['error']}",
                  f"{r['estimated_full_run_peak_mb']:.0f}" if "estimated_full_run_peak_mb" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    gpu = [f"{r['task']} {r['time']['gpu_peak_mb']:.0f}" for r in rows if r["time"].get("gpu_peak_mb")]
+    if gpu:
+        lines += ["", "Peak GPU memory allocated by PyTorch in the timing run (MB): " + ", ".join(gpu) + "."]
     lines += ["", "Super-resolution times are per thick input slice (factor 2). The estimate adds the "
               "full-volume host peak and the network's working memory of the timing run (see the script's "
               "docstring)."]

@@ -18,7 +18,15 @@ def _cmd_train(args) -> int:
 
     try:
         config = load_config(args.config)
-        if "pairs" in config["data"]:
+        if args.packed:
+            config["data"]["packed"] = args.packed
+        if args.max_minutes is not None:
+            config["train"]["max_minutes"] = args.max_minutes
+        if config["data"].get("packed"):
+            from .pack import check_pack
+
+            check_pack(config["data"], config["normalization"])
+        elif "pairs" in config["data"]:
             check_pair_split(config["data"])
         elif config["data"].get("kind") != "image_folder":
             check_data_config(config["data"])
@@ -33,6 +41,21 @@ def _cmd_train(args) -> int:
     folder = train(config, args.output, resume=args.resume, device=args.device,
                    precision=args.precision, max_steps=args.max_steps, command=command)
     print(f"EMA checkpoint: {folder}")
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .data import ConfigError
+    from .pack import write_pack
+    from .trainer import load_config
+
+    try:
+        counts = write_pack(load_config(args.config), args.output)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    size = Path(args.output).stat().st_size / 2**20
+    print(f"{args.output}: " + ", ".join(f"{n} {split} volumes" for split, n in counts.items()) + f", {size:.1f} MiB")
     return 0
 
 
@@ -99,8 +122,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", help="auto (bf16/fp16 AMP on GPU), fp32, fp16, bf16")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--max-minutes", type=float, help="override train.max_minutes (stop, save and export after it)")
     p.add_argument("--check", action="store_true", help="check the config's data (files, patient split) and stop")
+    p.add_argument("--packed", help="train from this pack (python -m training pack) instead of the config's files")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("pack", help="load a config's train and validation volumes into one .npz "
+                                    "(to train where the files are not)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", required=True, help=".npz file")
+    p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("export", help="export a run's EMA weights as a plugin checkpoint")
     p.add_argument("run")

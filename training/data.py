@@ -264,11 +264,16 @@ def fix_orientation(data: np.ndarray, spacing_mm, fixes) -> tuple[np.ndarray, tu
 def load_volumes(data_config: dict, normalization: dict, split: str = "train") -> list[TrainingVolume]:
     """Read, resample (``spacing_mm``) or keep at native spacing
     (``pixel_sizes_mm``), crop to the body (``crop_to_body_hu``) and normalise
-    every volume of ``data_config[split]``.
+    every volume of ``data_config[split]``; with ``data.packed``, read them
+    from that pack instead (:mod:`training.pack`).
 
     Training volumes keep their most superior ``holdout_fraction`` of axial
     slices for validation; ``validation`` volumes are held out whole.
     """
+    if data_config.get("packed"):  # loaded earlier, on a machine with the files (training.pack)
+        from .pack import read_pack
+
+        return read_pack(resolve_path(data_config["packed"]), split)
     spacing = float(data_config.get("spacing_mm", 0) or 0)
     holdout = float(data_config.get("holdout_fraction", 0.0)) if split == "train" else 1.0
     crop_hu = data_config.get("crop_to_body_hu")

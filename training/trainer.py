@@ -188,8 +188,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def train(config: dict, output, *, resume: bool = False, device: str = "auto",
           precision: str = "auto", max_steps: int | None = None, command: str | None = None) -> Path:
     """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder."""
-    if "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
-        check_data_config(config["data"])  # missing files, patients in two splits: before anything runs
+    # missing files, patients in two splits: before anything runs
+    if config["data"].get("packed"):
+        from .pack import check_pack
+
+        check_pack(config["data"], config["normalization"])
+    elif "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
+        check_data_config(config["data"])
     info = distributed.setup(device)
     output = Path(output)
     tcfg = dict(config["train"])

@@ -1,0 +1,111 @@
+"""Packed training volumes: a config's loaded data in one ``.npz`` file.
+
+A GPU machine may not hold the dataset (a lent accelerator here has no
+copy of ``../shared/data`` and takes at most 64 MiB with it). ``python -m
+training pack`` runs :func:`training.data.load_volumes` here, on the files,
+and writes what it returns (the normalised, cropped, resampled volumes of
+``data.train`` and ``data.validation``, their regions, spacings and patient
+ids) as float16 into one compressed file; a config with ``data.packed:
+FILE`` then trains from it instead of the files::
+
+    python -m training pack --config training/configs/ct_prior_coarse_3d_8mm.yaml --output pack.npz
+    python -m training train --config ... --packed pack.npz --output runs/x --device cuda
+
+The patient split is checked when the pack is made (the files are there)
+and again on the pack's patient lists when it is read. A pack remembers the
+data settings that shaped its arrays and refuses a config that asks for
+other ones, so a stale pack cannot train a model on another grid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import ConfigError, TrainingVolume, check_data_config, load_volumes
+
+#: data settings that change the arrays (a pack made under other ones is another dataset)
+SHAPING_KEYS = ("spacing_mm", "pixel_sizes_mm", "crop_to_body_hu", "holdout_fraction", "anatomy_channels")
+SPLITS = ("train", "validation")
+
+
+def _shaping(data_config: dict, normalization: dict) -> dict:
+    return {"data": {k: data_config.get(k) for k in SHAPING_KEYS}, "normalization": normalization}
+
+
+def write_pack(config: dict, path) -> dict:
+    """Load the volumes of ``config``'s train and validation splits and write
+    them to ``path`` (``.npz``). Returns ``{split: number of volumes}``."""
+    data_config = {k: v for k, v in config["data"].items() if k != "packed"}
+    patients = check_data_config(data_config)
+    meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {}}
+    arrays = {}
+    for split in SPLITS:
+        if not data_config.get(split):
+            continue
+        rows = []
+        for i, vol in enumerate(load_volumes(data_config, config["normalization"], split=split)):
+            arrays[f"{split}_{i}"] = vol.data.astype(np.float16)
+            if vol.structures is not None:
+                arrays[f"{split}_{i}_structures"] = vol.structures
+            rows.append({"region": int(vol.region), "source": vol.source, "holdout_start": int(vol.holdout_start),
+                         "spacing_mm": [float(s) for s in vol.spacing_mm], "patient": vol.patient,
+                         "axial_span": [float(s) for s in vol.axial_span]})
+        meta["volumes"][split] = rows
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial-pack.npz")  # complete or nothing
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+    return {split: len(rows) for split, rows in meta["volumes"].items()}
+
+
+def read_pack_meta(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.packed {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as pack:
+            return json.loads(str(pack["meta"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"data.packed {path}: not a training pack ({exc})") from None
+
+
+def check_pack(data_config: dict, normalization: dict) -> dict:
+    """The pack's patients by split, after checking that it was made with this
+    config's data settings and that no patient is in two splits."""
+    path = data_config["packed"]
+    meta = read_pack_meta(path)
+    wanted = json.loads(json.dumps(_shaping(data_config, normalization)))  # tuples -> lists, as stored
+    if meta["shaping"] != wanted:
+        differ = sorted(k for k in wanted["data"] if wanted["data"][k] != meta["shaping"]["data"].get(k))
+        if wanted["normalization"] != meta["shaping"]["normalization"]:
+            differ.append("normalization")
+        raise ConfigError(f"data.packed {path}: made with other data settings ({', '.join(differ)}); "
+                          "pack it again from this config")
+    patients = meta["patients"]
+    train = set(patients.get("train", []))
+    for split in ("validation", "evaluation_only"):
+        both = sorted(train & set(patients.get(split, [])))
+        if both:
+            raise ConfigError(f"data.packed {path}: patient {both[0]!r} is in train and in {split}: split by patient")
+    return patients
+
+
+def read_pack(path, split: str) -> list[TrainingVolume]:
+    """The ``split`` volumes of a pack (float32, as :func:`load_volumes` returns them)."""
+    meta = read_pack_meta(path)
+    rows = meta["volumes"].get(split)
+    if not rows:
+        raise ValueError(f"data.packed {path}: no {split} volumes")
+    volumes = []
+    with np.load(path, allow_pickle=False) as pack:
+        for i, row in enumerate(rows):
+            key = f"{split}_{i}"
+            structures = pack[key + "_structures"] if key + "_structures" in pack.files else None
+            volumes.append(TrainingVolume(data=pack[key].astype(np.float32), region=row["region"],
+                                          source=row["source"], holdout_start=row["holdout_start"],
+                                          spacing_mm=tuple(row["spacing_mm"]), patient=row["patient"],
+                                          structures=structures, axial_span=tuple(row["axial_span"])))
+    return volumes
