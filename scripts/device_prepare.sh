@@ -4,22 +4,25 @@
 # Python packages that machine's image lacks, as wheels for its Python 3.12. Afterwards,
 # `bash scripts/device_prepare.sh restore` puts every moved file back (or `git checkout -- .`).
 #
-#   bash scripts/device_prepare.sh            # moves files to $STASH, downloads wheels into .whl/
-#   (device run: command "bash scripts/device_check.sh", carry [".whl"], timeout_s 540)
+#   bash scripts/device_prepare.sh [CONFIG]   # moves files to $STASH, downloads wheels into .whl/,
+#                                             # cuts the benchmark's chest slab (and packs CONFIG) into .gpu/
+#   (device run: command "bash scripts/device_check.sh [520 CONFIG .gpu/pack.npz]",
+#    carry [".whl", ".gpu"], timeout_s 590)
 #   bash scripts/device_prepare.sh restore
 #
 # What stays: the code, tests and the models the gpu tests and the task benchmark load
-# (ct-prior-multi, ct-prior-coarse-demo, ct-prior-coarse-multi, ct2mr-multi, brain-mr-128-demo).
-# What moves: pictures and logs under docs/ and the bundled models no gpu test loads.
+# (ct-prior-multi, ct-prior-coarse-multi, ct2mr-multi, brain-mr-128-demo).
+# What moves: docs/ and the bundled models no gpu test loads (synthesis of an abdomen takes
+# ct-prior-coarse-multi when ct-prior-coarse-demo is away). Session 20: 57 MiB with a pack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STASH=${MEDIFFUSE_DEVICE_STASH:-/tmp/mediffuse-device-stash}
-MODELS="ct-prior-demo mr2ct-multi ct-denoise-multi ct-sr-multi"
+MODELS="ct-prior-demo mr2ct-multi ct-denoise-multi ct-sr-multi ct-prior-coarse-demo"
 # the image has torch, numpy, scipy, scikit-image, safetensors, einops, pyyaml, pillow, pytest
 # and huggingface-hub 1.33 (which diffusers 0.42 accepts: >= 1.32) (the device tool's KINDS.md);
 # the versions here are this project's tested ones
-WHEELS="diffusers==0.42.1 monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2 platformdirs==4.14.9
-bm3d==4.0.3 bm4d==4.2.5 PyWavelets==1.10.0"
+# (not BM3D: the benchmark there leaves out its CPU-only baseline, and no gpu test runs it)
+WHEELS="diffusers==0.42.1 monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2 platformdirs==4.14.9"
 
 if [ "${1:-}" = "restore" ]; then
     [ -d "$STASH" ] || { echo "nothing stashed in $STASH"; exit 0; }
@@ -40,10 +43,21 @@ fi
 
 mkdir -p "$STASH"
 move() { for f in "$@"; do [ -e "$f" ] || continue; mkdir -p "$STASH/$(dirname "$f")"; mv "$f" "$STASH/$f"; done; }
-move $(git ls-files 'docs/*.png' 'docs/*.jsonl')
+move $(git ls-files docs)
 for m in $MODELS; do move $(git ls-files "napari_mediffuse/data/models/$m"); done
 
+mkdir -p .git/info
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+rm -rf .gpu && mkdir .gpu
+# the task benchmark's CT there: 24 slices of the 1 mm chest CT (6 MiB), as the benchmark reads here
+chest=${MEDIFFUSE_SHARED_DATA:-../shared/data}/ct/chest_ct_lidc0314_1mm.nii.gz
+if [ -f "$chest" ]; then
+    python3 -c "import nibabel as nib, sys; nib.save(nib.load(sys.argv[1]).slicer[:, :, 100:124], sys.argv[2])" \
+        "$chest" .gpu/chest_slab.nii.gz
+fi
+# a training config's volumes, loaded here, for a run there (the data does not travel)
+if [ -n "${1:-}" ]; then python3 -m training pack --config "$1" --output .gpu/pack.npz; fi
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -51,5 +65,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     -d .whl $WHEELS
 tree=$( (git ls-files; git ls-files --others --exclude-standard) | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done \
         | tr '\n' '\0' | xargs -0 du -cb | tail -1 | cut -f1)
-wheels=$(du -cb .whl/* | tail -1 | cut -f1)
-echo "working tree $((tree / 1048576)) MiB + wheels $((wheels / 1048576)) MiB (limit 64 MiB); moved files in $STASH"
+wheels=$(du -cb .whl/* .gpu/* 2>/dev/null | tail -1 | cut -f1)
+echo "working tree $((tree / 1048576)) MiB + wheels and .gpu/ $((wheels / 1048576)) MiB (limit 64 MiB); moved files in $STASH"
