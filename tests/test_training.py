@@ -537,3 +537,19 @@ def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, 
     # one axial neck slice (24 x 10 pixels in display orientation), 6 tiles with 4-pixel gaps:
     # clean, noisy, the three rows' estimates, the structures
     assert picture.shape == (24, 6 * 14) and "structures" in (out / "prior.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cli_refuses_a_gpu_the_machine_lacks_in_one_line(tmp_path):
+    from napari_mediffuse.plugin import sample_ct_path
+
+    config = TINY_CONFIG.read_text().replace("../shared/data/ct/abdomen_ct_3mm_small.nii.gz", str(sample_ct_path()))
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(config)
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(config_path),
+                             "--output", str(tmp_path / "run"), "--device", "cuda"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --device: device 'cuda' requested but CUDA is not available on this machine; devices here: cpu"]
+    assert not (tmp_path / "run").exists()

@@ -37,6 +37,13 @@ def _cmd_train(args) -> int:
     if args.check:
         print(f"{args.config}: data config OK")
         return 0
+    try:  # a GPU asked for on a machine without one: one line before anything loads
+        from napari_mediffuse.engine.devices import select_device
+
+        select_device(args.device)
+    except ValueError as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
     command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     folder = train(config, args.output, resume=args.resume, device=args.device,
                    precision=args.precision, max_steps=args.max_steps, command=command)

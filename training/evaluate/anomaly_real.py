@@ -516,7 +516,8 @@ def run(args) -> dict:
         figure.append((case, results, maps))
     report = {
         "command": args.command_line,
-        "model": args.model,
+        "model": None if args.no_diffusion else args.model,
+        "learned_model": args.learned_model,
         "settings": {"t": args.t, "t_end": args.t_end, "patch_mm": args.patch_mm, "pixel_mm": args.pixel_mm,
                      "scores": args.scores,
                      "ensemble": args.ensemble, "steps": args.steps, "eta": args.eta, "smooth_mm": args.smooth_mm,
@@ -556,7 +557,9 @@ def _fmt(value, percent=False):
 def markdown_table(report: dict) -> str:
     """Case by case, diffusion configurations and the baseline side by side."""
     lines = [f"<!-- {report['command']} -->", "",
-             f"Model: `{report['model']}`; targets (issue 18): pixel AUROC >= {TARGETS['pixel_auroc']}, "
+             "; ".join(f"{label}: `{report[key]}`" for key, label in
+                       (("model", "Model"), ("learned_model", "learned model")) if report.get(key))
+             + f"; targets (issue 18): pixel AUROC >= {TARGETS['pixel_auroc']}, "
              f"above the baseline, Dice >= {TARGETS['dice']} (MedDiff-FM on BMAD liver: pixel AUROC 0.976, "
              "Dice 0.274).", "",
              "| case | kind | method | pixel AUROC | PRO (FPR<=0.3) | Dice (auto threshold) | Dice (best threshold) "
