@@ -202,3 +202,25 @@ def test_cli_learned_anomaly_writes_maps_on_the_input_grid(sample_ct, zero_heale
         assert got.data.shape == sample_ct.data.shape
         np.testing.assert_allclose(got.affine, sample_ct.affine, atol=1e-4)
     assert int(io.read(mask)[0].data.sum()) == 0 and "0 voxels flagged" in capsys.readouterr().out
+
+
+def test_share_weights_give_the_lesions_their_share_of_the_loss():
+    from training.healing import MAX_LESION_WEIGHT, share_weight_map
+
+    mask = np.zeros((1, 48, 48), np.float32)
+    mask[0, 10:20, 10:20] = 1.0  # 100 of 2304 pixels
+    weight = share_weight_map(mask, 0.5)
+    lesion, rest = float(weight[mask > 0].sum()), float(weight[mask == 0].sum())
+    assert lesion / (lesion + rest) == pytest.approx(0.5, rel=1e-4)
+    assert weight[mask == 0].min() == 1.0 and weight.max() == pytest.approx(1 + (1152 - 100) / 50)
+    np.testing.assert_array_equal(share_weight_map(np.zeros_like(mask), 0.5), np.ones_like(mask))
+    one_pixel = np.zeros_like(mask)
+    one_pixel[0, 5, 5] = 1.0
+    assert share_weight_map(one_pixel, 0.5).max() == 1.0 + MAX_LESION_WEIGHT  # capped
+
+
+def test_healing_pairs_refuse_both_lesion_weightings(sample_ct):
+    volume = TrainingVolume(data=np.zeros((4, 32, 32), np.float32), region=3, source="x", holdout_start=4)
+    with pytest.raises(ValueError, match="give one of them"):
+        LesionHealingPairs([volume], {"patch_size": 32, "lesion_loss_weight": 9.0, "lesion_loss_share": 0.5},
+                           NORMALIZATION)

@@ -105,6 +105,24 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
     return out, mask
 
 
+#: Largest weight of a lesion pixel under ``lesion_loss_share`` (a one-pixel lesion must not
+#: carry half a sample's gradient alone).
+MAX_LESION_WEIGHT = 200.0
+
+
+def share_weight_map(mask: np.ndarray, share: float) -> np.ndarray:
+    """Per-pixel loss weights ``1 + k mask`` with ``k`` such that the lesions'
+    soft ``mask`` carries ``share`` of the total weight (``k`` at most
+    :data:`MAX_LESION_WEIGHT`; all ones without lesions)."""
+    mask = np.asarray(mask, dtype=np.float32)
+    area = float(mask.sum())
+    if area <= 0.0:
+        return np.ones_like(mask)
+    # (1 + k) area / (n + k area) = share  ->  k = (share n - area) / ((1 - share) area)
+    k = min(max(share * mask.size - area, 0.0) / ((1.0 - share) * area), MAX_LESION_WEIGHT)
+    return (1.0 + k * mask).astype(np.float32)
+
+
 class LesionHealingPairs(SampleStream):
     """Endless stream of (healthy, with synthetic lesions) axial crops (module docstring)."""
 
@@ -120,6 +138,14 @@ class LesionHealingPairs(SampleStream):
         # the lesions are a few per cent of the pixels: their squared error counts
         # 1 + lesion_loss_weight times (else the loss barely sees them)
         self.lesion_loss_weight = float(data_config.get("lesion_loss_weight", 0.0))
+        # or, per sample, the weight that gives the lesions' pixels this share of the sample's
+        # loss: a 10 mm lesion at 4 mm is 0.1 % of a 96 px crop, and with a fixed weight of 10 the
+        # loss still barely saw it (stage 2 learnt to leave every slice as it was)
+        self.lesion_loss_share = float(data_config.get("lesion_loss_share", 0.0))
+        if not 0.0 <= self.lesion_loss_share < 1.0:
+            raise ValueError(f"data.lesion_loss_share must be in [0, 1), got {self.lesion_loss_share}")
+        if self.lesion_loss_share and self.lesion_loss_weight:
+            raise ValueError("data.lesion_loss_weight and data.lesion_loss_share: give one of them")
         lesions = dict(data_config.get("lesions") or {})
         unknown = set(lesions) - {"max_lesions", "diameter_mm", "contrast_hu", "replace_hu",
                                   "replace_probability", "texture_hu"}
@@ -172,6 +198,8 @@ class LesionHealingPairs(SampleStream):
         sample = restoration_sample(np.ascontiguousarray(planes[:2]), coords, volume.region, self.residual_scale)
         if self.lesion_loss_weight:
             sample["weight_map"] = torch.from_numpy(1.0 + self.lesion_loss_weight * planes[2:3])
+        elif self.lesion_loss_share:
+            sample["weight_map"] = torch.from_numpy(share_weight_map(planes[2:3], self.lesion_loss_share))
         return sample
 
     def augmentation(self, seed: int):
