@@ -1,6 +1,6 @@
 """How much of a lesion a lesion-healing model removes, on training and on held-out patients.
 
-    python benchmarks/healing_removal.py MODEL [--config training/configs/ct_heal_multi.yaml]
+    PYTHONPATH=. python benchmarks/healing_removal.py MODEL [--config training/configs/ct_heal_multi.yaml]
                                          [--slices 12] [--seed 0] [--out docs/evaluation/healing_removal.md]
 
 For ``--slices`` axial slices of the config's training patients and as many
@@ -20,9 +20,7 @@ ones has learnt the patients, not the lesions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +30,7 @@ from napari_mediffuse.tasks.anomaly import HEALING_TASK
 from napari_mediffuse.tasks.common import RunOptions, learned_slices
 from training.data import load_volumes
 from training.healing import body_mask, corrupt
+from training.report import write_report
 from training.trainer import load_config
 
 
@@ -101,13 +100,7 @@ def main(argv=None) -> int:
     for split, rows in results.items():
         lines.append(f"| {split} | {len(rows)} | {np.nanmean([r['contrast_removed'] for r in rows]):.3f} | "
                      f"{np.mean([r['healthy_change_hu'] for r in rows]):.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    print(write_report(lines, args.out, {"command": command, "results": results}))
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -68,4 +69,13 @@ def write_markdown(lines: list[str], out) -> str:
     text = "\n".join(lines) + "\n"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
+    return text
+
+
+def write_report(lines: list[str], out, record: dict) -> str:
+    """The Markdown text of ``lines``; with ``out``, also written there and ``record`` as JSON beside it."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        write_markdown(lines, out)
+        Path(out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return text
