@@ -87,3 +87,12 @@ def test_pack_cli_refuses_a_patient_in_both_splits_before_loading(tmp_path, conf
     assert result.returncode == 2 and "split by patient" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pack.npz").exists()
+
+
+def test_paired_translation_configs_do_not_pack(tmp_path):
+    config = load_config(REPO / "training" / "configs" / "translate_ct2mr.yaml")
+    with pytest.raises(ConfigError, match="only CT volume data"):
+        write_pack(config, tmp_path / "pack.npz")
+    config["data"]["packed"] = str(tmp_path / "pack.npz")
+    with pytest.raises(ConfigError, match="only CT volume data"):
+        check_pack(config["data"], config.get("normalization", {}))

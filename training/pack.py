@@ -38,6 +38,8 @@ def write_pack(config: dict, path) -> dict:
     """Load the volumes of ``config``'s train and validation splits and write
     them to ``path`` (``.npz``). Returns ``{split: number of volumes}``."""
     data_config = {k: v for k, v in config["data"].items() if k != "packed"}
+    if "pairs" in data_config or data_config.get("kind") == "image_folder":
+        raise ConfigError("only CT volume data packs (paired translation and image folders do not)")
     patients = check_data_config(data_config)
     meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {}}
     arrays = {}
@@ -76,6 +78,9 @@ def check_pack(data_config: dict, normalization: dict) -> dict:
     """The pack's patients by split, after checking that it was made with this
     config's data settings and that no patient is in two splits."""
     path = data_config["packed"]
+    if "pairs" in data_config or data_config.get("kind") == "image_folder":
+        raise ConfigError(f"data.packed {path}: only CT volume data trains from a pack "
+                          "(paired translation and image folders do not)")
     meta = read_pack_meta(path)
     wanted = json.loads(json.dumps(_shaping(data_config, normalization)))  # tuples -> lists, as stored
     if meta["shaping"] != wanted:
