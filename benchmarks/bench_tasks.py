@@ -43,6 +43,7 @@ NO_MEMORY_RUN = ("denoise-bm3d",)
 
 CHILD = r"""
 import json, resource, sys, time
+from pathlib import Path
 import numpy as np
 import torch
 from napari_mediffuse import io
@@ -51,7 +52,7 @@ from napari_mediffuse.engine.devices import describe_device, select_device
 from napari_mediffuse.tasks import anomaly, denoise, inpaint, superres, translate
 from napari_mediffuse.tasks.common import RunOptions
 
-task, mode, device, n_slices, time_slices, chest = sys.argv[1:7]
+task, mode, device, n_slices, time_slices, chest, fallback = sys.argv[1:8]
 n_slices, time_slices = int(n_slices), int(time_slices)
 
 def clinical_ct(n):
@@ -59,6 +60,8 @@ def clinical_ct(n):
     try:
         ct, = io.read(chest)
     except Exception:
+        if fallback != "1":  # a CT named with --ct must be the one measured
+            raise
         from napari_mediffuse.plugin import sample_ct_path
         from scipy import ndimage
         ct, = io.read(sample_ct_path())
@@ -70,7 +73,7 @@ def clinical_ct(n):
     reps = -(-n // data.shape[0])
     data = np.concatenate([data if k % 2 == 0 else data[::-1] for k in range(reps)])[:n]
     return Volume(data=np.ascontiguousarray(data), affine=np.diag([1.0, 0.78125, 0.78125, 1.0]), modality="CT",
-                  name="bench CT")
+                  name=f"bench CT from {Path(ct.source).name if ct.source else ct.name}")
 
 if mode == "time":
     start_slice = 60
@@ -117,6 +120,7 @@ print(json.dumps({"task": task, "mode": mode, "slices": int(volume.data.shape[0]
                   "seconds": seconds, "seconds_per_slice": seconds / volume.data.shape[0],
                   "rss_before_mb": rss_before,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "ct": volume.name,
                   "gpu_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
                   "device": describe_device(dev) if dev.type != "meta" else "meta"}))
 """
@@ -124,7 +128,7 @@ print(json.dumps({"task": task, "mode": mode, "slices": int(volume.data.shape[0]
 
 def measure(task: str, mode: str, args) -> dict:
     cmd = [sys.executable, "-c", CHILD, task, mode, args.device, str(args.slices), str(args.time_slices),
-           str(args.ct)]
+           str(args.ct), "1" if args.ct == str(CHEST) else "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -137,8 +141,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--ct", default=str(CHEST),
-                        help="the test CT (default: the 1 mm chest CT of ../shared/data; a slab of it where that "
-                             "folder is absent, e.g. on a lent GPU machine)")
+                        help="the test CT (default: the 1 mm chest CT of ../shared/data, or the sample CT where "
+                             "that folder is absent; on a lent GPU machine the slab device_prepare.sh cuts)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the memory run's volume")
     parser.add_argument("--time-slices", type=int, default=2, help="slices of the timing run (at least 2)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)

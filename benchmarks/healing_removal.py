@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         print(f"{split}: {len(rows)} slices, contrast removed {removed:.3f}, healthy change {change:.1f} HU",
               flush=True)
 
-    command = "python benchmarks/healing_removal.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "PYTHONPATH=. python benchmarks/healing_removal.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"<!-- {command} -->", "",
              f"Lesion-healing model `{args.model}`; lesions of the training kind (`{args.config}`'s "
              "data.lesions) pasted into axial slices; mean over the slices.", "",

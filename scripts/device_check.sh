@@ -40,6 +40,8 @@ if [ -n "$config" ]; then
         minutes=$(python3 -c "print($left / 60)")
         timeout $((left + 45)) python3 -m training train --config "$config" --packed "$pack" \
             --output /tmp/run --device cuda --max-minutes "$minutes" 2>&1 | tail -30
+        rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || failed="$failed training(rc $rc)"
+        # what it saved is exported even after a failure or a timeout (the last checkpoint's EMA)
         if python3 -m training export /tmp/run --output /tmp/export/model --fp16 --skip-evaluation; then
             cp /tmp/run/log.jsonl /tmp/run/config.yaml /tmp/export/ && tar czf "$OUT/trained.tgz" -C /tmp/export .
         else

@@ -65,5 +65,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     -d .whl $WHEELS
 tree=$( (git ls-files; git ls-files --others --exclude-standard) | while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done \
         | tr '\n' '\0' | xargs -0 du -cb | tail -1 | cut -f1)
-wheels=$(du -cb .whl/* .gpu/* 2>/dev/null | tail -1 | cut -f1)
+wheels=$(du -cb .whl .gpu | tail -1 | cut -f1)
 echo "working tree $((tree / 1048576)) MiB + wheels and .gpu/ $((wheels / 1048576)) MiB (limit 64 MiB); moved files in $STASH"

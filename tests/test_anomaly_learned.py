@@ -219,7 +219,7 @@ def test_share_weights_give_the_lesions_their_share_of_the_loss():
     assert share_weight_map(one_pixel, 0.5).max() == 1.0 + MAX_LESION_WEIGHT  # capped
 
 
-def test_healing_pairs_refuse_both_lesion_weightings(sample_ct):
+def test_healing_pairs_refuse_both_lesion_weightings():
     volume = TrainingVolume(data=np.zeros((4, 32, 32), np.float32), region=3, source="x", holdout_start=4)
     with pytest.raises(ValueError, match="give one of them"):
         LesionHealingPairs([volume], {"patch_size": 32, "lesion_loss_weight": 9.0, "lesion_loss_share": 0.5},

@@ -96,3 +96,18 @@ def test_paired_translation_configs_do_not_pack(tmp_path):
     config["data"]["packed"] = str(tmp_path / "pack.npz")
     with pytest.raises(ConfigError, match="only CT volume data"):
         check_pack(config["data"], config.get("normalization", {}))
+
+
+def test_a_damaged_pack_or_another_patient_list_is_refused(tmp_path, config):
+    write_pack(config, tmp_path / "pack.npz")
+    config["data"]["packed"] = str(tmp_path / "pack.npz")
+    other = dict(config, data=dict(config["data"], train=[{"path": "elsewhere.nii.gz", "region": "abdomen"}]))
+    with pytest.raises(ConfigError, match="train"):
+        check_pack(other["data"], other["normalization"])
+    (tmp_path / "pack.npz").write_bytes((tmp_path / "pack.npz").read_bytes()[:1000])  # cut short
+    with pytest.raises(ConfigError, match="not a training pack"):
+        check_pack(config["data"], config["normalization"])
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    config["data"]["packed"] = str(tmp_path / "array.npy")
+    with pytest.raises(ConfigError, match="not a training pack"):
+        check_pack(config["data"], config["normalization"])

@@ -539,7 +539,8 @@ def test_prior_evaluation_compares_models_with_and_without_structures(tmp_path, 
     assert picture.shape == (24, 6 * 14) and "structures" in (out / "prior.txt").read_text()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="needs a machine whose only device is the CPU")
 def test_train_cli_refuses_a_gpu_the_machine_lacks_in_one_line(tmp_path):
     from napari_mediffuse.plugin import sample_ct_path
 

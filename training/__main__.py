@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", help="auto (bf16/fp16 AMP on GPU), fp32, fp16, bf16")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
-    p.add_argument("--max-minutes", type=float, help="override train.max_minutes (stop, save and export after it)")
+    p.add_argument("--max-minutes", type=float, help="override train.max_minutes: stop, save and export once the run has trained this long, "
+                        "its earlier sessions included (raise it to continue a run with --resume)")
     p.add_argument("--check", action="store_true", help="check the config's data (files, patient split) and stop")
     p.add_argument("--packed", help="train from this pack (python -m training pack) instead of the config's files")
     p.set_defaults(func=_cmd_train)

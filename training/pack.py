@@ -19,14 +19,17 @@ other ones, so a stale pack cannot train a model on another grid.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .data import ConfigError, TrainingVolume, check_data_config, load_volumes
+from .data import ConfigError, TrainingVolume, check_data_config, load_volumes, resolve_path
 
-#: data settings that change the arrays (a pack made under other ones is another dataset)
-SHAPING_KEYS = ("spacing_mm", "pixel_sizes_mm", "crop_to_body_hu", "holdout_fraction", "anatomy_channels")
+#: data settings that change the arrays (a pack made under other ones is another dataset), the
+#: file entries included: a pack of another patient list would train on patients the card does not name
+SHAPING_KEYS = ("train", "validation", "evaluation_only", "spacing_mm", "pixel_sizes_mm", "crop_to_body_hu",
+                "holdout_fraction", "anatomy_channels")
 SPLITS = ("train", "validation")
 
 
@@ -64,13 +67,16 @@ def write_pack(config: dict, path) -> dict:
 
 
 def read_pack_meta(path) -> dict:
-    path = Path(path)
+    path = resolve_path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"data.packed {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as pack:
+        pack = np.load(path, allow_pickle=False)
+        if not isinstance(pack, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz")
+        with pack:
             return json.loads(str(pack["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"data.packed {path}: not a training pack ({exc})") from None
 
 
@@ -105,7 +111,7 @@ def read_pack(path, split: str) -> list[TrainingVolume]:
     if not rows:
         raise ValueError(f"data.packed {path}: no {split} volumes")
     volumes = []
-    with np.load(path, allow_pickle=False) as pack:
+    with np.load(resolve_path(str(path)), allow_pickle=False) as pack:
         for i, row in enumerate(rows):
             key = f"{split}_{i}"
             structures = pack[key + "_structures"] if key + "_structures" in pack.files else None
