@@ -12,9 +12,8 @@ import torch
 
 
 def _cmd_train(args) -> int:
-    from .data import ConfigError, check_data_config
-    from .paired import check_pair_split
-    from .trainer import check_architecture, load_config, train
+    from .data import ConfigError
+    from .trainer import check_architecture, check_training_data, load_config, train
 
     try:
         config = load_config(args.config)
@@ -22,14 +21,7 @@ def _cmd_train(args) -> int:
             config["data"]["packed"] = args.packed
         if args.max_minutes is not None:
             config["train"]["max_minutes"] = args.max_minutes
-        if config["data"].get("packed"):
-            from .pack import check_pack
-
-            check_pack(config["data"], config["normalization"])
-        elif "pairs" in config["data"]:
-            check_pair_split(config["data"])
-        elif config["data"].get("kind") != "image_folder":
-            check_data_config(config["data"])
+        check_training_data(config)
         check_architecture(config.get("architecture"))
     except (ConfigError, FileNotFoundError) as exc:  # one line naming the file, no traceback
         print(f"error: {args.config}: {exc}", file=sys.stderr)

@@ -33,6 +33,11 @@ SHAPING_KEYS = ("train", "validation", "evaluation_only", "spacing_mm", "pixel_s
 SPLITS = ("train", "validation")
 
 
+def _require_volume_data(data_config: dict, where: str) -> None:
+    if "pairs" in data_config or data_config.get("kind") == "image_folder":
+        raise ConfigError(f"{where}only CT volume data packs (paired translation and image folders do not)")
+
+
 def _shaping(data_config: dict, normalization: dict) -> dict:
     return {"data": {k: data_config.get(k) for k in SHAPING_KEYS}, "normalization": normalization}
 
@@ -41,8 +46,7 @@ def write_pack(config: dict, path) -> dict:
     """Load the volumes of ``config``'s train and validation splits and write
     them to ``path`` (``.npz``). Returns ``{split: number of volumes}``."""
     data_config = {k: v for k, v in config["data"].items() if k != "packed"}
-    if "pairs" in data_config or data_config.get("kind") == "image_folder":
-        raise ConfigError("only CT volume data packs (paired translation and image folders do not)")
+    _require_volume_data(data_config, "")
     patients = check_data_config(data_config)
     meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {}}
     arrays = {}
@@ -66,27 +70,36 @@ def write_pack(config: dict, path) -> dict:
     return {split: len(rows) for split, rows in meta["volumes"].items()}
 
 
-def read_pack_meta(path) -> dict:
+def _open_pack(path) -> tuple[np.lib.npyio.NpzFile, dict]:
+    """The open pack at ``path`` (``$VARS`` expanded) and its metadata."""
     path = resolve_path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"data.packed {path}: no such file")
+    unreadable = (OSError, ValueError, KeyError, zipfile.BadZipFile)
     try:
         pack = np.load(path, allow_pickle=False)
-        if not isinstance(pack, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz")
-        with pack:
-            return json.loads(str(pack["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except unreadable as exc:
         raise ConfigError(f"data.packed {path}: not a training pack ({exc})") from None
+    if not isinstance(pack, np.lib.npyio.NpzFile):
+        raise ConfigError(f"data.packed {path}: not a training pack (a single array, not an .npz)")
+    try:
+        return pack, json.loads(str(pack["meta"]))
+    except unreadable as exc:
+        pack.close()
+        raise ConfigError(f"data.packed {path}: not a training pack ({exc})") from None
+
+
+def read_pack_meta(path) -> dict:
+    pack, meta = _open_pack(path)
+    pack.close()
+    return meta
 
 
 def check_pack(data_config: dict, normalization: dict) -> dict:
     """The pack's patients by split, after checking that it was made with this
     config's data settings and that no patient is in two splits."""
     path = data_config["packed"]
-    if "pairs" in data_config or data_config.get("kind") == "image_folder":
-        raise ConfigError(f"data.packed {path}: only CT volume data trains from a pack "
-                          "(paired translation and image folders do not)")
+    _require_volume_data(data_config, f"data.packed {path}: ")
     meta = read_pack_meta(path)
     wanted = json.loads(json.dumps(_shaping(data_config, normalization)))  # tuples -> lists, as stored
     if meta["shaping"] != wanted:
@@ -106,12 +119,12 @@ def check_pack(data_config: dict, normalization: dict) -> dict:
 
 def read_pack(path, split: str) -> list[TrainingVolume]:
     """The ``split`` volumes of a pack (float32, as :func:`load_volumes` returns them)."""
-    meta = read_pack_meta(path)
-    rows = meta["volumes"].get(split)
-    if not rows:
-        raise ValueError(f"data.packed {path}: no {split} volumes")
-    volumes = []
-    with np.load(resolve_path(str(path)), allow_pickle=False) as pack:
+    pack, meta = _open_pack(path)
+    with pack:
+        rows = meta["volumes"].get(split)
+        if not rows:
+            raise ValueError(f"data.packed {path}: no {split} volumes")
+        volumes = []
         for i, row in enumerate(rows):
             key = f"{split}_{i}"
             structures = pack[key + "_structures"] if key + "_structures" in pack.files else None

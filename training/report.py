@@ -1,8 +1,8 @@
 """Loss-curve picture of a run's ``log.jsonl`` (Pillow only, no plotting library)."""
 from __future__ import annotations
 
-import math
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -74,8 +74,8 @@ def write_markdown(lines: list[str], out) -> str:
 
 def write_report(lines: list[str], out, record: dict) -> str:
     """The Markdown text of ``lines``; with ``out``, also written there and ``record`` as JSON beside it."""
-    text = "\n".join(lines) + "\n"
-    if out:
-        write_markdown(lines, out)
-        Path(out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    if not out:
+        return "\n".join(lines) + "\n"
+    text = write_markdown(lines, out)  # makes the folder
+    Path(out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return text

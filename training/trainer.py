@@ -185,16 +185,26 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def check_training_data(config: dict) -> None:
+    """Check a config's data before anything runs: missing files, a patient in two
+    splits, a pack made from other data (the check its kind of data has)."""
+    data = config["data"]
+    if data.get("packed"):
+        from .pack import check_pack
+
+        check_pack(data, config["normalization"])
+    elif "pairs" in data:
+        from .paired import check_pair_split
+
+        check_pair_split(data)
+    elif data.get("kind") != "image_folder":
+        check_data_config(data)
+
+
 def train(config: dict, output, *, resume: bool = False, device: str = "auto",
           precision: str = "auto", max_steps: int | None = None, command: str | None = None) -> Path:
     """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder."""
-    # missing files, patients in two splits: before anything runs
-    if config["data"].get("packed"):
-        from .pack import check_pack
-
-        check_pack(config["data"], config["normalization"])
-    elif "pairs" not in config["data"] and config["data"].get("kind") != "image_folder":
-        check_data_config(config["data"])
+    check_training_data(config)
     info = distributed.setup(device)
     output = Path(output)
     tcfg = dict(config["train"])
