@@ -14,6 +14,11 @@
 # (ct-prior-multi, ct-prior-coarse-multi, ct2mr-multi, brain-mr-128-demo).
 # What moves: docs/ and the bundled models no gpu test loads (synthesis of an abdomen takes
 # ct-prior-coarse-multi when ct-prior-coarse-demo is away). Session 20: 57 MiB with a pack.
+#
+# DEVICE_TRAIN_ONLY=1 (for a call that only trains, DEVICE_TRAIN_ONLY=1 on device_check.sh too):
+# every bundled model moves except the config's train.init_from, and the pack keeps every
+# PACK_SLICE_STEP-th axial slice (default 4; kinds trained on single axial slices) so a
+# native-resolution dataset fits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STASH=${MEDIFFUSE_DEVICE_STASH:-/tmp/mediffuse-device-stash}
@@ -44,6 +49,12 @@ fi
 mkdir -p "$STASH"
 move() { for f in "$@"; do [ -e "$f" ] || continue; mkdir -p "$STASH/$(dirname "$f")"; mv "$f" "$STASH/$f"; done; }
 move $(git ls-files docs)
+if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ] && [ -n "${1:-}" ]; then
+    keep=$(python3 -c "import sys; from training.trainer import load_config; \
+print(load_config(sys.argv[1])['train'].get('init_from') or '')" "$1")
+    MODELS=$(ls napari_mediffuse/data/models | while read -r m; do
+        [ "napari_mediffuse/data/models/$m" = "$keep" ] || echo "$m"; done)
+fi
 for m in $MODELS; do move $(git ls-files "napari_mediffuse/data/models/$m"); done
 
 mkdir -p .git/info
@@ -52,12 +63,14 @@ grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/ex
 rm -rf .gpu && mkdir .gpu
 # the task benchmark's CT there: 24 slices of the 1 mm chest CT (6 MiB), as the benchmark reads here
 chest=${MEDIFFUSE_SHARED_DATA:-../shared/data}/ct/chest_ct_lidc0314_1mm.nii.gz
-if [ -f "$chest" ]; then
+if [ -f "$chest" ] && [ "${DEVICE_TRAIN_ONLY:-0}" != 1 ]; then
     python3 -c "import nibabel as nib, sys; nib.save(nib.load(sys.argv[1]).slicer[:, :, 100:124], sys.argv[2])" \
         "$chest" .gpu/chest_slab.nii.gz
 fi
 # a training config's volumes, loaded here, for a run there (the data does not travel)
-if [ -n "${1:-}" ]; then python3 -m training pack --config "$1" --output .gpu/pack.npz; fi
+pack_args=()
+[ "${DEVICE_TRAIN_ONLY:-0}" = 1 ] && pack_args=(--slice-step "${PACK_SLICE_STEP:-4}")
+if [ -n "${1:-}" ]; then python3 -m training pack --config "$1" --output .gpu/pack.npz "${pack_args[@]}"; fi
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

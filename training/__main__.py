@@ -49,7 +49,7 @@ def _cmd_pack(args) -> int:
     from .trainer import load_config
 
     try:
-        counts = write_pack(load_config(args.config), args.output)
+        counts = write_pack(load_config(args.config), args.output, slice_step=args.slice_step)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
                                     "(to train where the files are not)")
     p.add_argument("--config", required=True)
     p.add_argument("--output", required=True, help=".npz file")
+    p.add_argument("--slice-step", type=int, default=1,
+                   help="keep every N-th axial slice (data kinds trained on single axial slices; "
+                        "a smaller pack with every patient)")
     p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("export", help="export a run's EMA weights as a plugin checkpoint")

@@ -21,6 +21,14 @@ a smooth internal texture. So the inserted-lesion benchmark is not the
 training distribution, and the real tumours (LUNG1, LiTS) are the honest
 test.
 
+With ``data.target: lesion_mask`` the sample's image is the lesions' mask
+(pixels at or above half a lesion's weight) instead of the healthy crop: the
+training data of the lesion *segmenter* (``train.objective: segmentation``),
+DRAEM's discriminative half without its reconstruction. A healing model
+trained here removed 2-4 % of its own lesions' contrast (session 20,
+benchmarks/healing_removal.py); telling lesion from tissue is the easier
+question, and the one the anomaly map asks.
+
 Validation samples come from the ``data.validation`` patients.
 """
 from __future__ import annotations
@@ -123,6 +131,10 @@ def share_weight_map(mask: np.ndarray, share: float) -> np.ndarray:
     return (1.0 + k * mask).astype(np.float32)
 
 
+#: What a sample's image is (``data.target``): the healthy crop or the lesions' 0/1 mask.
+TARGETS = ("healthy", "lesion_mask")
+
+
 class LesionHealingPairs(SampleStream):
     """Endless stream of (healthy, with synthetic lesions) axial crops (module docstring)."""
 
@@ -152,6 +164,13 @@ class LesionHealingPairs(SampleStream):
         if unknown:
             raise ValueError(f"data.lesions: unknown keys {sorted(unknown)}")
         self.lesions = lesions
+        self.target = data_config.get("target", "healthy")
+        if self.target not in TARGETS:
+            raise ValueError(f"data.target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "lesion_mask" and (self.residual_scale or self.lesion_loss_share
+                                             or self.lesion_loss_weight):
+            raise ValueError("data.target lesion_mask: residual_scale, lesion_loss_share and "
+                             "lesion_loss_weight belong to the healing target; remove them")
         self.low, self.high = float(normalization["low"]), float(normalization["high"])
         self.volume_p = volume_probabilities([v.data.size for v in volumes], [v.region for v in volumes],
                                              data_config.get("region_weights"))
@@ -195,6 +214,9 @@ class LesionHealingPairs(SampleStream):
             if rng.random() < 0.5:
                 planes = planes[:, ::-1]
         coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
+        if self.target == "lesion_mask":
+            planes = np.stack([(planes[2] >= 0.5).astype(np.float32), planes[1]])
+            return restoration_sample(np.ascontiguousarray(planes), coords, volume.region)
         sample = restoration_sample(np.ascontiguousarray(planes[:2]), coords, volume.region, self.residual_scale)
         if self.lesion_loss_weight:
             sample["weight_map"] = torch.from_numpy(1.0 + self.lesion_loss_weight * planes[2:3])

@@ -37,7 +37,7 @@ CARD_FILE = "mediffuse.json"
 
 #: Tasks a checkpoint can be made for.
 TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising",
-         "lesion_healing")
+         "lesion_healing", "lesion_segmentation")
 
 
 class CheckpointError(ValueError):
