@@ -1,4 +1,4 @@
-"""The anomaly task's learned method (a lesion-healing model) and its training data."""
+"""The anomaly task's learned method (a lesion segmenter or a lesion-healing model) and its training data."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -157,6 +157,7 @@ def test_learned_method_maps_where_the_scan_departs_from_the_healed_version(samp
         return healthy[list(indices)] + 0.0, checkpoint, []
 
     monkeypatch.setattr(anomaly, "learned_slices", healer)
+    monkeypatch.setattr(anomaly, "is_segmenter", lambda model: False)  # the stand-in is a healer
     result = anomaly.detect_anomalies(scan, roi=roi, method="learned", smooth_mm=1.0, options=RunOptions(seed=0))
     assert seen["indices"] == [2, 3, 4]  # only the ROI's slices are healed
     flagged = result.mask.data.astype(bool)
@@ -184,7 +185,7 @@ def test_learned_method_needs_a_lesion_healing_model(sample_ct, tmp_path):
     from napari_mediffuse.engine.checkpoint import CheckpointError
 
     prior = save_tiny_checkpoint(tmp_path / "tiny-prior")
-    with pytest.raises(CheckpointError, match="this needs a 'lesion_healing' model"):
+    with pytest.raises(CheckpointError, match="this needs a 'lesion_segmentation' model or a 'lesion_healing' model"):
         anomaly.detect_anomalies(sample_ct, method="learned", model=str(prior))
 
 
@@ -224,3 +225,144 @@ def test_healing_pairs_refuse_both_lesion_weightings():
     with pytest.raises(ValueError, match="give one of them"):
         LesionHealingPairs([volume], {"patch_size": 32, "lesion_loss_weight": 9.0, "lesion_loss_share": 0.5},
                            NORMALIZATION)
+
+
+# -- the lesion segmenter ---------------------------------------------------------------
+
+def _sample_volume(sample_ct):
+    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
+    return TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
+                          spacing_mm=tuple(sample_ct.spacing))
+
+
+def test_segmenter_pairs_mark_the_pixels_a_lesion_changed_by_half_its_contrast(sample_ct):
+    volume = _sample_volume(sample_ct)
+    lesions = {"max_lesions": 1, "contrast_hu": [100.0, 200.0], "replace_probability": 0.0,
+               "texture_hu": [0.0, 0.0]}
+    healing = LesionHealingPairs([volume], {"patch_size": 48, "clean_probability": 0.0, "lesions": lesions},
+                                 NORMALIZATION, seed=0)
+    segmenting = LesionHealingPairs([volume], {"patch_size": 48, "clean_probability": 0.0, "lesions": lesions,
+                                               "target": "lesion_mask"}, NORMALIZATION, seed=0)
+    for seed in range(3):  # the same draws: the healthy crop from one stream, the mask from the other
+        pair = healing.sample(np.random.default_rng(seed))
+        marked = segmenting.sample(np.random.default_rng(seed))
+        np.testing.assert_array_equal(marked["condition"], pair["condition"])
+        mask = marked["image"].numpy()[0]
+        assert set(np.unique(mask)) == {0.0, 1.0}
+        change_hu = np.abs(pair["condition"] - pair["image"]).numpy()[0] * 1536.0
+        contrast = change_hu.max()
+        assert 95.0 < contrast < 200.5
+        # one lesion, no texture: the change is its soft weight times its contrast, and the mask
+        # is where that weight is at least one half
+        assert change_hu[mask == 1].min() >= 0.5 * contrast - 1.0
+        assert change_hu[mask == 0].max() <= 0.5 * contrast + 1.0
+
+
+def test_segmenter_config_takes_no_healing_settings_and_needs_the_segmentation_objective():
+    from training.trainer import training_objective
+
+    volume = TrainingVolume(data=np.zeros((4, 32, 32), np.float32), region=3, source="x", holdout_start=4)
+    with pytest.raises(ValueError, match="belong to the healing target"):
+        LesionHealingPairs([volume], {"patch_size": 32, "target": "lesion_mask", "residual_scale": 4},
+                           NORMALIZATION)
+    with pytest.raises(ValueError, match="data.target must be one of"):
+        LesionHealingPairs([volume], {"patch_size": 32, "target": "mask"}, NORMALIZATION)
+    with pytest.raises(ValueError, match="segmentation goes with"):
+        training_objective({"data": {"target": "lesion_mask"}, "train": {}})
+    with pytest.raises(ValueError, match="segmentation goes with"):
+        training_objective({"data": {}, "train": {"objective": "segmentation"}})
+    with pytest.raises(ValueError, match="unknown 'dice'"):
+        training_objective({"data": {}, "train": {"objective": "dice"}})
+    assert training_objective({"data": {"target": "lesion_mask"}, "train": {"objective": "segmentation"}}) \
+        == "segmentation"
+
+
+def test_segmentation_loss_is_cross_entropy_plus_dice_at_the_last_step_with_no_noisy_input():
+    from training.trainer import segmentation_loss
+
+    seen = {}
+
+    class Undecided(torch.nn.Module):  # logit 0 everywhere: probability one half
+        def forward(self, x, t, coords=None, condition=None, region=None):
+            seen.update(x=x.clone(), t=t.clone())
+            return torch.zeros_like(x)
+
+    target = torch.zeros((2, 1, 8, 8))
+    target[0, 0, :2, :2] = 1.0  # 4 lesion pixels of 128
+    batch = {"image": target, "condition": torch.randn(2, 1, 8, 8), "coords": torch.zeros(2, 2, 8, 8),
+             "region": torch.zeros(2, dtype=torch.long)}
+    loss = segmentation_loss(Undecided(), batch, torch.device("cpu"), num_steps=1000)
+    assert float(seen["x"].abs().max()) == 0.0 and seen["t"].tolist() == [999, 999]
+    bce = np.log(2.0)
+    dice = 1.0 - (2 * 0.5 * 4 + 1e-5) / (4 + 0.5 * 128 + 1e-5)  # MONAI's soft Dice, batch-wide
+    assert float(loss) == pytest.approx(bce + dice, rel=1e-5)
+
+
+def save_constant_segmenter(folder, logit: float):
+    """A lesion segmenter whose every weight is zero and whose output bias is
+    ``logit``: the same lesion probability, sigmoid(logit), at every pixel."""
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
+    network = DiffusionNetwork(arch)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+        output = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        output.bias.fill_(logit)
+    return save_checkpoint(folder, network, make_card(
+        name="constant-segmenter", modality="CT", architecture=arch, patch_size=[16, 16], objective="segmentation",
+        pixel_spacing_mm=[3.0, 3.0], task="lesion_segmentation",
+        schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+
+
+@pytest.mark.parametrize("logit", [2.0, -2.0])
+def test_segmenter_heatmap_is_its_probability_inside_the_roi(sample_ct, tmp_path, logit):
+    model = save_constant_segmenter(tmp_path / "segmenter", logit)
+    roi = np.zeros(sample_ct.data.shape, dtype=bool)
+    roi[1:4, 20:80, 30:90] = True
+    result = anomaly.detect_anomalies(sample_ct, roi=roi, method="learned", model=str(model), ensemble=2,
+                                      options=RunOptions(seed=0, device="cpu"))
+    probability = 1.0 / (1.0 + np.exp(-logit))  # 0.881 / 0.119: the raw logit, not a noise estimate of it
+    np.testing.assert_allclose(result.heatmap.data[roi], probability, atol=1e-4)
+    assert float(np.abs(result.heatmap.data[~roi]).max()) == 0.0
+    np.testing.assert_array_equal(result.mask.data.astype(bool), roi if logit > 0 else np.zeros_like(roi))
+    assert result.reconstruction is None and result.threshold == 0.5
+    params = result.heatmap.metadata["parameters"]
+    assert params["score"] == "lesion probability" and params["threshold_rule"] == "probability 0.5"
+    assert result.heatmap.metadata["units"] == "lesion probability (0-1)"
+    assert "learned, 2 views" in result.heatmap.name
+    np.testing.assert_allclose(result.heatmap.affine, sample_ct.affine)
+    layers = anomaly.anomaly_layers(result, reconstruction=True)  # no reconstruction to show
+    assert [kind for _, _, kind in layers] == ["image", "labels"]
+
+
+def test_segmenter_refuses_the_healthy_version_settings(sample_ct, tmp_path, capsys):
+    from napari_mediffuse.cli import main
+
+    model = save_constant_segmenter(tmp_path / "segmenter", 2.0)
+    with pytest.raises(TaskInputError, match="no healthy version"):
+        anomaly.detect_anomalies(sample_ct, method="learned", model=str(model), polarity="darker")
+    path = tmp_path / "slab.nii.gz"
+    io.write_nifti(sample_ct, path)
+    heat, rec = tmp_path / "heat.nii.gz", tmp_path / "rec.nii.gz"
+    code = main(["anomaly", str(path), "-o", str(heat), "--reconstruction-out", str(rec), "--method", "learned",
+                 "--model", str(model), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "lesion segmenter" in err and "Traceback" not in err
+    assert not heat.exists() and not rec.exists()
+
+
+def test_level_shift_moves_soft_tissue_only_and_smoothly(sample_ct):
+    from training.healing import shift_soft_tissue
+
+    slice_hu = sample_ct.data[2]
+    shifted = shift_soft_tissue(slice_hu, 40.0, np.random.default_rng(3))
+    change = shifted - slice_hu
+    soft = (slice_hu > -200) & (slice_hu < 300)
+    assert float(np.abs(change[~soft]).max()) == 0.0  # air, lungs and bone keep their HU
+    assert 5.0 < float(np.abs(change[soft]).mean()) < 120.0
+    # organ-scale: neighbouring soft-tissue pixels move alike (a lesion-sized step would be a lesion)
+    both = soft[:, 1:] & soft[:, :-1]
+    assert float(np.abs(np.diff(change, axis=1)[both]).max()) < 10.0

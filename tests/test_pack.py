@@ -111,3 +111,19 @@ def test_a_damaged_pack_or_another_patient_list_is_refused(tmp_path, config):
     config["data"]["packed"] = str(tmp_path / "array.npy")
     with pytest.raises(ConfigError, match="not a training pack"):
         check_pack(config["data"], config["normalization"])
+
+
+def test_a_slice_step_keeps_every_nth_axial_slice_of_single_slice_kinds(tmp_path, config):
+    with pytest.raises(ConfigError, match="only data kinds that train on single axial slices"):
+        write_pack(config, tmp_path / "multi.npz", slice_step=2)  # multi-level slices cut coronal planes too
+    config["data"]["kind"] = "lesion_healing"
+    config["data"].pop("pixel_sizes_mm", None)
+    config["data"].pop("spacing_mm", None)
+    write_pack(config, tmp_path / "every3.npz", slice_step=3)
+    (loaded,) = load_volumes(config["data"], config["normalization"])
+    (packed,) = read_pack(tmp_path / "every3.npz", "train")
+    np.testing.assert_allclose(packed.data, loaded.data[::3], atol=1e-3)
+    # the kept slices are 3 x as far apart; in-plane spacing as loaded
+    assert packed.spacing_mm == pytest.approx((3 * loaded.spacing_mm[0], *loaded.spacing_mm[1:]))
+    with pytest.raises(ConfigError, match="at least 1"):
+        write_pack(config, tmp_path / "none.npz", slice_step=0)

@@ -40,6 +40,17 @@ TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_res
          "lesion_healing", "lesion_segmentation")
 
 
+def task_mismatch(task: str, wanted: str | tuple[str, ...] | None) -> str | None:
+    """None when a checkpoint of ``task`` does for ``wanted`` (a task, several that
+    all do, or None: any); else what was wanted, in words for a message."""
+    if wanted is None:
+        return None
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    if task in wanted:
+        return None
+    return " or ".join(f"a {w!r} model" for w in wanted)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, incompatible or for another task."""
 
@@ -69,11 +80,19 @@ class Checkpoint:
     def normalization(self) -> dict:
         return self.card["normalization"]
 
-    def require(self, *, task: str | None = None, modality: str | None = None) -> "Checkpoint":
-        """Raise :class:`CheckpointError` unless this is for ``task`` / ``modality``."""
+    @property
+    def objective(self) -> str:
+        """What the network was trained to output: ``'diffusion'`` (noise, velocity or
+        sample of its schedule) or ``'segmentation'`` (per-pixel logits,
+        :func:`~.inference.segmentation_logits`)."""
+        return self.card.get("objective", "diffusion")
+
+    def require(self, *, task: str | tuple[str, ...] | None = None, modality: str | None = None) -> "Checkpoint":
+        """Raise :class:`CheckpointError` unless this is for ``task`` (one or
+        several, :func:`task_mismatch`) / ``modality``."""
         where = f"checkpoint {self.name!r}" + (f" ({self.path})" if self.path else "")
-        if task is not None and self.task != task:
-            raise CheckpointError(f"{where} is a {self.task!r} model; this needs a {task!r} model")
+        if (wanted := task_mismatch(self.task, task)) is not None:
+            raise CheckpointError(f"{where} is a {self.task!r} model; this needs {wanted}")
         if modality is not None and self.card.get("modality") not in (modality, "any"):
             raise CheckpointError(
                 f"{where} was trained on {self.card.get('modality')} images; the input is {modality}")
@@ -158,7 +177,7 @@ def read_card(folder) -> dict[str, Any]:
     return card
 
 
-def load_checkpoint(folder, *, task: str | None = None, modality: str | None = None) -> Checkpoint:
+def load_checkpoint(folder, *, task: str | tuple[str, ...] | None = None, modality: str | None = None) -> Checkpoint:
     """Load a checkpoint folder (safetensors + JSON) into a :class:`Checkpoint`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

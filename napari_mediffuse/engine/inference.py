@@ -198,3 +198,23 @@ class NoisePredictor:
             return None
         region = torch.as_tensor(region, device=x_t.device).long()
         return region.expand(x_t.shape[0]) if region.dim() == 0 else region
+
+
+@torch.no_grad()
+def segmentation_logits(predictor: NoisePredictor, condition: torch.Tensor, *, num_train_timesteps: int,
+                        region=None) -> torch.Tensor:
+    """Per-pixel logits (B, 1, *spatial) of a segmentation checkpoint
+    (card ``objective: segmentation``) given its ``condition`` images.
+
+    Such a network is the diffusion network run as an image-to-image model
+    (``training.trainer.segmentation_loss``): its noisy-image input is zero
+    and its step the last one, as in training. ``predictor`` must return the
+    network's raw output (built without a schedule, so nothing converts it to
+    a noise estimate).
+    """
+    if predictor.prediction_type != "epsilon":
+        raise ValueError("segmentation_logits needs a predictor built without a schedule (raw outputs)")
+    n = condition.shape[0]
+    x = torch.zeros((n, predictor.network.image_channels, *condition.shape[2:]), dtype=torch.float32,
+                    device=condition.device)
+    return predictor(x, int(num_train_timesteps) - 1, condition=condition, region=region)

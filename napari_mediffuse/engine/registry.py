@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import CARD_FILE, Checkpoint, CheckpointError, load_checkpoint, read_card
+from .checkpoint import CARD_FILE, Checkpoint, CheckpointError, load_checkpoint, read_card, task_mismatch
 
 ENV_VAR = "MEDIFFUSE_MODELS"
 
@@ -98,7 +98,7 @@ def list_checkpoints(task: str | tuple[str, ...] | None = None,
     return list(found.values())
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike | None = None, *, task: str | None = None,
+def resolve_checkpoint(name_or_path: str | os.PathLike | None = None, *, task: str | tuple[str, ...] | None = None,
                        modality: str | None = None) -> CheckpointInfo:
     """Find a checkpoint by path, by name, or the default one for ``task``.
 
@@ -123,21 +123,22 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None = None, *, task: s
         raise CheckpointError(f"no checkpoint named {str(name_or_path)!r}; {_available(task)}")
     candidates = list_checkpoints(task=task, modality=modality)
     if not candidates:
-        raise CheckpointError(f"no {task or ''} checkpoint{' for ' + modality if modality else ''} found; "
+        kind = task if isinstance(task, str) or task is None else " or ".join(task)
+        raise CheckpointError(f"no {kind or ''} checkpoint{' for ' + modality if modality else ''} found; "
                               f"{_available(task)}")
     return candidates[0]
 
 
-def load(name_or_path=None, *, task: str | None = None, modality: str | None = None) -> Checkpoint:
+def load(name_or_path=None, *, task: str | tuple[str, ...] | None = None, modality: str | None = None) -> Checkpoint:
     """:func:`resolve_checkpoint` then :func:`~.checkpoint.load_checkpoint`."""
     info = resolve_checkpoint(name_or_path, task=task, modality=modality)
     return load_checkpoint(info.path, task=task, modality=modality)
 
 
 def _check(info: CheckpointInfo, task, modality) -> None:
-    if task is not None and info.task != task:
+    if (wanted := task_mismatch(info.task, task)) is not None:
         raise CheckpointError(f"checkpoint {info.name!r} ({info.path}) is a {info.task!r} model; "
-                              f"this needs a {task!r} model")
+                              f"this needs {wanted}")
     if modality is not None and info.modality not in (modality, "any"):
         raise CheckpointError(f"checkpoint {info.name!r} ({info.path}) was trained on {info.modality}; "
                               f"the input is {modality}")

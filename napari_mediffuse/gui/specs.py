@@ -232,14 +232,15 @@ def anomaly_spec() -> TaskSpec:
     from ..tasks.anomaly import detect_anomalies as detect
 
     return TaskSpec(
-        key="anomaly", title="Anomaly", run=_run_anomaly, model_task=("ct_prior", "lesion_healing"),
+        key="anomaly", title="Anomaly", run=_run_anomaly, model_task=("ct_prior", "lesion_healing", "lesion_segmentation"),
         description="Where does the scan depart from healthy anatomy? Heatmap and mask from a healthy "
-                    "version of the scan: the prior's reconstruction (partial diffusion) or a learned "
-                    "lesion-healing model.",
+                    "version of the scan (the prior's reconstruction by partial diffusion), or a learned "
+                    "lesion segmenter's probability.",
         params=[
             Param("method", default(detect, "method"), options={"choices": list(METHODS)},
-                  tooltip="diffusion = partial diffusion with a CT prior; learned = a lesion-healing model "
-                          "(choose one as the model; t, steps and pixel size do not apply)"),
+                  tooltip="diffusion = partial diffusion with a CT prior; learned = a lesion segmenter (or a "
+                          "lesion-healing model) trained on synthetic lesions (choose one as the model; t, "
+                          "steps and pixel size do not apply)"),
             Param("roi", None, label="region", annotation=LABELS_LAYER,
                   options={"none_label": "(body, automatic)"},
                   tooltip="Labels layer restricting the analysis (nonzero = inside); default: the body"),

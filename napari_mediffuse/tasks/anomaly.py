@@ -25,12 +25,15 @@ averaged over ``ensemble`` noise seeds (and over several ``t`` when a list
 is given) to cut variance. A threshold (automatic: a percentile of the heatmap over the
 ROI of the volume, never below a floor; or user-set) gives the binary mask.
 
-``method='learned'`` takes ``x_hat`` from a lesion-healing model instead
-(a ``lesion_healing`` checkpoint: a conditional model of the healthy axial
-slice given the slice, trained on synthetic lesions pasted into healthy CT,
-:mod:`training.healing`): one network evaluation per slice (and per
-``ensemble`` view), no partial diffusion, so ``t``, ``steps``, ``patch_mm``,
-``pixel_mm`` and the 'spread' score do not apply.
+``method='learned'`` uses a model trained on synthetic lesions pasted into
+healthy CT (:mod:`training.healing`) instead of the prior: a *lesion
+segmenter* (a ``lesion_segmentation`` checkpoint), whose per-pixel lesion
+probability, smoothed in the ROI, is the heatmap and whose mask is the
+probability above 0.5 (DRAEM's discriminative half); or a lesion-healing
+model (``lesion_healing``), a conditional model of the healthy axial slice
+given the slice, which takes the place of ``x_hat``. One network evaluation
+per slice (and per ``ensemble`` view), no partial diffusion, so ``t``,
+``steps``, ``patch_mm``, ``pixel_mm`` and the 'spread' score do not apply.
 
 Defaults are those measured best by ``python -m training.evaluate anomaly``
 with the demo prior (docs/evaluation/anomaly.md).
@@ -95,8 +98,13 @@ DEFAULT_POLARITY = "both"
 #: Where the healthy version comes from: the prior's partial diffusion, or a
 #: learned lesion-healing model (module doc).
 METHODS = ("diffusion", "learned")
-#: Checkpoint task of the learned method's models.
+#: Checkpoint tasks of the learned method's models: a lesion segmenter (its
+#: probability is the heatmap) or a lesion-healing model (its healthy version's residual).
 HEALING_TASK = "lesion_healing"
+SEGMENTATION_TASK = "lesion_segmentation"
+LEARNED_TASKS = (SEGMENTATION_TASK, HEALING_TASK)
+#: A segmenter's mask: pixels whose (smoothed) lesion probability is above this.
+SEGMENTATION_THRESHOLD = 0.5
 
 
 @dataclass
@@ -106,12 +114,13 @@ class AnomalyResult:
     Attributes
     ----------
     heatmap : Volume
-        float32 anomaly score (robust z, >= 0), 0 outside the ROI.
+        float32 anomaly score (robust z, >= 0; a lesion segmenter's: its
+        probability, 0-1), 0 outside the ROI.
     mask : Volume
         uint8, 1 where ``heatmap > threshold``.
-    reconstruction : Volume
-        The prior's healthy reconstruction (HU; synthetic), equal to the
-        input outside the ROI.
+    reconstruction : Volume or None
+        The healthy reconstruction (HU; synthetic), equal to the input
+        outside the ROI; None from a lesion segmenter (it gives none).
     roi : Volume
         uint8, the region of interest that was analysed.
     threshold : float
@@ -120,7 +129,7 @@ class AnomalyResult:
 
     heatmap: Volume
     mask: Volume
-    reconstruction: Volume
+    reconstruction: Optional[Volume]
     roi: Volume
     threshold: float
 
@@ -403,7 +412,7 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
 def _detect_learned(volume: Volume, *, roi, ensemble, threshold, percentile, min_threshold, smooth_mm,
                     window_hu, score, patch_mm, plane, region, model, pixel_mm, polarity, match_level,
                     options: RunOptions) -> AnomalyResult:
-    """:func:`detect_anomalies` with a lesion-healing model's healthy version."""
+    """:func:`detect_anomalies` with a lesion segmenter or a lesion-healing model."""
     if plane != "axial":
         raise TaskInputError("the learned anomaly method works on axial slices (the plane it was trained "
                              f"on); got plane {plane!r}")
@@ -416,28 +425,72 @@ def _detect_learned(volume: Volume, *, roi, ensemble, threshold, percentile, min
     if int(ensemble) < 1:
         raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
     check_polarity(polarity)
+    segmenter = is_segmenter(model)
+    if segmenter and (polarity != "both" or match_level):
+        raise TaskInputError("polarity and match_level compare the scan with a healthy version; a lesion "
+                             "segmenter gives no healthy version (use polarity 'both', no match_level)")
     roi_mask = resolve_roi(volume, roi)
     data = np.asarray(volume.data, dtype=np.float32)
     slices = np.flatnonzero(np.any(roi_mask, axis=(1, 2)))
     start = time.perf_counter()
-    estimates, checkpoint, warnings = learned_slices(volume, data, task=HEALING_TASK, label="anomaly detection",
-                                                     model=model, options=options, ensemble=int(ensemble),
-                                                     region=region, indices=slices, message="anomaly (learned)")
-    rec_hu = data.copy()
-    rec_hu[slices] = estimates
-    del estimates
-    rec_hu[~roi_mask] = data[~roi_mask]
+    results, checkpoint, warnings = learned_slices(volume, data, task=LEARNED_TASKS, label="anomaly detection",
+                                                   model=model, options=options, ensemble=int(ensemble),
+                                                   region=region, indices=slices, message="anomaly (learned)")
     seconds = time.perf_counter() - start
     params = dict(method="learned", ensemble=int(ensemble), plane="axial", seed=options.seed,
-                  roi="body (automatic)" if roi is None else "given", score="residual", polarity=polarity,
-                  match_level=bool(match_level), region=region, seconds=round(seconds, 2),
-                  seconds_per_slice=round(seconds / max(len(slices), 1), 3))
-    result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
-                            min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
-                            polarity=polarity, match_level=match_level, plane="axial", params=params,
-                            model_name=checkpoint.name)
-    mark_out_of_domain([result.heatmap, result.mask, result.reconstruction, result.roi], warnings)
+                  roi="body (automatic)" if roi is None else "given",
+                  score="lesion probability" if segmenter else "residual", region=region,
+                  seconds=round(seconds, 2), seconds_per_slice=round(seconds / max(len(slices), 1), 3))
+    if segmenter:
+        probability = np.zeros(data.shape, dtype=np.float32)
+        probability[slices] = results
+        del results
+        result = segmentation_result(volume, probability, roi_mask, threshold=threshold, smooth_mm=smooth_mm,
+                                     params=params, model_name=checkpoint.name)
+    else:
+        rec_hu = data.copy()
+        rec_hu[slices] = results
+        del results
+        rec_hu[~roi_mask] = data[~roi_mask]
+        params.update(polarity=polarity, match_level=bool(match_level))
+        result = anomaly_result(volume, rec_hu, roi_mask, threshold=threshold, percentile=percentile,
+                                min_threshold=min_threshold, smooth_mm=smooth_mm, window_hu=window_hu,
+                                polarity=polarity, match_level=match_level, plane="axial", params=params,
+                                model_name=checkpoint.name)
+    mark_out_of_domain([v for v in (result.heatmap, result.mask, result.reconstruction, result.roi)
+                        if v is not None], warnings)
     return result
+
+
+def is_segmenter(model=None) -> bool:
+    """Whether the learned method's ``model`` (name, folder or None: the
+    installed default) is a lesion segmenter; reads its card only."""
+    from ..engine.checkpoint import read_card
+    from ..engine.registry import resolve_checkpoint
+
+    return read_card(resolve_checkpoint(model, task=LEARNED_TASKS).path).get("objective") == "segmentation"
+
+
+def probability_heatmap(probability: np.ndarray, roi: np.ndarray, spacing, *,
+                        smooth_mm: float = DEFAULT_SMOOTH_MM, plane: str = "axial") -> np.ndarray:
+    """A lesion segmenter's heatmap: its probability (0-1) smoothed in the
+    slice plane inside ``roi`` (Gaussian sigma ``smooth_mm``; 0: as is), 0 outside."""
+    heat = smooth_in_roi(np.asarray(probability, dtype=np.float32), roi, spacing, smooth_mm=smooth_mm, plane=plane)
+    heat[~np.asarray(roi, dtype=bool)] = 0.0
+    return heat
+
+
+def segmentation_result(volume: Volume, probability: np.ndarray, roi: np.ndarray, *,
+                        threshold: Optional[float] = None, smooth_mm: float = DEFAULT_SMOOTH_MM,
+                        params: Optional[dict] = None, model_name: Optional[str] = None) -> AnomalyResult:
+    """Heatmap (smoothed lesion probability), mask and ROI volumes from a
+    segmenter's probability (no healthy reconstruction)."""
+    heat = probability_heatmap(probability, roi, volume.spacing, smooth_mm=smooth_mm)
+    thr = SEGMENTATION_THRESHOLD if threshold is None else float(threshold)
+    params = dict(params or {}, smooth_mm=smooth_mm, threshold=thr,
+                  threshold_rule=f"probability {SEGMENTATION_THRESHOLD:g}" if threshold is None else "user")
+    return _result_volumes(volume, heat, ((heat > thr) & roi).astype(np.uint8), roi, None, params=params,
+                           units="lesion probability (0-1)", model_name=model_name)
 
 
 def cell_phases(shape, spacing, *, plane: str = "axial", cell_mm: float, offset: float = 0.0,
@@ -544,6 +597,16 @@ def anomaly_result(volume: Volume, reconstruction_hu: np.ndarray, roi: np.ndarra
                   threshold=thr, threshold_rule=(f"max(p{percentile:g} over ROI, {min_threshold:g})"
                                                  if auto else "user"),
                   residual_median_hu=median, residual_scale_hu=scale)
+    units = ("robust SD of the reconstruction error"
+             + (f" (1 = {scale:.1f} HU)" if spread_hu is None else " / ensemble spread"))
+    return _result_volumes(volume, heat, mask, roi, reconstruction_hu, params=params, units=units,
+                           model_name=model_name)
+
+
+def _result_volumes(volume: Volume, heat: np.ndarray, mask: np.ndarray, roi: np.ndarray,
+                    reconstruction_hu: Optional[np.ndarray], *, params: dict, units: str,
+                    model_name: Optional[str]) -> AnomalyResult:
+    """The result's volumes on the input's grid, their names tagged with the key parameters."""
     # key parameters in the layer names, so runs with other settings are told apart
     tag = ""
     if "t" in params:
@@ -553,18 +616,20 @@ def anomaly_result(volume: Volume, reconstruction_hu: np.ndarray, roi: np.ndarra
         tag = f" (learned, {params.get('ensemble', 1)} views)"
     heat_vol = result_volume(volume, heat, task="anomaly detection", suffix=f"anomaly heatmap{tag}",
                              params=params, modality="OT", model=model_name)
-    heat_vol.metadata["units"] = ("robust SD of the reconstruction error"
-                                  + (f" (1 = {scale:.1f} HU)" if spread_hu is None else " / ensemble spread"))
+    heat_vol.metadata["units"] = units
     mask_vol = result_volume(volume, mask, task="anomaly detection", suffix=f"anomaly mask{tag}", params=params,
                              modality="OT", model=model_name)
-    rec_data = reconstruction_hu
-    if np.issubdtype(volume.data.dtype, np.integer):
-        rec_data = np.round(reconstruction_hu).astype(np.int32)
-    rec_vol = result_volume(volume, rec_data, task="anomaly detection", suffix=f"healthy reconstruction{tag}",
-                            params=params, synthetic=True, model=model_name)
+    rec_vol = None
+    if reconstruction_hu is not None:
+        rec_data = reconstruction_hu
+        if np.issubdtype(volume.data.dtype, np.integer):
+            rec_data = np.round(reconstruction_hu).astype(np.int32)
+        rec_vol = result_volume(volume, rec_data, task="anomaly detection", suffix=f"healthy reconstruction{tag}",
+                                params=params, synthetic=True, model=model_name)
     roi_vol = result_volume(volume, roi.astype(np.uint8), task="anomaly detection",
                             suffix="anomaly ROI", params=params, modality="OT", model=model_name)
-    return AnomalyResult(heatmap=heat_vol, mask=mask_vol, reconstruction=rec_vol, roi=roi_vol, threshold=thr)
+    return AnomalyResult(heatmap=heat_vol, mask=mask_vol, reconstruction=rec_vol, roi=roi_vol,
+                         threshold=float(params["threshold"]))
 
 
 # -- napari display (Qt-free layer tuples) -------------------------------------------
@@ -605,7 +670,7 @@ def anomaly_layers(result: AnomalyResult, *, reconstruction: bool = False, color
     from ..layers import image_layer_data
 
     layers = []
-    if reconstruction:
+    if reconstruction and result.reconstruction is not None:  # a segmenter gives none
         layers.append(image_layer_data(result.reconstruction, visible=False))
     layers.append(heatmap_layer_data(result.heatmap, threshold=result.threshold, colormap=colormap))
     layers.append(mask_layer_data(result.mask))
@@ -675,6 +740,9 @@ def _run_cli(args) -> int:
         if not io.is_nifti_path(path):
             raise io.WriteError(f"{path}: outputs are NIfTI files (.nii or .nii.gz); nothing was written")
         check_output_free(path, args.overwrite)
+    if args.reconstruction_out and args.method == "learned" and is_segmenter(args.model):
+        raise TaskInputError(f"--reconstruction-out: the model {args.model or '(default)'} is a lesion "
+                             "segmenter, which gives no healthy reconstruction; nothing was written")
     volume = read_single_volume(args.input, series=args.series, modality=args.modality)
     roi = None
     if args.roi:

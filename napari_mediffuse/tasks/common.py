@@ -119,9 +119,11 @@ def load_prior(model, options: RunOptions, *, task: str = "ct_prior", modality: 
 
 
 def predictor_for(checkpoint: Checkpoint, options: RunOptions) -> NoisePredictor:
-    """A loaded checkpoint's network on the run's device, precision and window."""
+    """A loaded checkpoint's network on the run's device, precision and window
+    (a segmentation checkpoint's returns its raw logits: no schedule to convert them by)."""
+    schedule = None if checkpoint.objective == "segmentation" else checkpoint.schedule
     return NoisePredictor(checkpoint.network, device=options.device, precision=options.precision,
-                          window=options.window, schedule=checkpoint.schedule)
+                          window=options.window, schedule=schedule)
 
 
 def slice_offset(volume: Volume, plane: str = "axial") -> int:
@@ -286,17 +288,47 @@ def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Nor
     return norm.inverse(estimate) + (condition_hu - np.clip(condition_hu, low, high))
 
 
-def learned_slices(volume: Volume, data: np.ndarray, *, task: str, label: str, model, options: "RunOptions",
+def lesion_probability(predictor, checkpoint, slice_hu: np.ndarray, norm: "Normalizer", runner, *,
+                       region_class: int, ensemble: int = 1, flips=FLIP_VIEWS[:1]) -> np.ndarray:
+    """A lesion segmenter's probability (float32 in [0, 1], (B, H, W)) that each
+    pixel of a batch of axial slices (HU) is a lesion.
+
+    ``ensemble`` views, each presented through the next of ``flips`` (as
+    :func:`learned_estimate`) and mirrored back, are averaged as
+    probabilities. Deterministic: the network sees no noise.
+    """
+    from ..engine.inference import segmentation_logits
+
+    if int(ensemble) < 1:
+        raise ValueError(f"ensemble must be at least 1, got {ensemble}")
+    condition = norm.forward(slice_hu)
+    regions = torch.full((len(slice_hu),), int(region_class), dtype=torch.long)
+    steps = int(checkpoint.schedule["num_train_timesteps"])
+    total = None
+    for k in range(int(ensemble)):
+        axes = tuple(flips[k % len(flips)])
+        condition_t = runner.tensor(np.flip(condition, axes) if axes else condition)
+        logits = segmentation_logits(predictor, condition_t, num_train_timesteps=steps, region=regions)
+        probability = runner.numpy(torch.sigmoid(logits.float()))
+        probability = np.flip(probability, axes) if axes else probability
+        total = probability if total is None else total + probability
+    return (total / int(ensemble)).astype(np.float32)
+
+
+def learned_slices(volume: Volume, data: np.ndarray, *, task, label: str, model, options: "RunOptions",
                    steps: int = LEARNED_STEPS, ensemble: int = 1, region=None, indices=None,
                    message: str = "learned restoration"):
-    """A learned restoration model's estimate (HU) of axial slices of ``data``.
+    """A learned model's result on axial slices of ``data``: a restoration
+    model's estimate (HU), or a lesion segmenter's probability
+    (:func:`lesion_probability`; card ``objective: segmentation``).
 
-    Loads the ``task`` checkpoint ``model`` (default: the installed one) on
-    the options' device and runs :func:`learned_estimate` on each slice of
-    ``indices`` (default: all), seeded per slice, with the flips the models
-    are trained with; ``label`` names the user's task in the messages. Returns ``(estimates, checkpoint, warnings)``:
-    ``estimates`` is stacked in the order of ``indices``; ``warnings`` are
-    the domain checks of the model's card against ``volume``.
+    Loads the ``task`` checkpoint ``model`` (default: the installed one;
+    ``task`` may name several) on the options' device and runs it on each
+    slice of ``indices`` (default: all), seeded per slice, with the flips the
+    models are trained with (:func:`learned_estimate`); ``label`` names the
+    user's task in the messages. Returns ``(results, checkpoint, warnings)``:
+    ``results`` is stacked in the order of ``indices``; ``warnings`` are the
+    domain checks of the model's card against ``volume``.
     """
     from .domain import check_domain
 
@@ -305,15 +337,19 @@ def learned_slices(volume: Volume, data: np.ndarray, *, task: str, label: str, m
     region_class = region_index(region, checkpoint.card)
     runner = SliceRunner.for_predictor(predictor, options, index_offset=slice_offset(volume))
     warnings = check_domain(checkpoint.card, volume, task=label, region=region)
+    segmenter = checkpoint.objective == "segmentation"
 
     def restore(index, noise, progress):
+        if segmenter:
+            return lesion_probability(predictor, checkpoint, data[index], norm, runner, region_class=region_class,
+                                      ensemble=ensemble, flips=FLIP_VIEWS)
         return learned_estimate(predictor, checkpoint, data[index], norm, runner, region_class=region_class,
                                 noise=noise, steps=steps, ensemble=ensemble, flips=FLIP_VIEWS,
                                 progress=progress, cancel=options.cancel)
 
     indices = range(data.shape[0]) if indices is None else indices
-    estimates = runner.run(indices, restore, cost=steps * ensemble, message=message)
-    return estimates.astype(np.float32, copy=False), checkpoint, warnings
+    results = runner.run(indices, restore, cost=(1 if segmenter else steps) * ensemble, message=message)
+    return results.astype(np.float32, copy=False), checkpoint, warnings
 
 
 def result_volume(source: Volume, data: np.ndarray, *, task: str, suffix: str, params: dict,

@@ -324,11 +324,12 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
 # -- metrics ----------------------------------------------------------------------
 
 def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percentile: float,
-               min_threshold: float) -> dict:
+               min_threshold: float, threshold: float | None = None) -> dict:
     """All metrics of one heatmap of a case (S, H, W).
 
     The automatic threshold is :func:`napari_mediffuse.tasks.anomaly.auto_threshold`
-    over the ROI of all evaluated slices. ``image_auroc`` is ``nan`` when
+    over the ROI of all evaluated slices, or ``threshold`` where the method
+    fixes one (a lesion segmenter's probability 0.5, as the task's). ``image_auroc`` is ``nan`` when
     every slice (or none) has a tumour.
     """
     from napari_mediffuse.tasks.anomaly import auto_threshold
@@ -338,7 +339,8 @@ def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percenti
     has = roi.any(axis=(1, 2))
     slice_scores = _slice_max(heat[has], roi[has])
     slice_labels = truth[has].any(axis=(1, 2))
-    threshold = auto_threshold(heat, roi, percentile=percentile, minimum=min_threshold)
+    if threshold is None:
+        threshold = auto_threshold(heat, roi, percentile=percentile, minimum=min_threshold)
     mask = (heat > threshold) & roi
     comps = slice_components(truth)
     bd, bt = best_dice(heat[roi], truth[roi])
@@ -399,7 +401,8 @@ def roi_level_heatmap(image_hu: np.ndarray, roi: np.ndarray, spacing, *, polarit
 def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     """Metrics per method (diffusion configurations and the baseline) and the
     maps for the picture: ``(results, maps)``."""
-    from napari_mediffuse.tasks.anomaly import healthy_reconstruction, level_matched
+    from napari_mediffuse.tasks.anomaly import (SEGMENTATION_THRESHOLD, healthy_reconstruction, level_matched,
+                                                probability_heatmap)
     from napari_mediffuse.tasks.common import RunOptions
 
     options = RunOptions(device=args.device, seed=args.seed, batch_size=args.batch_size,
@@ -437,7 +440,13 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                         + (" offset-corrected" if corrected else "") + suffix)
                 results[name] = score_case(heat, case.roi, case.truth, **thr)
                 maps[name] = (heat, rec)
-        if learned is not None:
+        if learned is not None and case.extra["learned_kind"] == "segmenter":
+            # the task's heatmap and mask: smoothed probability, cut at 0.5
+            heat = probability_heatmap(learned, case.roi, case.spacing, smooth_mm=smooth_mm)
+            results["learned segmenter" + suffix] = score_case(heat, case.roi, case.truth, **thr,
+                                                               threshold=SEGMENTATION_THRESHOLD)
+            maps["learned segmenter" + suffix] = (heat, None)
+        elif learned is not None:
             heat, rec = diffusion_heatmap(case.image, [(learned, None)], case.roi, case.spacing, score="residual",
                                           polarity=args.polarity, smooth_mm=smooth_mm, window_hu=window)
             name = "learned" + ("" if args.polarity == "both" else f" {args.polarity}") + suffix
@@ -456,20 +465,22 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
 
 
 def learned_reconstruction(case: Case, volume, args, options) -> np.ndarray:
-    """The lesion-healing model's healthy version of the case's slices (HU),
-    the task's ``method='learned'`` (its axial slices; ``--ensemble`` views)."""
+    """The task's ``method='learned'`` on the case's slices (axial; ``--ensemble``
+    views): a lesion segmenter's probability, or a lesion-healing model's
+    healthy version (HU); ``case.extra['learned_kind']`` says which."""
     from napari_mediffuse.engine.checkpoint import read_card
     from napari_mediffuse.engine.registry import resolve_checkpoint
-    from napari_mediffuse.tasks.anomaly import HEALING_TASK
+    from napari_mediffuse.tasks.anomaly import LEARNED_TASKS
     from napari_mediffuse.tasks.common import learned_slices
 
-    region = _region_for(read_card(resolve_checkpoint(args.learned_model, task=HEALING_TASK).path), case.region)
+    region = _region_for(read_card(resolve_checkpoint(args.learned_model, task=LEARNED_TASKS).path), case.region)
     start = time.perf_counter()
     data = np.asarray(volume.data, dtype=np.float32)
-    rec, checkpoint, _ = learned_slices(volume, data, task=HEALING_TASK, label="anomaly evaluation",
+    rec, checkpoint, _ = learned_slices(volume, data, task=LEARNED_TASKS, label="anomaly evaluation",
                                         model=args.learned_model, options=options,
                                         ensemble=args.learned_ensemble, region=region,
                                         message="anomaly (learned)")
+    case.extra["learned_kind"] = "segmenter" if checkpoint.objective == "segmentation" else "healing"
     case.extra["learned_model"] = checkpoint.name
     case.extra["learned_region"] = region or "model's default"
     case.extra["learned_seconds_per_slice"] = round((time.perf_counter() - start) / len(data), 3)
@@ -536,7 +547,7 @@ def run(args) -> dict:
     table = markdown_table(report)
     (out / f"{stem}_table.md").write_text(table + "\n")
     print(table)
-    save_figure(out / f"{stem}.png", figure, percentile=args.percentile, min_threshold=args.min_threshold)
+    save_figure(out / f"{stem}.png", figure)
     return report
 
 
@@ -587,22 +598,24 @@ def _crop_box(truth2d: np.ndarray, size: int):
     return slice(y0, y0 + size), slice(x0, x0 + size)
 
 
-def save_figure(path, figure, *, percentile: float, min_threshold: float, rows_per_case: int = 2,
+def save_figure(path, figure, *, rows_per_case: int = 2,
                 crop_px: int = 192, tile: int = 224):
     """Per case the slices with the largest tumour area: CT (truth in blue,
-    ROI in yellow), healthy reconstruction, diffusion heatmap and mask, baseline
-    heatmap and mask (green = hit, red = false positive, blue = missed edge)."""
+    ROI in yellow), healthy reconstruction (the CT again for a lesion
+    segmenter, which gives none), model heatmap and mask, baseline heatmap and
+    mask (green = hit, red = false positive, blue = missed edge); masks at
+    the thresholds the metrics used."""
     from PIL import Image, ImageDraw
-
-    from napari_mediffuse.tasks.anomaly import auto_threshold
 
     rows, row_titles = [], []
     for case, results, maps in figure:
         label = best_diffusion(results)
         d_map, d_rec = maps[label]
-        b_map, _ = maps[matching_baseline(label, maps)]
-        thr_d = auto_threshold(d_map, case.roi, percentile=percentile, minimum=min_threshold)
-        thr_b = auto_threshold(b_map, case.roi, percentile=percentile, minimum=min_threshold)
+        if d_rec is None:
+            d_rec = case.image
+        baseline = matching_baseline(label, maps)
+        b_map, _ = maps[baseline]
+        thr_d, thr_b = results[label]["threshold"], results[baseline]["threshold"]
         area = case.truth.sum(axis=(1, 2))
         for k in np.argsort(area)[::-1][:rows_per_case]:
             box = _crop_box(case.truth[k], crop_px)
@@ -683,7 +696,7 @@ def add_command(subparsers) -> None:
                         "instead of whole slices (the task's --window)")
     add_heatmap_options(p, threads=1)
     p.add_argument("--learned-model", default=None,
-                   help="also score a lesion-healing model (the task's --method learned): checkpoint name or "
+                   help="also score a lesion segmenter or lesion-healing model (the task's --method learned): checkpoint name or "
                         "folder")
     p.add_argument("--learned-ensemble", type=int, default=2,
                    help="views averaged by the learned model (the task's --ensemble; default %(default)s)")
