@@ -14,7 +14,7 @@ Each measurement runs in a fresh process, so ``ru_maxrss`` is its own:
   ``2 x`` that many thick slices, factor 2), with the bundled demo models and
   the task's defaults, on ``--device``; seconds per 512 x 512 input slice,
   after one warm-up call of the network. The peak memory of that run is the
-  network's working memory on real slices (a batch of 4).
+  network's working memory on real slices (a batch of ``--batch-size``, default 4).
 * **memory**: the task on the whole ``512 x 512 x --slices`` volume with the
   network on PyTorch's ``meta`` device (shapes, no arithmetic), so everything
   the task holds besides the network's activations (the volume, its
@@ -52,7 +52,7 @@ from napari_mediffuse.engine.devices import describe_device, select_device
 from napari_mediffuse.tasks import anomaly, denoise, inpaint, superres, translate
 from napari_mediffuse.tasks.common import RunOptions
 
-task, mode, device, n_slices, time_slices, chest, fallback = sys.argv[1:8]
+task, mode, device, n_slices, time_slices, chest, fallback, batch = sys.argv[1:9]
 n_slices, time_slices = int(n_slices), int(time_slices)
 
 def clinical_ct(n):
@@ -80,11 +80,11 @@ if mode == "time":
     n = 2 * time_slices if task.startswith("sr") else time_slices
     full = clinical_ct(start_slice + n)
     volume = full.slab(start_slice, start_slice + n)
-    options = RunOptions(device=device, batch_size=4, seed=0)
+    options = RunOptions(device=device, batch_size=int(batch), seed=0)
     dev = select_device(device)
 else:
     volume = clinical_ct(n_slices)
-    options = RunOptions(device=torch.device("meta"), batch_size=4, seed=0)
+    options = RunOptions(device=torch.device("meta"), batch_size=int(batch), seed=0)
     dev = torch.device("meta")
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 mask = np.zeros(volume.data.shape, bool)
@@ -128,7 +128,7 @@ print(json.dumps({"task": task, "mode": mode, "slices": int(volume.data.shape[0]
 
 def measure(task: str, mode: str, args) -> dict:
     cmd = [sys.executable, "-c", CHILD, task, mode, args.device, str(args.slices), str(args.time_slices),
-           str(args.ct), "1" if args.ct == str(CHEST) else "0"]
+           str(args.ct), "1" if args.ct == str(CHEST) else "0", str(args.batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--time-slices", type=int, default=2, help="slices of the timing run (at least 2)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--out", default=None, help="Markdown table (and .json beside it)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="slices (super-resolution: planes) a network call takes (default %(default)s)")
     parser.add_argument("--skip", choices=["time", "memory"], help="leave out one of the two measurements")
     args = parser.parse_args(argv)
     if args.time_slices < 2:
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         f"# Task benchmark: seconds per 512 x 512 slice and peak memory",
         "",
         f"`{command.strip()}` on {device}; {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}. Bundled demo models, task defaults, batch 4.",
+        f"Python {platform.python_version()}. Bundled demo models, task defaults, batch {args.batch_size}.",
         "",
         f"| task | s / slice ({device}) | peak RSS, {args.time_slices}-slice run (MB) | "
         f"peak RSS, 512x512x{args.slices} with the network on meta (MB) | estimated full CPU run (MB) |",

@@ -366,3 +366,30 @@ def test_level_shift_moves_soft_tissue_only_and_smoothly(sample_ct):
     # organ-scale: neighbouring soft-tissue pixels move alike (a lesion-sized step would be a lesion)
     both = soft[:, 1:] & soft[:, :-1]
     assert float(np.abs(np.diff(change, axis=1)[both]).max()) < 10.0
+
+
+def save_random_segmenter(folder, seed: int = 0):
+    """A tiny randomly initialised lesion segmenter (placement and invariance tests, not a useful model)."""
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    torch.manual_seed(seed)
+    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
+    return save_checkpoint(folder, DiffusionNetwork(arch), make_card(
+        name="random-segmenter", modality="CT", architecture=arch, patch_size=[16, 16], objective="segmentation",
+        pixel_spacing_mm=[3.0, 3.0], task="lesion_segmentation",
+        schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+
+
+def test_segmenter_runs_with_the_network_on_another_device_and_at_any_batch_size(sample_ct, tmp_path):
+    # on 'meta' a tensor left on the CPU meets the network and raises (tests/test_task_runs.py)
+    model = str(save_random_segmenter(tmp_path / "segmenter"))
+    meta = anomaly.detect_anomalies(sample_ct, method="learned", model=model, ensemble=2,
+                                    options=RunOptions(device=torch.device("meta"), batch_size=2))
+    assert meta.heatmap.data.shape == sample_ct.data.shape
+    one, four = (anomaly.detect_anomalies(sample_ct, method="learned", model=model, ensemble=4, smooth_mm=0.0,
+                                          options=RunOptions(device="cpu", batch_size=b)).heatmap.data
+                 for b in (1, 4))
+    roi = anomaly.resolve_roi(sample_ct, None)
+    assert 0.0 < float(one[roi].min()) and float(one[roi].max()) < 1.0  # probabilities, not clipped
+    np.testing.assert_allclose(one, four, atol=1e-5)

@@ -52,3 +52,19 @@ def test_training_steps_on_cuda(tmp_path):
     ema = train(config, tmp_path / "run", device="cuda", max_steps=3)
     losses = [row["loss"] for row in read_log(tmp_path / "run") if "loss" in row]
     assert ema.exists() and losses and np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_lesion_segmenter_on_cuda_matches_the_cpu(precision, ct_crop, tmp_path):  # noqa: F811
+    from napari_mediffuse.tasks import anomaly
+
+    from test_anomaly_learned import save_random_segmenter
+
+    model = str(save_random_segmenter(tmp_path / "segmenter"))
+    cpu, gpu = (anomaly.detect_anomalies(ct_crop, method="learned", model=model, ensemble=2, smooth_mm=0.0,
+                                         options=options).heatmap.data
+                for options in (RunOptions(device="cpu", seed=1),
+                                RunOptions(device="cuda", precision=precision, seed=1)))
+    assert np.isfinite(gpu).all()
+    # probabilities; fp32 convolutions may run in TF32 on the GPU (PyTorch's default for cuDNN)
+    assert np.abs(gpu - cpu).max() < (2e-3 if precision == "fp32" else 0.02)
