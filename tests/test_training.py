@@ -84,6 +84,15 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
     png = loss_curve(tmp_path / "run", tmp_path / "loss.png", width=300, height=200)
     assert Image.open(png).size == (300, 200)
 
+    # export states the regions its evaluation found it good for; an unknown region is refused
+    from training.__main__ import main
+
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "export"), "--regions", "chest",
+                 "--skip-evaluation"]) == 0
+    assert load_checkpoint(tmp_path / "export").card["domain"]["regions"] == ["chest"]
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "bad"), "--regions", "thorax"]) == 2
+    assert not (tmp_path / "bad").exists()
+
     # resume continues the step count rather than starting again
     tiny_config["train"]["max_steps"] = 8
     train(tiny_config, tmp_path / "run", resume=True, device="cpu")

@@ -77,6 +77,14 @@ def _cmd_export(args) -> int:
 
     for key, value in card_domain(config).items():  # runs exported before the card had it
         card.setdefault(key, value)
+    if args.regions:  # where its evaluation showed it works: the tasks warn elsewhere (tasks.domain)
+        from napari_mediffuse.engine.networks import REGIONS
+
+        unknown = sorted(set(args.regions) - set(REGIONS))
+        if unknown:
+            print(f"error: --regions: unknown {', '.join(unknown)}; known: {', '.join(REGIONS)}", file=sys.stderr)
+            return 2
+        card["domain"] = dict(card.get("domain") or {}, regions=list(args.regions))
     dtype = torch.float16 if args.fp16 else torch.float32
     save_checkpoint(args.output, checkpoint.network, card, dtype=dtype, overwrite=args.overwrite)
     print(json.dumps(card["metrics"], indent=2))
@@ -142,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-evaluation", action="store_true")
+    p.add_argument("--regions", nargs="+", metavar="REGION",
+                   help="the body regions the card states the model is for (its evaluation's verdict; "
+                        "default: every region it trained on); the tasks warn on scans of others")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate-prior", help="one-step denoising PSNR of a CT prior on held-out slices")
