@@ -58,6 +58,11 @@ def test_training_runs_from_a_pack_when_the_scans_are_gone(tmp_path, config, sca
     train(config, tmp_path / "run", device="cpu", max_steps=2, command="pytest")
     losses = [r["loss"] for r in read_log(tmp_path / "run") if "loss" in r]
     assert len(losses) == 2 and np.isfinite(losses).all()
+    from napari_mediffuse.engine.checkpoint import read_card
+
+    # the card says the model trained from a pack, and that the pack kept every slice
+    assert read_card(tmp_path / "run" / "ema")["training"]["packed"] == {"path": str(tmp_path / "pack.npz"),
+                                                                        "slice_step": 1}
 
 
 def test_a_pack_made_with_other_data_settings_is_refused(tmp_path, config):

@@ -63,7 +63,8 @@ def write_pack(config: dict, path, *, slice_step: int = 1) -> dict:
         raise ConfigError(f"--slice-step: only data kinds that train on single axial slices "
                           f"({', '.join(AXIAL_KINDS)}) may drop slices, not {data_config.get('kind', 'multi-level')!r}")
     patients = check_data_config(data_config)
-    meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {}}
+    meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {},
+            "slice_step": slice_step}
     arrays = {}
     for split in SPLITS:
         if not data_config.get(split):

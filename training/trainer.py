@@ -572,6 +572,10 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
         extra["default"] = True
     if training_objective(config) != "diffusion":  # what the network's output means (engine.sampling)
         extra["objective"] = training_objective(config)
+    if data.get("packed"):  # trained from a pack: which, and whether it kept every axial slice
+        from .pack import read_pack_meta
+
+        packed = {"path": str(data["packed"]), "slice_step": int(read_pack_meta(data["packed"]).get("slice_step", 1))}
     if data.get("residual_scale"):  # a restoration model generating s (target - condition)
         extra["residual_scale"] = float(data["residual_scale"])
     card = make_card(
@@ -596,6 +600,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
             "torch": torch.__version__,
             **({"init_from": init_from} if init_from else {}),
             **({"mr_target": data["mr_target"]} if data.get("mr_target") else {}),
+            **({"packed": packed} if data.get("packed") else {}),
         },
         metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},
         summary=config.get("summary", ""),
