@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                         help="slices (super-resolution: planes) a network call takes (default %(default)s)")
     parser.add_argument("--skip", choices=["time", "memory"], help="leave out one of the two measurements")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.time_slices < 2:
         parser.error("--time-slices must be at least 2 (the tasks need a volume)")
 
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     device = next((r["time"].get("device") for r in rows if "device" in r["time"]), args.device)
     command = "python benchmarks/bench_tasks.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        f"# Task benchmark: seconds per 512 x 512 slice and peak memory",
+        "# Task benchmark: seconds per 512 x 512 slice and peak memory",
         "",
         f"`{command.strip()}` on {device}; {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}. Bundled demo models, task defaults, batch {args.batch_size}.",

@@ -13,6 +13,7 @@ budget=${1:-520}
 config=${2:-}
 pack=${3:-}
 start=$SECONDS
+if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ] && [ -z "$config" ]; then echo "DEVICE_TRAIN_ONLY=1 needs CONFIG and PACK"; exit 2; fi
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }

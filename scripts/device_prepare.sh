@@ -17,8 +17,8 @@
 #
 # DEVICE_TRAIN_ONLY=1 (for a call that only trains, DEVICE_TRAIN_ONLY=1 on device_check.sh too):
 # every bundled model moves except the config's train.init_from, and the pack keeps every
-# PACK_SLICE_STEP-th axial slice (default 4; kinds trained on single axial slices) so a
-# native-resolution dataset fits.
+# PACK_SLICE_STEP-th axial slice (default 4) where the data kind trains on single axial slices
+# (training.pack.AXIAL_KINDS), so a native-resolution dataset fits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STASH=${MEDIFFUSE_DEVICE_STASH:-/tmp/mediffuse-device-stash}
@@ -49,11 +49,13 @@ fi
 mkdir -p "$STASH"
 move() { for f in "$@"; do [ -e "$f" ] || continue; mkdir -p "$STASH/$(dirname "$f")"; mv "$f" "$STASH/$f"; done; }
 move $(git ls-files docs)
-if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ] && [ -n "${1:-}" ]; then
-    keep=$(python3 -c "import sys; from training.trainer import load_config; \
-print(load_config(sys.argv[1])['train'].get('init_from') or '')" "$1")
-    MODELS=$(ls napari_mediffuse/data/models | while read -r m; do
-        [ "napari_mediffuse/data/models/$m" = "$keep" ] || echo "$m"; done)
+if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ]; then
+    [ -n "${1:-}" ] || { echo "DEVICE_TRAIN_ONLY=1 needs a CONFIG"; exit 2; }
+    # every bundled model but the one train.init_from names (a folder, or a bundled model's name)
+    keep=$(python3 -c "import sys; from pathlib import Path; from training.trainer import load_config; \
+i = load_config(sys.argv[1])['train'].get('init_from') or ''; \
+print(Path(i).resolve().name if Path(i).is_dir() else i)" "$1")
+    MODELS=$(ls napari_mediffuse/data/models | while read -r m; do [ "$m" = "$keep" ] || echo "$m"; done)
 fi
 for m in $MODELS; do move $(git ls-files "napari_mediffuse/data/models/$m"); done
 
@@ -69,7 +71,11 @@ if [ -f "$chest" ] && [ "${DEVICE_TRAIN_ONLY:-0}" != 1 ]; then
 fi
 # a training config's volumes, loaded here, for a run there (the data does not travel)
 pack_args=()
-[ "${DEVICE_TRAIN_ONLY:-0}" = 1 ] && pack_args=(--slice-step "${PACK_SLICE_STEP:-4}")
+if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ]; then  # every 4th axial slice where the data kind allows it
+    axial=$(python3 -c "import sys; from training.pack import AXIAL_KINDS; from training.trainer import load_config; \
+print(int(load_config(sys.argv[1])['data'].get('kind') in AXIAL_KINDS))" "$1")
+    [ "$axial" = 1 ] && pack_args=(--slice-step "${PACK_SLICE_STEP:-4}")
+fi
 if [ -n "${1:-}" ]; then python3 -m training pack --config "$1" --output .gpu/pack.npz "${pack_args[@]}"; fi
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086

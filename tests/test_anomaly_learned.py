@@ -157,7 +157,7 @@ def test_learned_method_maps_where_the_scan_departs_from_the_healed_version(samp
         return healthy[list(indices)] + 0.0, checkpoint, []
 
     monkeypatch.setattr(anomaly, "learned_slices", healer)
-    monkeypatch.setattr(anomaly, "is_segmenter", lambda model: False)  # the stand-in is a healer
+    monkeypatch.setattr(anomaly, "learned_model", lambda model: (model, False))  # the stand-in heals
     result = anomaly.detect_anomalies(scan, roi=roi, method="learned", smooth_mm=1.0, options=RunOptions(seed=0))
     assert seen["indices"] == [2, 3, 4]  # only the ROI's slices are healed
     flagged = result.mask.data.astype(bool)
@@ -267,14 +267,17 @@ def test_segmenter_config_takes_no_healing_settings_and_needs_the_segmentation_o
                            NORMALIZATION)
     with pytest.raises(ValueError, match="data.target must be one of"):
         LesionHealingPairs([volume], {"patch_size": 32, "target": "mask"}, NORMALIZATION)
-    with pytest.raises(ValueError, match="segmentation goes with"):
-        training_objective({"data": {"target": "lesion_mask"}, "train": {}})
-    with pytest.raises(ValueError, match="segmentation goes with"):
-        training_objective({"data": {}, "train": {"objective": "segmentation"}})
+    segmenter = {"task": "lesion_segmentation", "data": {"kind": "lesion_healing", "target": "lesion_mask"},
+                 "train": {"objective": "segmentation"}}
+    assert training_objective(segmenter) == "segmentation"
+    for config in ({**segmenter, "train": {}},                                    # the healing objective
+                   {**segmenter, "task": "lesion_healing"},                        # a card another task
+                   {**segmenter, "data": {"target": "lesion_mask"}},               # CT slices as masks
+                   {"task": "ct_prior", "data": {}, "train": {"objective": "segmentation"}}):
+        with pytest.raises(ValueError, match="segmentation goes with"):
+            training_objective(config)
     with pytest.raises(ValueError, match="unknown 'dice'"):
         training_objective({"data": {}, "train": {"objective": "dice"}})
-    assert training_objective({"data": {"target": "lesion_mask"}, "train": {"objective": "segmentation"}}) \
-        == "segmentation"
 
 
 def test_segmentation_loss_is_cross_entropy_plus_dice_at_the_last_step_with_no_noisy_input():
@@ -298,23 +301,33 @@ def test_segmentation_loss_is_cross_entropy_plus_dice_at_the_last_step_with_no_n
     assert float(loss) == pytest.approx(bce + dice, rel=1e-5)
 
 
+def save_segmenter(folder, network, name="segmenter"):
+    """``network`` (the tiny architecture with one condition channel) saved as a lesion segmenter."""
+    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+
+    return save_checkpoint(folder, network, make_card(
+        name=name, modality="CT", architecture=network.config, patch_size=[16, 16], objective="segmentation",
+        pixel_spacing_mm=[3.0, 3.0], task="lesion_segmentation",
+        schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+
+
+def tiny_segmenter_network(seed: int = 0):
+    from napari_mediffuse.engine.networks import DiffusionNetwork
+
+    torch.manual_seed(seed)
+    return DiffusionNetwork(dict(TINY_ARCHITECTURE, condition_channels=1))
+
+
 def save_constant_segmenter(folder, logit: float):
     """A lesion segmenter whose every weight is zero and whose output bias is
     ``logit``: the same lesion probability, sigmoid(logit), at every pixel."""
-    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
-    from napari_mediffuse.engine.networks import DiffusionNetwork
-
-    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
-    network = DiffusionNetwork(arch)
+    network = tiny_segmenter_network()
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.zero_()
         output = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         output.bias.fill_(logit)
-    return save_checkpoint(folder, network, make_card(
-        name="constant-segmenter", modality="CT", architecture=arch, patch_size=[16, 16], objective="segmentation",
-        pixel_spacing_mm=[3.0, 3.0], task="lesion_segmentation",
-        schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+    return save_segmenter(folder, network, name="constant-segmenter")
 
 
 @pytest.mark.parametrize("logit", [2.0, -2.0])
@@ -330,7 +343,8 @@ def test_segmenter_heatmap_is_its_probability_inside_the_roi(sample_ct, tmp_path
     np.testing.assert_array_equal(result.mask.data.astype(bool), roi if logit > 0 else np.zeros_like(roi))
     assert result.reconstruction is None and result.threshold == 0.5
     params = result.heatmap.metadata["parameters"]
-    assert params["score"] == "lesion probability" and params["threshold_rule"] == "probability 0.5"
+    assert params["score"] == "lesion probability"
+    assert params["threshold_rule"] == "unsmoothed probability 0.5"
     assert result.heatmap.metadata["units"] == "lesion probability (0-1)"
     assert "learned, 2 views" in result.heatmap.name
     np.testing.assert_allclose(result.heatmap.affine, sample_ct.affine)
@@ -370,15 +384,7 @@ def test_level_shift_moves_soft_tissue_only_and_smoothly(sample_ct):
 
 def save_random_segmenter(folder, seed: int = 0):
     """A tiny randomly initialised lesion segmenter (placement and invariance tests, not a useful model)."""
-    from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
-    from napari_mediffuse.engine.networks import DiffusionNetwork
-
-    torch.manual_seed(seed)
-    arch = dict(TINY_ARCHITECTURE, condition_channels=1)
-    return save_checkpoint(folder, DiffusionNetwork(arch), make_card(
-        name="random-segmenter", modality="CT", architecture=arch, patch_size=[16, 16], objective="segmentation",
-        pixel_spacing_mm=[3.0, 3.0], task="lesion_segmentation",
-        schedule={"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+    return save_segmenter(folder, tiny_segmenter_network(seed), name="random-segmenter")
 
 
 def test_segmenter_runs_with_the_network_on_another_device_and_at_any_batch_size(sample_ct, tmp_path):
@@ -393,3 +399,77 @@ def test_segmenter_runs_with_the_network_on_another_device_and_at_any_batch_size
     roi = anomaly.resolve_roi(sample_ct, None)
     assert 0.0 < float(one[roi].min()) and float(one[roi].max()) < 1.0  # probabilities, not clipped
     np.testing.assert_allclose(one, four, atol=1e-5)
+
+
+def test_segmentation_logits_feed_a_zero_image_at_the_last_step_and_return_the_raw_output():
+    from napari_mediffuse.engine.inference import NoisePredictor, segmentation_logits
+
+    network = tiny_segmenter_network()
+    seen = {}
+    forward = network.forward
+
+    def spy(x, t, **kwargs):
+        seen.update(x=x.clone(), t=torch.as_tensor(t).clone())
+        out = forward(x, t, **kwargs)
+        seen["out"] = out.clone()
+        return out
+
+    network.forward = spy
+    condition = torch.randn(2, 1, 16, 16)
+    logits = segmentation_logits(NoisePredictor(network, device="cpu"), condition, num_train_timesteps=1000,
+                                 region=torch.zeros(2, dtype=torch.long))
+    assert float(seen["x"].abs().max()) == 0.0 and set(seen["t"].reshape(-1).tolist()) == {999}
+    torch.testing.assert_close(logits, seen["out"])  # as the network gave it: no conversion to noise
+    with pytest.raises(ValueError, match="without a schedule"):
+        segmentation_logits(NoisePredictor(network, device="cpu", schedule={"prediction_type": "epsilon"}),
+                            condition, num_train_timesteps=1000)
+
+
+def test_segmenter_views_are_mirrored_back_onto_the_scan(sample_ct, monkeypatch, tmp_path):
+    # a stand-in segmenter that flags bright pixels: whatever view it sees, the probability must
+    # come back where the bright pixels are in the scan
+    import napari_mediffuse.engine.inference as inference
+
+    monkeypatch.setattr(inference, "segmentation_logits",
+                        lambda predictor, condition, **kw: 200.0 * (condition - 0.0))  # > 0 above 512 HU
+    scan = sample_ct.with_data(np.full(sample_ct.data.shape, 40.0, dtype=np.float32))
+    scan.data[2, 10:14, 70:80] = 1500.0  # a bright bar off every axis of symmetry
+    roi = np.ones(scan.data.shape, dtype=bool)
+    model = str(save_constant_segmenter(tmp_path / "segmenter", 0.0))  # its network is replaced above
+    for ensemble in (1, 2, 4):  # as is, mirrored left-right, upside down, both
+        result = anomaly.detect_anomalies(scan, roi=roi, method="learned", model=model, ensemble=ensemble,
+                                          smooth_mm=0.0, options=RunOptions(device="cpu"))
+        np.testing.assert_array_equal(result.mask.data.astype(bool), scan.data > 1000.0)
+
+
+def test_a_segmenter_threshold_is_a_probability(sample_ct, tmp_path):
+    model = str(save_constant_segmenter(tmp_path / "segmenter", 2.0))
+    for threshold in (0.0, 1.0, 3.5):
+        with pytest.raises(TaskInputError, match="probability in"):
+            anomaly.detect_anomalies(sample_ct, method="learned", model=model, threshold=threshold)
+
+
+def test_the_default_learned_model_is_a_segmenter_before_a_healer(tmp_path, monkeypatch):
+    from napari_mediffuse.engine import registry
+
+    save_zero_healer(tmp_path / "a-healer")  # sorts before the segmenter by name
+    save_constant_segmenter(tmp_path / "b-segmenter", 1.0)
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(registry, "bundled_models_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(registry, "user_models_dir", lambda: tmp_path / "none")
+    folder, segmenter = anomaly.learned_model(None)
+    assert segmenter and Path(folder).name == "b-segmenter"
+
+
+def test_a_card_whose_task_and_objective_disagree_is_refused(tmp_path):
+    import json
+
+    from napari_mediffuse.engine.checkpoint import CARD_FILE, CheckpointError, read_card
+
+    folder = save_constant_segmenter(tmp_path / "segmenter", 1.0)
+    card = json.loads((folder / CARD_FILE).read_text())
+    for change in ({"objective": None}, {"objective": "regression"}, {"task": "lesion_healing"}):
+        broken = {k: v for k, v in {**card, **change}.items() if v is not None}
+        (folder / CARD_FILE).write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match="objective"):
+            read_card(folder)

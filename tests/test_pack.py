@@ -124,11 +124,17 @@ def test_a_slice_step_keeps_every_nth_axial_slice_of_single_slice_kinds(tmp_path
     config["data"]["kind"] = "lesion_healing"
     config["data"].pop("pixel_sizes_mm", None)
     config["data"].pop("spacing_mm", None)
-    write_pack(config, tmp_path / "every3.npz", slice_step=3)
+    write_pack(config, tmp_path / "every4.npz", slice_step=4)
     (loaded,) = load_volumes(config["data"], config["normalization"])
-    (packed,) = read_pack(tmp_path / "every3.npz", "train")
-    np.testing.assert_allclose(packed.data, loaded.data[::3], atol=1e-3)
-    # the kept slices are 3 x as far apart; in-plane spacing as loaded
-    assert packed.spacing_mm == pytest.approx((3 * loaded.spacing_mm[0], *loaded.spacing_mm[1:]))
+    (packed,) = read_pack(tmp_path / "every4.npz", "train")
+    np.testing.assert_allclose(packed.data, loaded.data[::4], atol=1e-3)
+    # the kept slices are 4 x as far apart; in-plane spacing as loaded
+    assert packed.spacing_mm == pytest.approx((4 * loaded.spacing_mm[0], *loaded.spacing_mm[1:]))
+    # the held-out block starts at the first kept slice at or after the loaded one
+    assert packed.holdout_start == -(-loaded.holdout_start // 4) and loaded.holdout_start % 4 != 0
+    check_pack(dict(config["data"], packed=str(tmp_path / "every4.npz")), config["normalization"])
+    multi_level = {k: v for k, v in config["data"].items() if k != "kind"}
+    with pytest.raises(ConfigError, match="keeps every 4th axial slice"):
+        check_pack(dict(multi_level, packed=str(tmp_path / "every4.npz")), config["normalization"])
     with pytest.raises(ConfigError, match="at least 1"):
         write_pack(config, tmp_path / "none.npz", slice_step=0)

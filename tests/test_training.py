@@ -87,10 +87,11 @@ def test_tiny_train_export_load_sample(tmp_path, tiny_config):
     # export states the regions its evaluation found it good for; an unknown region is refused
     from training.__main__ import main
 
-    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "export"), "--regions", "chest",
-                 "--skip-evaluation"]) == 0
-    assert load_checkpoint(tmp_path / "export").card["domain"]["regions"] == ["chest"]
-    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "bad"), "--regions", "thorax"]) == 2
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "export"), "--regions", "abdomen",
+                 "abdomen", "--skip-evaluation"]) == 0
+    assert load_checkpoint(tmp_path / "export").card["domain"]["regions"] == ["abdomen"]
+    for wrong in ("chest", "thorax", "unknown"):  # not trained on, not a region, no region (turns checks off)
+        assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "bad"), "--regions", wrong]) == 2
     assert not (tmp_path / "bad").exists()
 
     # resume continues the step count rather than starting again

@@ -68,6 +68,16 @@ def _cmd_export(args) -> int:
     checkpoint = load_checkpoint(run / "ema")
     card = dict(checkpoint.card)
     config = yaml.safe_load((run / "config.yaml").read_text())
+    if args.regions:  # where its evaluation showed it works: the tasks warn elsewhere (tasks.domain)
+        from napari_mediffuse.tasks.domain import model_domain
+
+        trained = model_domain(card)["regions"]
+        wrong = sorted(set(args.regions) - set(trained))
+        if wrong:
+            print(f"error: --regions: {', '.join(wrong)} not among the regions {run} trained on "
+                  f"({', '.join(trained) or 'none stated'})", file=sys.stderr)
+            return 2
+        card["domain"] = dict(card.get("domain") or {}, regions=[r for r in trained if r in args.regions])
     if card["task"] == "ct_prior" and not args.skip_evaluation:
         from .evaluate_prior import one_step_denoising
 
@@ -77,14 +87,6 @@ def _cmd_export(args) -> int:
 
     for key, value in card_domain(config).items():  # runs exported before the card had it
         card.setdefault(key, value)
-    if args.regions:  # where its evaluation showed it works: the tasks warn elsewhere (tasks.domain)
-        from napari_mediffuse.engine.networks import REGIONS
-
-        unknown = sorted(set(args.regions) - set(REGIONS))
-        if unknown:
-            print(f"error: --regions: unknown {', '.join(unknown)}; known: {', '.join(REGIONS)}", file=sys.stderr)
-            return 2
-        card["domain"] = dict(card.get("domain") or {}, regions=list(args.regions))
     dtype = torch.float16 if args.fp16 else torch.float32
     save_checkpoint(args.output, checkpoint.network, card, dtype=dtype, overwrite=args.overwrite)
     print(json.dumps(card["metrics"], indent=2))

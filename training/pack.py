@@ -126,6 +126,10 @@ def check_pack(data_config: dict, normalization: dict) -> dict:
             differ.append("normalization")
         raise ConfigError(f"data.packed {path}: made with other data settings ({', '.join(differ)}); "
                           "pack it again from this config")
+    step = int(meta.get("slice_step", 1))
+    if step > 1 and data_config.get("kind") not in AXIAL_KINDS:
+        raise ConfigError(f"data.packed {path}: keeps every {step}th axial slice, which only data kinds "
+                          f"trained on single axial slices ({', '.join(AXIAL_KINDS)}) may train on")
     patients = meta["patients"]
     train = set(patients.get("train", []))
     for split in ("validation", "evaluation_only"):

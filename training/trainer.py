@@ -178,7 +178,8 @@ def segmentation_loss(network, batch: dict, device: torch.device, num_steps: int
     logits = network(torch.zeros_like(target), timesteps, coords=batch["coords"].to(device),
                      condition=batch["condition"].to(device), region=batch["region"].to(device)).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    # batch=True: one Dice over the batch, so crops without lesions do not divide by zero
+    # batch=True: one Dice over the whole batch; per crop, each crop without lesions would score a
+    # Dice of about 1 for predicting nothing and pull towards it
     return bce + DiceLoss(sigmoid=True, batch=True)(logits, target)
 
 
@@ -502,11 +503,14 @@ def training_objective(config: dict) -> str:
     objective = config.get("train", {}).get("objective", "diffusion")
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective: unknown {objective!r}; known: {OBJECTIVES}")
-    segmenting = config.get("data", {}).get("target") == "lesion_mask"
+    data = config.get("data", {})
+    segmenting = (data.get("kind"), data.get("target"), config.get("task")) == (
+        "lesion_healing", "lesion_mask", "lesion_segmentation")
     if (objective == "segmentation") != segmenting:
-        raise ValueError("train.objective: segmentation goes with data.kind lesion_healing and data.target "
-                         f"lesion_mask (got objective {objective!r}, data.target "
-                         f"{config.get('data', {}).get('target')!r})")
+        raise ValueError("train.objective: segmentation goes with data.kind lesion_healing, data.target "
+                         f"lesion_mask and task lesion_segmentation, and only with them (got objective "
+                         f"{objective!r}, data.kind {data.get('kind')!r}, data.target {data.get('target')!r}, "
+                         f"task {config.get('task')!r})")
     return objective
 
 
@@ -570,8 +574,9 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
     extra.update(card_domain(config))
     if config.get("default"):  # the task's default among the models of its folder (engine.registry)
         extra["default"] = True
-    if training_objective(config) != "diffusion":  # what the network's output means (engine.sampling)
-        extra["objective"] = training_objective(config)
+    objective = training_objective(config)
+    if objective != "diffusion":  # what the network's output means (engine.checkpoint.OBJECTIVES)
+        extra["objective"] = objective
     if data.get("packed"):  # trained from a pack: which, and whether it kept every axial slice
         from .pack import read_pack_meta
 

@@ -38,6 +38,10 @@ CARD_FILE = "mediffuse.json"
 #: Tasks a checkpoint can be made for.
 TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising",
          "lesion_healing", "lesion_segmentation")
+#: The task of segmentation checkpoints (the only one whose network outputs logits).
+SEGMENTATION_TASK = "lesion_segmentation"
+#: What a network was trained to output (card ``objective``; :attr:`Checkpoint.objective`).
+OBJECTIVES = ("diffusion", "segmentation")
 
 
 def task_mismatch(task: str, wanted: str | tuple[str, ...] | None) -> str | None:
@@ -174,6 +178,12 @@ def read_card(folder) -> dict[str, Any]:
     for key in ("task", "modality", "architecture", "schedule", "normalization"):
         if key not in card:
             raise CheckpointError(f"{path}: checkpoint description lacks {key!r}")
+    objective = card.get("objective", "diffusion")
+    if objective not in OBJECTIVES:
+        raise CheckpointError(f"{path}: unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    if (card["task"] == SEGMENTATION_TASK) != (objective == "segmentation"):
+        raise CheckpointError(f"{path}: a {card['task']!r} checkpoint with objective {objective!r}: a lesion "
+                              "segmenter and only it has objective 'segmentation'")
     return card
 
 

@@ -70,6 +70,8 @@ class NoisePredictor:
         self.overlap = overlap
         self.window_batch = window_batch
         self.prediction_type = "epsilon"
+        #: without a schedule the network's output is returned as it is (a segmenter's logits)
+        self.raw_outputs = schedule is None
         if schedule is not None:
             from .schedulers import alphas_cumprod, complete_schedule
 
@@ -212,7 +214,7 @@ def segmentation_logits(predictor: NoisePredictor, condition: torch.Tensor, *, n
     network's raw output (built without a schedule, so nothing converts it to
     a noise estimate).
     """
-    if predictor.prediction_type != "epsilon":
+    if not predictor.raw_outputs:
         raise ValueError("segmentation_logits needs a predictor built without a schedule (raw outputs)")
     n = condition.shape[0]
     x = torch.zeros((n, predictor.network.image_channels, *condition.shape[2:]), dtype=torch.float32,

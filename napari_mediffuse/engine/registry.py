@@ -122,6 +122,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None = None, *, task: s
                 return info
         raise CheckpointError(f"no checkpoint named {str(name_or_path)!r}; {_available(task)}")
     candidates = list_checkpoints(task=task, modality=modality)
+    if task is not None and not isinstance(task, str):
+        # several tasks: the first task's models before the next's (sorted is stable: within a
+        # task the lookup order stands, defaults first)
+        candidates = sorted(candidates, key=lambda info: tuple(task).index(info.task))
     if not candidates:
         kind = task if isinstance(task, str) or task is None else " or ".join(task)
         raise CheckpointError(f"no {kind or ''} checkpoint{' for ' + modality if modality else ''} found; "
@@ -147,5 +151,5 @@ def _check(info: CheckpointInfo, task, modality) -> None:
 def _available(task) -> str:
     names = [f"{i.name} ({i.origin})" for i in list_checkpoints(task=task)]
     where = ", ".join(str(folder) for _, folder in search_dirs())
-    have = f"available: {', '.join(names)}" if names else "none installed"
+    have = f"available: {', '.join(names)}" if names else "none of that kind installed"
     return f"{have}. Looked in: {where} (set {ENV_VAR} or pass a checkpoint folder path)"

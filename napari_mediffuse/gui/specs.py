@@ -232,7 +232,8 @@ def anomaly_spec() -> TaskSpec:
     from ..tasks.anomaly import detect_anomalies as detect
 
     return TaskSpec(
-        key="anomaly", title="Anomaly", run=_run_anomaly, model_task=("ct_prior", "lesion_healing", "lesion_segmentation"),
+        key="anomaly", title="Anomaly", run=_run_anomaly,
+        model_task=("ct_prior", "lesion_healing", "lesion_segmentation"),
         description="Where does the scan depart from healthy anatomy? Heatmap and mask from a healthy "
                     "version of the scan (the prior's reconstruction by partial diffusion), or a learned "
                     "lesion segmenter's probability.",
@@ -249,14 +250,17 @@ def anomaly_spec() -> TaskSpec:
             Param("ensemble", default(detect, "ensemble"), options={"min": 1, "max": 16},
                   tooltip="Noise seeds averaged (less variance, more time)"),
             Param("threshold", 0.0, options={"min": 0.0, "max": 100.0, "step": 0.1},
-                  tooltip="Heatmap value that makes the mask; 0 = automatic (percentile)"),
+                  tooltip="Heatmap value that makes the mask; 0 = automatic (percentile; a lesion "
+                          "segmenter: probability 0.5, and a threshold must be below 1)"),
             Param("polarity", default(detect, "polarity"), options={"choices": list(POLARITIES)},
                   tooltip="Departures that count: both, or only where the scan is darker (hypodense lesions, "
                           "e.g. liver metastases) / brighter than the healthy reconstruction"),
             Param("match_level", default(detect, "match_level"), label="match organ level",
                   tooltip="Shift the reconstruction per slice to the scan's median inside the region "
                           "(an organ enhanced unlike the prior's training scans)"),
-            Param("show_reconstruction", False, label="add healthy reconstruction"),
+            Param("show_reconstruction", False, label="add healthy reconstruction",
+                  tooltip="Also add the healthy version as a hidden layer (not from a lesion segmenter, which "
+                          "makes none)"),
             Param("steps", default(detect, "steps"), options={"min": 1, "max": 200}, advanced=True,
                   tooltip="DDIM steps from t to 0"),
             Param("smooth_mm", default(detect, "smooth_mm"), label="heatmap smoothing (mm)",

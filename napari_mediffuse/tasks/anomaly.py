@@ -95,8 +95,8 @@ DEFAULT_PIXEL_MM = None
 #: below the healthy reconstruction (hypodense lesions), 'brighter' = above.
 POLARITIES = ("both", "darker", "brighter")
 DEFAULT_POLARITY = "both"
-#: Where the healthy version comes from: the prior's partial diffusion, or a
-#: learned lesion-healing model (module doc).
+#: Where the heatmap comes from: the prior's partial diffusion (a healthy version's residual),
+#: or a model learnt on synthetic lesions: a segmenter or a lesion-healing model (module doc).
 METHODS = ("diffusion", "learned")
 #: Checkpoint tasks of the learned method's models: a lesion segmenter (its
 #: probability is the heatmap) or a lesion-healing model (its healthy version's residual).
@@ -298,7 +298,8 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     steps : int
         DDIM steps from ``t`` to 0 (network evaluations per slice and seed).
     threshold : float, optional
-        Heatmap value for the mask (robust SDs); automatic when ``None``.
+        Heatmap value for the mask (robust SDs; a lesion segmenter's: its
+        probability, in (0, 1)); automatic when ``None`` (a segmenter: 0.5).
     percentile : float
         Automatic threshold: this percentile (0-100) of the heatmap in the ROI...
     min_threshold : float
@@ -329,7 +330,8 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
     region : str, optional
         Body-region class for the prior ('abdomen'...); default the prior's.
     model : str, path, Prior or None
-        Checkpoint name or folder (default: the installed CT prior).
+        Checkpoint name or folder (default: the installed CT prior; for the
+        learned method the installed lesion segmenter, else lesion-healing model).
     pixel_mm : float or None
         In-plane pixel size (mm) the prior reconstructs at; the heatmap is
         still on the scan's grid. ``None``: the prior's own (a multi-
@@ -346,9 +348,13 @@ def detect_anomalies(volume: Volume, *, roi=None, t: Union[int, Sequence[int]] =
         level inside the ROI before the residual (for an organ ROI whose
         enhancement differs from what the prior learnt).
     method : {'diffusion', 'learned'}
-        The healthy version from the prior's partial diffusion, or from a
-        lesion-healing model (``model`` then names a ``lesion_healing``
-        checkpoint; axial only; ``ensemble`` averages flipped views).
+        The healthy version from the prior's partial diffusion, or a model
+        trained on synthetic lesions (``model`` then names a
+        ``lesion_segmentation`` or ``lesion_healing`` checkpoint; axial only;
+        ``ensemble`` averages flipped views): a segmenter's heatmap is its
+        lesion probability smoothed by ``smooth_mm``, its mask the
+        unsmoothed probability above ``threshold`` (``percentile``,
+        ``min_threshold``, ``polarity`` and ``match_level`` do not apply).
     options : RunOptions
         Device, seed (first of the ensemble's seeds), batch size, progress,
         cancel.
@@ -425,10 +431,12 @@ def _detect_learned(volume: Volume, *, roi, ensemble, threshold, percentile, min
     if int(ensemble) < 1:
         raise TaskInputError(f"ensemble must be at least 1, got {ensemble}")
     check_polarity(polarity)
-    segmenter = is_segmenter(model)
+    model, segmenter = learned_model(model)  # resolved once: the checkpoint checked is the one run
     if segmenter and (polarity != "both" or match_level):
         raise TaskInputError("polarity and match_level compare the scan with a healthy version; a lesion "
                              "segmenter gives no healthy version (use polarity 'both', no match_level)")
+    if segmenter and threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise TaskInputError(f"a lesion segmenter's threshold is a probability in (0, 1); got {threshold}")
     roi_mask = resolve_roi(volume, roi)
     data = np.asarray(volume.data, dtype=np.float32)
     slices = np.flatnonzero(np.any(roi_mask, axis=(1, 2)))
@@ -462,13 +470,14 @@ def _detect_learned(volume: Volume, *, roi, ensemble, threshold, percentile, min
     return result
 
 
-def is_segmenter(model=None) -> bool:
-    """Whether the learned method's ``model`` (name, folder or None: the
-    installed default) is a lesion segmenter; reads its card only."""
-    from ..engine.checkpoint import read_card
+def learned_model(model=None) -> tuple[str, bool]:
+    """The learned method's checkpoint folder for ``model`` (name, folder or
+    None: the installed segmenter, else healing model) and whether it is a
+    lesion segmenter; reads its card only."""
     from ..engine.registry import resolve_checkpoint
 
-    return read_card(resolve_checkpoint(model, task=LEARNED_TASKS).path).get("objective") == "segmentation"
+    info = resolve_checkpoint(model, task=LEARNED_TASKS, modality="CT")
+    return str(info.path), info.task == SEGMENTATION_TASK
 
 
 def probability_heatmap(probability: np.ndarray, roi: np.ndarray, spacing, *,
@@ -483,13 +492,19 @@ def probability_heatmap(probability: np.ndarray, roi: np.ndarray, spacing, *,
 def segmentation_result(volume: Volume, probability: np.ndarray, roi: np.ndarray, *,
                         threshold: Optional[float] = None, smooth_mm: float = DEFAULT_SMOOTH_MM,
                         params: Optional[dict] = None, model_name: Optional[str] = None) -> AnomalyResult:
-    """Heatmap (smoothed lesion probability), mask and ROI volumes from a
-    segmenter's probability (no healthy reconstruction)."""
+    """Heatmap (lesion probability smoothed by ``smooth_mm``), mask and ROI
+    volumes from a segmenter's probability (no healthy reconstruction).
+
+    The mask cuts the *unsmoothed* probability: smoothing by 3 mm takes a
+    certain 6 mm lesion's peak to 0.4, so no lesion under about 7 mm could
+    pass 0.5 (the heatmap is for looking at, the mask for measuring)."""
     heat = probability_heatmap(probability, roi, volume.spacing, smooth_mm=smooth_mm)
     thr = SEGMENTATION_THRESHOLD if threshold is None else float(threshold)
     params = dict(params or {}, smooth_mm=smooth_mm, threshold=thr,
-                  threshold_rule=f"probability {SEGMENTATION_THRESHOLD:g}" if threshold is None else "user")
-    return _result_volumes(volume, heat, ((heat > thr) & roi).astype(np.uint8), roi, None, params=params,
+                  threshold_rule=(f"unsmoothed probability {SEGMENTATION_THRESHOLD:g}" if threshold is None
+                                  else "user, on the unsmoothed probability"))
+    mask = ((probability > thr) & np.asarray(roi, dtype=bool)).astype(np.uint8)
+    return _result_volumes(volume, heat, mask, roi, None, params=params,
                            units="lesion probability (0-1)", model_name=model_name)
 
 
@@ -683,11 +698,13 @@ def add_command(subparsers) -> None:
     from .cli import add_common_options, add_region_option
 
     p = subparsers.add_parser(
-        "anomaly", help="anomaly heatmap and mask from the healthy-CT prior (partial diffusion)",
+        "anomaly", help="anomaly heatmap and mask from the healthy-CT prior (partial diffusion) or a "
+                        "learned lesion segmenter",
         description="Noise the CT inside a region of interest to step t, reconstruct a healthy version "
-                    "with the prior and map where the scan departs from it. HEATMAP (float, robust SDs of "
-                    "the reconstruction error) and MASK (uint8) are NIfTI files on INPUT's grid. Research "
-                    "tool, not for diagnosis.")
+                    "with the prior and map where the scan departs from it (--method learned: a model "
+                    "trained on synthetic lesions instead). HEATMAP (float: robust SDs of the "
+                    "reconstruction error; a lesion segmenter's probability, 0-1) and MASK (uint8) are "
+                    "NIfTI files on INPUT's grid. Research tool, not for diagnosis.")
     p.add_argument("input", help="CT: NIfTI file, DICOM file or series folder")
     p.add_argument("-o", "--output", required=True, help="heatmap NIfTI (.nii.gz)")
     p.add_argument("--mask-out", help="binary anomaly mask NIfTI (.nii.gz)")
@@ -697,15 +714,18 @@ def add_command(subparsers) -> None:
     p.add_argument("--roi-labels", type=int, nargs="+",
                    help="use only these label values of --roi (e.g. 5 = liver in TotalSegmentator)")
     p.add_argument("--method", default="diffusion", choices=list(METHODS),
-                   help="healthy version from the prior's partial diffusion, or from a learned lesion-healing "
-                        "model (--model then names a lesion_healing checkpoint; default %(default)s)")
+                   help="the prior's partial diffusion, or a model trained on synthetic lesions (--model "
+                        "names a lesion_segmentation or lesion_healing checkpoint; default: the installed "
+                        "segmenter) (default %(default)s)")
     p.add_argument("--t", type=int, nargs="+", default=[DEFAULT_T],
                    help=f"noise step(s) of 1000; several are averaged (default {DEFAULT_T})")
     p.add_argument("--ensemble", type=int, default=DEFAULT_ENSEMBLE,
                    help=f"noise seeds averaged (default {DEFAULT_ENSEMBLE})")
-    p.add_argument("--threshold", type=float, help="heatmap threshold for the mask (default: automatic)")
+    p.add_argument("--threshold", type=float,
+                   help="heatmap threshold for the mask (default: automatic; a segmenter: probability 0.5)")
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
-                   help=f"automatic threshold percentile over the ROI (default {DEFAULT_PERCENTILE:g})")
+                   help=f"automatic threshold percentile over the ROI (default {DEFAULT_PERCENTILE:g}; "
+                        "not for a segmenter)")
     p.add_argument("--smooth-mm", type=float, default=DEFAULT_SMOOTH_MM,
                    help=f"in-plane smoothing sigma in mm (default {DEFAULT_SMOOTH_MM:g})")
     p.add_argument("--patch-mm", type=float, default=DEFAULT_PATCH_MM,
@@ -740,9 +760,11 @@ def _run_cli(args) -> int:
         if not io.is_nifti_path(path):
             raise io.WriteError(f"{path}: outputs are NIfTI files (.nii or .nii.gz); nothing was written")
         check_output_free(path, args.overwrite)
-    if args.reconstruction_out and args.method == "learned" and is_segmenter(args.model):
-        raise TaskInputError(f"--reconstruction-out: the model {args.model or '(default)'} is a lesion "
-                             "segmenter, which gives no healthy reconstruction; nothing was written")
+    if args.reconstruction_out and args.method == "learned":
+        folder, segmenter = learned_model(args.model)
+        if segmenter:
+            raise TaskInputError(f"--reconstruction-out: {folder} is a lesion segmenter, which gives no "
+                                 "healthy reconstruction; nothing was written")
     volume = read_single_volume(args.input, series=args.series, modality=args.modality)
     roi = None
     if args.roi:
@@ -759,7 +781,7 @@ def _run_cli(args) -> int:
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)
     if args.mask_out:
         io.write_nifti(result.mask, args.mask_out, overwrite=args.overwrite, dtype=np.uint8)
-    if args.reconstruction_out:
+    if args.reconstruction_out and result.reconstruction is not None:  # refused above for a segmenter
         io.write_nifti(result.reconstruction, args.reconstruction_out, overwrite=args.overwrite)
     params = result.heatmap.metadata["parameters"]
     print(f"wrote {', '.join(outputs)}: threshold {result.threshold:.2f}, "

@@ -266,26 +266,36 @@ def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Nor
         condition = condition[:, ::-1]
     regions = torch.full((len(condition_hu),), int(region_class), dtype=torch.long)
     residual = residual_scale(checkpoint.card) is not None
-    total = None
-    for k in range(ensemble):
-        axes = tuple(flips[k % len(flips)])
-        condition_t = runner.tensor(np.flip(condition, axes) if axes else condition)
 
-        def predict(x, t, condition_t=condition_t):
+    def one_view(k, condition_t):
+        def predict(x, t):
             return predictor(x, t, condition=condition_t, region=regions)
 
         span = None if progress is None else (
-            lambda done, n, message="", k=k: progress(k * n + done, ensemble * n, message))
+            lambda done, n, message="": progress(k * n + done, ensemble * n, message))
         x0 = conditional_estimate(predict, condition_t.shape, checkpoint.schedule, steps=steps, generator=noise,
                                   device=condition_t.device, dtype=runner.sample_dtype, progress=span,
                                   cancel=cancel, clip=None if residual else (-1.0, 1.0))
-        estimate = runner.numpy(from_residual(x0, condition_t, checkpoint.card))
-        estimate = np.flip(estimate, axes) if axes else estimate
-        total = estimate if total is None else total + estimate
-    estimate = total / ensemble if ensemble > 1 else total
+        return runner.numpy(from_residual(x0, condition_t, checkpoint.card))
+
+    estimate = mean_over_views(condition, ensemble, flips, runner, one_view)
     if flip_rows:
         estimate = estimate[:, ::-1]
     return norm.inverse(estimate) + (condition_hu - np.clip(condition_hu, low, high))
+
+
+def mean_over_views(condition: np.ndarray, ensemble: int, flips, runner, run_view) -> np.ndarray:
+    """The mean of ``run_view(k, condition_t)`` (a (B, H, W) array) over
+    ``ensemble`` views: view ``k`` is ``condition`` (B, H, W) mirrored
+    through the next of ``flips`` and put on the runner's device; each
+    result is mirrored back before it is averaged."""
+    total = None
+    for k in range(int(ensemble)):
+        axes = tuple(flips[k % len(flips)])
+        out = run_view(k, runner.tensor(np.flip(condition, axes) if axes else condition))
+        out = np.flip(out, axes) if axes else out
+        total = out if total is None else total + out
+    return total / int(ensemble) if int(ensemble) > 1 else total
 
 
 def lesion_probability(predictor, checkpoint, slice_hu: np.ndarray, norm: "Normalizer", runner, *,
@@ -298,21 +308,18 @@ def lesion_probability(predictor, checkpoint, slice_hu: np.ndarray, norm: "Norma
     probabilities. Deterministic: the network sees no noise.
     """
     from ..engine.inference import segmentation_logits
+    from ..engine.schedulers import complete_schedule
 
     if int(ensemble) < 1:
         raise ValueError(f"ensemble must be at least 1, got {ensemble}")
-    condition = norm.forward(slice_hu)
     regions = torch.full((len(slice_hu),), int(region_class), dtype=torch.long)
-    steps = int(checkpoint.schedule["num_train_timesteps"])
-    total = None
-    for k in range(int(ensemble)):
-        axes = tuple(flips[k % len(flips)])
-        condition_t = runner.tensor(np.flip(condition, axes) if axes else condition)
+    steps = int(complete_schedule(checkpoint.schedule)["num_train_timesteps"])
+
+    def one_view(k, condition_t):
         logits = segmentation_logits(predictor, condition_t, num_train_timesteps=steps, region=regions)
-        probability = runner.numpy(torch.sigmoid(logits.float()))
-        probability = np.flip(probability, axes) if axes else probability
-        total = probability if total is None else total + probability
-    return (total / int(ensemble)).astype(np.float32)
+        return runner.numpy(torch.sigmoid(logits.float()))
+
+    return mean_over_views(norm.forward(slice_hu), ensemble, flips, runner, one_view).astype(np.float32)
 
 
 def learned_slices(volume: Volume, data: np.ndarray, *, task, label: str, model, options: "RunOptions",

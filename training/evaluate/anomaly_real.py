@@ -324,12 +324,14 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
 # -- metrics ----------------------------------------------------------------------
 
 def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percentile: float,
-               min_threshold: float, threshold: float | None = None) -> dict:
+               min_threshold: float, threshold: float | None = None, mask_map: np.ndarray | None = None) -> dict:
     """All metrics of one heatmap of a case (S, H, W).
 
     The automatic threshold is :func:`napari_mediffuse.tasks.anomaly.auto_threshold`
     over the ROI of all evaluated slices, or ``threshold`` where the method
-    fixes one (a lesion segmenter's probability 0.5, as the task's). ``image_auroc`` is ``nan`` when
+    fixes one (a lesion segmenter's probability 0.5, as the task's), applied
+    to ``mask_map`` where the method's mask comes from another map than its
+    heatmap (a segmenter's: the unsmoothed probability). ``image_auroc`` is ``nan`` when
     every slice (or none) has a tumour.
     """
     from napari_mediffuse.tasks.anomaly import auto_threshold
@@ -341,7 +343,7 @@ def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percenti
     slice_labels = truth[has].any(axis=(1, 2))
     if threshold is None:
         threshold = auto_threshold(heat, roi, percentile=percentile, minimum=min_threshold)
-    mask = (heat > threshold) & roi
+    mask = ((heat if mask_map is None else mask_map) > threshold) & roi
     comps = slice_components(truth)
     bd, bt = best_dice(heat[roi], truth[roi])
     normal = roi & ~truth
@@ -424,7 +426,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
                                          t_end=args.t_end, return_spread=True)
         seconds[t] = time.perf_counter() - start
         log.info("%s t=%d: %.1f s (%.2f s/slice)", case.name, t, seconds[t], seconds[t] / len(case.image))
-    learned = learned_reconstruction(case, vol, args, options) if args.learned_model else None
+    learned = learned_maps(case, vol, args, options) if args.learned_model else None
     results, maps = {}, {}
     variants = [False, True] if args.offset_correct else [False]
     for suffix, smooth_mm in smoothing_variants(args.smooth_mm):
@@ -444,7 +446,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
             # the task's heatmap and mask: smoothed probability, cut at 0.5
             heat = probability_heatmap(learned, case.roi, case.spacing, smooth_mm=smooth_mm)
             results["learned segmenter" + suffix] = score_case(heat, case.roi, case.truth, **thr,
-                                                               threshold=SEGMENTATION_THRESHOLD)
+                                                               threshold=SEGMENTATION_THRESHOLD, mask_map=learned)
             maps["learned segmenter" + suffix] = (heat, None)
         elif learned is not None:
             heat, rec = diffusion_heatmap(case.image, [(learned, None)], case.roi, case.spacing, score="residual",
@@ -464,7 +466,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
     return results, maps
 
 
-def learned_reconstruction(case: Case, volume, args, options) -> np.ndarray:
+def learned_maps(case: Case, volume, args, options) -> np.ndarray:
     """The task's ``method='learned'`` on the case's slices (axial; ``--ensemble``
     views): a lesion segmenter's probability, or a lesion-healing model's
     healthy version (HU); ``case.extra['learned_kind']`` says which."""
@@ -473,14 +475,18 @@ def learned_reconstruction(case: Case, volume, args, options) -> np.ndarray:
     from napari_mediffuse.tasks.anomaly import LEARNED_TASKS
     from napari_mediffuse.tasks.common import learned_slices
 
-    region = _region_for(read_card(resolve_checkpoint(args.learned_model, task=LEARNED_TASKS).path), case.region)
+    folder = resolve_checkpoint(args.learned_model, task=LEARNED_TASKS, modality="CT").path
+    region = _region_for(read_card(folder), case.region)
     start = time.perf_counter()
     data = np.asarray(volume.data, dtype=np.float32)
     rec, checkpoint, _ = learned_slices(volume, data, task=LEARNED_TASKS, label="anomaly evaluation",
-                                        model=args.learned_model, options=options,
+                                        model=str(folder), options=options,
                                         ensemble=args.learned_ensemble, region=region,
                                         message="anomaly (learned)")
     case.extra["learned_kind"] = "segmenter" if checkpoint.objective == "segmentation" else "healing"
+    if case.extra["learned_kind"] == "segmenter" and args.polarity != "both":
+        log.warning("%s: --polarity %s does not apply to a lesion segmenter (scored as is)", case.name,
+                    args.polarity)
     case.extra["learned_model"] = checkpoint.name
     case.extra["learned_region"] = region or "model's default"
     case.extra["learned_seconds_per_slice"] = round((time.perf_counter() - start) / len(data), 3)
@@ -572,8 +578,9 @@ def markdown_table(report: dict) -> str:
                        (("model", "Model"), ("learned_model", "learned model")) if report.get(key))
              + f"; targets (issue 18): pixel AUROC >= {TARGETS['pixel_auroc']}, "
              f"above the baseline, Dice >= {TARGETS['dice']} (MedDiff-FM on BMAD liver: pixel AUROC 0.976, "
-             "Dice 0.274).", "",
-             "| case | kind | method | pixel AUROC | PRO (FPR<=0.3) | Dice (auto threshold) | Dice (best threshold) "
+             "Dice 0.274). Dice (task's threshold): the task's automatic threshold (a lesion segmenter's: its "
+             "unsmoothed probability above 0.5).", "",
+             "| case | kind | method | pixel AUROC | PRO (FPR<=0.3) | Dice (task's threshold) | Dice (best threshold) "
              "| image AUROC | normal pixels flagged | slices (tumour) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for cname, case in report["cases"].items():
@@ -696,7 +703,8 @@ def add_command(subparsers) -> None:
                         "instead of whole slices (the task's --window)")
     add_heatmap_options(p, threads=1)
     p.add_argument("--learned-model", default=None,
-                   help="also score a lesion segmenter or lesion-healing model (the task's --method learned): checkpoint name or "
+                   help="also score a lesion segmenter or lesion-healing model (the task's --method "
+                        "learned): checkpoint name or "
                         "folder")
     p.add_argument("--learned-ensemble", type=int, default=2,
                    help="views averaged by the learned model (the task's --ensemble; default %(default)s)")
