@@ -170,7 +170,7 @@ def test_anomaly_tab_runs_the_learned_method_with_a_healing_model(ct_small_path,
     tab.model_combo.setCurrentIndex(next(i for i, label in enumerate(labels) if "tiny-ct-prior" in label))
     tab.start()
     _wait(qtbot, tab)
-    assert "this needs a 'lesion_healing' model" in tab.last_error
+    assert "this needs a 'lesion_segmentation' model or a 'lesion_healing' model" in tab.last_error
 
 
 def tab_model_paths(tab):
