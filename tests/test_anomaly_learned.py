@@ -344,7 +344,7 @@ def test_segmenter_heatmap_is_its_probability_inside_the_roi(sample_ct, tmp_path
     assert result.reconstruction is None and result.threshold == 0.5
     params = result.heatmap.metadata["parameters"]
     assert params["score"] == "lesion probability"
-    assert params["threshold_rule"] == "unsmoothed probability 0.5"
+    assert params["threshold_rule"] == "probability 0.5"
     assert result.heatmap.metadata["units"] == "lesion probability (0-1)"
     assert "learned, 2 views" in result.heatmap.name
     np.testing.assert_allclose(result.heatmap.affine, sample_ct.affine)

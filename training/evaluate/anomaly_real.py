@@ -324,14 +324,12 @@ def openkbp_inserted_case(root=OPENKBP_VALIDATION, *, patients: int = 16, slices
 # -- metrics ----------------------------------------------------------------------
 
 def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percentile: float,
-               min_threshold: float, threshold: float | None = None, mask_map: np.ndarray | None = None) -> dict:
+               min_threshold: float, threshold: float | None = None) -> dict:
     """All metrics of one heatmap of a case (S, H, W).
 
     The automatic threshold is :func:`napari_mediffuse.tasks.anomaly.auto_threshold`
     over the ROI of all evaluated slices, or ``threshold`` where the method
-    fixes one (a lesion segmenter's probability 0.5, as the task's), applied
-    to ``mask_map`` where the method's mask comes from another map than its
-    heatmap (a segmenter's: the unsmoothed probability). ``image_auroc`` is ``nan`` when
+    fixes one (a lesion segmenter's probability 0.5, as the task's). ``image_auroc`` is ``nan`` when
     every slice (or none) has a tumour.
     """
     from napari_mediffuse.tasks.anomaly import auto_threshold
@@ -343,7 +341,7 @@ def score_case(heat: np.ndarray, roi: np.ndarray, truth: np.ndarray, *, percenti
     slice_labels = truth[has].any(axis=(1, 2))
     if threshold is None:
         threshold = auto_threshold(heat, roi, percentile=percentile, minimum=min_threshold)
-    mask = ((heat if mask_map is None else mask_map) > threshold) & roi
+    mask = (heat > threshold) & roi
     comps = slice_components(truth)
     bd, bt = best_dice(heat[roi], truth[roi])
     normal = roi & ~truth
@@ -446,7 +444,7 @@ def evaluate_case(case: Case, args) -> tuple[dict, dict]:
             # the task's heatmap and mask: smoothed probability, cut at 0.5
             heat = probability_heatmap(learned, case.roi, case.spacing, smooth_mm=smooth_mm)
             results["learned segmenter" + suffix] = score_case(heat, case.roi, case.truth, **thr,
-                                                               threshold=SEGMENTATION_THRESHOLD, mask_map=learned)
+                                                               threshold=SEGMENTATION_THRESHOLD)
             maps["learned segmenter" + suffix] = (heat, None)
         elif learned is not None:
             heat, rec = diffusion_heatmap(case.image, [(learned, None)], case.roi, case.spacing, score="residual",
@@ -579,7 +577,7 @@ def markdown_table(report: dict) -> str:
              + f"; targets (issue 18): pixel AUROC >= {TARGETS['pixel_auroc']}, "
              f"above the baseline, Dice >= {TARGETS['dice']} (MedDiff-FM on BMAD liver: pixel AUROC 0.976, "
              "Dice 0.274). Dice (task's threshold): the task's automatic threshold (a lesion segmenter's: its "
-             "unsmoothed probability above 0.5).", "",
+             "smoothed probability above 0.5).", "",
              "| case | kind | method | pixel AUROC | PRO (FPR<=0.3) | Dice (task's threshold) | Dice (best threshold) "
              "| image AUROC | normal pixels flagged | slices (tumour) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
