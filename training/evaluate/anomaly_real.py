@@ -638,7 +638,8 @@ def save_figure(path, figure, *, rows_per_case: int = 2,
     width = rows[0].shape[1]
     canvas = Image.new("RGB", (width, header + len(rows) * (tile + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for i, text in enumerate(["CT, tumour (blue), ROI (yellow)", "healthy reconstruction", "heatmap: model",
+    for i, text in enumerate(["CT, tumour (blue), ROI (yellow)", "healthy reconstruction (segmenter: CT)",
+                              "heatmap: model",
                               "mask (auto)", "heatmap: baseline z-score", "mask (auto)"]):
         draw.text((i * tile + 4, 3), text, fill=(0, 0, 0))
     for r, (row, title) in enumerate(zip(rows, row_titles)):
