@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Before a call to a lent GPU machine (the `device` tool): make the working tree fit what
-# travels (64 MiB; the tracked tree is about 81 MiB, 66 of them bundled weights) and fetch the
+# travels (64 MiB; the tracked tree is about 94 MiB, 74 of them bundled weights) and fetch the
 # Python packages that machine's image lacks, as wheels for its Python 3.12. Afterwards,
 # `bash scripts/device_prepare.sh restore` puts every moved file back (or `git checkout -- .`).
 #
@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STASH=${MEDIFFUSE_DEVICE_STASH:-/tmp/mediffuse-device-stash}
-MODELS="ct-prior-demo mr2ct-multi ct-denoise-multi ct-sr-multi ct-prior-coarse-demo"
+MODELS="ct-prior-demo mr2ct-multi ct-denoise-multi ct-sr-multi ct-prior-coarse-demo ct-lesion-seg-multi"
 # the image has torch, numpy, scipy, scikit-image, safetensors, einops, pyyaml, pillow, pytest
 # and huggingface-hub 1.33 (which diffusers 0.42 accepts: >= 1.32) (the device tool's KINDS.md);
 # the versions here are this project's tested ones
