@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from napari_mediffuse.engine.checkpoint import CheckpointError, load_checkpoint
 from napari_mediffuse.engine.inference import NoisePredictor
@@ -563,4 +564,16 @@ def test_train_cli_refuses_a_gpu_the_machine_lacks_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: --device: device 'cuda' requested but CUDA is not available on this machine; devices here: cpu"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_refuses_a_segmentation_objective_on_other_data_in_one_line(tmp_path, tiny_config, capsys):
+    from training.__main__ import main
+
+    tiny_config["train"]["objective"] = "segmentation"  # a CT prior's data: no lesion masks to learn
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in tiny_config.items() if k != "config_path"}))
+    assert main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "train.objective: segmentation goes with" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ import torch
 
 def _cmd_train(args) -> int:
     from .data import ConfigError
-    from .trainer import check_architecture, check_training_data, load_config, train
+    from .trainer import check_architecture, check_training_data, load_config, train, training_objective
 
     try:
         config = load_config(args.config)
@@ -22,6 +22,7 @@ def _cmd_train(args) -> int:
         if args.max_minutes is not None:
             config["train"]["max_minutes"] = args.max_minutes
         check_training_data(config)
+        training_objective(config)
         check_architecture(config.get("architecture"))
     except (ConfigError, FileNotFoundError) as exc:  # one line naming the file, no traceback
         print(f"error: {args.config}: {exc}", file=sys.stderr)

@@ -46,6 +46,14 @@ def _require_volume_data(data_config: dict, where: str) -> None:
         raise ConfigError(f"{where}only CT volume data packs (paired translation and image folders do not)")
 
 
+def _check_slice_step(step: int, data_config: dict, where: str) -> None:
+    """A pack may drop axial slices only for data kinds that train on single axial slices."""
+    if step > 1 and data_config.get("kind") not in AXIAL_KINDS:
+        raise ConfigError(f"{where}keeps every {step}th axial slice: only data kinds that train on single "
+                          f"axial slices ({', '.join(AXIAL_KINDS)}) may drop slices, not "
+                          f"{data_config.get('kind', 'multi-level')!r}")
+
+
 def _shaping(data_config: dict, normalization: dict) -> dict:
     return {"data": {k: data_config.get(k) for k in SHAPING_KEYS}, "normalization": normalization}
 
@@ -59,9 +67,7 @@ def write_pack(config: dict, path, *, slice_step: int = 1) -> dict:
     slice_step = int(slice_step)
     if slice_step < 1:
         raise ConfigError(f"--slice-step must be at least 1, got {slice_step}")
-    if slice_step > 1 and data_config.get("kind") not in AXIAL_KINDS:
-        raise ConfigError(f"--slice-step: only data kinds that train on single axial slices "
-                          f"({', '.join(AXIAL_KINDS)}) may drop slices, not {data_config.get('kind', 'multi-level')!r}")
+    _check_slice_step(slice_step, data_config, "--slice-step: a pack that ")
     patients = check_data_config(data_config)
     meta = {"shaping": _shaping(data_config, config["normalization"]), "patients": patients, "volumes": {},
             "slice_step": slice_step}
@@ -77,7 +83,7 @@ def write_pack(config: dict, path, *, slice_step: int = 1) -> dict:
             spacing = [float(vol.spacing_mm[0]) * slice_step] + [float(s) for s in vol.spacing_mm[1:]]
             rows.append({"region": int(vol.region), "source": vol.source,
                          "holdout_start": -(-int(vol.holdout_start) // slice_step),
-                         "spacing_mm": spacing, "patient": vol.patient, "slice_step": slice_step,
+                         "spacing_mm": spacing, "patient": vol.patient,
                          "axial_span": [float(s) for s in vol.axial_span]})
         meta["volumes"][split] = rows
     path = Path(path)
@@ -126,10 +132,7 @@ def check_pack(data_config: dict, normalization: dict) -> dict:
             differ.append("normalization")
         raise ConfigError(f"data.packed {path}: made with other data settings ({', '.join(differ)}); "
                           "pack it again from this config")
-    step = int(meta.get("slice_step", 1))
-    if step > 1 and data_config.get("kind") not in AXIAL_KINDS:
-        raise ConfigError(f"data.packed {path}: keeps every {step}th axial slice, which only data kinds "
-                          f"trained on single axial slices ({', '.join(AXIAL_KINDS)}) may train on")
+    _check_slice_step(int(meta.get("slice_step", 1)), data_config, f"data.packed {path}: ")
     patients = meta["patients"]
     train = set(patients.get("train", []))
     for split in ("validation", "evaluation_only"):

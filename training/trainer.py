@@ -26,13 +26,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from napari_mediffuse.engine.checkpoint import make_card, save_checkpoint
+from napari_mediffuse.engine.checkpoint import OBJECTIVES, make_card, save_checkpoint
 from napari_mediffuse.engine.devices import autocast_dtype
 from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
 
 from . import distributed
-from .data import CoarseVolumes, MultiLevelSlices, check_data_config, load_volumes
+from .data import CoarseVolumes, ConfigError, MultiLevelSlices, check_data_config, load_volumes
 
 log = logging.getLogger("training")
 
@@ -153,11 +153,6 @@ def diffusion_loss(network, batch: dict, abar: torch.Tensor, generator: torch.Ge
     return (weight * per_sample).sum() / weight.sum().clamp_min(1e-12)
 
 
-#: What a model learns (``train.objective``): the diffusion objective (every generative and
-#: restoration model) or per-pixel segmentation (the lesion segmenter of the anomaly task).
-OBJECTIVES = ("diffusion", "segmentation")
-
-
 def segmentation_loss(network, batch: dict, device: torch.device, num_steps: int) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice (MONAI) of the network's logits against
     ``batch['image']`` (a 0/1 mask) given ``batch['condition']``.
@@ -264,8 +259,9 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
     network = DiffusionNetwork(config["architecture"])
     if tcfg.get("init_from") and not (resume and (output / STATE_FILE).exists()):
         init_weights(network, tcfg["init_from"], config["architecture"])
-    # read once: every exported card records where a fine-tune started
+    # read once: every exported card records where a fine-tune started and the pack it trained from
     init_from = _init_provenance(tcfg["init_from"]) if tcfg.get("init_from") else None
+    packed = _pack_provenance(config["data"])
     network = network.to(info.device)
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(float(tcfg.get("ema_decay", 0.999))))
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(tcfg["learning_rate"]), weight_decay=0.0)
@@ -313,7 +309,7 @@ def train(config: dict, output, *, resume: bool = False, device: str = "auto",
             torch.save(state, tmp)
             tmp.replace(state_path)
             export_ema(config, ema.module, output / "ema", step=step, seconds=elapsed(),
-                       world_size=info.world_size, command=command, init_from=init_from)
+                       world_size=info.world_size, command=command, init_from=init_from, packed=packed)
 
     while step < total_steps and not (max_seconds and elapsed() >= max_seconds) and not stop.requested:
         for group in optimizer.param_groups:
@@ -481,6 +477,15 @@ def add_inputs(network: DiffusionNetwork, smaller: DiffusionNetwork) -> None:
     network.load_state_dict(dict(source, **{key: new}))
 
 
+def _pack_provenance(data: dict) -> dict | None:
+    """The pack a config trains from and whether it kept every axial slice, or None."""
+    if not data.get("packed"):
+        return None
+    from .pack import read_pack_meta
+
+    return {"path": str(data["packed"]), "slice_step": int(read_pack_meta(data["packed"]).get("slice_step", 1))}
+
+
 def _init_provenance(folder) -> dict:
     """Where a fine-tune started: the folder and its card's training summary."""
     from napari_mediffuse.engine.checkpoint import CheckpointError, read_card
@@ -499,15 +504,16 @@ def _init_provenance(folder) -> dict:
 
 
 def training_objective(config: dict) -> str:
-    """The config's ``train.objective`` (default ``'diffusion'``), checked."""
+    """The config's ``train.objective`` (default ``'diffusion'``; what the
+    network learns, :data:`~napari_mediffuse.engine.checkpoint.OBJECTIVES`), checked."""
     objective = config.get("train", {}).get("objective", "diffusion")
     if objective not in OBJECTIVES:
-        raise ValueError(f"train.objective: unknown {objective!r}; known: {OBJECTIVES}")
+        raise ConfigError(f"train.objective: unknown {objective!r}; known: {OBJECTIVES}")
     data = config.get("data", {})
     segmenting = (data.get("kind"), data.get("target"), config.get("task")) == (
         "lesion_healing", "lesion_mask", "lesion_segmentation")
     if (objective == "segmentation") != segmenting:
-        raise ValueError("train.objective: segmentation goes with data.kind lesion_healing, data.target "
+        raise ConfigError("train.objective: segmentation goes with data.kind lesion_healing, data.target "
                          f"lesion_mask and task lesion_segmentation, and only with them (got objective "
                          f"{objective!r}, data.kind {data.get('kind')!r}, data.target {data.get('target')!r}, "
                          f"task {config.get('task')!r})")
@@ -556,10 +562,11 @@ def card_domain(config: dict) -> dict:
 
 def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: int, seconds: float,
                world_size: int = 1, command: str | None = None, dtype=torch.float32,
-               metrics: dict | None = None, init_from: dict | None = None) -> Path:
+               metrics: dict | None = None, init_from: dict | None = None, packed: dict | None = None) -> Path:
     """Write EMA weights and a full card (plugin checkpoint format).
 
-    ``init_from``: where a fine-tune started (:func:`_init_provenance`), recorded in the card."""
+    ``init_from``: where a fine-tune started (:func:`_init_provenance`); ``packed``: the pack it
+    trained from (:func:`_pack_provenance`); both recorded in the card."""
     records = read_log(folder.parent) if (folder.parent / LOG_FILE).exists() else []
     val = [r["val_loss"] for r in records if "val_loss" in r]
     data = config["data"]
@@ -577,10 +584,6 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
     objective = training_objective(config)
     if objective != "diffusion":  # what the network's output means (engine.checkpoint.OBJECTIVES)
         extra["objective"] = objective
-    if data.get("packed"):  # trained from a pack: which, and whether it kept every axial slice
-        from .pack import read_pack_meta
-
-        packed = {"path": str(data["packed"]), "slice_step": int(read_pack_meta(data["packed"]).get("slice_step", 1))}
     if data.get("residual_scale"):  # a restoration model generating s (target - condition)
         extra["residual_scale"] = float(data["residual_scale"])
     card = make_card(
@@ -605,7 +608,7 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
             "torch": torch.__version__,
             **({"init_from": init_from} if init_from else {}),
             **({"mr_target": data["mr_target"]} if data.get("mr_target") else {}),
-            **({"packed": packed} if data.get("packed") else {}),
+            **({"packed": packed} if packed else {}),
         },
         metrics={"validation_loss": val[-1] if val else None, **(metrics or {})},
         summary=config.get("summary", ""),

@@ -28,8 +28,8 @@ ROI of the volume, never below a floor; or user-set) gives the binary mask.
 ``method='learned'`` uses a model trained on synthetic lesions pasted into
 healthy CT (:mod:`training.healing`) instead of the prior: a *lesion
 segmenter* (a ``lesion_segmentation`` checkpoint), whose per-pixel lesion
-probability, smoothed in the ROI, is the heatmap and whose mask is the
-probability above 0.5 (DRAEM's discriminative half); or a lesion-healing
+probability, smoothed in the ROI, is the heatmap and whose mask is that
+heatmap above 0.5 (DRAEM's discriminative half); or a lesion-healing
 model (``lesion_healing``), a conditional model of the healthy axial slice
 given the slice, which takes the place of ``x_hat``. One network evaluation
 per slice (and per ``ensemble`` view), no partial diffusion, so ``t``,
@@ -47,6 +47,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage
 
+from ..engine.checkpoint import SEGMENTATION_TASK
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume
 from .common import (PLANE_AXIS, Normalizer, RunOptions, TaskInputError, learned_slices, mark_out_of_domain,
@@ -101,7 +102,6 @@ METHODS = ("diffusion", "learned")
 #: Checkpoint tasks of the learned method's models: a lesion segmenter (its
 #: probability is the heatmap) or a lesion-healing model (its healthy version's residual).
 HEALING_TASK = "lesion_healing"
-SEGMENTATION_TASK = "lesion_segmentation"
 LEARNED_TASKS = (SEGMENTATION_TASK, HEALING_TASK)
 #: A segmenter's mask: pixels whose (smoothed) lesion probability is above this.
 SEGMENTATION_THRESHOLD = 0.5
@@ -763,10 +763,11 @@ def _run_cli(args) -> int:
         if not io.is_nifti_path(path):
             raise io.WriteError(f"{path}: outputs are NIfTI files (.nii or .nii.gz); nothing was written")
         check_output_free(path, args.overwrite)
-    if args.reconstruction_out and args.method == "learned":
-        folder, segmenter = learned_model(args.model)
-        if segmenter:
-            raise TaskInputError(f"--reconstruction-out: {folder} is a lesion segmenter, which gives no "
+    model = args.model
+    if args.method == "learned":  # resolved once, before the scan is read; detect_anomalies gets the folder
+        model, segmenter = learned_model(args.model)
+        if segmenter and args.reconstruction_out:
+            raise TaskInputError(f"--reconstruction-out: {model} is a lesion segmenter, which gives no "
                                  "healthy reconstruction; nothing was written")
     volume = read_single_volume(args.input, series=args.series, modality=args.modality)
     roi = None
@@ -779,7 +780,7 @@ def _run_cli(args) -> int:
                               smooth_mm=args.smooth_mm, score=args.score, patch_mm=args.patch_mm,
                               t_end=args.t_end, pixel_mm=args.pixel_mm, polarity=args.polarity,
                               match_level=args.match_level, method=args.method,
-                              plane=args.plane, model=args.model, region=args.region,
+                              plane=args.plane, model=model, region=args.region,
                               options=options_from_args(args, cli_progress()))
     io.write_nifti(result.heatmap, args.output, overwrite=args.overwrite, dtype=np.float32)
     if args.mask_out:

@@ -257,8 +257,6 @@ def learned_estimate(predictor, checkpoint, condition_hu: np.ndarray, norm: "Nor
     """
     from ..engine.sampling import conditional_estimate, from_residual, residual_scale
 
-    if int(ensemble) < 1:
-        raise ValueError(f"ensemble must be at least 1, got {ensemble}")
     ensemble = int(ensemble)
     low, high = norm.range
     condition = norm.forward(condition_hu)
@@ -289,6 +287,8 @@ def mean_over_views(condition: np.ndarray, ensemble: int, flips, runner, run_vie
     ``ensemble`` views: view ``k`` is ``condition`` (B, H, W) mirrored
     through the next of ``flips`` and put on the runner's device; each
     result is mirrored back before it is averaged."""
+    if int(ensemble) < 1:
+        raise ValueError(f"ensemble must be at least 1, got {ensemble}")
     total = None
     for k in range(int(ensemble)):
         axes = tuple(flips[k % len(flips)])
@@ -310,8 +310,6 @@ def lesion_probability(predictor, checkpoint, slice_hu: np.ndarray, norm: "Norma
     from ..engine.inference import segmentation_logits
     from ..engine.schedulers import complete_schedule
 
-    if int(ensemble) < 1:
-        raise ValueError(f"ensemble must be at least 1, got {ensemble}")
     regions = torch.full((len(slice_hu),), int(region_class), dtype=torch.long)
     steps = int(complete_schedule(checkpoint.schedule)["num_train_timesteps"])
 
