@@ -386,6 +386,51 @@ def test_level_shift_moves_soft_tissue_only_and_at_organ_scale_in_mm(sample_ct):
             assert float(np.abs(np.diff(field, axis=1)).max()) / pixel_mm < 2.5
 
 
+def test_organ_lesions_darken_one_organ_only_by_their_contrast(sample_ct):
+    from scipy import ndimage
+
+    from training.healing import organ_lesions, parenchyma_mask
+
+    slice_hu = sample_ct.data[2]
+    tissue = parenchyma_mask(slice_hu, (3.0, 3.0))
+    # parenchyma: soft tissue (0-200 HU smoothed), not fat, air or bone
+    assert tissue.any() and 0.0 < float(np.median(slice_hu[tissue])) < 200.0
+    labels, _ = ndimage.label(tissue)
+    for seed in range(6):
+        out, weight = organ_lesions(slice_hu, (3.0, 3.0), np.random.default_rng(seed),
+                                    contrast_hu=(40.0, 40.0), texture_hu=(0.0, 0.0))
+        change = out - slice_hu
+        assert float(np.abs(change[weight < 1e-6]).max()) < 0.01  # nothing moves outside the lesions
+        core = weight > 0.9
+        assert core.any()
+        # hypodense by the cluster's level (40 HU, each lesion within 30 %: 28-52 HU, 25 at a
+        # weight of 0.9), not twice as dark where two touch
+        assert -52.5 < float(change[core].min()) and float(change[core].max()) < -25.0
+        # one organ: every lesion pixel lies in the same parenchyma piece (or within 1 mm of its border)
+        inside = labels[core & tissue]
+        assert len(np.unique(inside)) == 1
+    # no parenchyma, no lesion: the slice comes back unchanged with an empty mask
+    air = np.full((32, 32), -1000.0, dtype=np.float32)
+    out, weight = organ_lesions(air, (1.0, 1.0), np.random.default_rng(0))
+    assert not weight.any() and np.array_equal(out, air)
+
+
+def test_corrupt_draws_organ_clusters_at_its_organ_probability(sample_ct):
+    slice_hu = sample_ct.data[2]
+    outside = ~parenchyma_or_border(slice_hu)
+    for seed in range(4):
+        # always a cluster: every lesion pixel lies in parenchyma (or its 1 mm border)
+        _, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), organ_probability=1.0)
+        assert weight.max() > 0.9 and float(weight[outside].max()) < 0.5
+
+
+def parenchyma_or_border(slice_hu):
+    from scipy import ndimage
+
+    from training.healing import parenchyma_mask
+    return ndimage.binary_dilation(parenchyma_mask(slice_hu, (3.0, 3.0)), iterations=2)
+
+
 def save_random_segmenter(folder, seed: int = 0):
     """A tiny randomly initialised lesion segmenter (placement and invariance tests, not a useful model)."""
     return save_segmenter(folder, tiny_segmenter_network(seed), name="random-segmenter")

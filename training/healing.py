@@ -17,7 +17,9 @@ the tissue): they are blobs cut from thresholded smooth noise inside a
 random ellipse, with a Gaussian edge, either *added* to the tissue
 (``contrast_hu``, either sign) or *replacing* it by a random soft-tissue
 level (``replace_hu``: nodules in the lung, fluid or fat in an organ), with
-a smooth internal texture. So the inserted-lesion benchmark is not the
+a smooth internal texture; or, in ``lesions.organ_probability`` of the lesion
+crops, a cluster of hypodense lesions confined to one organ
+(:func:`organ_lesions`). So the inserted-lesion benchmark is not the
 training distribution, and the real tumours (LUNG1, LiTS) are the honest
 test.
 
@@ -80,17 +82,82 @@ def lesion_weight(shape, center, spacing_mm, *, diameter_mm: float, rng: np.rand
     return (1.0 / (1.0 + np.exp(np.clip((radius - 1.0) / (edge / 4), -30, 30)))).astype(np.float32)
 
 
+#: Smoothed HU of organ parenchyma (muscle, liver, spleen, kidney, enhanced or not), where
+#: :func:`organ_lesions` places its clusters.
+PARENCHYMA_HU = (0.0, 200.0)
+
+
+def parenchyma_mask(slice_hu: np.ndarray, spacing_mm, *, hu_range=PARENCHYMA_HU,
+                    margin_mm: float = 3.0) -> np.ndarray:
+    """Organ parenchyma of one axial slice: pixels whose HU smoothed over about
+    2 mm lies in ``hu_range``, eroded by ``margin_mm`` (not a fat or lung border)."""
+    sigma = [max(2.0 / float(s), 0.5) for s in spacing_mm]
+    smooth = ndimage.gaussian_filter(np.asarray(slice_hu, dtype=np.float32), sigma)
+    tissue = (smooth > hu_range[0]) & (smooth < hu_range[1])
+    steps = int(round(margin_mm / float(np.mean(spacing_mm))))
+    return ndimage.binary_erosion(tissue, iterations=steps) if steps > 0 else tissue
+
+
+def organ_lesions(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, count=(2, 6),
+                  diameter_mm=(8.0, 70.0), contrast_hu=(15.0, 90.0), texture_hu=(0.0, 15.0),
+                  parenchyma=None) -> tuple[np.ndarray, np.ndarray]:
+    """``slice_hu`` with a cluster of hypodense lesions in one organ, and their soft mask.
+
+    What metastases in an enhanced liver look like (several, 1-7 cm, often
+    touching, 15-90 HU below the parenchyma), and what the first segmenters
+    never saw: the organ is the connected piece of :func:`parenchyma_mask`
+    around a random parenchyma pixel, the lesions' centres lie in it, their
+    contrast (one level for the cluster, each lesion within 30 % of it) is
+    confined to the organ's extent (dilated 1 mm), their diameters
+    log-uniform in ``diameter_mm``. Unchanged (empty mask) when the slice has
+    no parenchyma.
+    """
+    out = np.array(slice_hu, dtype=np.float32)
+    mask = np.zeros(out.shape, dtype=np.float32)
+    tissue = parenchyma_mask(out, spacing_mm) if parenchyma is None else parenchyma
+    pixels = np.argwhere(tissue)
+    if not len(pixels):
+        return out, mask
+    labels, _ = ndimage.label(tissue)
+    organ = labels == labels[tuple(pixels[int(rng.integers(len(pixels)))])]
+    grow = max(int(round(1.0 / float(np.mean(spacing_mm)))), 1)
+    extent = ndimage.gaussian_filter(ndimage.binary_dilation(organ, iterations=grow).astype(np.float32), 0.7)
+    inside = np.argwhere(organ)
+    level = math.exp(rng.uniform(math.log(contrast_hu[0]), math.log(contrast_hu[1])))
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        center = inside[int(rng.integers(len(inside)))]
+        diameter = math.exp(rng.uniform(math.log(diameter_mm[0]), math.log(diameter_mm[1])))
+        w = extent * lesion_weight(out.shape, center, spacing_mm, diameter_mm=diameter, rng=rng,
+                                   edge_mm=rng.uniform(1.0, 3.0))
+        texture = rng.uniform(*texture_hu) * _smooth_field(out.shape, rng.uniform(1.0, 3.0), rng)
+        # overlapping lesions share one darkening (confluent metastases are not twice as dark)
+        new = np.maximum(mask, w)
+        out = out + (new - mask) * (-level * rng.uniform(0.7, 1.3)) + w * texture
+        mask = new
+    return out, mask
+
+
 def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=None,
             max_lesions: int = 3, diameter_mm=(3.0, 40.0), contrast_hu=(10.0, 300.0),
             replace_hu=(-150.0, 150.0), replace_probability: float = 0.4,
-            texture_hu=(0.0, 25.0)) -> tuple[np.ndarray, np.ndarray]:
+            texture_hu=(0.0, 25.0), organ_probability: float = 0.0,
+            organ_lesion_count=(2, 6), organ_diameter_mm=(8.0, 70.0),
+            organ_contrast_hu=(15.0, 90.0)) -> tuple[np.ndarray, np.ndarray]:
     """``slice_hu`` with 1-``max_lesions`` synthetic lesions (module doc), and their soft mask.
 
     Centres are drawn inside ``body`` (default :func:`body_mask`); diameters
     log-uniform in ``diameter_mm``; an added lesion's contrast log-uniform in
     ``contrast_hu`` with a random sign; a replacing one's level uniform in
     ``replace_hu``; texture a smooth field of std uniform in ``texture_hu``.
+    With probability ``organ_probability`` the slice gets, instead, a cluster
+    of :func:`organ_lesions` (``organ_lesion_count`` lesions of
+    ``organ_diameter_mm``, ``organ_contrast_hu`` darker than their organ).
     """
+    if organ_probability and rng.random() < organ_probability:
+        out, mask = organ_lesions(slice_hu, spacing_mm, rng, count=organ_lesion_count,
+                                  diameter_mm=organ_diameter_mm, contrast_hu=organ_contrast_hu)
+        if mask.any():
+            return out, mask
     out = np.array(slice_hu, dtype=np.float32)
     mask = np.zeros(out.shape, dtype=np.float32)
     inside = np.argwhere(body_mask(out) if body is None else body)
@@ -196,7 +263,8 @@ class LesionHealingPairs(SampleStream):
             raise ValueError("data.lesion_loss_weight and data.lesion_loss_share: give one of them")
         lesions = dict(data_config.get("lesions") or {})
         unknown = set(lesions) - {"max_lesions", "diameter_mm", "contrast_hu", "replace_hu",
-                                  "replace_probability", "texture_hu"}
+                                  "replace_probability", "texture_hu", "organ_probability",
+                                  "organ_lesion_count", "organ_diameter_mm", "organ_contrast_hu"}
         if unknown:
             raise ValueError(f"data.lesions: unknown keys {sorted(unknown)}")
         self.lesions = lesions
