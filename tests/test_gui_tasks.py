@@ -267,3 +267,18 @@ def test_2d_samples_tab_adds_an_image_stack(panel, tiny_models, qtbot):
     assert layer.metadata["synthetic"] is True and "synthetic" in layer.name
     assert viewer.dims.point[0] == pytest.approx(1.0)  # the middle sample is on screen
     assert tuple(viewer.camera.center[-2:]) == pytest.approx((7.5, 7.5))  # framed on the samples
+
+
+def test_batch_size_zero_leaves_the_batch_to_the_device(panel, ct_crop_layer, qtbot, monkeypatch):
+    viewer, panel = panel
+    tab = panel.task_tabs["denoise"]
+    seen = []
+
+    def run(volume, values, options):
+        seen.append(options.batch_size)
+        return []
+    monkeypatch.setattr(tab.spec, "run", run)
+    assert tab.param_widgets["batch_size"].value == 0  # automatic by default
+    _run(qtbot, tab)
+    _run(qtbot, tab, batch_size=6)
+    assert seen == [None, 6]  # None: 32 on a CUDA GPU, 4 elsewhere (engine.devices.default_batch_size)

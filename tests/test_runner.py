@@ -83,3 +83,55 @@ def test_bf16_is_refused_on_a_gpu_without_it_and_mps_samples_in_float32():
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
     assert sampler_dtype(torch.device("mps")) == torch.float32
     assert sampler_dtype(torch.device("cuda")) == torch.float64
+
+
+def test_the_default_batch_is_32_slices_on_a_cuda_gpu_and_4_elsewhere():
+    from napari_mediffuse.engine.devices import default_batch_size
+
+    assert default_batch_size(torch.device("cuda", 1)) == 32
+    assert default_batch_size("cpu") == default_batch_size("meta") == default_batch_size("mps") == 4
+    assert default_batch_size("cuda", 2) == 2 and default_batch_size("cpu", 0) == 1
+    assert SliceRunner("meta").batch_size == 4 and SliceRunner("cpu", batch_size=16).batch_size == 16
+
+
+def out_of_memory_above(limit: int):
+    """A batch function that fails as a GPU without room does when handed more than ``limit``
+    slices (CUDA's own error), and keeps what each call was given."""
+    calls = []
+
+    def fn(index, noise, progress):
+        calls.append(len(index))
+        if len(index) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        for step in range(1, 5):
+            progress(step, 4)
+        return noise.randn((len(index), 3)).numpy() + np.asarray(index)[:, None]
+    return fn, calls
+
+
+def test_a_gpu_out_of_memory_halves_the_batch_and_gives_the_same_result():
+    reference = SliceRunner("cpu", seed=3, batch_size=1).run(range(11), out_of_memory_above(100)[0], cost=4)
+    fn, calls = out_of_memory_above(3)
+    reports = []
+    runner = SliceRunner("cpu", seed=3, batch_size=8, progress=lambda d, t, m: reports.append((d, t)))
+    out = runner.run(range(11), fn, cost=4)
+    np.testing.assert_array_equal(out, reference)  # noise is per slice: halving changes nothing
+    assert calls[:3] == [8, 4, 2] and set(calls[3:]) <= {1, 2} and runner.batch_size == 2
+    done = [d for d, _ in reports]
+    # progress keeps the plan's total (2 batches of 4 steps) and never goes back
+    assert {t for _, t in reports} == {8} and done == sorted(done) and done[-1] == 8
+
+
+def test_out_of_memory_at_one_slice_and_other_errors_are_raised():
+    fn, calls = out_of_memory_above(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        SliceRunner("cpu", batch_size=4).run(range(5), fn)
+    assert calls == [4, 2, 1]
+
+    def broken(index, noise, progress):
+        calls.append(len(index))
+        raise RuntimeError("expected all tensors to be on the same device")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="same device"):
+        SliceRunner("cpu", batch_size=4).run(range(5), broken)
+    assert calls == [4]  # not retried: only running out of memory is

@@ -29,10 +29,15 @@ class ProgressSpan:
 
     A task running ``n`` batches of ``s`` sampler steps reports
     ``batch * s + step`` out of ``n * s`` through one of these.
+
+    ``scale`` maps the stage's own units onto the total's (a batch that holds
+    half the slices it was planned with counts half its steps).
     """
 
-    def __init__(self, progress: Optional[ProgressCallback], offset: int, total: int, message: str = ""):
+    def __init__(self, progress: Optional[ProgressCallback], offset: int, total: int, message: str = "",
+                 scale: float = 1.0):
         self.progress, self.offset, self.total, self.message = progress, offset, total, message
+        self.scale = scale
 
     def __call__(self, done: int, _total: int, message: str = "") -> None:
-        report(self.progress, self.offset + done, self.total, message or self.message)
+        report(self.progress, self.offset + int(round(done * self.scale)), self.total, message or self.message)

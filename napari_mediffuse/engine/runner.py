@@ -14,7 +14,10 @@ function that restores (or generates) one batch of them; the runner
   on the seed alone: not on the batch size, not on which other slices run
   with it (the panel's one-slice preview equals the same slice of the whole
   run), and not on the device;
-* batches, reports progress and checks for cancellation between batches.
+* batches (32 slices at a time on a CUDA GPU unless told otherwise, 4
+  elsewhere; a GPU that runs out of memory gets the same batch again in
+  halves, with the same result, since noise is per slice), reports progress
+  and checks for cancellation between batches.
 
 A tensor on PyTorch's ``meta`` device has a shape and no values:
 :meth:`SliceRunner.numpy` returns zeros for it, so a whole task can be run
@@ -23,13 +26,16 @@ lives on the network's device (the tests do this on CPU-only machines).
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .control import CancelCheck, ProgressCallback, ProgressSpan, check_cancel, report
-from .devices import sampler_dtype
+from .devices import default_batch_size, is_out_of_memory, release_cached_memory, sampler_dtype
+
+log = logging.getLogger(__name__)
 
 
 def slice_seed(seed: int, stream: int, index: int) -> int:
@@ -111,8 +117,10 @@ class SliceRunner:
         Where the network lives (``predictor.device``).
     seed : int or None
         Seed of the run; ``None`` draws one.
-    batch_size : int
-        Slices evaluated together. Results do not depend on it.
+    batch_size : int or None
+        Slices evaluated together; ``None``: the device's default
+        (:func:`~.devices.default_batch_size`). Results do not depend on it.
+        A GPU that runs out of memory halves it for the rest of the run.
     progress, cancel : callables, optional
         See :mod:`.control`.
     index_offset : int
@@ -120,13 +128,13 @@ class SliceRunner:
         draws the same noise per slice as the whole scan).
     """
 
-    def __init__(self, device, *, seed: Optional[int] = 0, batch_size: int = 4,
+    def __init__(self, device, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None,
                  index_offset: int = 0):
         self.device = torch.device(device)
         self.index_offset = int(index_offset)
         self.seed = resolve_seed(seed)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = default_batch_size(self.device, batch_size)
         self.progress = progress
         self.cancel = cancel
 
@@ -201,16 +209,35 @@ class SliceRunner:
         ndarray
             Results stacked in the order of ``indices``.
         """
-        batches = self.batches(indices)
-        total = progress_total if progress_total is not None else progress_offset + len(batches) * cost
+        indices = np.asarray(list(indices), dtype=np.int64)
+        planned_size = self.batch_size  # progress keeps this plan's units if batches shrink
+        planned = len(self.batches(indices))
+        total = progress_total if progress_total is not None else progress_offset + planned * cost
+
+        def position(count: int) -> int:  # progress after the first ``count`` slices
+            units = planned * cost if count >= len(indices) else int(round(cost * count / planned_size))
+            return progress_offset + units
+
         done = 0
-        for b, index in enumerate(batches):
+        while done < len(indices):
             check_cancel(self.cancel)
-            span = ProgressSpan(self.progress, progress_offset + b * cost, total, message)
-            result = np.asarray(fn(index, self.noise(index, stream), span))
+            index = indices[done:done + self.batch_size]
+            start = position(done)
+            span = ProgressSpan(self.progress, start, total, message,
+                                scale=(position(done + len(index)) - start) / max(cost, 1))
+            try:
+                result = np.asarray(fn(index, self.noise(index, stream), span))
+            except RuntimeError as error:
+                if not is_out_of_memory(error) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                release_cached_memory(self.device)
+                log.warning("%s ran out of memory with %d slices at once; going on with %d",
+                            self.device, len(index), self.batch_size)
+                continue
             if out is None:  # results go straight into one array: no list of batches to concatenate
                 out = np.empty((len(indices),) + result.shape[1:], dtype=result.dtype)
             out[done:done + len(index)] = result
             done += len(index)
-            report(self.progress, progress_offset + (b + 1) * cost, total, message)
+            report(self.progress, position(done), total, message)
         return out if out is not None else np.empty((0,), dtype=np.float32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..engine.networks import REGIONS
 from ..layers import image_layer_data
-from .task_tab import INPUT_MODALITY, LABELS_LAYER, Param, TaskSpec
+from .task_tab import INPUT_MODALITY, LABELS_LAYER, Param, TaskSpec, zero_is_auto
 
 def default(function, name: str):
     """A task function's default for ``name``: the tab starts from the same
@@ -23,14 +23,10 @@ def body_region(values: dict):
     return values.get("region") or None
 
 
-def zero_is_auto(value):
-    """Spin boxes use 0 for 'automatic': the task functions take None."""
-    return None if value <= 0 else value
-
-
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
-BATCH = Param("batch_size", 4, label="batch size", options={"min": 1, "max": 64}, advanced=True,
-              tooltip="Slices processed together (larger keeps a GPU busy)")
+BATCH = Param("batch_size", 0, label="batch size", options={"min": 0, "max": 64}, advanced=True,
+              tooltip="Slices processed together; 0 = automatic (32 on a CUDA GPU, halved while it runs "
+                      "out of memory; 4 elsewhere). The result does not depend on it")
 #: The scan's body region for the CT tasks (the CLI's --region); empty = not said.
 BODY_REGION = Param("region", "", label="body region", options={"choices": ["", "head-neck", "chest", "abdomen"]},
                     advanced=True,

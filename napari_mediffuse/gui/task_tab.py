@@ -48,6 +48,11 @@ LABELS_LAYER = "labels_layer"
 PREVIEW_CONTEXT = 1
 
 
+def zero_is_auto(value):
+    """Spin boxes use 0 for 'automatic': the task functions take None."""
+    return None if value <= 0 else value
+
+
 @dataclass
 class Param:
     """One task parameter shown in the tab."""
@@ -363,7 +368,7 @@ class TaskTab(QWidget):
         options = RunOptions(device=self.device_combo.currentText(),
                              precision=self.precision_combo.currentText(), progress=self._relay.progress.emit,
                              cancel=self._cancel.is_set, seed=values.pop("seed", 0),
-                             batch_size=values.pop("batch_size", 4))
+                             batch_size=zero_is_auto(values.pop("batch_size", 0)))
 
         @thread_worker
         def work():

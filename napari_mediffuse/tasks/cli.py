@@ -45,8 +45,9 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="network precision (default auto: fp32 on CPU, bf16 or fp16 on a GPU); "
                              "the sampler's arithmetic stays in full precision")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="slices processed together (the result does not depend on it)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices processed together (the result does not depend on it; default: 32 "
+                             "on a CUDA GPU, halved while it runs out of memory, 4 elsewhere)")
     parser.add_argument("--window", type=int, default=None, metavar="PIXELS",
                         help="evaluate the network in overlapping PIXELS x PIXELS windows with blended "
                              "estimates (less memory for large slices; default: whole slices)")
@@ -92,7 +93,7 @@ def options_from_args(args, progress=None):
 
     if args.window is not None and args.window < 8:
         raise ValueError(f"--window must be at least 8 pixels, got {args.window}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     # a device or precision this machine lacks is refused before anything is read or written
     autocast_dtype(select_device(args.device), args.precision)

@@ -15,6 +15,7 @@ import torch
 
 from ..engine.checkpoint import Checkpoint, CheckpointError, read_card
 from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
+from ..engine.devices import DEFAULT_BATCH_SIZE
 from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
@@ -47,8 +48,9 @@ class RunOptions:
         'auto' (reduced precision on GPU), 'fp32', 'fp16', 'bf16'.
     seed : int or None
         Seed of every random draw; the same seed gives the same result.
-    batch_size : int
-        Slices processed together (keeps a GPU busy; 2-8 on CPU).
+    batch_size : int or None
+        Slices processed together; None: 32 on a CUDA GPU (halved while it
+        runs out of memory), 4 elsewhere (:func:`~..engine.devices.default_batch_size`).
     window : int or None
         Sliding-window size (pixels) for slices too large for memory.
     progress : callable(done, total, message), optional
@@ -58,7 +60,7 @@ class RunOptions:
     device: str = "auto"
     precision: str = "auto"
     seed: Optional[int] = 0
-    batch_size: int = 4
+    batch_size: Optional[int] = None
     window: Optional[int] = None
     progress: Optional[ProgressCallback] = None
     cancel: Optional[CancelCheck] = None
@@ -138,7 +140,7 @@ def slices_of(array: np.ndarray, plane: str) -> np.ndarray:
 
 
 def map_slices(array: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray], *, plane: str = "axial",
-               batch_size: int = 4, progress: Optional[ProgressCallback] = None,
+               batch_size: Optional[int] = None, progress: Optional[ProgressCallback] = None,
                cancel: Optional[CancelCheck] = None, message: str = "") -> np.ndarray:
     """Apply ``fn`` to batches of 2D slices of a (S, P, L) array along ``plane``.
 
@@ -147,6 +149,7 @@ def map_slices(array: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray],
     batch; cancellation is checked between batches (and inside ``fn`` if it
     runs a sampler).
     """
+    batch_size = batch_size or DEFAULT_BATCH_SIZE  # CPU functions (BM3D, NLM): the device plays no part
     stack = slices_of(array, plane)
     out = np.empty(stack.shape, dtype=np.float32)
     n = stack.shape[0]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.control import check_cancel, report
-from ..engine.devices import autocast_dtype, select_device
+from ..engine.devices import autocast_dtype, default_batch_size, select_device
 from ..io.volume import Volume
 from .common import RunOptions, TaskInputError, result_volume
 
@@ -195,7 +195,7 @@ def translate_with_pipeline(volume: Volume, folder, *, direction: str = "ct2mr",
     data = np.asarray(volume.data, dtype=np.float32)
     n, h, w = data.shape
     unit = to_unit(data, SOURCE_MODALITY[direction], ct_window)
-    batch = max(1, int(options.batch_size))
+    batch = default_batch_size(pipe.device, options.batch_size)
     out = np.empty_like(data)
     total = n * steps
     for start in range(0, n, batch):

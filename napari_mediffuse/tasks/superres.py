@@ -180,7 +180,7 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
                    checkpoint, plane_spacing_mm: tuple[float, float], steps: int = DEFAULT_STEPS,
                    strength: float = 1.0, end_hu: float = DEFAULT_END_HU, noise_hu: float = 0.0,
                    lam: float = DEFAULT_LAMBDA, eta: float = 0.0, smooth: bool = False,
-                   region: Optional[str] = None, batch_size: int = 4, seed: Optional[int] = 0,
+                   region: Optional[str] = None, batch_size: Optional[int] = None, seed: Optional[int] = 0,
                    progress=None, cancel=None, flip_rows: bool = True, stream: int = 0,
                    out: Optional[np.ndarray] = None, average_with_out: bool = False) -> np.ndarray:
     """DiffPIR super-resolution of 2D planes whose rows run along the slice axis.
@@ -294,7 +294,7 @@ def diffpir_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarr
 
 def conditional_planes(thick_planes: np.ndarray, op: SlabOperator, initial: np.ndarray, *, predictor,
                        checkpoint, steps: int = LEARNED_STEPS, region: Optional[str] = None,
-                       smooth: bool = True, batch_size: int = 4, seed: Optional[int] = 0, progress=None,
+                       smooth: bool = True, batch_size: Optional[int] = None, seed: Optional[int] = 0, progress=None,
                        cancel=None, flip_rows: bool = True, stream: int = 0, out: Optional[np.ndarray] = None,
                        average_with_out: bool = False, ensemble: int = 1) -> np.ndarray:
     """Learned super-resolution of 2D planes whose rows run along the slice axis.

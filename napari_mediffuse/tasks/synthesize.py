@@ -40,6 +40,7 @@ resampled to the requested spacing when it differs.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..engine.control import ProgressSpan, check_cancel
+from ..engine.devices import default_batch_size
 from ..engine.checkpoint import CheckpointError
 from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
@@ -89,7 +91,7 @@ def volume_from_stack(stack: torch.Tensor, plane: str) -> torch.Tensor:
     return stack.flip(1).permute(1, 2, 0)
 
 
-def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4, region=None, cancel=None,
+def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: Optional[int] = None, region=None, cancel=None,
                                 slice_positions: dict | None = None):
     """Noise predictor for a whole (1, 1, S, P, L) volume, one plane per call.
 
@@ -99,6 +101,7 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: int = 4
     place along the plane's normal, for a prior that takes it.
     """
     state = {"call": 0}
+    batch_size = default_batch_size(getattr(predictor, "device", "cpu"), batch_size)
 
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         plane = planes[state["call"] % len(planes)]
