@@ -258,6 +258,48 @@ def test_segmenter_pairs_mark_the_pixels_a_lesion_changed_by_half_its_contrast(s
         assert change_hu[mask == 0].max() <= 0.5 * contrast + 1.0
 
 
+def low_frequency_share(noise, pixel_mm, cycles_per_mm=0.05):
+    """Share of ``noise``'s power at wavelengths over 1 / ``cycles_per_mm`` (20 mm)."""
+    power = np.abs(np.fft.fft2(noise)) ** 2
+    fy, fx = (np.fft.fftfreq(n, pixel_mm) for n in noise.shape)
+    return float(power[np.hypot(*np.meshgrid(fy, fx, indexing="ij")) < cycles_per_mm].sum() / power.sum())
+
+
+def test_ct_like_noise_has_its_std_and_little_power_at_lesion_scale_at_any_pixel_size():
+    from training.healing import ct_like_noise
+
+    for pixel_mm in (0.78, 1.5, 4.0):
+        noise = ct_like_noise((256, 256), 30.0, np.random.default_rng(1), spacing_mm=(pixel_mm, pixel_mm))
+        assert float(noise.std()) == pytest.approx(30.0, rel=1e-3)
+        # band-limited in mm: under 2 % of its power at wavelengths over 20 mm (lesion and organ
+        # scale), where white noise at 4 mm pixels has 13 %
+        assert low_frequency_share(noise, pixel_mm) < 0.02
+    white = np.random.default_rng(1).standard_normal((256, 256))
+    assert low_frequency_share(white, 4.0) > 0.1
+    # grain: at 0.78 mm pixels neighbours are correlated, as in a reconstructed CT (white: 0)
+    fine = ct_like_noise((256, 256), 30.0, np.random.default_rng(2), spacing_mm=(0.78, 0.78))
+    assert np.corrcoef(fine[:, :-1].ravel(), fine[:, 1:].ravel())[0, 1] > 0.5
+
+
+def test_segmenter_pairs_add_noise_to_the_input_only(sample_ct):
+    volume = _sample_volume(sample_ct)
+    base = {"patch_size": 48, "clean_probability": 0.0, "target": "lesion_mask",
+            "lesions": {"max_lesions": 1, "contrast_hu": [100.0, 200.0], "replace_probability": 0.0}}
+    quiet = LesionHealingPairs([volume], base, NORMALIZATION, seed=0)
+    noisy = LesionHealingPairs([volume], dict(base, noise_hu=[20.0, 20.0], noise_probability=1.0),
+                               NORMALIZATION, seed=0)
+    a, b = quiet.sample(np.random.default_rng(5)), noisy.sample(np.random.default_rng(5))
+    np.testing.assert_array_equal(a["image"], b["image"])  # the same lesions: the mask is unchanged
+    added_hu = ((b["condition"] - a["condition"]).numpy()[0] * 1536.0)
+    body = a["condition"].numpy()[0] > -0.6  # tissue, away from the clipped air
+    assert 15.0 < float(added_hu[body].std()) < 25.0
+    # validation crops stay as they are, and a healing model refuses the noise
+    val = LesionHealingPairs([volume], dict(base, noise_hu=[20.0, 20.0]), NORMALIZATION, part="val")
+    assert val.noise_hu == (0.0, 0.0)
+    with pytest.raises(ValueError, match="noise_hu belongs to the lesion_mask target"):
+        LesionHealingPairs([volume], {"patch_size": 48, "noise_hu": [0.0, 10.0]}, NORMALIZATION)
+
+
 def test_segmenter_config_takes_no_healing_settings_and_needs_the_segmentation_objective():
     from training.trainer import training_objective
 

@@ -234,6 +234,24 @@ def shift_soft_tissue(crop_hu: np.ndarray, amplitude_hu: float, rng: np.random.G
     return out
 
 
+def ct_like_noise(shape, std_hu: float, rng: np.random.Generator, *, spacing_mm=(1.0, 1.0),
+                  grain_mm: float = 0.7, cutoff_mm: float = 3.0) -> np.ndarray:
+    """Band-limited Gaussian noise (HU, std ``std_hu``) with CT noise's texture.
+
+    Filtered back-projection leaves noise without its lowest frequencies (the
+    ramp filter) and without the finest (the kernel): white noise blurred
+    by ``grain_mm`` less the same noise blurred by ``cutoff_mm``, in mm at
+    any pixel size. Scanners, doses and kernels differ this way and lesions
+    do not: the segmenters flagged the grainy fat of a noisy 1 mm chest CT
+    (session 21).
+    """
+    white = rng.standard_normal(shape).astype(np.float32)
+    spacing = np.asarray(spacing_mm, dtype=float)
+    fine = ndimage.gaussian_filter(white, grain_mm / spacing)
+    band = fine - ndimage.gaussian_filter(white, cutoff_mm / spacing)
+    return (band * (std_hu / max(float(band.std()), 1e-6))).astype(np.float32)
+
+
 #: What a sample's image is (``data.target``): the healthy crop or the lesions' 0/1 mask.
 TARGETS = ("healthy", "lesion_mask")
 
@@ -272,6 +290,11 @@ class LesionHealingPairs(SampleStream):
         # before the lesions, so they are part of normal anatomy in both target kinds
         self.level_shift_hu = float(data_config.get("level_shift_hu", 0.0)) if part == "train" else 0.0
         self.level_shift_probability = float(data_config.get("level_shift_probability", 0.5))
+        # extra CT-like noise on the input (ct_like_noise), std uniform in noise_hu: noise is no lesion
+        self.noise_hu = tuple(data_config.get("noise_hu") or (0.0, 0.0)) if part == "train" else (0.0, 0.0)
+        self.noise_probability = float(data_config.get("noise_probability", 0.5))
+        if len(self.noise_hu) != 2 or not 0.0 <= self.noise_hu[0] <= self.noise_hu[1]:
+            raise ValueError(f"data.noise_hu must be [low, high] HU with 0 <= low <= high, got {self.noise_hu}")
         self.target = data_config.get("target", "healthy")
         if self.target not in TARGETS:
             raise ValueError(f"data.target must be one of {TARGETS}, got {self.target!r}")
@@ -279,6 +302,9 @@ class LesionHealingPairs(SampleStream):
                                              or self.lesion_loss_weight):
             raise ValueError("data.target lesion_mask: residual_scale, lesion_loss_share and "
                              "lesion_loss_weight belong to the healing target; remove them")
+        if self.target == "healthy" and data_config.get("noise_hu"):
+            raise ValueError("data.noise_hu belongs to the lesion_mask target (a healing model would learn "
+                             "to denoise); remove it")
         self.low, self.high = float(normalization["low"]), float(normalization["high"])
         self.volume_p = volume_probabilities([v.data.size for v in volumes], [v.region for v in volumes],
                                              data_config.get("region_weights"))
@@ -317,6 +343,9 @@ class LesionHealingPairs(SampleStream):
             corrupted_hu, lesions = crop_hu, np.zeros_like(crop_hu)
         else:
             corrupted_hu, lesions = corrupt(crop_hu, volume.spacing_mm[1:], rng, body=crop_body, **self.lesions)
+        if self.noise_hu[1] > 0 and rng.random() < self.noise_probability:
+            corrupted_hu = corrupted_hu + ct_like_noise(corrupted_hu.shape, rng.uniform(*self.noise_hu), rng,
+                                                        spacing_mm=volume.spacing_mm[1:])
         planes = np.stack([self._to_units(crop_hu), self._to_units(corrupted_hu), lesions]).astype(np.float32)
         if augment is not None:
             if rng.random() < 0.5:
