@@ -298,6 +298,11 @@ def test_segmenter_pairs_add_noise_to_the_input_only(sample_ct):
     assert val.noise_hu == (0.0, 0.0)
     with pytest.raises(ValueError, match="noise_hu belongs to the lesion_mask target"):
         LesionHealingPairs([volume], {"patch_size": 48, "noise_hu": [0.0, 10.0]}, NORMALIZATION)
+    for bad in (20.0, [30.0, 10.0], [-5.0, 10.0]):
+        with pytest.raises(ValueError, match="noise_hu must be"):
+            LesionHealingPairs([volume], dict(base, noise_hu=bad), NORMALIZATION)
+    with pytest.raises(ValueError, match="noise_probability must be in"):
+        LesionHealingPairs([volume], dict(base, noise_hu=[0.0, 10.0], noise_probability=1.5), NORMALIZATION)
 
 
 def test_segmenter_config_takes_no_healing_settings_and_needs_the_segmentation_objective():
@@ -457,13 +462,20 @@ def test_organ_lesions_darken_one_organ_only_by_their_contrast(sample_ct):
     assert not weight.any() and np.array_equal(out, air)
 
 
-def test_corrupt_draws_organ_clusters_at_its_organ_probability(sample_ct):
+def test_corrupt_with_organ_probability_one_puts_every_cluster_in_body_parenchyma(sample_ct):
     slice_hu = sample_ct.data[2]
+    body = body_mask(slice_hu)
     outside = ~parenchyma_or_border(slice_hu)
     for seed in range(4):
         # always a cluster: every lesion pixel lies in parenchyma (or its 1 mm border)
         _, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), organ_probability=1.0)
         assert weight.max() > 0.9 and float(weight[outside].max()) < 0.5
+    # only the body's parenchyma: with the left half of the body left out, no lesion goes there
+    half = body.copy()
+    half[:, : half.shape[1] // 2] = False
+    for seed in range(4):
+        _, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), body=half, organ_probability=1.0)
+        assert float(weight[:, : half.shape[1] // 2 - 2].max()) < 0.5
 
 
 def parenchyma_or_border(slice_hu):

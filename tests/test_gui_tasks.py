@@ -281,4 +281,4 @@ def test_batch_size_zero_leaves_the_batch_to_the_device(panel, ct_crop_layer, qt
     assert tab.param_widgets["batch_size"].value == 0  # automatic by default
     _run(qtbot, tab)
     _run(qtbot, tab, batch_size=6)
-    assert seen == [None, 6]  # None: 32 on a CUDA GPU, 4 elsewhere (engine.devices.default_batch_size)
+    assert seen == [None, 6]  # None: 32 on a CUDA GPU, 4 elsewhere (engine.devices.resolve_batch_size)

@@ -86,40 +86,63 @@ def test_bf16_is_refused_on_a_gpu_without_it_and_mps_samples_in_float32():
 
 
 def test_the_default_batch_is_32_slices_on_a_cuda_gpu_and_4_elsewhere():
-    from napari_mediffuse.engine.devices import default_batch_size
+    from napari_mediffuse.engine.devices import resolve_batch_size
 
-    assert default_batch_size(torch.device("cuda", 1)) == 32
-    assert default_batch_size("cpu") == default_batch_size("meta") == default_batch_size("mps") == 4
-    assert default_batch_size("cuda", 2) == 2 and default_batch_size("cpu", 0) == 1
+    assert resolve_batch_size(None, torch.device("cuda", 1)) == 32
+    assert resolve_batch_size(None, "cpu") == resolve_batch_size(None, "meta") == resolve_batch_size(None, "mps") == 4
+    assert resolve_batch_size(None) == 4  # loops that do not halve on running out of memory
+    assert resolve_batch_size(2, "cuda") == 2
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        resolve_batch_size(0, "cpu")
     assert SliceRunner("meta").batch_size == 4 and SliceRunner("cpu", batch_size=16).batch_size == 16
 
 
-def out_of_memory_above(limit: int):
+def out_of_memory_above(limit: int, *, after_steps: int = 0, message: str = ""):
     """A batch function that fails as a GPU without room does when handed more than ``limit``
-    slices (CUDA's own error), and keeps what each call was given."""
+    slices (CUDA's own error, or a RuntimeError saying ``message``), after reporting
+    ``after_steps`` of its 4 steps, and keeps how many slices each call was given."""
     calls = []
 
     def fn(index, noise, progress):
         calls.append(len(index))
-        if len(index) > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         for step in range(1, 5):
+            if step > after_steps and len(index) > limit:
+                if message:
+                    raise RuntimeError(message)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             progress(step, 4)
         return noise.randn((len(index), 3)).numpy() + np.asarray(index)[:, None]
     return fn, calls
 
 
-def test_a_gpu_out_of_memory_halves_the_batch_and_gives_the_same_result():
+@pytest.mark.parametrize("after_steps, message", [(0, ""), (2, ""), (3, "MPS backend out of memory")])
+def test_a_gpu_out_of_memory_halves_the_batch_and_gives_the_same_result(after_steps, message):
     reference = SliceRunner("cpu", seed=3, batch_size=1).run(range(11), out_of_memory_above(100)[0], cost=4)
-    fn, calls = out_of_memory_above(3)
+    fn, calls = out_of_memory_above(3, after_steps=after_steps, message=message)
     reports = []
     runner = SliceRunner("cpu", seed=3, batch_size=8, progress=lambda d, t, m: reports.append((d, t)))
     out = runner.run(range(11), fn, cost=4)
     np.testing.assert_array_equal(out, reference)  # noise is per slice: halving changes nothing
-    assert calls[:3] == [8, 4, 2] and set(calls[3:]) <= {1, 2} and runner.batch_size == 2
+    assert calls == [8, 4, 2, 2, 2, 2, 2, 1] and runner.batch_size == 2
     done = [d for d, _ in reports]
-    # progress keeps the plan's total (2 batches of 4 steps) and never goes back
+    # progress keeps the plan's total (2 batches of 4 steps) and never goes back, though the
+    # failed batches had reported some of their steps before running out
     assert {t for _, t in reports} == {8} and done == sorted(done) and done[-1] == 8
+
+
+def test_progress_of_runs_sharing_a_runner_stays_within_the_planned_total():
+    # the inpainting pattern: one runner, groups of slices, one total planned up front
+    fn, _ = out_of_memory_above(2)
+    reports = []
+    runner = SliceRunner("cpu", batch_size=8, progress=lambda d, t, m: reports.append((d, t)))
+    groups = [np.arange(8), np.arange(8, 16)]
+    total = sum(len(runner.batches(g)) for g in groups) * 4
+    offset = 0
+    for group in groups:
+        runner.run(group, fn, cost=4, progress_offset=offset, progress_total=total)
+        offset += len(runner.batches(group)) * 4
+    done = [d for d, _ in reports]
+    assert total == 8 and done == sorted(done) and done[-1] == 8
 
 
 def test_out_of_memory_at_one_slice_and_other_errors_are_raised():

@@ -151,11 +151,15 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
     ``replace_hu``; texture a smooth field of std uniform in ``texture_hu``.
     With probability ``organ_probability`` the slice gets, instead, a cluster
     of :func:`organ_lesions` (``organ_lesion_count`` lesions of
-    ``organ_diameter_mm``, ``organ_contrast_hu`` darker than their organ).
+    ``organ_diameter_mm``, ``organ_contrast_hu`` darker than their organ) in
+    the parenchyma inside ``body``; a slice without parenchyma gets the blobs
+    above (so clusters are a little rarer than ``organ_probability``).
     """
     if organ_probability and rng.random() < organ_probability:
+        inside_body = body_mask(slice_hu) if body is None else body
         out, mask = organ_lesions(slice_hu, spacing_mm, rng, count=organ_lesion_count,
-                                  diameter_mm=organ_diameter_mm, contrast_hu=organ_contrast_hu)
+                                  diameter_mm=organ_diameter_mm, contrast_hu=organ_contrast_hu,
+                                  parenchyma=parenchyma_mask(slice_hu, spacing_mm) & inside_body)
         if mask.any():
             return out, mask
     out = np.array(slice_hu, dtype=np.float32)
@@ -291,10 +295,14 @@ class LesionHealingPairs(SampleStream):
         self.level_shift_hu = float(data_config.get("level_shift_hu", 0.0)) if part == "train" else 0.0
         self.level_shift_probability = float(data_config.get("level_shift_probability", 0.5))
         # extra CT-like noise on the input (ct_like_noise), std uniform in noise_hu: noise is no lesion
-        self.noise_hu = tuple(data_config.get("noise_hu") or (0.0, 0.0)) if part == "train" else (0.0, 0.0)
+        noise_hu = data_config.get("noise_hu") or (0.0, 0.0)
+        if (not isinstance(noise_hu, (list, tuple)) or len(noise_hu) != 2
+                or not 0.0 <= float(noise_hu[0]) <= float(noise_hu[1])):
+            raise ValueError(f"data.noise_hu must be [low, high] HU with 0 <= low <= high, got {noise_hu!r}")
+        self.noise_hu = (float(noise_hu[0]), float(noise_hu[1])) if part == "train" else (0.0, 0.0)
         self.noise_probability = float(data_config.get("noise_probability", 0.5))
-        if len(self.noise_hu) != 2 or not 0.0 <= self.noise_hu[0] <= self.noise_hu[1]:
-            raise ValueError(f"data.noise_hu must be [low, high] HU with 0 <= low <= high, got {self.noise_hu}")
+        if not 0.0 <= self.noise_probability <= 1.0:
+            raise ValueError(f"data.noise_probability must be in [0, 1], got {self.noise_probability}")
         self.target = data_config.get("target", "healthy")
         if self.target not in TARGETS:
             raise ValueError(f"data.target must be one of {TARGETS}, got {self.target!r}")
@@ -302,7 +310,7 @@ class LesionHealingPairs(SampleStream):
                                              or self.lesion_loss_weight):
             raise ValueError("data.target lesion_mask: residual_scale, lesion_loss_share and "
                              "lesion_loss_weight belong to the healing target; remove them")
-        if self.target == "healthy" and data_config.get("noise_hu"):
+        if self.target == "healthy" and float(noise_hu[1]) > 0:
             raise ValueError("data.noise_hu belongs to the lesion_mask target (a healing model would learn "
                              "to denoise); remove it")
         self.low, self.high = float(normalization["low"]), float(normalization["high"])

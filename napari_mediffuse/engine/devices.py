@@ -10,26 +10,33 @@ log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
-#: Slices a batch holds when the user does not say (``batch_size=None``), per device type.
-#: A CUDA GPU runs super-resolution 8x faster at 32 than at 4 (0.40 against 3.4 s per 512 x 512
-#: slice on an H200, docs/benchmarks/sr_cuda_batch32.md); a smaller GPU that runs out of memory
-#: at 32 halves the batch until it fits (:class:`~.runner.SliceRunner`). A CPU gains nothing from
-#: more than a few slices at once.
+#: Slices a batch holds when the user does not say (``batch_size=None``), per device type, in
+#: the loops that halve a batch that runs out of memory (:class:`~.runner.SliceRunner`).
+#: Measured: super-resolution of a 4-slice 512 x 512 chest slab ran 8x faster on an H200 at 32
+#: planes a call than at 4 (0.40 against 3.4 s per thick slice, 192 MB of GPU memory;
+#: docs/benchmarks/sr_cuda_batch32.md); denoising took 340 MB at 4 (tasks_cuda.md), so about
+#: 2.7 GB at 32. A CPU gains nothing from more than a few slices at once.
 AUTO_BATCH_SIZE = {"cuda": 32}
-#: ... and on every other device.
+#: ... on every other device, and in loops that do not halve (synthesis, Stable Diffusion).
 DEFAULT_BATCH_SIZE = 4
 
 
-def default_batch_size(device, batch_size=None) -> int:
-    """``batch_size``, or for ``None`` the automatic one of ``device`` (:data:`AUTO_BATCH_SIZE`)."""
-    if batch_size is not None:
-        return max(1, int(batch_size))
-    return AUTO_BATCH_SIZE.get(torch.device(device).type, DEFAULT_BATCH_SIZE)
+def resolve_batch_size(batch_size=None, device=None) -> int:
+    """The batch size to run with: ``batch_size`` itself (at least 1, else ValueError), or
+    for ``None`` :data:`AUTO_BATCH_SIZE` of ``device``'s type; callers whose loop does not
+    halve a batch that runs out of memory pass no device and get :data:`DEFAULT_BATCH_SIZE`."""
+    if batch_size is None:
+        if device is None:
+            return DEFAULT_BATCH_SIZE
+        return AUTO_BATCH_SIZE.get(torch.device(device).type, DEFAULT_BATCH_SIZE)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return int(batch_size)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a GPU running out of memory (CUDA's own exception, or the
-    RuntimeError Apple MPS and older CUDA builds raise), not any other failure."""
+    """Whether ``error`` says memory ran out: CUDA's ``OutOfMemoryError``, or a RuntimeError
+    whose message says "out of memory" (Apple MPS, older CUDA builds), not any other failure."""
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(error, oom):
         return True

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .control import CancelCheck, ProgressCallback, ProgressSpan, check_cancel, report
-from .devices import default_batch_size, is_out_of_memory, release_cached_memory, sampler_dtype
+from .devices import is_out_of_memory, release_cached_memory, resolve_batch_size, sampler_dtype
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ class SliceRunner:
         Seed of the run; ``None`` draws one.
     batch_size : int or None
         Slices evaluated together; ``None``: the device's default
-        (:func:`~.devices.default_batch_size`). Results do not depend on it.
-        A GPU that runs out of memory halves it for the rest of the run.
+        (:func:`~.devices.resolve_batch_size`). Results do not depend on it.
+        A GPU that runs out of memory halves it for the rest of the run;
+        :meth:`batches` (progress totals) keeps planning with the first size.
     progress, cancel : callables, optional
         See :mod:`.control`.
     index_offset : int
@@ -134,7 +135,8 @@ class SliceRunner:
         self.device = torch.device(device)
         self.index_offset = int(index_offset)
         self.seed = resolve_seed(seed)
-        self.batch_size = default_batch_size(self.device, batch_size)
+        self.batch_size = resolve_batch_size(batch_size, self.device)
+        self.plan_size = self.batch_size  # progress is planned in these even after halving
         self.progress = progress
         self.cancel = cancel
 
@@ -179,7 +181,7 @@ class SliceRunner:
 
     def batches(self, indices: Sequence[int]) -> list[np.ndarray]:
         indices = np.asarray(list(indices), dtype=np.int64)
-        return [indices[s:s + self.batch_size] for s in range(0, len(indices), self.batch_size)]
+        return [indices[s:s + self.plan_size] for s in range(0, len(indices), self.plan_size)]
 
     def run(self, indices: Sequence[int], fn: BatchFn, *, cost: int = 1, stream: int = 0,
             message: str = "", out: Optional[np.ndarray] = None,
@@ -210,12 +212,18 @@ class SliceRunner:
             Results stacked in the order of ``indices``.
         """
         indices = np.asarray(list(indices), dtype=np.int64)
-        planned_size = self.batch_size  # progress keeps this plan's units if batches shrink
         planned = len(self.batches(indices))
         total = progress_total if progress_total is not None else progress_offset + planned * cost
+        reached = [progress_offset]
 
-        def position(count: int) -> int:  # progress after the first ``count`` slices
-            units = planned * cost if count >= len(indices) else int(round(cost * count / planned_size))
+        def forward(done: int, _total: int, text: str = "") -> None:
+            # a batch that ran out of memory part way has reported steps its retry reports again
+            if done >= reached[0]:
+                reached[0] = done
+                report(self.progress, done, total, text)
+
+        def position(count: int) -> int:  # progress after the first ``count`` slices, in planned units
+            units = planned * cost if count >= len(indices) else int(round(cost * count / self.plan_size))
             return progress_offset + units
 
         done = 0
@@ -223,21 +231,27 @@ class SliceRunner:
             check_cancel(self.cancel)
             index = indices[done:done + self.batch_size]
             start = position(done)
-            span = ProgressSpan(self.progress, start, total, message,
+            span = ProgressSpan(forward, start, total, message,
                                 scale=(position(done + len(index)) - start) / max(cost, 1))
+            out_of_memory = False
             try:
                 result = np.asarray(fn(index, self.noise(index, stream), span))
             except RuntimeError as error:
                 if not is_out_of_memory(error) or self.batch_size == 1:
                     raise
-                self.batch_size = max(1, self.batch_size // 2)
-                release_cached_memory(self.device)
-                log.warning("%s ran out of memory with %d slices at once; going on with %d",
-                            self.device, len(index), self.batch_size)
+                out_of_memory = True  # halve outside the handler: its traceback holds the batch's tensors
+            if out_of_memory:
+                self._halve(len(index))
                 continue
             if out is None:  # results go straight into one array: no list of batches to concatenate
                 out = np.empty((len(indices),) + result.shape[1:], dtype=result.dtype)
             out[done:done + len(index)] = result
             done += len(index)
-            report(self.progress, position(done), total, message)
+            forward(position(done), total, message)
         return out if out is not None else np.empty((0,), dtype=np.float32)
+
+    def _halve(self, failed: int) -> None:
+        self.batch_size = max(1, self.batch_size // 2)
+        release_cached_memory(self.device)
+        log.warning("%s ran out of memory with %d slices at once; going on with %d", self.device, failed,
+                    self.batch_size)

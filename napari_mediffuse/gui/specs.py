@@ -26,7 +26,8 @@ def body_region(values: dict):
 SEED = Param("seed", 0, tooltip="Random seed: the same seed gives the same result", advanced=True)
 BATCH = Param("batch_size", 0, label="batch size", options={"min": 0, "max": 64}, advanced=True,
               tooltip="Slices processed together; 0 = automatic (32 on a CUDA GPU, halved while it runs "
-                      "out of memory; 4 elsewhere). The result does not depend on it")
+                      "out of memory; 4 elsewhere and for synthesis and Stable-Diffusion translation). "
+                      "The result does not depend on it")
 #: The scan's body region for the CT tasks (the CLI's --region); empty = not said.
 BODY_REGION = Param("region", "", label="body region", options={"choices": ["", "head-neck", "chest", "abdomen"]},
                     advanced=True,

@@ -47,7 +47,8 @@ def add_common_options(parser, *, steps: int | None = None, model: bool = True) 
                              "the sampler's arithmetic stays in full precision")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="slices processed together (the result does not depend on it; default: 32 "
-                             "on a CUDA GPU, halved while it runs out of memory, 4 elsewhere)")
+                             "on a CUDA GPU, halved while it runs out of memory, 4 elsewhere and for "
+                             "synthesis and Stable-Diffusion translation)")
     parser.add_argument("--window", type=int, default=None, metavar="PIXELS",
                         help="evaluate the network in overlapping PIXELS x PIXELS windows with blended "
                              "estimates (less memory for large slices; default: whole slices)")

@@ -15,7 +15,7 @@ import torch
 
 from ..engine.checkpoint import Checkpoint, CheckpointError, read_card
 from ..engine.control import CancelCheck, ProgressCallback, check_cancel, report
-from ..engine.devices import DEFAULT_BATCH_SIZE
+from ..engine.devices import resolve_batch_size
 from ..engine.inference import NoisePredictor
 from ..engine.intensity import intensity_range, normalize, denormalize
 from ..engine.networks import REGIONS
@@ -49,8 +49,9 @@ class RunOptions:
     seed : int or None
         Seed of every random draw; the same seed gives the same result.
     batch_size : int or None
-        Slices processed together; None: 32 on a CUDA GPU (halved while it
-        runs out of memory), 4 elsewhere (:func:`~..engine.devices.default_batch_size`).
+        Slices processed together; None: 32 on a CUDA GPU where the task runs
+        through the slice runner (halved while it runs out of memory), else 4
+        (:func:`~..engine.devices.resolve_batch_size`).
     window : int or None
         Sliding-window size (pixels) for slices too large for memory.
     progress : callable(done, total, message), optional
@@ -149,7 +150,7 @@ def map_slices(array: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray],
     batch; cancellation is checked between batches (and inside ``fn`` if it
     runs a sampler).
     """
-    batch_size = batch_size or DEFAULT_BATCH_SIZE  # CPU functions (BM3D, NLM): the device plays no part
+    batch_size = resolve_batch_size(batch_size)  # CPU functions (BM3D, NLM): the device plays no part
     stack = slices_of(array, plane)
     out = np.empty(stack.shape, dtype=np.float32)
     n = stack.shape[0]

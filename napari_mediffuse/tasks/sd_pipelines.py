@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.control import check_cancel, report
-from ..engine.devices import DEFAULT_BATCH_SIZE, autocast_dtype, select_device
+from ..engine.devices import autocast_dtype, resolve_batch_size, select_device
 from ..io.volume import Volume
 from .common import RunOptions, TaskInputError, result_volume
 
@@ -195,9 +195,9 @@ def translate_with_pipeline(volume: Volume, folder, *, direction: str = "ct2mr",
     data = np.asarray(volume.data, dtype=np.float32)
     n, h, w = data.shape
     unit = to_unit(data, SOURCE_MODALITY[direction], ct_window)
-    # Stable Diffusion at 512 px needs gigabytes of GPU memory (32 slices of a bundled UNet: 192 MB)
-    # and this loop does not halve a batch that runs out of it: the CPU default unless told
-    batch = options.batch_size or DEFAULT_BATCH_SIZE
+    # Stable Diffusion at 512 px needs gigabytes of GPU memory and this loop does not halve a
+    # batch that runs out of it: no device, so 4 unless told
+    batch = resolve_batch_size(options.batch_size)
     out = np.empty_like(data)
     total = n * steps
     for start in range(0, n, batch):

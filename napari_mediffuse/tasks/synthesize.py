@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..engine.control import ProgressSpan, check_cancel
-from ..engine.devices import default_batch_size
+from ..engine.devices import resolve_batch_size
 from ..engine.checkpoint import CheckpointError
 from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
@@ -101,7 +101,7 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: Optiona
     place along the plane's normal, for a prior that takes it.
     """
     state = {"call": 0}
-    batch_size = default_batch_size(getattr(predictor, "device", "cpu"), batch_size)
+    batch_size = resolve_batch_size(batch_size)  # no device: this loop does not halve on running out of memory
 
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         plane = planes[state["call"] % len(planes)]
