@@ -32,6 +32,16 @@ def test_task_on_cuda_matches_the_cpu(task, precision, ct_crop):  # noqa: F811
     assert diff < TOLERANCE[precision], f"{task} {precision}: mean |GPU - CPU| = {diff:.3f}"
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_automatic_batch_on_cuda_gives_the_result_of_batch_4(task, ct_crop):  # noqa: F811
+    # batch_size None is 32 slices on CUDA (engine.devices.resolve_batch_size); per-slice noise
+    # makes the result independent of it, up to the GPU's arithmetic in another batch shape
+    four = TASKS[task](ct_crop, RunOptions(device="cuda", precision="fp32", seed=1, batch_size=4))
+    auto = TASKS[task](ct_crop, RunOptions(device="cuda", precision="fp32", seed=1))
+    diff = np.abs(auto.astype(np.float64) - four.astype(np.float64)).mean()
+    assert diff < TOLERANCE["fp32"], f"{task}: mean |auto - batch 4| = {diff:.3f}"
+
+
 def test_synthesis_and_samples_on_cuda():
     from napari_mediffuse.tasks import sample_images, synthesize
 
