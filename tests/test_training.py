@@ -382,6 +382,13 @@ def test_sigterm_saves_the_state_and_resume_continues(tmp_path, ct_small_path):
     state = torch.load(run / "state.pt", weights_only=True)
     logged = max(r["step"] for r in read_log(run) if "loss" in r)
     assert state["step"] >= logged >= 3  # the step in progress finished and was saved, not lost
+    # without --resume the run is not started over on top of it: one line, rc 2, nothing touched
+    weights = (run / "ema" / "model.safetensors").read_bytes()
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {run}: holds a run already (state.pt); pass --resume to continue it, or give another --output"]
+    assert (run / "ema" / "model.safetensors").read_bytes() == weights
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == state["step"]
     # --resume continues from it with a 'resumed' record
     subprocess.run(command + ["--resume", "--max-steps", str(state["step"] + 2)], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=240)

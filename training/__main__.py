@@ -30,6 +30,11 @@ def _cmd_train(args) -> int:
     if args.check:
         print(f"{args.config}: data config OK")
         return 0
+    state = Path(args.output) / "state.pt"
+    if state.exists() and not args.resume:  # a new run there would overwrite that run's weights
+        print(f"error: {args.output}: holds a run already ({state.name}); pass --resume to continue it, "
+              "or give another --output", file=sys.stderr)
+        return 2
     try:  # a GPU asked for on a machine without one: one line before anything loads
         from napari_mediffuse.engine.devices import select_device
 
