@@ -13,7 +13,7 @@ import torch
 
 def _cmd_train(args) -> int:
     from .data import ConfigError
-    from .trainer import check_architecture, check_training_data, load_config, train, training_objective
+    from .trainer import STATE_FILE, check_architecture, check_training_data, load_config, train, training_objective
 
     try:
         config = load_config(args.config)
@@ -30,7 +30,7 @@ def _cmd_train(args) -> int:
     if args.check:
         print(f"{args.config}: data config OK")
         return 0
-    state = Path(args.output) / "state.pt"
+    state = Path(args.output) / STATE_FILE
     if state.exists() and not args.resume:  # a new run there would overwrite that run's weights
         print(f"error: {args.output}: holds a run already ({state.name}); pass --resume to continue it, "
               "or give another --output", file=sys.stderr)

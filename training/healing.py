@@ -155,16 +155,16 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
     the parenchyma inside ``body``; a slice without parenchyma gets the blobs
     above (so clusters are a little rarer than ``organ_probability``).
     """
+    body = body_mask(slice_hu) if body is None else body  # once, for either kind of lesion
     if organ_probability and rng.random() < organ_probability:
-        inside_body = body_mask(slice_hu) if body is None else body
         out, mask = organ_lesions(slice_hu, spacing_mm, rng, count=organ_lesion_count,
                                   diameter_mm=organ_diameter_mm, contrast_hu=organ_contrast_hu,
-                                  parenchyma=parenchyma_mask(slice_hu, spacing_mm) & inside_body)
+                                  parenchyma=parenchyma_mask(slice_hu, spacing_mm) & body)
         if mask.any():
             return out, mask
     out = np.array(slice_hu, dtype=np.float32)
     mask = np.zeros(out.shape, dtype=np.float32)
-    inside = np.argwhere(body_mask(out) if body is None else body)
+    inside = np.argwhere(body)
     if not len(inside):
         return out, mask
     for _ in range(int(rng.integers(1, max_lesions + 1))):
