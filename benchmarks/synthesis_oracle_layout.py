@@ -15,7 +15,10 @@ prior's own draw, refined from the same steps and seed, is beside it.
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/synthesis_oracle_layout.py \\
         --patients 0 5 10 20 --refine-from 450 600 750 --out docs/evaluation/synthesis_oracle_layout
 
-About 15 minutes on one thread. Writes ``<out>.json``, ``<out>.md`` and
+About 15 minutes on one thread. With ``--detail-model NAME`` each layout
+is also given to that detail stage (task ``ct_prior_detail``, drawing the
+4 mm slices from the layout; refine column "detail"); the other rows run
+without one. Writes ``<out>.json``, ``<out>.md`` and
 ``<out>.png`` (rows: each sample and the real patient; axial, coronal and
 sagittal mid-planes in a soft-tissue and a bone window).
 """
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--refine-from", type=int, nargs="+", default=[450, 600, 750])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detail-model", help="also run each layout through this detail stage (name or folder)")
     p.add_argument("--out", default="docs/evaluation/synthesis_oracle_layout")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -93,16 +97,23 @@ def main(argv=None) -> int:
         for name, layout in (("the patient's own 8 mm box", (box_hu, data["spacing_mm"])),
                              ("the patient's own box at 16 mm", (box16, 2 * data["spacing_mm"])),
                              ("coarse prior draw (bundled)", None)):
-            for refine in args.refine_from:
+            runs = [(name, refine, "none") for refine in args.refine_from]
+            if args.detail_model and "16 mm" not in name:  # the detail stage learnt 8 mm layouts
+                runs.append((f"{name} + detail stage", "detail", args.detail_model))
+            for label, refine, detail in runs:
                 started = time.perf_counter()
                 # a seed per patient: the coarse prior draws another layout for each
                 vol = synthesize(SHAPE, spacing=(VOXEL_MM,) * 3, region="head-neck", model="ct-prior-multi",
-                                 steps=args.steps, refine_from=refine, layout=layout,
+                                 steps=args.steps, refine_from=None if refine == "detail" else refine,
+                                 layout=layout, detail_model=detail,
                                  options=RunOptions(seed=args.seed + k, batch_size=8))
-                score(name, patient, refine, vol.data, time.perf_counter() - started, pool)
-                if refine == PICTURED_STEP.get(name, min(args.refine_from)):
+                score(label, patient, refine, vol.data, time.perf_counter() - started, pool)
+                pictured = PICTURED_STEP.get(name)
+                if pictured not in args.refine_from:
+                    pictured = max(args.refine_from)
+                if refine in ("detail", pictured):
                     volumes.append(vol.data)
-                    labels.append(f"{patient}: {name}, refined from {refine}")
+                    labels.append(f"{patient}: {label}" + ("" if refine == "detail" else f", refined from {refine}"))
         volumes.append(reals[k])
         labels.append(f"{patient}: real CT")
 
@@ -129,9 +140,8 @@ def main(argv=None) -> int:
                      f"{r['dense_percent_of_body']:.1f} | {r['seconds'] if r['seconds'] is not None else '-'} |")
     lines += ["", "Means over the patients:", "",
               "| layout | refined from | HU distance (HU) | continuity (x real) |", "|---|---:|---:|---:|"]
-    for name in ("the real CT itself", "the patient's own 8 mm box", "the patient's own box at 16 mm",
-                 "coarse prior draw (bundled)"):
-        for refine in sorted({r["refine_from"] for r in rows if r["layout"] == name}, key=lambda v: v or 0):
+    for name in dict.fromkeys(r["layout"] for r in rows):
+        for refine in sorted({r["refine_from"] for r in rows if r["layout"] == name}, key=str):
             group = [r for r in rows if r["layout"] == name and r["refine_from"] == refine]
             lines.append(f"| {name} | {refine or '-'} | "
                          f"{np.mean([r['hu_wasserstein_to_others'] for r in group]):.1f} | "

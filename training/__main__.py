@@ -13,7 +13,8 @@ import torch
 
 def _cmd_train(args) -> int:
     from .data import ConfigError
-    from .trainer import STATE_FILE, check_architecture, check_training_data, load_config, train, training_objective
+    from .trainer import (RunExistsError, check_architecture, check_run_output, check_training_data, load_config,
+                          train, training_objective)
 
     try:
         config = load_config(args.config)
@@ -30,10 +31,10 @@ def _cmd_train(args) -> int:
     if args.check:
         print(f"{args.config}: data config OK")
         return 0
-    state = Path(args.output) / STATE_FILE
-    if state.exists() and not args.resume:  # a new run there would overwrite that run's weights
-        print(f"error: {args.output}: holds a run already ({state.name}); pass --resume to continue it, "
-              "or give another --output", file=sys.stderr)
+    try:
+        check_run_output(args.output, args.resume)
+    except RunExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # a GPU asked for on a machine without one: one line before anything loads
         from napari_mediffuse.engine.devices import select_device

@@ -93,6 +93,10 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         from .thick_thin import make_datasets as thick_thin_datasets
 
         return thick_thin_datasets(config, seed=seed, rank=rank, start_step=start_step)
+    if config["data"].get("kind") == "layout_detail":
+        from .layout_detail import make_datasets as layout_detail_datasets
+
+        return layout_detail_datasets(config, seed=seed, rank=rank, start_step=start_step)
     volumes = load_volumes(config["data"], config["normalization"])
     if config["data"].get("kind") == "coarse_volume":
         # validated on held-out patients (data.validation) where there are some, else on the
@@ -226,9 +230,27 @@ def check_training_data(config: dict) -> None:
         check_data_config(data)
 
 
+class RunExistsError(FileExistsError):
+    """The output folder holds a run (its state file) and resuming was not asked for."""
+
+
+def check_run_output(output, resume: bool) -> None:
+    """Refuse to start a new run where one is (``STATE_FILE``) unless it is
+    resumed: a new run there would overwrite that run's weights. Every rank
+    of a distributed job checks before any process group exists, so all of
+    them stop alike and none waits for the others."""
+    state = Path(output) / STATE_FILE
+    if state.exists() and not resume:
+        raise RunExistsError(f"{output}: holds a run already ({state.name}); pass --resume to continue it, "
+                             "or give another --output")
+
+
 def train(config: dict, output, *, resume: bool = False, device: str = "auto",
           precision: str = "auto", max_steps: int | None = None, command: str | None = None) -> Path:
-    """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder."""
+    """Train the model of ``config`` into ``output``; returns the EMA checkpoint folder.
+
+    Raises :class:`RunExistsError` when ``output`` holds a run and ``resume`` is false."""
+    check_run_output(output, resume)
     check_training_data(config)
     objective = training_objective(config)
     info = distributed.setup(device)
@@ -578,6 +600,8 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
     if data.get("kind") == "coarse_volume":  # the box the coarse prior draws, in mm
         extra = {"volume_shape": [int(n) for n in data["volume_shape"]],
                  "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
+    if data.get("kind") == "layout_detail":  # the coarse layout's voxel the detail stage was trained from
+        extra = {"coarse_voxel_mm": float(data["coarse_mm"])}
     extra.update(card_domain(config))
     if config.get("default"):  # the task's default among the models of its folder (engine.registry)
         extra["default"] = True

@@ -36,8 +36,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "mediffuse.json"
 
 #: Tasks a checkpoint can be made for.
-TASKS = ("ct_prior", "ct_prior_coarse", "image_prior", "translation", "super_resolution", "denoising",
-         "lesion_healing", "lesion_segmentation")
+TASKS = ("ct_prior", "ct_prior_coarse", "ct_prior_detail", "image_prior", "translation", "super_resolution",
+         "denoising", "lesion_healing", "lesion_segmentation")
 #: The task of segmentation checkpoints (the only one whose network outputs logits).
 SEGMENTATION_TASK = "lesion_segmentation"
 #: What a network was trained to output (card ``objective``; :attr:`Checkpoint.objective`).

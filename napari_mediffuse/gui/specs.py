@@ -58,6 +58,7 @@ def _run_synthesis(volume, values, options):
                         spacing=None if spacing is None else (spacing,) * 3, region=values["region"],
                         model=values["model"], steps=values["steps"],
                         coarse_model="auto" if values["coarse_layout"] else None,
+                        detail_model="auto" if values["detail_stage"] else None,
                         refine_from=zero_is_auto(values["refine_from"]),
                         slice_correlation=_changed(values["slice_correlation"], DEFAULT_SLICE_CORRELATION),
                         options=options)
@@ -82,6 +83,9 @@ def synthesis_spec() -> TaskSpec:
             Param("coarse_layout", True, label="coarse layout first",
                   tooltip="Draw the body's layout with the coarse whole-body prior (if installed), "
                           "then refine it with the 2D prior"),
+            Param("detail_stage", True, label="detail stage",
+                  tooltip="Draw the layout's detail (bones, airway, fat planes) slice by slice with the detail "
+                          "model, if one is installed for the region"),
             Param("refine_from", 0, label="refine from step", options={"min": 0, "max": 999}, advanced=True,
                   tooltip="Step (of 1000) at which the 2D prior takes over from the coarse layout; "
                           "higher redraws more; 0 = the default"),

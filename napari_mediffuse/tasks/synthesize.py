@@ -34,6 +34,16 @@ levels:
    session 13, blurred bone and edges: HU histograms 1.5-2 times further from
    real CT; docs/evaluation/clinical.md).
 
+Refining even a patient's own 8 mm box this way draws no vertebrae or
+mandible (benchmarks/synthesis_oracle_layout.py): the unconditional prior
+keeps the layout's blur or redraws the layout. So, when a detail model (task
+``ct_prior_detail``) is installed for the region and the layout's voxel size,
+a cascade step comes between the two (:func:`draw_detail`): a conditional 2D
+model draws every axial slice at its own voxel size (4 mm) given the same
+slice of the layout, from start noise correlated along S. On the detail
+model's grid its draw is the result; on another grid the 2D prior refines it
+from :data:`DETAIL_REFINE_FROM`.
+
 The images are generated at the checkpoint's native pixel spacing and
 resampled to the requested spacing when it differs.
 """
@@ -54,7 +64,8 @@ from ..engine.intensity import denormalize, intensity_range, normalize
 from ..engine.registry import list_checkpoints
 from ..engine.registry import load as load_model
 from ..engine.runner import SliceRunner
-from ..engine.sampling import AxisCorrelatedNoise, add_noise, ddim_sample, make_generator, randn
+from ..engine.sampling import (AxisCorrelatedNoise, add_noise, ddim_sample, from_residual, make_generator, randn,
+                               residual_scale)
 from ..engine.schedulers import alphas_cumprod
 from ..io.volume import Volume, affine_from_world
 from ..engine.position import body_extent, slice_coordinates
@@ -92,13 +103,15 @@ def volume_from_stack(stack: torch.Tensor, plane: str) -> torch.Tensor:
 
 
 def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: Optional[int] = None, region=None, cancel=None,
-                                slice_positions: dict | None = None):
+                                slice_positions: dict | None = None, condition: torch.Tensor | None = None):
     """Noise predictor for a whole (1, 1, S, P, L) volume, one plane per call.
 
     Calls alternate through ``planes``; each call runs ``predictor`` on the
     volume's slices of the current plane in batches. ``slice_positions``
     ({plane: (N,) array}, see :func:`volume_slice_positions`): each slice's
     place along the plane's normal, for a prior that takes it.
+    ``condition`` (1, C, S, P, L): a conditional model's condition volume,
+    given slice by slice with the volume's slices.
     """
     state = {"call": 0}
     batch_size = resolve_batch_size(batch_size)  # no device: this loop does not halve on running out of memory
@@ -107,12 +120,16 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: Optiona
         plane = planes[state["call"] % len(planes)]
         state["call"] += 1
         stack = plane_stack(x[0, 0], plane)
+        conditions = (None if condition is None
+                      else torch.cat([plane_stack(channel, plane) for channel in condition[0]], dim=1))
         eps = torch.empty_like(stack)
         for start in range(0, stack.shape[0], batch_size):
             check_cancel(cancel)
             chunk = stack[start:start + batch_size]
             extra = ({} if slice_positions is None
                      else {"slice_position": slice_positions[plane][start:start + batch_size]})
+            if conditions is not None:
+                extra["condition"] = conditions[start:start + batch_size]
             eps[start:start + batch_size] = predictor(chunk, t, region=region, **extra).to(eps.dtype)
         return volume_from_stack(eps, plane)[None, None]
 
@@ -148,6 +165,10 @@ DEFAULT_SLICE_CORRELATION = 0.97
 #: finer is redrawn; 450, the default until session 13, kept the coarse
 #: prior's blur: HU histograms 62-96 HU from real against means of 34 and 61 now).
 DEFAULT_REFINE_FROM = 750
+#: Step the 2D prior refines a detail stage's volume from when the output grid
+#: is not the detail model's own: the detail stage already drew the anatomy,
+#: the prior adds what is finer than its voxels.
+DETAIL_REFINE_FROM = 400
 
 
 def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, generator,
@@ -181,6 +202,45 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
                      progress=progress, cancel=cancel)
     box = x0.reshape(shape)
     return denormalize(SliceRunner.host(box).numpy(), intensity_range(None, checkpoint.normalization))
+
+
+def draw_detail(checkpoint, predictor, layout_hu: np.ndarray, *, region: int, steps: int, noise,
+                batch_size: Optional[int] = None, progress=None, cancel=None) -> np.ndarray:
+    """The detail stage: a conditional model (task ``ct_prior_detail``) draws
+    every axial slice of a coarse layout placed on its grid.
+
+    Parameters
+    ----------
+    checkpoint, predictor
+        The detail checkpoint and its noise predictor.
+    layout_hu : ndarray (S, P, L)
+        The coarse layout on the detail model's grid (``checkpoint.card
+        ['pixel_spacing_mm']`` voxels), in HU (:func:`placed_layout`).
+    region : int
+        Region class index.
+    steps : int
+        DDIM steps from pure noise.
+    noise : torch.Generator or AxisCorrelatedNoise
+        The start noise of the whole volume (correlated along S, so that
+        neighbouring slices get related detail).
+
+    Returns
+    -------
+    ndarray (S, P, L)
+        The detailed volume in HU, on the layout's grid.
+    """
+    hu_range = intensity_range(None, checkpoint.normalization)
+    condition = normalize(np.asarray(layout_hu, dtype=np.float32), checkpoint.normalization, hu_range)
+    condition = torch.from_numpy(np.ascontiguousarray(condition))[None, None].to(predictor.device)
+    predict = alternating_plane_predictor(predictor, ("axial",), batch_size=batch_size, region=region,
+                                          cancel=cancel, condition=condition)
+    x_T = randn((1, 1) + tuple(layout_hu.shape), noise, predictor.device)
+    n_train = len(alphas_cumprod(checkpoint.schedule))
+    residual = residual_scale(checkpoint.card) is not None
+    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=max(1, int(steps)), t_start=n_train - 1,
+                     generator=noise, clip=None if residual else (-1.0, 1.0), progress=progress, cancel=cancel)
+    x0 = from_residual(x0, condition, checkpoint.card).clamp(-1.0, 1.0)
+    return denormalize(SliceRunner.host(x0[0, 0]).numpy(), hu_range)
 
 
 def check_layout(layout) -> tuple:
@@ -229,34 +289,54 @@ def noised_layout(layout_hu: np.ndarray, checkpoint, t: int, generator, device) 
     return add_noise(x0, t, alphas_cumprod(checkpoint.schedule), generator)
 
 
-def resolve_coarse_prior(coarse_model, region: str):
-    """The coarse checkpoint to use and its class for ``region``: ``'auto'`` =
-    the first installed ``ct_prior_coarse`` checkpoint trained on ``region``
-    (or recording no regions; none: no coarse stage, so a head-and-neck
-    volume is not drawn with an abdomen's layout), ``None``/``'none'`` =
-    none, otherwise a name or folder (which must exist and know the region).
-    Returns ``(checkpoint, region_class)`` or ``(None, None)``."""
+def resolve_stage_model(model, task: str, region: str, *, label: str, fits=None):
+    """The checkpoint of a synthesis stage (``task``) and its class for
+    ``region``: ``'auto'`` = the first installed checkpoint of ``task`` trained
+    on ``region`` (or recording no regions) for which ``fits(card)`` holds
+    (none: no such stage, so a head-and-neck volume is not drawn with an
+    abdomen's model), ``None``/``'none'`` = none, otherwise a name or folder
+    (which must exist and know the region). Returns ``(checkpoint,
+    region_class)`` or ``(None, None)``."""
     from ..engine.checkpoint import read_card
     from .common import trained_regions
 
-    if coarse_model is None or str(coarse_model).lower() == "none":
+    if model is None or str(model).lower() == "none":
         return None, None
-    if str(coarse_model).lower() == "auto":
-        for info in list_checkpoints(task="ct_prior_coarse", modality="CT"):
-            trained = trained_regions(read_card(info.path))
-            if not region or not trained or region in trained:
-                coarse_model = info.path
+    if str(model).lower() == "auto":
+        for info in list_checkpoints(task=task, modality="CT"):
+            card = read_card(info.path)
+            trained = trained_regions(card)
+            if (not region or not trained or region in trained) and (fits is None or fits(card)):
+                model = info.path
                 break
         else:
             return None, None
     try:
-        checkpoint = load_model(coarse_model, task="ct_prior_coarse", modality="CT")
+        checkpoint = load_model(model, task=task, modality="CT")
     except CheckpointError as exc:
         raise TaskInputError(str(exc)) from exc
     try:
         return checkpoint, region_index(region, checkpoint.card)
     except ValueError as exc:
-        raise TaskInputError(f"coarse prior: {exc}") from exc
+        raise TaskInputError(f"{label}: {exc}") from exc
+
+
+def resolve_coarse_prior(coarse_model, region: str):
+    """The coarse prior (task ``ct_prior_coarse``) and its class for ``region``
+    (:func:`resolve_stage_model`)."""
+    return resolve_stage_model(coarse_model, "ct_prior_coarse", region, label="coarse prior")
+
+
+def resolve_detail_model(detail_model, region: str, layout_mm: float):
+    """The detail stage (task ``ct_prior_detail``) and its class for
+    ``region`` (:func:`resolve_stage_model`); ``'auto'`` takes only a model
+    trained from layouts of ``layout_mm`` voxels (card ``coarse_voxel_mm``),
+    since a layout of another voxel size is not what it learnt to detail."""
+    def fits(card):
+        trained_mm = card.get("coarse_voxel_mm")
+        return trained_mm is not None and abs(float(trained_mm) - float(layout_mm)) <= 0.01 * float(layout_mm)
+
+    return resolve_stage_model(detail_model, "ct_prior_detail", region, label="detail stage", fits=fits)
 
 
 def synthesis_affine(shape, spacing) -> np.ndarray:
@@ -288,7 +368,7 @@ def generation_spacing(card: dict, spacing=None) -> float:
 
 def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, steps: int = 50,
                planes=None, eta: float = 0.0, coarse_model="auto", refine_from: int | None = None,
-               slice_correlation: float | None = None, layout=None,
+               slice_correlation: float | None = None, layout=None, detail_model="auto",
                options: RunOptions | None = None) -> Volume:
     """Generate a CT volume (HU) from the CT prior.
 
@@ -336,6 +416,16 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         on the origin, of isotropic ``voxel_mm`` voxels, as
         :func:`draw_coarse_layout` returns. E.g. a real scan resampled, to
         measure what the 2D stage makes of a layout as good as a patient's.
+    detail_model : str or None
+        Detail stage after the coarse layout (task ``ct_prior_detail``: a
+        conditional model drawing each axial slice at its own voxel size, 4 mm,
+        from the layout): ``'auto'`` (default) uses an installed one trained
+        on ``region`` from layouts of the layout's voxel size, ``None`` or
+        ``'none'`` refines the layout with the 2D prior alone, or a
+        checkpoint name or folder. On the detail model's own grid its draw
+        is the result; on another grid the 2D prior refines it from
+        ``refine_from`` (default :data:`DETAIL_REFINE_FROM`). Not used
+        without a layout.
     options : RunOptions
         Device, seed, batch size, progress and cancel.
 
@@ -385,6 +475,10 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     else:
         coarse, coarse_region = resolve_coarse_prior(coarse_model, region)
     refining = layout is not None or coarse is not None
+    if coarse is not None:
+        box_mm = float(coarse.card["voxel_spacing_mm"][0])
+    # the detail stage (a cascade step after the coarse layout), checked before anything is drawn
+    detail, detail_region = resolve_detail_model(detail_model, region, box_mm) if refining else (None, None)
     # the defaults depend on whether a coarse layout is refined
     planes = tuple(planes) if planes is not None else (REFINE_PLANES if refining else PLANES)
     if slice_correlation is None:
@@ -393,44 +487,65 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     started = time.monotonic()
     gen = make_generator(options.seed)
     n_train = int(checkpoint.schedule["num_train_timesteps"])
-    # the 2D stage's noise (start and, with eta > 0, every step): correlated
+    # the later stages' noise (start and, with eta > 0, every step): correlated
     # along S; the coarse prior's own draw keeps the plain generator
     fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
+    detail_mm = float(detail.card["pixel_spacing_mm"][0]) if detail is not None else None
+    detail_shape = (None if detail is None
+                    else tuple(max(1, int(round(n * native / detail_mm))) for n in native_shape))
+    # the detail stage's volume is the result when it is on the output's native grid
+    detail_is_final = detail is not None and detail_shape == native_shape and abs(detail_mm - native) < 1e-6
     if not refining:
-        t_start, fine_steps, coarse_steps = None, steps, 0
+        t_start, fine_steps, coarse_steps, detail_steps = None, steps, 0, 0
         layout_hu = None
         x_t = randn((1, 1) + native_shape, fine_noise, predictor.device)
     else:
-        t_start = DEFAULT_REFINE_FROM if refine_from is None else int(refine_from)
+        default_from = DEFAULT_REFINE_FROM if detail is None else DETAIL_REFINE_FROM
+        t_start = default_from if refine_from is None else int(refine_from)
         if not 1 <= t_start < n_train:
             raise TaskInputError(f"refine_from must be a step in [1, {n_train - 1}], got {t_start}")
-        fine_steps = max(2, round(steps * t_start / n_train))
+        fine_steps = 0 if detail_is_final else max(2, round(steps * t_start / n_train))
         coarse_steps = 0 if coarse is None else steps
+        detail_steps = 0 if detail is None else steps
+        total = coarse_steps + detail_steps + fine_steps
         if coarse is not None:
             box_hu = draw_coarse_layout(coarse, predictor_for(coarse, options),
                                         region=coarse_region, steps=coarse_steps,
                                         generator=gen, cancel=options.cancel,
-                                        progress=ProgressSpan(options.progress, 0, coarse_steps + fine_steps,
-                                                              "coarse layout"))
-            box_mm = coarse.card["voxel_spacing_mm"]
+                                        progress=ProgressSpan(options.progress, 0, total, "coarse layout"))
+        if detail is not None:
+            box_hu = draw_detail(detail, predictor_for(detail, options),
+                                 placed_layout(box_hu, box_mm, detail_shape, detail_mm, detail),
+                                 region=detail_region, steps=detail_steps, noise=fine_noise,
+                                 batch_size=options.batch_size, cancel=options.cancel,
+                                 progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + detail_steps,
+                                                       "detail"))
+            box_mm = detail_mm
         layout_hu = placed_layout(box_hu, box_mm, native_shape, native, checkpoint)
-        x_t = noised_layout(layout_hu, checkpoint, t_start, fine_noise, predictor.device)
+        if not detail_is_final:
+            x_t = noised_layout(layout_hu, checkpoint, t_start, fine_noise, predictor.device)
     # a prior with the 3D position learns where in the body each slice lies
     positions = volume_slice_positions(layout_hu, native_shape) if takes_slice_position(predictor) else None
-    predict = alternating_plane_predictor(predictor, planes, batch_size=options.batch_size,
-                                          region=region_class, cancel=options.cancel, slice_positions=positions)
-    x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
-                     generator=fine_noise, cancel=options.cancel,
-                     progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + fine_steps,
-                                           "synthesis"))
+    hu_range = intensity_range(None, checkpoint.normalization)
+    if detail_is_final:
+        x0 = torch.from_numpy(normalize(layout_hu, checkpoint.normalization, hu_range))[None, None]
+    else:
+        predict = alternating_plane_predictor(predictor, planes, batch_size=options.batch_size,
+                                              region=region_class, cancel=options.cancel, slice_positions=positions)
+        start = coarse_steps + detail_steps
+        x0 = ddim_sample(predict, x_t, checkpoint.schedule, steps=fine_steps, t_start=t_start, eta=eta,
+                         generator=fine_noise, cancel=options.cancel,
+                         progress=ProgressSpan(options.progress, start, start + fine_steps, "synthesis"))
     if native_shape != shape:
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
-    hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), intensity_range(None, checkpoint.normalization))
+    hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), hu_range)
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
               "planes": list(planes), "slice_correlation": float(slice_correlation), "eta": float(eta),
               "seed": options.seed,
               "coarse_model": "given layout" if layout is not None else None if coarse is None else coarse.name,
-              "refine_from": t_start, "refine_steps": fine_steps if refining else None,
+              "detail_model": None if detail is None else detail.name,
+              "refine_from": None if detail_is_final else t_start,
+              "refine_steps": fine_steps if refining and not detail_is_final else None,
               "slice_positions": positions is not None,
               "seconds": round(time.monotonic() - started, 1)}
     return Volume(
@@ -454,9 +569,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--coarse-model", default="auto", metavar="NAME|FOLDER|none",
                    help="coarse whole-body prior drawing the layout first (default: the installed one, if any; "
                         "'none': the 2D prior alone)")
+    p.add_argument("--detail-model", default="auto", metavar="NAME|FOLDER|none",
+                   help="detail stage drawing 4 mm axial slices from the coarse layout (default: an installed one "
+                        "for the region and the layout's voxel size, if any; 'none': the 2D prior refines the "
+                        "layout itself)")
     p.add_argument("--refine-from", type=int, default=None, metavar="T",
                    help=f"step (of 1000) at which the 2D prior refines the coarse layout "
-                        f"(default {DEFAULT_REFINE_FROM}; higher redraws more)")
+                        f"(default {DEFAULT_REFINE_FROM}, {DETAIL_REFINE_FROM} after a detail stage; higher "
+                        "redraws more)")
     p.add_argument("--planes", nargs="+", choices=PLANES, default=None,
                    help="planes the 2D prior alternates (default: axial when refining a coarse layout, all three "
                         "from noise)")
@@ -475,7 +595,7 @@ def add_command(subparsers) -> None:
         volume = synthesize(args.shape, spacing=args.spacing, region=args.region, model=args.model,
                             steps=args.steps, coarse_model=args.coarse_model, refine_from=args.refine_from,
                             planes=args.planes, slice_correlation=args.slice_correlation, eta=args.eta,
-                            options=options)
+                            detail_model=args.detail_model, options=options)
         io.write_nifti(volume, args.output, overwrite=args.overwrite)
         print(f"wrote {args.output}")
         return 0
