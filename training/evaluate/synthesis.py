@@ -193,7 +193,7 @@ def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarra
 
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
              device="cpu", coarse_model="auto", refine_from=None, planes=None, slice_correlation=None,
-             out=None, spacing=None, references=(),
+             detail_model="auto", out=None, spacing=None, references=(),
              orientation_fix=None, command: str | None = None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
@@ -233,11 +233,12 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
         start = time.monotonic()
         vol = synthesize(shape, spacing=spacing, region=region, model=model, steps=steps, coarse_model=coarse_model,
                          refine_from=refine_from, planes=planes, slice_correlation=slice_correlation,
-                         options=RunOptions(device=device, seed=seed, batch_size=8))
+                         detail_model=detail_model, options=RunOptions(device=device, seed=seed, batch_size=8))
         volumes.append(vol.data)
         params = vol.metadata["parameters"]
         results["samples"].append({"seed": seed, **scored(vol, time.monotonic() - start)})
-    results["settings"].update(coarse_model=params["coarse_model"], refine_from=params["refine_from"],
+    results["settings"].update(coarse_model=params["coarse_model"], detail_model=params.get("detail_model"),
+                               refine_from=params["refine_from"],
                                planes=params["planes"], slice_correlation=params["slice_correlation"])
     # For contrast: the 2D prior alone (alternating planes from noise) and
     # independent 2D draws (axial plane only, no 3D coupling).
@@ -275,8 +276,11 @@ def markdown(results: dict) -> str:
     lines = ([f"<!-- {results['command']} -->", ""] if results.get("command") else []) + [
         f"Shape {tuple(s['shape'])}, {s['steps']} DDIM steps, region {s['region']}, model {s['model']}, "
         f"device {s['device']} ({s['torch_threads']} threads); coarse layout: {s.get('coarse_model') or 'none'}"
+        + (f"; detail stage: {s['detail_model']}" if s.get("detail_model") else "")
         + (f", refined from step {s['refine_from']} in plane(s) {'/'.join(s.get('planes') or [])}, "
-           f"slice noise correlation {s.get('slice_correlation', 0):g}." if s.get("refine_from") else "."),
+           f"slice noise correlation {s.get('slice_correlation', 0):g}." if s.get("refine_from")
+           else f" (its draw is the result), slice noise correlation {s.get('slice_correlation', 0):g}."
+           if s.get("detail_model") else "."),
         "",
         "| volume | adjacent-slice MAD (HU) | HU Wasserstein to real (HU) | correlation to real CT (8 mm) "
         "| seconds |",
@@ -292,6 +296,8 @@ def markdown(results: dict) -> str:
     planes = s.get("planes") or list(PLANES_ALL)
     stage = ("axial slices" if planes == ["axial"] else "alternating planes") + (
         ", slice-correlated noise" if s.get("slice_correlation") else "")
+    if s.get("detail_model"):
+        stage = "detail stage" + (f" + {stage}" if s.get("refine_from") else "")
     method = f"coarse layout + {stage}" if s.get("coarse_model") else stage
     lines += [row(f"sample seed {r['seed']} ({method})", r) for r in results["samples"]]
     if "prior_2d_alone" in results:
@@ -338,6 +344,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--region", default="abdomen")
     p.add_argument("--device", default="cpu")
     p.add_argument("--coarse-model", default="auto", help="coarse whole-body prior (default: installed one; 'none')")
+    p.add_argument("--detail-model", default="auto",
+                   help="detail stage after the coarse layout (default: the installed one for the region; 'none')")
     p.add_argument("--refine-from", type=int, help="refinement start step (default: the task's)")
     p.add_argument("--planes", nargs="+", choices=list(PLANES_ALL), default=None,
                    help="planes of the 2D stage (default: the task's)")
@@ -357,7 +365,8 @@ def add_command(subparsers) -> None:
         results = evaluate(args.real, args.shape, samples=args.samples, steps=args.steps, model=args.model,
                            region=args.region, device=args.device, coarse_model=args.coarse_model,
                            refine_from=args.refine_from, planes=args.planes,
-                           slice_correlation=args.slice_correlation, out=args.out, spacing=args.spacing,
+                           slice_correlation=args.slice_correlation, detail_model=args.detail_model,
+                           out=args.out, spacing=args.spacing,
                            references=args.reference, orientation_fix=args.orientation_fix, command=command_line())
         print(markdown(results))
         return 0
