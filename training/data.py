@@ -481,6 +481,23 @@ class SampleStream(torch.utils.data.IterableDataset):
         return {key: torch.stack([it[key] for it in items]) for key in items[0]}
 
 
+class RestorationCrops(SampleStream):
+    """Base of the streams of (target, condition) crops that train the
+    conditional models: ``patch_size``, ``residual_scale`` (see
+    :func:`restoration_sample`) and left-right flips (``augment``, training
+    part only) from the data config."""
+
+    def __init__(self, data_config: dict, *, seed: int = 0, rank: int = 0, part: str = "train"):
+        super().__init__()
+        self.patch = int(data_config["patch_size"])
+        self.seed, self.rank, self.part = seed, rank, part
+        self.augment = bool(data_config.get("augment", False)) and part == "train"
+        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
+
+    def augmentation(self, seed: int):
+        return True if self.augment else None
+
+
 class MultiLevelSlices(SampleStream):
     """Endless stream of multi-level 2D training samples (see :class:`SampleStream`)."""
 

@@ -30,7 +30,8 @@ from scipy import ndimage
 
 from napari_mediffuse.tasks.synthesize import place_box
 
-from .data import SampleStream, TrainingVolume, load_volumes, restoration_sample, stacked_patch, volume_probabilities
+from .data import (RestorationCrops, TrainingVolume, load_volumes, restoration_sample, stacked_patch,
+                   volume_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def coarse_view(volume: np.ndarray, spacing_mm, coarse_mm: float, *, fill: float
     return place_box(box, (coarse_mm,) * 3, volume.shape, spacing, fill=fill)
 
 
-class LayoutDetailSlices(SampleStream):
+class LayoutDetailSlices(RestorationCrops):
     """Endless stream of (fine axial slice, coarse-layout slice) crops (see module docstring).
 
     Parameters
@@ -79,11 +80,7 @@ class LayoutDetailSlices(SampleStream):
 
     def __init__(self, volumes: list[TrainingVolume], data_config: dict, *, seed: int = 0, rank: int = 0,
                  part: str = "train"):
-        super().__init__()
-        self.patch = int(data_config["patch_size"])
-        self.seed, self.rank, self.part = seed, rank, part
-        self.augment = bool(data_config.get("augment", False)) and part == "train"
-        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
+        super().__init__(data_config, seed=seed, rank=rank, part=part)
         self.blur_mm = float(data_config.get("condition_blur_mm") or 0.0) if part == "train" else 0.0
         coarse_mm = float(data_config["coarse_mm"])
         self.volumes = volumes
@@ -105,9 +102,6 @@ class LayoutDetailSlices(SampleStream):
             both = both[:, :, ::-1]
         crop, coords = stacked_patch(both, self.patch, rng)
         return restoration_sample(crop, coords, volume.region, self.residual_scale)
-
-    def augmentation(self, seed: int):
-        return True if self.augment else None
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):

@@ -27,7 +27,7 @@ import numpy as np
 from napari_mediffuse.tasks.baselines import cubic_along
 from napari_mediffuse.tasks.diffpir import SlabOperator
 
-from .data import (SampleStream, TrainingVolume, load_volumes, restoration_sample, stacked_patch, take_slice,
+from .data import (RestorationCrops, TrainingVolume, load_volumes, restoration_sample, stacked_patch, take_slice,
                    volume_probabilities)
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def factors_for(spacing_mm: float, factors, max_thick_mm: float) -> list[int]:
     return [int(k) for k in factors if int(k) * spacing_mm <= max_thick_mm + 1e-6]
 
 
-class ThickThinPlanes(SampleStream):
+class ThickThinPlanes(RestorationCrops):
     """Endless stream of (thin truth, cubic condition) plane patches (see module docstring).
 
     Parameters
@@ -67,11 +67,7 @@ class ThickThinPlanes(SampleStream):
 
     def __init__(self, volumes: list[TrainingVolume], data_config: dict, *, seed: int = 0, rank: int = 0,
                  part: str = "train"):
-        super().__init__()
-        self.patch = int(data_config["patch_size"])
-        self.seed, self.rank, self.part = seed, rank, part
-        self.augment = bool(data_config.get("augment", False)) and part == "train"
-        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
+        super().__init__(data_config, seed=seed, rank=rank, part=part)
         max_thick = float(data_config.get("max_thick_mm", 6.0))
         self.pairs = []  # (volume index, factor, thin, cubic)
         for i, volume in enumerate(volumes):
@@ -104,9 +100,6 @@ class ThickThinPlanes(SampleStream):
             both = both[:, :, ::-1]  # left-right: the slab model is unchanged
         crop, coords = stacked_patch(both, self.patch, rng)
         return restoration_sample(crop, coords, self.volumes[i].region, self.residual_scale)
-
-    def augmentation(self, seed: int):
-        return True if self.augment else None
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int = 0):
