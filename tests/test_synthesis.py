@@ -519,3 +519,22 @@ def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):
     assert axial_soft[64, 64] == 255 and axial_bone[64, 64] < 255  # bone saturates only in the soft window
     assert axial_soft[5, 5] == 127 and axial_bone[5, 5] == 76        # 40 HU: mid-grey; 0.3 of the bone window
     assert "W400 L40 then W1800 L400" in (tmp_path / "p.txt").read_text()
+
+
+def test_real_ct_in_the_samples_field_of_view_is_its_body_centred():
+    from training.evaluate.synthesis import in_sample_field
+
+    # a 100-slice scan whose body (40 HU, a 20 x 30 x 24 block with a 700 HU core) sits off centre
+    scan = np.full((100, 80, 90), -1024.0, np.float32)
+    scan[10:30, 5:35, 50:74] = 40.0
+    scan[18:22, 18:22, 60:64] = 700.0
+    field = in_sample_field(scan, (16, 40, 40))
+    assert field.shape == (16, 40, 40)
+    body = field > -500
+    # the body's (plus 4-voxel margin) box is centred: 20 slices cropped to the middle 16, 30 x 24 padded
+    for axis, extent in ((1, 30), (2, 24)):
+        idx = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        assert len(idx) == extent and abs((idx[0] + idx[-1]) / 2 - 19.5) <= 0.5
+    assert body.all(axis=(1, 2)).sum() == 0 and body.any(axis=(1, 2)).all()  # every slice holds body
+    # HU kept: the core and the tissue, air around
+    assert field.max() == 700.0 and np.median(field[body]) == 40.0 and field[0, 0, 0] == -1024.0

@@ -175,6 +175,19 @@ def correlation_to_real(sample_hu: np.ndarray, real_hu: np.ndarray, voxel_mm: fl
     return best
 
 
+def in_sample_field(real_hu: np.ndarray, shape, body_hu: float = -700.0) -> np.ndarray:
+    """A real CT as a sample's field of view holds it: cropped to its body
+    (voxels above ``body_hu``, as the coarse prior's training boxes) and
+    centred in ``shape`` (cropped or padded with air), as synthesis centres
+    the drawn body in its grid. Scored whole, a 256 mm sample is compared
+    with scans from the skull to the chest: that scores the field of view,
+    not the tissue."""
+    from training.data import body_box, centre_fit
+
+    return centre_fit(np.asarray(real_hu, dtype=np.float32)[body_box(real_hu, body_hu)], tuple(shape),
+                      fill=-1024.0)
+
+
 def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarray]:
     """The real CTs (HU) resampled to the samples' isotropic ``voxel_mm``, so
     adjacent-slice differences compare like with like (a 2.5 mm scan's
@@ -194,14 +207,15 @@ def real_volumes(paths, voxel_mm: float, orientation_fix=None) -> list[np.ndarra
 def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None, region="abdomen",
              device="cpu", coarse_model="auto", refine_from=None, planes=None, slice_correlation=None,
              detail_model="auto", out=None, spacing=None, references=(),
-             orientation_fix=None, command: str | None = None) -> dict:
+             orientation_fix=None, match_fov: bool = False, command: str | None = None) -> dict:
     """Scores of ``samples`` synthetic volumes against the real CT(s) ``real_path``
     (one path or several patients: continuity and histogram against all of
     them pooled, closeness against the first). ``references``: other real
     CTs of the region, not pooled, scored against the pool beside the
     patients' leave-one-out distances (:func:`real_histogram_spread`).
     ``command`` (the command line that ran it) heads the table and is kept in
-    the JSON."""
+    the JSON. ``match_fov``: every real CT is scored as the samples' field of
+    view holds it (:func:`in_sample_field`)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1 (the scores describe generated volumes), got {samples}")
     paths = [real_path] if isinstance(real_path, (str, Path)) else list(real_path)
@@ -218,9 +232,13 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
         if not reals:  # on the first sample's grid
             reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
             refs.extend(real_volumes(references, float(vol.spacing[0]), orientation_fix))
+            if match_fov:
+                reals[:] = [in_sample_field(r, vol.data.shape) for r in reals]
+                refs[:] = [in_sample_field(r, vol.data.shape) for r in refs]
             pooled.append(np.concatenate([r[body_mask(r)] for r in reals]))
             spread = real_histogram_spread(reals, refs)
             results["real"] = {"paths": [str(p) for p in paths], "voxel_mm": float(vol.spacing[0]),
+                               "field_of_view": "the samples'" if match_fov else "whole scans",
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
                                                                        for r in reals])),
                                "references": [str(p) for p in references],
@@ -285,7 +303,9 @@ def markdown(results: dict) -> str:
         "| volume | adjacent-slice MAD (HU) | HU Wasserstein to real (HU) | correlation to real CT (8 mm) "
         "| seconds |",
         "|---|---|---|---|---|",
-        f"| real CT ({len(results['real']['paths'])} patient(s) at {results['real']['voxel_mm']:g} mm) | "
+        f"| real CT ({len(results['real']['paths'])} patient(s) at {results['real']['voxel_mm']:g} mm"
+        + (", body centred in the samples' field of view" if results["real"].get("field_of_view") == "the samples'"
+           else "") + ") | "
         f"{results['real']['adjacent_slice_mad_hu']:.1f} | 0 | 1 | - |",
     ]
 
@@ -357,6 +377,9 @@ def add_command(subparsers) -> None:
                         "reported beside the samples' (how far apart real patients are)")
     p.add_argument("--orientation-fix", nargs="*", default=None,
                    help="orientation fixes of the real CTs, as in the training configs (OpenKBP: rot90_PL flip_S)")
+    p.add_argument("--match-fov", action="store_true",
+                   help="score the real CTs as the samples' field of view holds them (body-cropped, centred in "
+                        "the samples' shape) instead of whole")
     p.add_argument("--out", default="docs/evaluation/synthesis")
 
     def run(args) -> int:
@@ -367,7 +390,8 @@ def add_command(subparsers) -> None:
                            refine_from=args.refine_from, planes=args.planes,
                            slice_correlation=args.slice_correlation, detail_model=args.detail_model,
                            out=args.out, spacing=args.spacing,
-                           references=args.reference, orientation_fix=args.orientation_fix, command=command_line())
+                           references=args.reference, orientation_fix=args.orientation_fix,
+                           match_fov=args.match_fov, command=command_line())
         print(markdown(results))
         return 0
 
