@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from napari_mediffuse.tasks.common import RunOptions
     from napari_mediffuse.tasks.synthesize import synthesize
     from training.data import centre_fit, load_volumes
-    from training.evaluate.synthesis import (adjacent_slice_difference, body_mask, histogram_distance, picture,
-                                             real_volumes)
+    from training.evaluate.synthesis import (adjacent_slice_difference, body_mask, histogram_distance,
+                                             in_sample_field, picture, real_volumes)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--patients", type=int, nargs="+", default=[0, 5, 10, 20],
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--detail-model", help="also run each layout through this detail stage (name or folder)")
+    p.add_argument("--match-fov", action="store_true",
+                   help="score against the real CTs as the samples' field of view holds them (body-cropped and "
+                        "centred in the samples' shape), not whole")
     p.add_argument("--out", default="docs/evaluation/synthesis_oracle_layout")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
     if len(paths) != len(boxes):
         raise SystemExit(f"{len(paths)} validation CTs but {len(boxes)} boxes")
     reals = real_volumes(paths, VOXEL_MM, spec.get("orientation_fix"))
+    if args.match_fov:
+        reals = [in_sample_field(r, SHAPE) for r in reals]
     real_mad = float(np.mean([adjacent_slice_difference(r) for r in reals]))
     hu_range = intensity_range(None, config["normalization"])
     rows, volumes, labels = [], [], []
@@ -121,6 +126,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "shape": SHAPE, "voxel_mm": VOXEL_MM,
+                                                    "real_field_of_view": "the samples'" if args.match_fov
+                                                    else "whole scans",
                                                     "steps": args.steps, "seed": args.seed,
                                                     "real_adjacent_slice_mad_hu": real_mad,
                                                     "rows": rows}, indent=2) + "\n")
@@ -129,7 +136,9 @@ def main(argv=None) -> int:
              f"Head and neck, {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]} voxels of {VOXEL_MM:g} mm, {args.steps} DDIM "
              f"steps, seed {args.seed} + the patient's index, 2D prior `ct-prior-multi` refining in axial slices with slice-correlated "
              "noise (the task's defaults but the layout and the step it refines from). HU distance: to the "
-             f"other {len(paths) - 1} OpenKBP validation patients pooled (target 20 HU); continuity: "
+             f"other {len(paths) - 1} OpenKBP validation patients pooled (target 20 HU)"
+             + (", each as the samples' field of view holds it (body-cropped, centred in the samples' shape)"
+                if args.match_fov else ", whole scans") + "; continuity: "
              "adjacent-slice differences against the real CTs' (target at most 1.5).", "",
              "| patient | layout | refined from | HU distance to the others (HU) | continuity (x real) "
              "| body above 300 HU (%) | seconds |",

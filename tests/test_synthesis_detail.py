@@ -232,3 +232,21 @@ def test_synthesis_runs_the_detail_stage_on_its_grid(tiny_detail_model, tiny_mod
     # without a layout there is nothing to detail
     alone = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)
     assert alone.metadata["parameters"]["detail_model"] is None
+
+
+def test_the_panel_asks_for_the_detail_stage_unless_unticked(monkeypatch, tiny_detail_model):
+    import napari_mediffuse.tasks.synthesize as synthesis
+    from napari_mediffuse.gui.specs import synthesis_spec
+
+    spec = synthesis_spec()
+    values = {param.name: param.default for param in spec.params}
+    assert values["detail_stage"] is True
+    values.update(slices=16, rows=16, columns=16, steps=1, model="tiny-ct-prior", seed=0)
+    asked = []
+    run = synthesis.synthesize
+    monkeypatch.setattr(synthesis, "synthesize", lambda *args, **kwargs: asked.append(kwargs) or run(*args, **kwargs))
+    for ticked in (True, False):
+        values["detail_stage"] = ticked
+        (data, kwargs, kind), = spec.run(None, values, RunOptions(device="cpu", seed=0, batch_size=8))
+        assert kind == "image" and data.shape == (16, 16, 16)
+    assert [kwargs["detail_model"] for kwargs in asked] == ["auto", None]
