@@ -215,8 +215,14 @@ def test_synthesis_runs_the_detail_stage_on_its_grid(tiny_detail_model, tiny_mod
     card = json.loads((folder / "mediffuse.json").read_text())
     card.update(name="tiny-detail-4mm", pixel_spacing_mm=[4.0, 4.0])
     (folder / "mediffuse.json").write_text(json.dumps(card))
+    reports = []
     refined = synthesize((20, 16, 18), model="tiny-ct-prior", steps=10, layout=(box, 8.0),
-                         detail_model=str(folder), options=opts)
+                         detail_model=str(folder),
+                         options=RunOptions(device="cpu", seed=3, batch_size=8,
+                                            progress=lambda done, total, message="": reports.append((done, total))))
+    # one total over both stages (10 detail steps, then 4 of the prior), never going back
+    assert {total for _, total in reports} == {14} and reports[-1] == (14, 14)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
     params = refined.metadata["parameters"]
     assert params["detail_model"] == "tiny-detail-4mm" and params["refine_from"] == DETAIL_REFINE_FROM
     assert params["refine_steps"] == 4 and refined.data.shape == (20, 16, 18)

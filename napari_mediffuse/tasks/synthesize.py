@@ -518,8 +518,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
                                  placed_layout(box_hu, box_mm, detail_shape, detail_mm, detail),
                                  region=detail_region, steps=detail_steps, noise=fine_noise,
                                  batch_size=options.batch_size, cancel=options.cancel,
-                                 progress=ProgressSpan(options.progress, coarse_steps, coarse_steps + detail_steps,
-                                                       "detail"))
+                                 progress=ProgressSpan(options.progress, coarse_steps, total, "detail"))
             box_mm = detail_mm
         layout_hu = placed_layout(box_hu, box_mm, native_shape, native, checkpoint)
         if not detail_is_final:
