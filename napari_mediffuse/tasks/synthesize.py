@@ -167,7 +167,9 @@ DEFAULT_SLICE_CORRELATION = 0.97
 DEFAULT_REFINE_FROM = 750
 #: Step the 2D prior refines a detail stage's volume from when the output grid
 #: is not the detail model's own: the detail stage already drew the anatomy,
-#: the prior adds what is finer than its voxels.
+#: the prior adds what is finer than its voxels. Not tuned (session 23): below
+#: 750, where the prior redraws everything finer than about 8 mm, which is
+#: what the detail stage drew.
 DETAIL_REFINE_FROM = 400
 
 
