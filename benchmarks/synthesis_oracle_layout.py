@@ -37,9 +37,15 @@ from training.report import write_markdown
 REPO = Path(__file__).resolve().parents[1]
 COARSE_CONFIG = REPO / "training" / "configs" / "ct_prior_coarse_multi.yaml"
 SHAPE, VOXEL_MM = (64, 64, 64), 4.0  # as the item-5 evaluation (docs/evaluation/synthesis_head_neck)
-#: The step each layout is pictured at: where it scores best (the coarse draw: the task's default).
+#: The step each layout is pictured at: where it scores best (the coarse draw: the task's default);
+#: the largest step run when that one is not among them.
 PICTURED_STEP = {"the patient's own 8 mm box": 600, "the patient's own box at 16 mm": 750,
                  "coarse prior draw (bundled)": 750}
+
+
+def layout_mm(layout) -> float:
+    """Voxel size (mm) of a benchmark layout: a given box's, or the coarse prior's 8 mm for its draw (None)."""
+    return 8.0 if layout is None else float(layout[1])
 
 
 def main(argv=None) -> int:
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
                              ("the patient's own box at 16 mm", (box16, 2 * data["spacing_mm"])),
                              ("coarse prior draw (bundled)", None)):
             runs = [(name, refine, "none") for refine in args.refine_from]
-            if args.detail_model and "16 mm" not in name:  # the detail stage learnt 8 mm layouts
+            if args.detail_model and layout_mm(layout) == data["spacing_mm"]:  # the detail stage learnt 8 mm ones
                 runs.append((f"{name} + detail stage", "detail", args.detail_model))
             for label, refine, detail in runs:
                 started = time.perf_counter()

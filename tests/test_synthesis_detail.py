@@ -17,6 +17,7 @@ from napari_mediffuse.tasks.synthesize import (
     DETAIL_REFINE_FROM,
     alternating_plane_predictor,
     draw_detail,
+    place_box,
     placed_layout,
     synthesize,
 )
@@ -136,6 +137,26 @@ def test_a_detail_model_trains_and_records_its_layout_voxel(tiny_detail_config, 
     assert card["pixel_spacing_mm"] == [4.0, 4.0] and ckpt.network.condition_channels == 1
 
 
+def test_a_covering_grid_keeps_every_edge_voxel_when_resampled():
+    from napari_mediffuse.tasks.synthesize import covering_shape
+    from training.layout_detail import coarse_view
+
+    # a detail stage's 4 mm draw of body to its edges, placed on a 20 x 16 x 18 output grid of 3 mm:
+    # no edge voxel of the output becomes air (a rounded grid, 15 x 12 x 14, lost the outermost ones)
+    shape = covering_shape((20, 16, 18), 3.0, 4.0)
+    assert shape == (16, 13, 14) and covering_shape((20, 16, 18), 4.0, 4.0) == (20, 16, 18)
+    placed = place_box(np.full(shape, 40.0, np.float32), (4.0,) * 3, (20, 16, 18), (3.0,) * 3, fill=-1024.0)
+    np.testing.assert_allclose(placed, 40.0, atol=1e-4)
+    rounded = place_box(np.full((15, 12, 14), 40.0, np.float32), (4.0,) * 3, (20, 16, 18), (3.0,) * 3,
+                        fill=-1024.0)
+    assert rounded[0].mean() < 0  # what the covering grid avoids
+    # the training condition of a volume that is body to its edges is body to its edges (shapes whose
+    # rounding put the outermost voxels outside the coarse box lost them before)
+    for shape in ((34, 20, 21), (35, 20, 21)):
+        view = coarse_view(np.full(shape, WATER, np.float32), (4.0,) * 3, 8.0)
+        np.testing.assert_allclose(view, WATER, atol=1e-4)
+
+
 def test_plane_predictor_gives_each_slice_its_condition():
     seen = []
 
@@ -233,7 +254,16 @@ def test_synthesis_runs_the_detail_stage_on_its_grid(tiny_detail_model, tiny_mod
     named = synthesize((20, 16, 18), model="tiny-ct-prior", steps=2, layout=(box, 12.0), detail_model="tiny-detail",
                        options=opts)
     assert named.metadata["parameters"]["detail_model"] == "tiny-detail"
-    with pytest.raises(TaskInputError, match="no checkpoint named 'nope'"):
+    assert named.metadata["warnings"] == ["detail stage tiny-detail learnt layouts of 8.0 mm voxels, not 12 mm"]
+    # on its own grid the detail draw is the result: a refine_from is not used, and says so; eta is used
+    told = synthesize((20, 16, 18), model="tiny-ct-prior", steps=3, layout=(box, 8.0), refine_from=500, options=opts)
+    np.testing.assert_array_equal(told.data, vol.data)
+    assert told.metadata["warnings"] == ["refine_from 500 not used: the detail stage's 3 mm draw is the result on "
+                                         "this grid"]
+    assert vol.metadata["warnings"] == [] and vol.metadata["parameters"]["planes"] is None
+    ancestral = synthesize((20, 16, 18), model="tiny-ct-prior", steps=3, layout=(box, 8.0), eta=1.0, options=opts)
+    assert np.abs(ancestral.data - vol.data).mean() > 1.0  # HU
+    with pytest.raises(TaskInputError, match="detail stage: no checkpoint named 'nope'"):
         synthesize((20, 16, 18), model="tiny-ct-prior", layout=(box, 8.0), detail_model="nope", options=opts)
     # without a layout there is nothing to detail
     alone = synthesize((16, 16, 16), model="tiny-ct-prior", steps=1, coarse_model="none", options=opts)

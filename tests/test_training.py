@@ -166,8 +166,8 @@ def test_two_process_ddp_training_on_cpu(tmp_path, ct_small_path):
     records = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 3  # only rank 0 logs: no duplicate lines
     assert len([r for r in records if "loss" in r]) == 3
-    # train() itself refuses the run's folder without resume, on every rank before any process group
-    # exists (no rank waits for another): the job stops at once and the run is untouched
+    # train() itself refuses the run's folder without resume, before any process group exists (no rank
+    # waits for another): the job stops at once and the run is untouched
     weights = (tmp_path / "ddp" / "ema" / "model.safetensors").read_bytes()
     script = tmp_path / "train_again.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
@@ -177,7 +177,8 @@ def test_two_process_ddp_training_on_cpu(tmp_path, ct_small_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), str(script)], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=120)
-    assert again.returncode != 0 and again.stderr.count("RunExistsError") >= 2, again.stderr[-3000:]
+    # (torchrun stops the other rank once one fails, so one refusal may be all that is printed)
+    assert again.returncode != 0 and "training.trainer.RunExistsError:" in again.stderr, again.stderr[-3000:]
     assert (tmp_path / "ddp" / "ema" / "model.safetensors").read_bytes() == weights
     assert torch.load(tmp_path / "ddp" / "state.pt", weights_only=True)["step"] == 3
 

@@ -28,7 +28,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from napari_mediffuse.tasks.synthesize import place_box
+from napari_mediffuse.tasks.synthesize import covering_shape, place_box
 
 from .data import (RestorationCrops, TrainingVolume, load_volumes, restoration_sample, stacked_patch,
                    volume_probabilities)
@@ -39,11 +39,14 @@ log = logging.getLogger(__name__)
 def coarse_view(volume: np.ndarray, spacing_mm, coarse_mm: float, *, fill: float = -1.0) -> np.ndarray:
     """``volume`` as a coarse prior with ``coarse_mm`` voxels holds it, back on its own grid.
 
-    Low-pass filtered (a Gaussian of 0.4 x the zoom-out factor, as
-    :func:`training.data.resample_isotropic` makes the coarse prior's
-    training boxes), resampled onto isotropic ``coarse_mm`` voxels centred on
-    the volume's centre, and placed back onto the volume's grid by linear
-    interpolation (what the synthesis task does with a drawn box).
+    Low-pass filtered (a Gaussian of 0.4 x the zoom-out factor, the rule of
+    :func:`training.data.resample_isotropic`, which made the coarse prior's
+    training boxes from the native scans: this condition, made from the
+    4 mm volume, is a little softer), resampled onto isotropic ``coarse_mm``
+    voxels centred on the volume's centre and covering it
+    (:func:`~napari_mediffuse.tasks.synthesize.covering_shape`), and placed
+    back onto the volume's grid by linear interpolation (what the synthesis
+    task does with a drawn box).
 
     Parameters
     ----------
@@ -55,10 +58,11 @@ def coarse_view(volume: np.ndarray, spacing_mm, coarse_mm: float, *, fill: float
         Voxel size of the coarse box (mm).
     """
     spacing = np.asarray(spacing_mm, dtype=float)
-    coarse_shape = tuple(max(2, int(round(n * s / coarse_mm))) for n, s in zip(volume.shape, spacing))
+    coarse_shape = covering_shape(volume.shape, spacing, coarse_mm)
     smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), 0.4 * coarse_mm / spacing,
                                      mode="nearest")
-    box = place_box(smooth, spacing, coarse_shape, (coarse_mm,) * 3, fill=fill)
+    # the box covers the volume (its outer voxels lie beyond it): a scan cut through the body continues there
+    box = place_box(smooth, spacing, coarse_shape, (coarse_mm,) * 3, fill=fill, mode="nearest")
     return place_box(box, (coarse_mm,) * 3, volume.shape, spacing, fill=fill)
 
 

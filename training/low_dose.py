@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import SampleStream, TrainingVolume, load_volumes, restoration_sample, stacked_patch, volume_probabilities
+from .data import (RestorationCrops, TrainingVolume, load_volumes, restoration_sample, stacked_patch,
+                   volume_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +101,13 @@ def load_bank(path: Path) -> list[dict]:
                  "filter": str(filters[k]), "noise": f[f"noise_{k}"]} for k, m in enumerate(meta)]
 
 
-class LowDosePairs(SampleStream):
+class LowDosePairs(RestorationCrops):
     """Endless stream of (clean, simulated low-dose) axial patches (module docstring)."""
 
     def __init__(self, volumes: list[TrainingVolume], bank: list[dict], data_config: dict, normalization: dict,
                  *, seed: int = 0, rank: int = 0, part: str = "train"):
-        super().__init__()
+        super().__init__(data_config, seed=seed, rank=rank, part=part)
         self.volumes, self.bank = volumes, bank
-        self.patch = int(data_config["patch_size"])
-        self.seed, self.rank, self.part = seed, rank, part
-        self.augment = bool(data_config.get("augment", False)) and part == "train"
-        self.residual_scale = float(data_config.get("residual_scale") or 0.0)
         self.scale_range = tuple(data_config.get("noise_scale_range", [0.7, 1.4])) if part == "train" else (1.0, 1.0)
         texture = data_config.get("noise_texture") or {}
         self.texture_p = float(texture.get("probability", 0.0)) if part == "train" else 0.0
@@ -167,9 +164,6 @@ class LowDosePairs(SampleStream):
         added_hu = float(np.std(crop[1] - crop[0])) / self.units_per_hu
         low, high = self.weight_bounds
         return float(np.clip((self.reference_noise_hu / max(added_hu, 1e-3)) ** self.weight_power, low, high))
-
-    def augmentation(self, seed: int):
-        return True if self.augment else None
 
 
 def other_texture(noise: np.ndarray, blur_px: float, rng: np.random.Generator) -> np.ndarray:

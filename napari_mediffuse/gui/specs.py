@@ -88,7 +88,8 @@ def synthesis_spec() -> TaskSpec:
                           "model, if one is installed for the region"),
             Param("refine_from", 0, label="refine from step", options={"min": 0, "max": 999}, advanced=True,
                   tooltip="Step (of 1000) at which the 2D prior takes over from the coarse layout; "
-                          "higher redraws more; 0 = the default"),
+                          "higher redraws more; 0 = the default (750; 400 after a detail stage, whose draw is the "
+                          "result on its own 4 mm grid)"),
             Param("slice_correlation", DEFAULT_SLICE_CORRELATION, label="slice noise correlation",
                   options={"min": 0.0, "max": 0.99, "step": 0.01}, advanced=True,
                   tooltip="Correlation of the noise between neighbouring axial slices: higher gives smoother "

@@ -206,7 +206,7 @@ def draw_coarse_layout(checkpoint, predictor, *, region: int, steps: int, genera
     return denormalize(SliceRunner.host(box).numpy(), intensity_range(None, checkpoint.normalization))
 
 
-def draw_detail(checkpoint, predictor, layout_hu: np.ndarray, *, region: int, steps: int, noise,
+def draw_detail(checkpoint, predictor, layout_hu: np.ndarray, *, region: int, steps: int, noise, eta: float = 0.0,
                 batch_size: Optional[int] = None, progress=None, cancel=None) -> np.ndarray:
     """The detail stage: a conditional model (task ``ct_prior_detail``) draws
     every axial slice of a coarse layout placed on its grid.
@@ -224,7 +224,10 @@ def draw_detail(checkpoint, predictor, layout_hu: np.ndarray, *, region: int, st
         DDIM steps from pure noise.
     noise : torch.Generator or AxisCorrelatedNoise
         The start noise of the whole volume (correlated along S, so that
-        neighbouring slices get related detail).
+        neighbouring slices get related detail), and with ``eta`` > 0 each
+        step's.
+    eta : float
+        0 = deterministic DDIM, 1 = ancestral.
 
     Returns
     -------
@@ -239,7 +242,7 @@ def draw_detail(checkpoint, predictor, layout_hu: np.ndarray, *, region: int, st
     x_T = randn((1, 1) + tuple(layout_hu.shape), noise, predictor.device)
     n_train = len(alphas_cumprod(checkpoint.schedule))
     residual = residual_scale(checkpoint.card) is not None
-    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=max(1, int(steps)), t_start=n_train - 1,
+    x0 = ddim_sample(predict, x_T, checkpoint.schedule, steps=max(1, int(steps)), t_start=n_train - 1, eta=eta,
                      generator=noise, clip=None if residual else (-1.0, 1.0), progress=progress, cancel=cancel)
     x0 = from_residual(x0, condition, checkpoint.card).clamp(-1.0, 1.0)
     return denormalize(SliceRunner.host(x0[0, 0]).numpy(), hu_range)
@@ -259,20 +262,32 @@ def check_layout(layout) -> tuple:
     return box_hu, voxel_mm
 
 
-def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float) -> np.ndarray:
+def place_box(box: np.ndarray, box_spacing, shape, spacing, *, fill: float,
+              mode: str = "constant") -> np.ndarray:
     """Resample a box centred on the origin onto a grid centred on the origin.
 
     Both are in display orientation (S, P, L) with axis-aligned voxels, so the
     map is a per-axis scale and shift: output voxel ``i`` lies at
     ``(i - (n - 1) / 2) * spacing`` mm. Linear interpolation; ``fill``
-    (air) outside the box.
+    (air) outside the box, or with ``mode='nearest'`` the box's edge values
+    (a volume cut from a longer scan continues beyond its edges).
     """
     box_spacing = np.asarray(box_spacing, dtype=float)
     spacing = np.asarray(spacing, dtype=float)
     scale = spacing / box_spacing
     offset = (np.asarray(box.shape) - 1) / 2.0 - scale * (np.asarray(shape) - 1) / 2.0
     return ndimage.affine_transform(np.asarray(box, dtype=np.float32), scale, offset=offset,
-                                    output_shape=tuple(shape), order=1, mode="constant", cval=fill)
+                                    output_shape=tuple(shape), order=1, mode=mode, cval=fill)
+
+
+def covering_shape(shape, spacing, voxel_mm: float) -> tuple:
+    """Voxels of ``voxel_mm`` (isotropic) of a grid centred as one of
+    ``shape`` x ``spacing`` mm that covers it: its outermost voxel centres lie
+    at or beyond the other grid's, so resampling between the two (linear,
+    :func:`place_box`) never reads outside the source and fills no edge voxel
+    with air. The same shape when the voxel sizes are equal."""
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (len(shape),))
+    return tuple(int(np.ceil((n - 1) * s / voxel_mm - 1e-6)) + 1 for n, s in zip(shape, spacing))
 
 
 def placed_layout(box_hu: np.ndarray, box_spacing, shape, voxel_mm: float, checkpoint) -> np.ndarray:
@@ -316,7 +331,7 @@ def resolve_stage_model(model, task: str, region: str, *, label: str, fits=None)
     try:
         checkpoint = load_model(model, task=task, modality="CT")
     except CheckpointError as exc:
-        raise TaskInputError(str(exc)) from exc
+        raise TaskInputError(f"{label}: {exc}") from exc
     try:
         return checkpoint, region_index(region, checkpoint.card)
     except ValueError as exc:
@@ -329,16 +344,24 @@ def resolve_coarse_prior(coarse_model, region: str):
     return resolve_stage_model(coarse_model, "ct_prior_coarse", region, label="coarse prior")
 
 
+def fits_layout(card: dict, layout_mm: float) -> bool:
+    """Whether a detail model (its card) learnt layouts of ``layout_mm`` voxels
+    (card ``coarse_voxel_mm``, within 1 %)."""
+    trained_mm = card.get("coarse_voxel_mm")
+    return trained_mm is not None and abs(float(trained_mm) - float(layout_mm)) <= 0.01 * float(layout_mm)
+
+
 def resolve_detail_model(detail_model, region: str, layout_mm: float):
     """The detail stage (task ``ct_prior_detail``) and its class for
     ``region`` (:func:`resolve_stage_model`); ``'auto'`` takes only a model
     trained from layouts of ``layout_mm`` voxels (card ``coarse_voxel_mm``),
     since a layout of another voxel size is not what it learnt to detail."""
-    def fits(card):
-        trained_mm = card.get("coarse_voxel_mm")
-        return trained_mm is not None and abs(float(trained_mm) - float(layout_mm)) <= 0.01 * float(layout_mm)
-
-    return resolve_stage_model(detail_model, "ct_prior_detail", region, label="detail stage", fits=fits)
+    checkpoint, region_class = resolve_stage_model(detail_model, "ct_prior_detail", region, label="detail stage",
+                                                   fits=lambda card: fits_layout(card, layout_mm))
+    if checkpoint is not None and not checkpoint.card.get("pixel_spacing_mm"):
+        raise TaskInputError(f"detail stage: {checkpoint.name} records no pixel_spacing_mm: the voxel size it "
+                             "draws at is not known")
+    return checkpoint, region_class
 
 
 def synthesis_affine(shape, spacing) -> np.ndarray:
@@ -404,9 +427,10 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         alone, or a checkpoint name or folder.
     refine_from : int, optional
         Diffusion step (of the schedule's 1000) at which the 2D prior starts
-        from the noised coarse layout (:data:`DEFAULT_REFINE_FROM`); higher
-        redraws more. The 2D stage then runs ``steps * refine_from / 1000``
-        DDIM steps (at least 2).
+        from the noised coarse layout (:data:`DEFAULT_REFINE_FROM`; after a
+        detail stage :data:`DETAIL_REFINE_FROM`); higher redraws more. The
+        2D stage then runs ``steps * refine_from / 1000`` DDIM steps (at
+        least 2).
     slice_correlation : float, optional
         Correlation in [0, 1) of the 2D stage's noise between neighbouring
         axial slices (:class:`~..engine.sampling.AxisCorrelatedNoise`).
@@ -424,10 +448,11 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         from the layout): ``'auto'`` (default) uses an installed one trained
         on ``region`` from layouts of the layout's voxel size, ``None`` or
         ``'none'`` refines the layout with the 2D prior alone, or a
-        checkpoint name or folder. On the detail model's own grid its draw
-        is the result; on another grid the 2D prior refines it from
-        ``refine_from`` (default :data:`DETAIL_REFINE_FROM`). Not used
-        without a layout.
+        checkpoint name or folder (a warning in the metadata when it learnt
+        layouts of another voxel size). On the detail model's own grid its
+        draw is the result (``refine_from`` is then not used: a warning says
+        so); on another grid the 2D prior refines it from ``refine_from``
+        (default :data:`DETAIL_REFINE_FROM`). Not used without a layout.
     options : RunOptions
         Device, seed, batch size, progress and cancel.
 
@@ -493,10 +518,16 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     # along S; the coarse prior's own draw keeps the plain generator
     fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
     detail_mm = float(detail.card["pixel_spacing_mm"][0]) if detail is not None else None
-    detail_shape = (None if detail is None
-                    else tuple(max(1, int(round(n * native / detail_mm))) for n in native_shape))
+    detail_shape = None if detail is None else covering_shape(native_shape, native, detail_mm)
     # the detail stage's volume is the result when it is on the output's native grid
     detail_is_final = detail is not None and detail_shape == native_shape and abs(detail_mm - native) < 1e-6
+    warnings = []
+    if detail is not None and not fits_layout(detail.card, box_mm):
+        warnings.append(f"detail stage {detail.name} learnt layouts of {detail.card.get('coarse_voxel_mm')} mm "
+                        f"voxels, not {box_mm:g} mm")
+    if detail_is_final and refine_from is not None:
+        warnings.append(f"refine_from {refine_from} not used: the detail stage's {detail_mm:g} mm draw is the "
+                        "result on this grid")
     if not refining:
         t_start, fine_steps, coarse_steps, detail_steps = None, steps, 0, 0
         layout_hu = None
@@ -518,7 +549,7 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         if detail is not None:
             box_hu = draw_detail(detail, predictor_for(detail, options),
                                  placed_layout(box_hu, box_mm, detail_shape, detail_mm, detail),
-                                 region=detail_region, steps=detail_steps, noise=fine_noise,
+                                 region=detail_region, steps=detail_steps, noise=fine_noise, eta=eta,
                                  batch_size=options.batch_size, cancel=options.cancel,
                                  progress=ProgressSpan(options.progress, coarse_steps, total, "detail"))
             box_mm = detail_mm
@@ -541,19 +572,19 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
         x0 = F.interpolate(x0, size=shape, mode="trilinear", align_corners=True)
     hu = denormalize(SliceRunner.host(x0[0, 0]).numpy(), hu_range)
     params = {"shape": list(shape), "spacing_mm": list(spacing), "region": region, "steps": steps,
-              "planes": list(planes), "slice_correlation": float(slice_correlation), "eta": float(eta),
+              "planes": None if detail_is_final else list(planes), "slice_correlation": float(slice_correlation), "eta": float(eta),
               "seed": options.seed,
               "coarse_model": "given layout" if layout is not None else None if coarse is None else coarse.name,
               "detail_model": None if detail is None else detail.name,
               "refine_from": None if detail_is_final else t_start,
               "refine_steps": fine_steps if refining and not detail_is_final else None,
-              "slice_positions": positions is not None,
+              "slice_positions": positions is not None and not detail_is_final,
               "seconds": round(time.monotonic() - started, 1)}
     return Volume(
         data=hu.astype(np.float32), affine=synthesis_affine(shape, spacing), modality="CT",
         name=f"synthetic CT ({region}, seed {options.seed})", source="",
         metadata={"task": "synthesize", "synthetic": True, "parameters": params,
-                  "model": checkpoint.name, "warnings": []},
+                  "model": checkpoint.name, "warnings": warnings},
     )
 
 

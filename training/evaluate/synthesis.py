@@ -233,6 +233,8 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
             reals.extend(real_volumes(paths, float(vol.spacing[0]), orientation_fix))
             refs.extend(real_volumes(references, float(vol.spacing[0]), orientation_fix))
             if match_fov:
+                if not np.allclose(vol.spacing, vol.spacing[0]):
+                    raise ValueError(f"--match-fov needs isotropic samples, got {tuple(vol.spacing)} mm")
                 reals[:] = [in_sample_field(r, vol.data.shape) for r in reals]
                 refs[:] = [in_sample_field(r, vol.data.shape) for r in refs]
             pooled.append(np.concatenate([r[body_mask(r)] for r in reals]))
