@@ -43,11 +43,6 @@ PICTURED_STEP = {"the patient's own 8 mm box": 600, "the patient's own box at 16
                  "coarse prior draw (bundled)": 750}
 
 
-def layout_mm(layout) -> float:
-    """Voxel size (mm) of a benchmark layout: a given box's, or the coarse prior's 8 mm for its draw (None)."""
-    return 8.0 if layout is None else float(layout[1])
-
-
 def main(argv=None) -> int:
     import torch
     import yaml
@@ -109,8 +104,12 @@ def main(argv=None) -> int:
                              ("the patient's own box at 16 mm", (box16, 2 * data["spacing_mm"])),
                              ("coarse prior draw (bundled)", None)):
             runs = [(name, refine, "none") for refine in args.refine_from]
-            if args.detail_model and layout_mm(layout) == data["spacing_mm"]:  # the detail stage learnt 8 mm ones
+            # the detail stage learnt layouts of the coarse prior's voxel (data spacing_mm, 8 mm)
+            if args.detail_model and (layout is None or layout[1] == data["spacing_mm"]):
                 runs.append((f"{name} + detail stage", "detail", args.detail_model))
+            pictured = PICTURED_STEP.get(name)
+            if pictured not in args.refine_from:
+                pictured = max(args.refine_from)
             for label, refine, detail in runs:
                 started = time.perf_counter()
                 # a seed per patient: the coarse prior draws another layout for each
@@ -119,9 +118,6 @@ def main(argv=None) -> int:
                                  layout=layout, detail_model=detail,
                                  options=RunOptions(seed=args.seed + k, batch_size=8))
                 score(label, patient, refine, vol.data, time.perf_counter() - started, pool)
-                pictured = PICTURED_STEP.get(name)
-                if pictured not in args.refine_from:
-                    pictured = max(args.refine_from)
                 if refine in ("detail", pictured):
                     volumes.append(vol.data)
                     labels.append(f"{patient}: {label}" + ("" if refine == "detail" else f", refined from {refine}"))

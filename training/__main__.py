@@ -13,8 +13,8 @@ import torch
 
 def _cmd_train(args) -> int:
     from .data import ConfigError
-    from .trainer import (RunExistsError, check_architecture, check_run_output, check_training_data, load_config,
-                          train, training_objective)
+    from .trainer import (RunExistsError, check_architecture, check_training_data, load_config, train,
+                          training_objective)
 
     try:
         config = load_config(args.config)
@@ -31,11 +31,6 @@ def _cmd_train(args) -> int:
     if args.check:
         print(f"{args.config}: data config OK")
         return 0
-    try:
-        check_run_output(args.output, args.resume)
-    except RunExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     try:  # a GPU asked for on a machine without one: one line before anything loads
         from napari_mediffuse.engine.devices import select_device
 
@@ -44,8 +39,12 @@ def _cmd_train(args) -> int:
         print(f"error: --device: {exc}", file=sys.stderr)
         return 2
     command = "python -m training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    folder = train(config, args.output, resume=args.resume, device=args.device,
-                   precision=args.precision, max_steps=args.max_steps, command=command)
+    try:  # an --output holding a run is refused before anything loads (train() checks it first)
+        folder = train(config, args.output, resume=args.resume, device=args.device,
+                       precision=args.precision, max_steps=args.max_steps, command=command)
+    except RunExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"EMA checkpoint: {folder}")
     return 0
 

@@ -115,13 +115,16 @@ def alternating_plane_predictor(predictor, planes=PLANES, *, batch_size: Optiona
     """
     state = {"call": 0}
     batch_size = resolve_batch_size(batch_size)  # no device: this loop does not halve on running out of memory
+    # the condition does not change between steps: its slices of each plane, stacked once
+    condition_stacks = ({} if condition is None
+                        else {plane: torch.cat([plane_stack(channel, plane) for channel in condition[0]], dim=1)
+                              for plane in set(planes)})
 
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         plane = planes[state["call"] % len(planes)]
         state["call"] += 1
         stack = plane_stack(x[0, 0], plane)
-        conditions = (None if condition is None
-                      else torch.cat([plane_stack(channel, plane) for channel in condition[0]], dim=1))
+        conditions = condition_stacks.get(plane)
         eps = torch.empty_like(stack)
         for start in range(0, stack.shape[0], batch_size):
             check_cancel(cancel)
@@ -519,8 +522,9 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     fine_noise = AxisCorrelatedNoise(gen, float(slice_correlation), axis=-3) if slice_correlation else gen
     detail_mm = float(detail.card["pixel_spacing_mm"][0]) if detail is not None else None
     detail_shape = None if detail is None else covering_shape(native_shape, native, detail_mm)
-    # the detail stage's volume is the result when it is on the output's native grid
-    detail_is_final = detail is not None and detail_shape == native_shape and abs(detail_mm - native) < 1e-6
+    # the detail stage's volume is the result when it is drawn at the output's native voxel size
+    # (its grid is then the native grid: covering_shape of equal voxels is the same shape)
+    detail_is_final = detail is not None and abs(detail_mm - native) < 1e-6
     warnings = []
     if detail is not None and not fits_layout(detail.card, box_mm):
         warnings.append(f"detail stage {detail.name} learnt layouts of {detail.card.get('coarse_voxel_mm')} mm "
