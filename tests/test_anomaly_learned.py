@@ -327,6 +327,59 @@ def test_segmenter_config_takes_no_healing_settings_and_needs_the_segmentation_o
         training_objective({"data": {}, "train": {"objective": "dice"}})
 
 
+def test_lesion_balance_map_gives_each_lesion_at_least_a_reference_lesions_weight():
+    from training.healing import lesion_balance_map
+
+    yy, xx = np.mgrid[:64, :64]
+    small = (yy - 16) ** 2 + (xx - 16) ** 2 <= 2 ** 2   # 13 pixels of 1 x 2 mm: 26 mm^2
+    large = (yy - 40) ** 2 + (xx - 40) ** 2 <= 12 ** 2  # 441 pixels: 882 mm^2
+    weight = lesion_balance_map(small | large, (1.0, 2.0), reference_mm=20.0)
+    reference = np.pi * 10.0 ** 2  # mm^2 of a 20 mm lesion
+    # the small lesion weighs as much as the reference lesion, pixel by pixel the same
+    assert float(weight[small].sum()) * 2.0 == pytest.approx(reference, rel=1e-5)
+    assert np.ptp(weight[small]) == 0.0
+    # a lesion larger than the reference and the background keep weight 1
+    assert float(weight[large].max()) == 1.0 and float(weight[~(small | large)].max()) == 1.0
+    np.testing.assert_array_equal(lesion_balance_map(np.zeros((8, 8), bool), (1.0, 1.0), 20.0), np.ones((8, 8)))
+
+
+def test_lesion_balance_belongs_to_the_segmenter_target(sample_ct):
+    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
+    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
+                            spacing_mm=tuple(sample_ct.spacing))
+    with pytest.raises(ValueError, match="lesion_balance_mm"):
+        LesionHealingPairs([volume], {"patch_size": 48, "lesion_balance_mm": 20.0}, NORMALIZATION, seed=0)
+    config = {"patch_size": 48, "target": "lesion_mask", "clean_probability": 0.0, "lesion_balance_mm": 40.0,
+              "lesions": {"diameter_mm": [6.0, 12.0]}}
+    sample = next(s for s in (LesionHealingPairs([volume], config, NORMALIZATION, seed=0).sample(
+        np.random.default_rng(k)) for k in range(20)) if s["image"].any())
+    weight, lesion = sample["weight_map"].numpy()[0], sample["image"].numpy()[0] > 0.5
+    # 6-12 mm lesions at 3 mm pixels are far under a 40 mm lesion: their pixels weigh more than 1
+    assert float(weight[lesion].min()) > 1.0 and float(weight[~lesion].max()) == 1.0
+
+
+def test_a_weight_map_makes_the_segmenters_cross_entropy_a_weighted_mean():
+    from training.trainer import segmentation_loss
+
+    class Confident(torch.nn.Module):  # logit 2 everywhere
+        def forward(self, x, t, coords=None, condition=None, region=None):
+            return torch.full_like(x, 2.0)
+
+    target = torch.zeros((1, 1, 8, 8))
+    target[0, 0, :2, :2] = 1.0
+    weight_map = torch.ones_like(target)
+    weight_map[target > 0] = 10.0
+    batch = {"image": target, "condition": torch.randn(1, 1, 8, 8), "coords": torch.zeros(1, 2, 8, 8),
+             "region": torch.zeros(1, dtype=torch.long)}
+    plain = float(segmentation_loss(Confident(), batch, torch.device("cpu"), num_steps=1000))
+    weighted = float(segmentation_loss(Confident(), {**batch, "weight_map": weight_map}, torch.device("cpu"),
+                                       num_steps=1000))
+    on_lesion, on_background = np.log1p(np.exp(-2.0)), np.log1p(np.exp(2.0))
+    # the Dice term is the same in both: the difference is the cross-entropy's
+    expected = (40 * on_lesion + 60 * on_background) / 100 - (4 * on_lesion + 60 * on_background) / 64
+    assert weighted - plain == pytest.approx(expected, rel=1e-5)
+
+
 def test_segmentation_loss_is_cross_entropy_plus_dice_at_the_last_step_with_no_noisy_input():
     from training.trainer import segmentation_loss
 
@@ -476,6 +529,26 @@ def test_corrupt_with_organ_probability_one_puts_every_cluster_in_body_parenchym
     for seed in range(4):
         _, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), body=half, organ_probability=1.0)
         assert float(weight[:, : half.shape[1] // 2 - 2].max()) < 0.5
+
+
+def test_corrupt_with_tissue_probability_one_centres_every_blob_in_soft_tissue(sample_ct):
+    from scipy import ndimage
+
+    from training.healing import LESION_TISSUE_HU, parenchyma_mask
+    slice_hu = sample_ct.data[2]
+    body = body_mask(slice_hu)
+    tissue = parenchyma_mask(slice_hu, (3.0, 3.0), hu_range=LESION_TISSUE_HU, margin_mm=2.0) & body
+    assert 0.05 < tissue.sum() / body.sum() < 0.9  # soft tissue is a part of this abdomen, not all of it
+    in_tissue, anywhere = [], []
+    for seed in range(6):
+        for probability, found in ((1.0, in_tissue), (0.0, anywhere)):
+            _, weight = corrupt(slice_hu, (3.0, 3.0), np.random.default_rng(seed), body=body, max_lesions=1,
+                                diameter_mm=(6.0, 9.0), tissue_probability=probability)
+            # the blob's centre: its weight's peak (a 6-9 mm blob peaks within a pixel of its centre)
+            centre = np.unravel_index(np.argmax(weight), weight.shape)
+            found.append(bool(ndimage.binary_dilation(tissue, iterations=1)[centre]))
+    assert all(in_tissue)
+    assert not all(anywhere)  # without it, blobs also go to fat, bone and gas
 
 
 def parenchyma_or_border(slice_hu):

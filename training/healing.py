@@ -86,6 +86,10 @@ def lesion_weight(shape, center, spacing_mm, *, diameter_mm: float, rng: np.rand
 #: :func:`organ_lesions` places its clusters.
 PARENCHYMA_HU = (0.0, 200.0)
 
+#: Soft tissue (HU, smoothed over about 2 mm) where :func:`corrupt` puts a
+#: ``tissue_probability`` share of its blobs: muscle, glands and organs, not fat, lung or bone.
+LESION_TISSUE_HU = (-100.0, 200.0)
+
 
 def parenchyma_mask(slice_hu: np.ndarray, spacing_mm, *, hu_range=PARENCHYMA_HU,
                     margin_mm: float = 3.0) -> np.ndarray:
@@ -142,7 +146,7 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
             replace_hu=(-150.0, 150.0), replace_probability: float = 0.4,
             texture_hu=(0.0, 25.0), organ_probability: float = 0.0,
             organ_lesion_count=(2, 6), organ_diameter_mm=(8.0, 70.0),
-            organ_contrast_hu=(15.0, 90.0)) -> tuple[np.ndarray, np.ndarray]:
+            organ_contrast_hu=(15.0, 90.0), tissue_probability: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``slice_hu`` with 1-``max_lesions`` synthetic lesions (module doc), and their soft mask.
 
     Centres are drawn inside ``body`` (default :func:`body_mask`); diameters
@@ -154,6 +158,10 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
     ``organ_diameter_mm``, ``organ_contrast_hu`` darker than their organ) in
     the parenchyma inside ``body``; a slice without parenchyma gets the blobs
     above (so clusters are a little rarer than ``organ_probability``).
+    With probability ``tissue_probability`` a blob's centre is drawn in soft
+    tissue instead (:data:`LESION_TISSUE_HU`, :func:`parenchyma_mask`), where
+    lesions of a few tens of HU are both common and hard to see; anywhere in
+    ``body`` otherwise, or when the slice has no soft tissue.
     """
     body = body_mask(slice_hu) if body is None else body  # once, for either kind of lesion
     if organ_probability and rng.random() < organ_probability:
@@ -167,8 +175,12 @@ def corrupt(slice_hu: np.ndarray, spacing_mm, rng: np.random.Generator, *, body=
     inside = np.argwhere(body)
     if not len(inside):
         return out, mask
+    tissue = None
+    if tissue_probability > 0:
+        tissue = np.argwhere(parenchyma_mask(slice_hu, spacing_mm, hu_range=LESION_TISSUE_HU, margin_mm=2.0) & body)
     for _ in range(int(rng.integers(1, max_lesions + 1))):
-        center = inside[int(rng.integers(len(inside)))]
+        pool = tissue if tissue is not None and len(tissue) and rng.random() < tissue_probability else inside
+        center = pool[int(rng.integers(len(pool)))]
         diameter = math.exp(rng.uniform(math.log(diameter_mm[0]), math.log(diameter_mm[1])))
         w = lesion_weight(out.shape, center, spacing_mm, diameter_mm=diameter, rng=rng,
                           edge_mm=rng.uniform(0.5, 2.0))
@@ -200,6 +212,27 @@ def share_weight_map(mask: np.ndarray, share: float) -> np.ndarray:
     # (1 + k) area / (n + k area) = share  ->  k = (share n - area) / ((1 - share) area)
     k = min(max(share * mask.size - area, 0.0) / ((1.0 - share) * area), MAX_LESION_WEIGHT)
     return (1.0 + k * mask).astype(np.float32)
+
+
+def lesion_balance_map(mask: np.ndarray, spacing_mm, reference_mm: float,
+                       max_weight: float = MAX_LESION_WEIGHT) -> np.ndarray:
+    """Per-pixel loss weights that give every lesion of a binary ``mask`` (a
+    connected component) at least the weight of a round lesion of
+    ``reference_mm`` diameter: the pixels of a lesion of area ``a`` (mm^2)
+    weigh ``max(1, A_ref / a)`` (at most ``1 + max_weight``), every other
+    pixel 1. Without it a lesion counts by its pixels: at 4 mm a 10 mm lesion
+    is 5 pixels, a 40 mm one 80, and the loss learns the large ones."""
+    mask = np.asarray(mask, dtype=bool)
+    weight = np.ones(mask.shape, dtype=np.float32)
+    labels, count = ndimage.label(mask)
+    if not count:
+        return weight
+    pixel_mm2 = float(np.prod(np.asarray(spacing_mm, dtype=float)))
+    reference = math.pi * (float(reference_mm) / 2.0) ** 2
+    areas = ndimage.sum_labels(np.ones(mask.shape), labels, index=np.arange(1, count + 1)) * pixel_mm2
+    per_lesion = np.clip(reference / areas, 1.0, 1.0 + max_weight).astype(np.float32)
+    weight[mask] = per_lesion[labels[mask] - 1]
+    return weight
 
 
 #: Soft tissue (HU) that :func:`shift_soft_tissue` moves: fat to enhanced organs, not air or bone.
@@ -288,7 +321,8 @@ class LesionHealingPairs(SampleStream):
         lesions = dict(data_config.get("lesions") or {})
         unknown = set(lesions) - {"max_lesions", "diameter_mm", "contrast_hu", "replace_hu",
                                   "replace_probability", "texture_hu", "organ_probability",
-                                  "organ_lesion_count", "organ_diameter_mm", "organ_contrast_hu"}
+                                  "organ_lesion_count", "organ_diameter_mm", "organ_contrast_hu",
+                                  "tissue_probability"}
         if unknown:
             raise ValueError(f"data.lesions: unknown keys {sorted(unknown)}")
         self.lesions = lesions
@@ -312,6 +346,11 @@ class LesionHealingPairs(SampleStream):
                                              or self.lesion_loss_weight):
             raise ValueError("data.target lesion_mask: residual_scale, lesion_loss_share and "
                              "lesion_loss_weight belong to the healing target; remove them")
+        # segmenter: each lesion weighs at least as much as one of this diameter (lesion_balance_map)
+        self.lesion_balance_mm = float(data_config.get("lesion_balance_mm", 0.0))
+        if self.lesion_balance_mm < 0 or (self.lesion_balance_mm and self.target != "lesion_mask"):
+            raise ValueError("data.lesion_balance_mm must be a diameter in mm >= 0, and belongs to the "
+                             f"lesion_mask target; got {self.lesion_balance_mm} with target {self.target!r}")
         if self.target == "healthy" and float(noise_hu[1]) > 0:
             raise ValueError("data.noise_hu belongs to the lesion_mask target (a healing model would learn "
                              "to denoise); remove it")
@@ -365,7 +404,11 @@ class LesionHealingPairs(SampleStream):
         coords = coordinate_grid([(r0, r0 + size), (c0, c0 + size)], (h, w)).numpy()
         if self.target == "lesion_mask":
             planes = np.stack([(planes[2] >= 0.5).astype(np.float32), planes[1]])
-            return restoration_sample(np.ascontiguousarray(planes), coords, volume.region)
+            sample = restoration_sample(np.ascontiguousarray(planes), coords, volume.region)
+            if self.lesion_balance_mm:
+                sample["weight_map"] = torch.from_numpy(
+                    lesion_balance_map(planes[0] > 0.5, volume.spacing_mm[1:], self.lesion_balance_mm)[None])
+            return sample
         sample = restoration_sample(np.ascontiguousarray(planes[:2]), coords, volume.region, self.residual_scale)
         if self.lesion_loss_weight:
             sample["weight_map"] = torch.from_numpy(1.0 + self.lesion_loss_weight * planes[2:3])

@@ -167,7 +167,8 @@ def segmentation_loss(network, batch: dict, device: torch.device, num_steps: int
     start from a restoration model begins where its features are useful).
     The cross-entropy scores every pixel; the Dice term keeps small lesions
     (a 10 mm lesion is about 0.1 % of a crop at 4 mm) from being drowned by
-    the background.
+    the background. A batch with ``weight_map`` makes the cross-entropy a
+    weighted mean (the Dice term is not weighted).
     """
     from monai.losses import DiceLoss
 
@@ -176,7 +177,12 @@ def segmentation_loss(network, batch: dict, device: torch.device, num_steps: int
     timesteps = torch.full((n,), num_steps - 1, dtype=torch.long, device=device)
     logits = network(torch.zeros_like(target), timesteps, coords=batch["coords"].to(device),
                      condition=batch["condition"].to(device), region=batch["region"].to(device)).float()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    if "weight_map" in batch:  # per pixel (data.lesion_balance_mm: small lesions count as much as large)
+        weight = batch["weight_map"].to(device, torch.float32)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce = (weight * bce).sum() / weight.sum()
+    else:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     # batch=True: one Dice over the whole batch; per crop, each crop without lesions would score a
     # Dice of about 1 for predicting nothing and pull towards it
     return bce + DiceLoss(sigmoid=True, batch=True)(logits, target)
