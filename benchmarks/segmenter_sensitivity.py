@@ -1,15 +1,15 @@
-"""How subtle a lesion a lesion segmenter finds, in held-out patients (issue 18 item 4).
+"""How faint and how small a lesion a lesion segmenter finds, in held-out patients (issue 18 item 4).
 
-    PYTHONPATH=. python benchmarks/segmenter_contrast.py MODEL [MODEL ...]
-        [--contrasts 15 30 60 90 150 300] [--where body tissue] [--repeats 2] [--seed 0]
-        [--out docs/evaluation/segmenter_contrast.md]
+    PYTHONPATH=. python benchmarks/segmenter_sensitivity.py MODEL [MODEL ...]
+        [--contrasts 15 30 60 90 150 300] [--diameters 10 30] [--where body tissue] [--repeats 2] [--seed 0]
+        [--out docs/evaluation/segmenter_sensitivity.md]
 
 The slices are the anomaly evaluation's OpenKBP validation slices (``python -m
 training.evaluate anomaly-real --cases openkbp-inserted``: 16 patients never
 trained on, neck to upper chest, 4 mm). Into each goes one lesion of the
 segmenters' own training kind (:func:`training.healing.corrupt`: a soft blob,
-added, 10-30 mm), its contrast drawn in one band of ``--contrasts`` (HU, either
-sign), its centre anywhere in the body or in soft tissue (``--where``; -100..200
+added), its contrast drawn in one band of ``--contrasts`` (HU, either sign), its
+diameter in one band of ``--diameters`` (mm), its centre anywhere in the body or in soft tissue (``--where``; -100..200
 HU, :data:`training.healing.LESION_TISSUE_HU`). Each model runs as the anomaly
 task's learned method (two flipped views, probability smoothed by 3 mm) on the
 slices without and with their lesion; per band: pixel AUROC in the body and
@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 
 
-def lesion_slices(clean: np.ndarray, body: np.ndarray, spacing_mm, band, where: str,
+def lesion_slices(clean: np.ndarray, body: np.ndarray, spacing_mm, band, diameters, where: str,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One blob per slice of ``clean`` (HU, (S, H, W)), contrast in ``band`` (HU),
-    centred in the body or in its soft tissue: ``(slices with lesions, masks)``."""
+    diameter in ``diameters`` (mm), centred in the body or in its soft tissue:
+    ``(slices with lesions, masks)``."""
     from training.healing import corrupt
 
     images, masks = [], []
     for image, inside in zip(clean, body):
-        out, weight = corrupt(image, spacing_mm, rng, body=inside, max_lesions=1, diameter_mm=(10.0, 30.0),
+        out, weight = corrupt(image, spacing_mm, rng, body=inside, max_lesions=1, diameter_mm=diameters,
                               contrast_hu=band, replace_probability=0.0, texture_hu=(0.0, 10.0),
                               tissue_probability=1.0 if where == "tissue" else 0.0)
         images.append(out)
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="+", help="lesion segmenter checkpoints (names or folders)")
     parser.add_argument("--contrasts", type=float, nargs="+", default=[15, 30, 60, 90, 150, 300],
                         help="band edges (HU): one band between each two neighbours")
+    parser.add_argument("--diameters", type=float, nargs="+", default=[10, 30],
+                        help="band edges (mm) of the lesions' diameters")
     parser.add_argument("--where", nargs="+", choices=["body", "tissue"], default=["body", "tissue"])
     parser.add_argument("--repeats", type=int, default=2, help="lesions per slice and band (each a new draw)")
     parser.add_argument("--seed", type=int, default=0)
@@ -93,43 +96,47 @@ def main(argv=None) -> int:
     n = len(case.image) // 2
     clean, body = case.image[:n], case.roi[:n]
     bands = list(zip(args.contrasts[:-1], args.contrasts[1:]))
+    sizes = list(zip(args.diameters[:-1], args.diameters[1:]))
     rows = []
     for where in args.where:
-        for band in bands:
-            # the same lesions for every model
-            rng = np.random.default_rng([args.seed, int(band[0]), int(where == "tissue")])
-            drawn = [lesion_slices(clean, body, case.spacing[1:], band, where, rng) for _ in range(args.repeats)]
-            images = np.concatenate([clean] + [d[0] for d in drawn])
-            truth = np.concatenate([np.zeros_like(body)] + [d[1] for d in drawn])
-            roi = np.concatenate([body] * (1 + args.repeats))
-            for model in args.models:
-                heat = segmenter_heatmap(model, images, roi, case.affine)
-                row = {"model": model, "where": where, "contrast_hu": list(band), **scores(heat, truth, roi)}
-                rows.append(row)
-                print(row, flush=True)
+        for size in sizes:
+            for band in bands:
+                # the same lesions for every model
+                rng = np.random.default_rng([args.seed, int(band[0]), int(size[0]), int(where == "tissue")])
+                drawn = [lesion_slices(clean, body, case.spacing[1:], band, size, where, rng)
+                         for _ in range(args.repeats)]
+                images = np.concatenate([clean] + [d[0] for d in drawn])
+                truth = np.concatenate([np.zeros_like(body)] + [d[1] for d in drawn])
+                roi = np.concatenate([body] * (1 + args.repeats))
+                for model in args.models:
+                    heat = segmenter_heatmap(model, images, roi, case.affine)
+                    row = {"model": model, "where": where, "contrast_hu": list(band), "diameter_mm": list(size),
+                           **scores(heat, truth, roi)}
+                    rows.append(row)
+                    print(row, flush=True)
 
-    command = "PYTHONPATH=. python benchmarks/segmenter_contrast.py " + " ".join(
+    command = "PYTHONPATH=. python benchmarks/segmenter_sensitivity.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     lines = [f"<!-- {command} -->", "",
              f"{n} OpenKBP validation slices (4 mm, never trained on), each without and with one blob of the "
-             f"segmenters' own kind (10-30 mm, added, {args.repeats} draws per slice and band); heatmap = the "
-             "task's learned method (2 views, 3 mm smoothing); pixel AUROC in the body / Dice of the map above 0.5.",
-             "", "| lesion centre | contrast (HU) | " + " | ".join(f"`{m}`" for m in args.models) + " |",
-             "|---|---|" + "---:|" * len(args.models)]
-    for where in args.where:
-        for band in bands:
-            cells = []
-            for model in args.models:
-                r = next(r for r in rows if r["model"] == model and r["where"] == where
-                         and r["contrast_hu"] == list(band))
-                cells.append(f"{r['pixel_auroc']:.3f} / {r['dice']:.3f}")
-            lines.append(f"| {'soft tissue' if where == 'tissue' else 'body'} | {band[0]:g}-{band[1]:g} | "
-                         + " | ".join(cells) + " |")
+             f"segmenters' own kind (added, {args.repeats} draws per slice and band); heatmap = the task's learned "
+             "method (2 views, 3 mm smoothing); pixel AUROC in the body / Dice of the map above 0.5.",
+             "", "| lesion centre | diameter (mm) | contrast (HU) | "
+             + " | ".join(f"`{model_label(m)}`" for m in args.models) + " |",
+             "|---|---|---|" + "---:|" * len(args.models)]
+    for r in rows[::len(args.models)]:
+        cells = [next(f"{o['pixel_auroc']:.3f} / {o['dice']:.3f}" for o in rows if o["model"] == model
+                      and (o["where"], o["contrast_hu"], o["diameter_mm"]) == (r["where"], r["contrast_hu"],
+                                                                                r["diameter_mm"]))
+                 for model in args.models]
+        lines.append(f"| {'soft tissue' if r['where'] == 'tissue' else 'body'} | "
+                     f"{r['diameter_mm'][0]:g}-{r['diameter_mm'][1]:g} | "
+                     f"{r['contrast_hu'][0]:g}-{r['contrast_hu'][1]:g} | " + " | ".join(cells) + " |")
     if args.out:
         lines += ["", f"![AUROC against contrast]({Path(args.out).with_suffix('.png').name})"]
     print(write_report(lines, args.out, {"command": command, "rows": rows}))
     if args.out:
-        plot(rows, args.models, args.where, bands, Path(args.out).with_suffix(".png"))
+        plot(rows, args.models, args.where, bands, sizes, Path(args.out).with_suffix(".png"))
     return 0
 
 
@@ -139,20 +146,21 @@ def model_label(model: str) -> str:
     return path.parent.name if path.name in ("ema", "model") and path.parent.name else model
 
 
-def plot(rows, models, places, bands, path) -> None:
+def plot(rows, models, places, bands, sizes, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     centres = [np.sqrt(a * b) for a, b in bands]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in models:
         for where in places:
-            ys = [next(r["pixel_auroc"] for r in rows if r["model"] == model and r["where"] == where
-                       and r["contrast_hu"] == list(band)) for band in bands]
-            ax.plot(centres, ys, marker="o", linestyle="-" if where == "tissue" else "--",
-                    label=f"{model_label(model)} ({where})")
+            for size in sizes:
+                ys = [next(r["pixel_auroc"] for r in rows if r["model"] == model and r["where"] == where
+                           and r["contrast_hu"] == list(band) and r["diameter_mm"] == list(size)) for band in bands]
+                ax.plot(centres, ys, marker="o", linestyle="-" if where == "tissue" else "--",
+                        label=f"{model_label(model)} ({where}, {size[0]:g}-{size[1]:g} mm)")
     ax.set_xscale("log")
     ax.set_xlabel("lesion contrast (HU, band centre)")
     ax.set_ylabel("pixel AUROC")
