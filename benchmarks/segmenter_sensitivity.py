@@ -8,17 +8,19 @@ The slices are the anomaly evaluation's OpenKBP validation slices (``python -m
 training.evaluate anomaly-real --cases openkbp-inserted``: 16 patients never
 trained on, neck to upper chest, 4 mm). Into each goes one lesion of the
 segmenters' own training kind (:func:`training.healing.corrupt`: a soft blob,
-added), its contrast drawn in one band of ``--contrasts`` (HU, either sign), its
-diameter in one band of ``--diameters`` (mm), its centre anywhere in the body or in soft tissue (``--where``; -100..200
-HU, :data:`training.healing.LESION_TISSUE_HU`). Each model runs as the anomaly
+added), its contrast drawn in one band of ``--contrasts`` (HU, either sign),
+its diameter in one band of ``--diameters`` (mm), its centre anywhere in the
+body or in soft tissue (``--where``; -100..200 HU,
+:data:`training.healing.LESION_TISSUE_HU`). Each model runs as the anomaly
 task's learned method (two flipped views, probability smoothed by 3 mm) on the
-slices without and with their lesion; per band: pixel AUROC in the body and
-Dice of the map above 0.5 (the task's mask).
+slices without and with their lesion; per band: pixel AUROC in the body, Dice
+of the map above 0.5 (the task's mask) and the share of lesions found (any of
+their pixels in the mask).
 
 The inserted-lesion case of the evaluation asks for 30-90 HU in soft tissue with
 its own lesion generator (:mod:`training.lesions`); here the lesions are each
-model's own kind, so a low score is a model that cannot see lesions this faint,
-not one that meets an unfamiliar kind. Writes ``<out>`` (Markdown), ``.json``
+model's own kind, so a low score is a model that cannot see lesions this faint
+or small, not one that meets an unfamiliar kind. Writes ``<out>`` (Markdown), ``.json``
 and ``.png`` (AUROC against contrast).
 """
 from __future__ import annotations
@@ -68,7 +70,10 @@ def scores(heat: np.ndarray, truth: np.ndarray, roi: np.ndarray) -> dict:
     flagged = (heat > SEGMENTATION_THRESHOLD) & roi
     lesion = truth & roi
     dice = 2.0 * float((flagged & lesion).sum()) / max(float(flagged.sum() + lesion.sum()), 1.0)
+    # one lesion per slice: found when some of its pixels are in the task's mask
+    found = [bool(flagged[k][lesion[k]].any()) for k in range(len(heat)) if lesion[k].any()]
     return {"pixel_auroc": auroc(heat[roi], truth[roi]), "dice": dice,
+            "lesions_found": float(np.mean(found)) if found else float("nan"),
             "lesion_probability": float(heat[lesion].mean())}
 
 
@@ -86,13 +91,17 @@ def main(argv=None) -> int:
                         help="band edges (mm) of the lesions' diameters")
     parser.add_argument("--where", nargs="+", choices=["body", "tissue"], default=["body", "tissue"])
     parser.add_argument("--repeats", type=int, default=2, help="lesions per slice and band (each a new draw)")
+    parser.add_argument("--patients", default=None,
+                        help="folder of OpenKBP patients the slices come from (default: the evaluation's validation "
+                             "patients; the training patients' folder asks whether a model learnt its lesions at all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="Markdown table (.json and .png beside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    case = openkbp_inserted_case()  # the evaluation's slices; its own lesions are not used here
+    # the evaluation's slices (its own lesions are not used here), or as many of other patients
+    case = openkbp_inserted_case() if args.patients is None else openkbp_inserted_case(args.patients)
     n = len(case.image) // 2
     clean, body = case.image[:n], case.roi[:n]
     bands = list(zip(args.contrasts[:-1], args.contrasts[1:]))
@@ -118,14 +127,17 @@ def main(argv=None) -> int:
     command = "PYTHONPATH=. python benchmarks/segmenter_sensitivity.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     lines = [f"<!-- {command} -->", "",
-             f"{n} OpenKBP validation slices (4 mm, never trained on), each without and with one blob of the "
+             (f"{n} OpenKBP validation slices (4 mm, never trained on)" if args.patients is None
+              else f"{n} slices of the OpenKBP patients in `{args.patients}` (4 mm)")
+             + ", each without and with one blob of the "
              f"segmenters' own kind (added, {args.repeats} draws per slice and band); heatmap = the task's learned "
-             "method (2 views, 3 mm smoothing); pixel AUROC in the body / Dice of the map above 0.5.",
+             "method (2 views, 3 mm smoothing); pixel AUROC in the body / Dice of the map above 0.5 (the task's "
+             "mask) / lesions found (any of its pixels in the mask).",
              "", "| lesion centre | diameter (mm) | contrast (HU) | "
              + " | ".join(f"`{model_label(m)}`" for m in args.models) + " |",
              "|---|---|---|" + "---:|" * len(args.models)]
     for r in rows[::len(args.models)]:
-        cells = [next(f"{o['pixel_auroc']:.3f} / {o['dice']:.3f}" for o in rows if o["model"] == model
+        cells = [next(f"{o['pixel_auroc']:.3f} / {o['dice']:.3f} / {100 * o['lesions_found']:.0f} %" for o in rows if o["model"] == model
                       and (o["where"], o["contrast_hu"], o["diameter_mm"]) == (r["where"], r["contrast_hu"],
                                                                                 r["diameter_mm"]))
                  for model in args.models]
