@@ -159,26 +159,30 @@ def model_label(model: str) -> str:
 
 
 def plot(rows, models, places, bands, sizes, path) -> None:
+    """AUROC against contrast: a panel per size band, a colour per model, a line style per placement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     centres = [np.sqrt(a * b) for a, b in bands]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in models:
-        for where in places:
-            for size in sizes:
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1, 3.8), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for k, model in enumerate(models):
+            for where in places:
                 ys = [next(r["pixel_auroc"] for r in rows if r["model"] == model and r["where"] == where
                            and r["contrast_hu"] == list(band) and r["diameter_mm"] == list(size)) for band in bands]
-                ax.plot(centres, ys, marker="o", linestyle="-" if where == "tissue" else "--",
-                        label=f"{model_label(model)} ({where}, {size[0]:g}-{size[1]:g} mm)")
-    ax.set_xscale("log")
-    ax.set_xlabel("lesion contrast (HU, band centre)")
-    ax.set_ylabel("pixel AUROC")
-    ax.axhline(0.9, color="grey", linewidth=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+                ax.plot(centres, ys, marker="o", color=colours(k), linestyle="-" if where == "tissue" else "--",
+                        label=f"{model_label(model)} ({'soft tissue' if where == 'tissue' else 'body'})")
+        ax.set_xscale("log")
+        ax.set_title(f"{size[0]:g}-{size[1]:g} mm", fontsize=9)
+        ax.set_xlabel("contrast (HU, band centre)")
+        ax.axhline(0.9, color="grey", linewidth=0.5)
+    axes[0][0].set_ylabel("pixel AUROC")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
