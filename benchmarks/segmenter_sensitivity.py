@@ -59,20 +59,18 @@ def segmenter_heatmap(model: str, images: np.ndarray, body: np.ndarray, affine: 
     prob, _, _ = learned_slices(volume, volume.data, task=LEARNED_TASKS, label="segmenter benchmark", model=model,
                                 options=RunOptions(device="cpu"), ensemble=2, region="head-neck",
                                 message="segmenter benchmark")
-    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    return probability_heatmap(prob, body, spacing, smooth_mm=3.0)
+    return probability_heatmap(prob, body, volume.spacing, smooth_mm=3.0)
 
 
 def scores(heat: np.ndarray, truth: np.ndarray, roi: np.ndarray) -> dict:
     from napari_mediffuse.tasks.anomaly import SEGMENTATION_THRESHOLD
-    from training.evaluate.anomaly import auroc
+    from training.evaluate.anomaly import auroc, dice
 
     flagged = (heat > SEGMENTATION_THRESHOLD) & roi
     lesion = truth & roi
-    dice = 2.0 * float((flagged & lesion).sum()) / max(float(flagged.sum() + lesion.sum()), 1.0)
     # one lesion per slice: found when some of its pixels are in the task's mask
     found = [bool(flagged[k][lesion[k]].any()) for k in range(len(heat)) if lesion[k].any()]
-    return {"pixel_auroc": auroc(heat[roi], truth[roi]), "dice": dice,
+    return {"pixel_auroc": auroc(heat[roi], truth[roi]), "dice": dice(flagged, lesion),
             "lesions_found": float(np.mean(found)) if found else float("nan"),
             "lesion_probability": float(heat[lesion].mean())}
 
@@ -136,11 +134,10 @@ def main(argv=None) -> int:
              "", "| lesion centre | diameter (mm) | contrast (HU) | "
              + " | ".join(f"`{model_label(m)}`" for m in args.models) + " |",
              "|---|---|---|" + "---:|" * len(args.models)]
+    by_key = index_rows(rows)
     for r in rows[::len(args.models)]:
-        cells = [next(f"{o['pixel_auroc']:.3f} / {o['dice']:.3f} / {100 * o['lesions_found']:.0f} %" for o in rows if o["model"] == model
-                      and (o["where"], o["contrast_hu"], o["diameter_mm"]) == (r["where"], r["contrast_hu"],
-                                                                                r["diameter_mm"]))
-                 for model in args.models]
+        found = [by_key[model, r["where"], tuple(r["contrast_hu"]), tuple(r["diameter_mm"])] for model in args.models]
+        cells = [f"{o['pixel_auroc']:.3f} / {o['dice']:.3f} / {100 * o['lesions_found']:.0f} %" for o in found]
         lines.append(f"| {'soft tissue' if r['where'] == 'tissue' else 'body'} | "
                      f"{r['diameter_mm'][0]:g}-{r['diameter_mm'][1]:g} | "
                      f"{r['contrast_hu'][0]:g}-{r['contrast_hu'][1]:g} | " + " | ".join(cells) + " |")
@@ -150,6 +147,11 @@ def main(argv=None) -> int:
     if args.out:
         plot(rows, args.models, args.where, bands, sizes, Path(args.out).with_suffix(".png"))
     return 0
+
+
+def index_rows(rows) -> dict:
+    """The rows by (model, placement, contrast band, diameter band)."""
+    return {(r["model"], r["where"], tuple(r["contrast_hu"]), tuple(r["diameter_mm"])): r for r in rows}
 
 
 def model_label(model: str) -> str:
@@ -167,12 +169,12 @@ def plot(rows, models, places, bands, sizes, path) -> None:
 
     centres = [np.sqrt(a * b) for a, b in bands]
     colours = plt.get_cmap("tab10")
+    by_key = index_rows(rows)
     fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1, 3.8), sharey=True, squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for k, model in enumerate(models):
             for where in places:
-                ys = [next(r["pixel_auroc"] for r in rows if r["model"] == model and r["where"] == where
-                           and r["contrast_hu"] == list(band) and r["diameter_mm"] == list(size)) for band in bands]
+                ys = [by_key[model, where, tuple(band), tuple(size)]["pixel_auroc"] for band in bands]
                 ax.plot(centres, ys, marker="o", color=colours(k), linestyle="-" if where == "tissue" else "--",
                         label=f"{model_label(model)} ({'soft tissue' if where == 'tissue' else 'body'})")
         ax.set_xscale("log")

@@ -72,9 +72,7 @@ def test_corrupt_changes_the_slice_only_under_its_lesions_and_inside_the_body(sa
 
 
 def test_healing_pairs_are_a_crop_and_the_same_crop_with_lesions(sample_ct):
-    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
-    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
-                            spacing_mm=tuple(sample_ct.spacing))
+    volume = _sample_volume(sample_ct)
     config = {"patch_size": 48, "residual_scale": 4, "clean_probability": 0.0,
               "lesions": {"contrast_hu": [100.0, 200.0], "replace_probability": 0.0, "texture_hu": [0.0, 0.0]}}
     stream = LesionHealingPairs([volume], config, NORMALIZATION, seed=0)
@@ -90,9 +88,7 @@ def test_healing_pairs_are_a_crop_and_the_same_crop_with_lesions(sample_ct):
 
 
 def test_healing_pairs_weigh_the_lesion_pixels(sample_ct):
-    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
-    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
-                            spacing_mm=tuple(sample_ct.spacing))
+    volume = _sample_volume(sample_ct)
     config = {"patch_size": 48, "residual_scale": 8, "clean_probability": 0.0, "lesion_loss_weight": 9.0,
               "lesions": {"max_lesions": 1, "contrast_hu": [100.0, 200.0], "replace_probability": 0.0,
                           "texture_hu": [0.0, 0.0]}}
@@ -344,9 +340,7 @@ def test_lesion_balance_map_gives_each_lesion_at_least_a_reference_lesions_weigh
 
 
 def test_lesion_balance_belongs_to_the_segmenter_target(sample_ct):
-    normalised = (sample_ct.data - NORMALIZATION["low"]) / 3072.0 * 2 - 1
-    volume = TrainingVolume(data=normalised.astype(np.float32), region=3, source="sample", holdout_start=6,
-                            spacing_mm=tuple(sample_ct.spacing))
+    volume = _sample_volume(sample_ct)
     with pytest.raises(ValueError, match="lesion_balance_mm"):
         LesionHealingPairs([volume], {"patch_size": 48, "lesion_balance_mm": 20.0}, NORMALIZATION, seed=0)
     config = {"patch_size": 48, "target": "lesion_mask", "clean_probability": 0.0, "lesion_balance_mm": 40.0,

@@ -229,7 +229,7 @@ def lesion_balance_map(mask: np.ndarray, spacing_mm, reference_mm: float,
         return weight
     pixel_mm2 = float(np.prod(np.asarray(spacing_mm, dtype=float)))
     reference = math.pi * (float(reference_mm) / 2.0) ** 2
-    areas = ndimage.sum_labels(np.ones(mask.shape), labels, index=np.arange(1, count + 1)) * pixel_mm2
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:] * pixel_mm2
     per_lesion = np.clip(reference / areas, 1.0, 1.0 + max_weight).astype(np.float32)
     weight[mask] = per_lesion[labels[mask] - 1]
     return weight
