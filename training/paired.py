@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from napari_mediffuse import io
@@ -59,6 +58,8 @@ from .data import (
     dataset_files,
     excluded_blocks,
     fix_orientation,
+    image_level,
+    make_augmentation,
     resample_isotropic,
     patient_id,
     region_index,
@@ -588,7 +589,7 @@ class PairedSlices(SampleStream):
         if augment is not None:
             stack = augment(stack)
         if rng.random() < self.p_image:
-            stack, coords = _image_level(stack, self.patch)
+            stack, coords = image_level(stack, self.patch)
         else:
             stack, coords = stacked_patch(stack, self.patch, rng)
         condition = stack[1:]
@@ -602,39 +603,7 @@ class PairedSlices(SampleStream):
         }
 
     def augmentation(self, seed: int):
-        return _stack_augmentation(seed) if self.augment else None
-
-
-def _image_level(stack: np.ndarray, size: int):
-    from napari_mediffuse.engine.position import coordinate_grid
-
-    c, h, w = stack.shape
-    side = max(h, w)
-    padded = np.full((c, side, side), -1.0, dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    padded[:, top:top + h, left:left + w] = stack
-    tensor = torch.from_numpy(padded)[None]
-    kwargs = {"mode": "area"} if side > size else {"mode": "bilinear", "align_corners": False}
-    resized = F.interpolate(tensor, size=(size, size), **kwargs)[0].numpy()
-    return resized, coordinate_grid([(0, size), (0, size)], (size, size)).numpy()
-
-
-def _stack_augmentation(seed: int):
-    """The prior's mild geometric augmentation (MONAI ``RandAffine``, see
-    :func:`training.data.make_augmentation`), one transform for all channels."""
-    import math
-
-    from monai.transforms import RandAffine
-
-    aug = RandAffine(prob=0.5, rotate_range=(math.radians(10),), scale_range=(0.1, 0.1),
-                     shear_range=(0.05, 0.05), padding_mode="zeros", mode="bilinear")
-    aug.set_random_state(seed)
-
-    def apply(stack: np.ndarray) -> np.ndarray:
-        out = aug(torch.from_numpy(stack + 1.0))  # air (-1) -> 0 so padding is air
-        return np.asarray(out).astype(np.float32) - 1.0
-
-    return apply
+        return make_augmentation(seed) if self.augment else None
 
 
 def make_datasets(config: dict, *, seed: int = 0, rank: int = 0):

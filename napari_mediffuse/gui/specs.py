@@ -37,6 +37,18 @@ BODY_REGION = Param("region", "", label="body region", options={"choices": ["", 
                             "BodyPartExamined or the scan")
 
 
+def diffpir_lambda(task_function) -> Param:
+    """The DiffPIR data-fidelity weight, starting from ``task_function``'s default."""
+    return Param("lam", default(task_function, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
+                 tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True)
+
+
+def noise_level(tooltip: str) -> Param:
+    """The input's noise std in HU (0 = estimated from the image)."""
+    return Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
+                 tooltip=tooltip, advanced=True)
+
+
 def _synthetic_name(kwargs: dict) -> dict:
     kwargs["name"] = kwargs["name"] if "synthetic" in kwargs["name"] else f"{kwargs['name']} [synthetic]"
     return kwargs
@@ -149,10 +161,8 @@ def denoise_spec() -> TaskSpec:
             Param("steps", 0, options={"min": 0, "max": 200},
                   tooltip="Network evaluations per slice; 0 = the method's default (diffusion 2, learned 1 = "
                           "the model's posterior mean)"),
-            Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
-                  tooltip="Noise standard deviation in HU; 0 = estimate it from the image", advanced=True),
-            Param("lam", default(denoise, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
-                  tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
+            noise_level("Noise standard deviation in HU; 0 = estimate it from the image"),
+            diffpir_lambda(denoise),
             Param("ensemble", default(denoise, "ensemble"), label="estimates averaged",
                   options={"min": 1, "max": 16}, advanced=True,
                   tooltip="Learned only: average this many estimates per slice (own noise draws, mirrored "
@@ -198,15 +208,13 @@ def sr_spec() -> TaskSpec:
             Param("planes", default(super_resolve, "planes"),
                   options={"choices": ["both", "coronal", "sagittal"]}, advanced=True,
                   tooltip="Planes the prior works on (the slice axis lies in both); both = average, 2x time"),
-            Param("lam", default(super_resolve, "lam"), label="lambda", options={"min": 0.0, "max": 100.0},
-                  tooltip="DiffPIR data-fidelity weight (rho_t = lambda sigma_n^2 / sigma_t^2)", advanced=True),
+            diffpir_lambda(super_resolve),
             Param("eta", default(super_resolve, "eta"), options={"min": 0.0, "max": 1.0, "step": 0.05},
                   tooltip="0 = deterministic DDIM; up to 1 = fresh noise at each step", advanced=True),
             Param("end_hu", default(super_resolve, "end_hu"), label="stop at noise (HU)",
                   options={"min": 0.0, "max": 200.0, "step": 1.0}, advanced=True,
                   tooltip="Stop at this noise level and return the posterior mean (larger = smoother)"),
-            Param("noise_hu", 0.0, label="noise (HU)", options={"min": 0.0, "max": 500.0, "step": 1.0},
-                  tooltip="Noise std of the thick slices; 0 = estimate it from the image", advanced=True),
+            noise_level("Noise std of the thick slices; 0 = estimate it from the image"),
             Param("ensemble", default(super_resolve, "ensemble"), label="estimates averaged",
                   options={"min": 1, "max": 16}, advanced=True,
                   tooltip="Learned only: average this many estimates per plane (own noise draws, every other "
