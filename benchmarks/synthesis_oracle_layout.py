@@ -9,8 +9,9 @@ filtered, 8 mm, centred): what a perfect coarse prior would draw. It is
 refined from several steps (``synthesize(..., layout=...)``) and scored as
 ``python -m training.evaluate synthesis`` scores samples: HU-histogram
 (Wasserstein) distance to the other validation patients pooled, and
-adjacent-slice differences as a ratio to the real CTs'. The bundled coarse
-prior's own draw, refined from the same steps and seed, is beside it.
+adjacent-slice differences as a ratio to the real CTs'. A coarse prior's own
+draw (``--coarse-model``, default the installed one), refined from the same
+steps and seed, is beside it.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/synthesis_oracle_layout.py \\
         --patients 0 5 10 20 --refine-from 450 600 750 --out docs/evaluation/synthesis_oracle_layout
@@ -40,7 +41,7 @@ SHAPE, VOXEL_MM = (64, 64, 64), 4.0  # as the item-5 evaluation (docs/evaluation
 #: The step each layout is pictured at: where it scores best (the coarse draw: the task's default);
 #: the largest step run when that one is not among them.
 PICTURED_STEP = {"the patient's own 8 mm box": 600, "the patient's own box at 16 mm": 750,
-                 "coarse prior draw (bundled)": 750}
+                 "coarse prior draw": 750}
 
 
 def main(argv=None) -> int:
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine-from", type=int, nargs="+", default=[450, 600, 750])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coarse-model", default="auto",
+                   help="coarse prior of the last row (default: the installed one; a name or folder)")
     p.add_argument("--detail-model", help="also run each layout through this detail stage (name or folder)")
     p.add_argument("--match-fov", action="store_true",
                    help="score against the real CTs as the samples' field of view holds them (body-cropped and "
@@ -102,10 +105,12 @@ def main(argv=None) -> int:
         box16 = box_hu[:2 * s, :2 * p, :2 * l].reshape(s, 2, p, 2, l, 2).mean(axis=(1, 3, 5))
         for name, layout in (("the patient's own 8 mm box", (box_hu, data["spacing_mm"])),
                              ("the patient's own box at 16 mm", (box16, 2 * data["spacing_mm"])),
-                             ("coarse prior draw (bundled)", None)):
+                             ("coarse prior draw", None)):
             runs = [(name, refine, "none") for refine in args.refine_from]
-            # the detail stage learnt layouts of the coarse prior's voxel (data spacing_mm, 8 mm)
-            if args.detail_model and (layout is None or layout[1] == data["spacing_mm"]):
+            # every layout goes to the detail stage too: one trained with blurred layouts (stage 2,
+            # condition_blur_mm 16) may detail a 16 mm box; the volume's metadata warns when the
+            # layout's voxel is not the one the model's card records
+            if args.detail_model:
                 runs.append((f"{name} + detail stage", "detail", args.detail_model))
             pictured = PICTURED_STEP.get(name)
             if pictured not in args.refine_from:
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
                 # a seed per patient: the coarse prior draws another layout for each
                 vol = synthesize(SHAPE, spacing=(VOXEL_MM,) * 3, region="head-neck", model="ct-prior-multi",
                                  steps=args.steps, refine_from=None if refine == "detail" else refine,
-                                 layout=layout, detail_model=detail,
+                                 layout=layout, detail_model=detail, coarse_model=args.coarse_model,
                                  options=RunOptions(seed=args.seed + k, batch_size=8))
                 score(label, patient, refine, vol.data, time.perf_counter() - started, pool)
                 if refine in ("detail", pictured):
