@@ -108,8 +108,8 @@ def main(argv=None) -> int:
                              ("coarse prior draw", None)):
             runs = [(name, refine, "none") for refine in args.refine_from]
             # every layout goes to the detail stage too: one trained with blurred layouts (stage 2,
-            # condition_blur_mm 16) may detail a 16 mm box; the volume's metadata warns when the
-            # layout's voxel is not the one the model's card records
+            # condition_blur_mm 16, card layout_blur_mm) details a 16 mm box; the volume's metadata
+            # warns when the layout's voxel is coarser than the card's (tasks.synthesize.fits_layout)
             if args.detail_model:
                 runs.append((f"{name} + detail stage", "detail", args.detail_model))
             pictured = PICTURED_STEP.get(name)

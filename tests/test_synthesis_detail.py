@@ -135,6 +135,28 @@ def test_a_detail_model_trains_and_records_its_layout_voxel(tiny_detail_config, 
     card = ckpt.card
     assert card["coarse_voxel_mm"] == 8.0 and card["residual_scale"] == 4.0
     assert card["pixel_spacing_mm"] == [4.0, 4.0] and ckpt.network.condition_channels == 1
+    assert "layout_blur_mm" not in card  # trained on unblurred layouts only (condition_blur_mm 0)
+    # a model trained on layouts blurred further records how far (tasks.synthesize.fits_layout reads it)
+    from training.trainer import export_ema
+
+    tiny_detail_config["data"]["condition_blur_mm"] = 16.0
+    (tmp_path / "blurred").mkdir()
+    blurred = export_ema(tiny_detail_config, ckpt.network, tmp_path / "blurred" / "ema", step=1, seconds=0.0)
+    assert load_checkpoint(blurred, task="ct_prior_detail", modality="CT").card["layout_blur_mm"] == 16.0
+
+
+def test_a_detail_model_trained_on_blurred_layouts_details_coarser_boxes():
+    from napari_mediffuse.tasks.synthesize import coarsest_layout_mm, fits_layout
+
+    sharp = {"coarse_voxel_mm": 8.0}
+    assert fits_layout(sharp, 8.0) and not fits_layout(sharp, 16.0) and not fits_layout(sharp, 4.0)
+    assert coarsest_layout_mm(sharp) == 8.0 and not fits_layout({}, 8.0)
+    # layouts of 8 mm blurred by a Gaussian of sigma up to 16 mm: as blurred as boxes of up to
+    # sqrt(8^2 + (16 / 0.4)^2) = 40.8 mm voxels (a box's own low-pass is 0.4 voxel)
+    blurred = {"coarse_voxel_mm": 8.0, "layout_blur_mm": 16.0}
+    assert coarsest_layout_mm(blurred) == pytest.approx(40.79, abs=0.01)
+    assert fits_layout(blurred, 16.0) and fits_layout(blurred, 8.0)
+    assert not fits_layout(blurred, 48.0) and not fits_layout(blurred, 4.0)
 
 
 def test_a_covering_grid_keeps_every_edge_voxel_when_resampled():
@@ -254,7 +276,7 @@ def test_synthesis_runs_the_detail_stage_on_its_grid(tiny_detail_model, tiny_mod
     named = synthesize((20, 16, 18), model="tiny-ct-prior", steps=2, layout=(box, 12.0), detail_model="tiny-detail",
                        options=opts)
     assert named.metadata["parameters"]["detail_model"] == "tiny-detail"
-    assert named.metadata["warnings"] == ["detail stage tiny-detail learnt layouts of 8.0 mm voxels, not 12 mm"]
+    assert named.metadata["warnings"] == ["detail stage tiny-detail learnt layouts of 8 mm voxels, not 12 mm"]
     # on its own grid the detail draw is the result: a refine_from is not used, and says so; eta is used
     told = synthesize((20, 16, 18), model="tiny-ct-prior", steps=3, layout=(box, 8.0), refine_from=500, options=opts)
     np.testing.assert_array_equal(told.data, vol.data)

@@ -28,7 +28,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from napari_mediffuse.tasks.synthesize import covering_shape, place_box
+from napari_mediffuse.tasks.synthesize import LAYOUT_SIGMA_PER_VOXEL, covering_shape, place_box
 
 from .data import (RestorationCrops, TrainingVolume, load_volumes, restoration_sample, stacked_patch,
                    volume_probabilities)
@@ -59,8 +59,8 @@ def coarse_view(volume: np.ndarray, spacing_mm, coarse_mm: float, *, fill: float
     """
     spacing = np.asarray(spacing_mm, dtype=float)
     coarse_shape = covering_shape(volume.shape, spacing, coarse_mm)
-    smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), 0.4 * coarse_mm / spacing,
-                                     mode="nearest")
+    smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32),
+                                     LAYOUT_SIGMA_PER_VOXEL * coarse_mm / spacing, mode="nearest")
     # the box covers the volume (its outer voxels lie beyond it): a scan cut through the body continues there
     box = place_box(smooth, spacing, coarse_shape, (coarse_mm,) * 3, fill=fill, mode="nearest")
     return place_box(box, (coarse_mm,) * 3, volume.shape, spacing, fill=fill)

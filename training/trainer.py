@@ -608,6 +608,8 @@ def export_ema(config: dict, network: DiffusionNetwork, folder: Path, *, step: i
                  "voxel_spacing_mm": [float(data["spacing_mm"])] * 3}
     if data.get("kind") == "layout_detail":  # the coarse layout's voxel the detail stage was trained from
         extra = {"coarse_voxel_mm": float(data["coarse_mm"])}
+        if data.get("condition_blur_mm"):  # and blurred up to this (coarser layouts: tasks.synthesize.fits_layout)
+            extra["layout_blur_mm"] = float(data["condition_blur_mm"])
     extra.update(card_domain(config))
     if config.get("default"):  # the task's default among the models of its folder (engine.registry)
         extra["default"] = True

@@ -49,6 +49,7 @@ resampled to the requested spacing when it differs.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -347,11 +348,34 @@ def resolve_coarse_prior(coarse_model, region: str):
     return resolve_stage_model(coarse_model, "ct_prior_coarse", region, label="coarse prior")
 
 
-def fits_layout(card: dict, layout_mm: float) -> bool:
-    """Whether a detail model (its card) learnt layouts of ``layout_mm`` voxels
-    (card ``coarse_voxel_mm``, within 1 %)."""
+#: Gaussian sigma of a coarse box's low-pass filter, per voxel of the box
+#: (training.data.resample_isotropic made the coarse priors' boxes with it,
+#: training.layout_detail.coarse_view the detail stage's layouts).
+LAYOUT_SIGMA_PER_VOXEL = 0.4
+
+
+def coarsest_layout_mm(card: dict) -> Optional[float]:
+    """The coarsest layout voxel (mm) a detail model (its card) learnt to detail.
+
+    It learnt layouts of ``coarse_voxel_mm`` voxels, each blurred further by a
+    Gaussian of sigma up to ``layout_blur_mm`` (training's
+    ``condition_blur_mm``): as blurred as a box of voxels up to
+    sqrt(c^2 + (b / 0.4)^2) mm (sigmas add in quadrature). ``None`` when the
+    card records no ``coarse_voxel_mm``."""
     trained_mm = card.get("coarse_voxel_mm")
-    return trained_mm is not None and abs(float(trained_mm) - float(layout_mm)) <= 0.01 * float(layout_mm)
+    if trained_mm is None:
+        return None
+    blur_mm = float(card.get("layout_blur_mm") or 0.0)
+    return math.hypot(float(trained_mm), blur_mm / LAYOUT_SIGMA_PER_VOXEL)
+
+
+def fits_layout(card: dict, layout_mm: float) -> bool:
+    """Whether a detail model (its card) learnt layouts of ``layout_mm`` voxels:
+    from its ``coarse_voxel_mm`` (within 1 %) to :func:`coarsest_layout_mm`."""
+    trained_mm = card.get("coarse_voxel_mm")
+    if trained_mm is None:
+        return False
+    return 0.99 * float(trained_mm) <= float(layout_mm) <= 1.01 * coarsest_layout_mm(card)
 
 
 def resolve_detail_model(detail_model, region: str, layout_mm: float):
@@ -527,8 +551,10 @@ def synthesize(shape, *, spacing=None, region: str = "abdomen", model=None, step
     detail_is_final = detail is not None and abs(detail_mm - native) < 1e-6
     warnings = []
     if detail is not None and not fits_layout(detail.card, box_mm):
-        warnings.append(f"detail stage {detail.name} learnt layouts of {detail.card.get('coarse_voxel_mm')} mm "
-                        f"voxels, not {box_mm:g} mm")
+        trained_mm, coarsest_mm = detail.card.get("coarse_voxel_mm"), coarsest_layout_mm(detail.card)
+        learnt = (f"{trained_mm:g}" if coarsest_mm is None or coarsest_mm <= 1.01 * trained_mm
+                  else f"{trained_mm:g} to {coarsest_mm:.3g}") if trained_mm is not None else "unknown"
+        warnings.append(f"detail stage {detail.name} learnt layouts of {learnt} mm voxels, not {box_mm:g} mm")
     if detail_is_final and refine_from is not None:
         warnings.append(f"refine_from {refine_from} not used: the detail stage's {detail_mm:g} mm draw is the "
                         "result on this grid")
