@@ -677,6 +677,29 @@ def centre_fit(volume: np.ndarray, shape, fill: float = -1.0) -> np.ndarray:
     return out
 
 
+def pooling_factor(data_config: dict) -> int:
+    """How many voxels of ``augment_spacing_mm`` (optional) make one of
+    ``spacing_mm`` along each axis: a whole number, 1 without it."""
+    fine = data_config.get("augment_spacing_mm")
+    if not fine:
+        return 1
+    ratio = float(data_config["spacing_mm"]) / float(fine)
+    factor = int(round(ratio))
+    if factor < 1 or abs(ratio - factor) > 1e-6:
+        raise ConfigError(f"data.augment_spacing_mm ({fine}) must divide data.spacing_mm "
+                          f"({data_config['spacing_mm']}) a whole number of times")
+    return factor
+
+
+def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each ``factor``^3 block (a volume at ``factor`` times coarser voxels)."""
+    if factor == 1:
+        return volume
+    shape = [n // factor for n in volume.shape]
+    split = [d for n in shape for d in (n, factor)]
+    return volume[tuple(slice(0, n * factor) for n in shape)].reshape(split).mean(axis=(1, 3, 5))
+
+
 class CoarseVolumes(SampleStream):
     """Endless stream of whole coarse volumes for the coarse 3D prior.
 
@@ -701,7 +724,10 @@ class CoarseVolumes(SampleStream):
             raise ConfigError(f"data.box_as must be 'channels' (a 2D network, axial slices as channels) or "
                               f"'volume' (a 3D network), got {box_as!r}")
         self.as_volume = box_as == "volume"
-        self.boxes = [centre_fit(v.data, self.shape) for v in volumes]
+        # volumes loaded at a finer augment_spacing_mm are augmented there and then averaged down:
+        # resampling a 16 mm box to rotate it smears its bone, a few voxels wide, into the soft tissue
+        self.factor = pooling_factor(data_config)
+        self.boxes = [centre_fit(v.data, tuple(n * self.factor for n in self.shape)) for v in volumes]
         self.regions = [v.region for v in volumes]
         # with region_weights a region first, then one of its boxes (all boxes are alike in size):
         # 170 neck boxes must not drown the two abdomens
@@ -717,6 +743,7 @@ class CoarseVolumes(SampleStream):
         box = self.boxes[k]
         if augment is not None:
             box = augment(box)
+        box = block_mean(box, self.factor)
         image = torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32))
         return {
             "image": image[None] if self.as_volume else image,
@@ -730,8 +757,9 @@ class CoarseVolumes(SampleStream):
         from monai.transforms import RandAffine
 
         # whole-body pose and size vary between patients; no flips (anatomy is not symmetric)
+        shift = 2 * self.factor  # voxels of the box as augmented: 2 of its final voxels
         aug = RandAffine(prob=0.9, rotate_range=(math.radians(8),) * 3, scale_range=(0.1,) * 3,
-                         translate_range=(2, 2, 2), padding_mode="zeros", mode="bilinear")
+                         translate_range=(shift,) * 3, padding_mode="zeros", mode="bilinear")
         aug.set_random_state(seed)
 
         def apply(box: np.ndarray) -> np.ndarray:

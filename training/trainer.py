@@ -97,14 +97,18 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         from .layout_detail import make_datasets as layout_detail_datasets
 
         return layout_detail_datasets(config, seed=seed, rank=rank, start_step=start_step)
-    volumes = load_volumes(config["data"], config["normalization"])
     if config["data"].get("kind") == "coarse_volume":
+        # boxes augmented at a finer grid are loaded there (training.data.CoarseVolumes averages them down)
+        fine = config["data"].get("augment_spacing_mm")
+        data = {**config["data"], "spacing_mm": float(fine)} if fine else config["data"]
+        volumes = load_volumes(data, config["normalization"])
         # validated on held-out patients (data.validation) where there are some, else on the
         # training boxes without augmentation (one patient: a box with a hole is no body)
-        val_volumes = (load_volumes(config["data"], config["normalization"], split="validation")
+        val_volumes = (load_volumes(data, config["normalization"], split="validation")
                        if config["data"].get("validation") else volumes)
         return (CoarseVolumes(volumes, config["data"], seed=seed, rank=rank),
                 CoarseVolumes(val_volumes, config["data"], seed=seed, part="val"))
+    volumes = load_volumes(config["data"], config["normalization"])
     train_set = MultiLevelSlices(volumes, config["data"], seed=seed, rank=rank)
     train_set.start_step = start_step
     if config["data"].get("validation"):
