@@ -526,11 +526,27 @@ def test_synthesis_table_is_headed_by_its_command(monkeypatch):
     results["real"]["hu_wasserstein_references_pooled"] = 27.25
     assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; the other real CT(s) pooled "
             "against them: 27.2 HU.") in markdown(results)
+    # the bone share of the samples beside the real patients'
+    results["samples"][0]["bone_share_percent"], results["samples"][1]["bone_share_percent"] = 0.5, 2.5
+    results["real"]["bone_share_percent"] = [4.0, 6.0, 8.0]
+    assert ("Body above 300 HU (bone): samples 0.5-2.5 % (mean 1.5); real patients 4.4-7.6 % (10th-90th "
+            "percentile, mean 6.0).") in markdown(results)
     # ... or beside real patients pooled as many at a time (enough patients)
     del results["real"]["hu_wasserstein_references_pooled"]
     results["real"].update(paths=list("abcdef"), hu_wasserstein_real_groups_to_pool=[10.0, 20.0, 15.0])
     assert ("All 2 samples pooled against the real patients pooled: 41.5 HU; real patients pooled 2 at a time "
             "against the others: mean 15.0 HU, range 10.0-20.0 (3 groups).") in markdown(results)
+
+
+def test_bone_share_counts_body_voxels_above_300_hu():
+    from training.evaluate.synthesis import bone_share
+
+    volume = np.full((4, 10, 10), -1000.0)
+    volume[:, 2:8, 2:8] = 40.0  # 144 body voxels of soft tissue
+    volume[:, 4:6, 4:6] = 700.0  # 16 of them bone
+    volume[0, 0, 0] = 250.0  # dense but under the threshold
+    assert bone_share(volume) == pytest.approx(16 / 145 * 100)
+    assert np.isnan(bone_share(np.full((2, 2, 2), -1000.0)))
 
 
 def test_synthesis_picture_shows_soft_tissue_and_bone_windows(tmp_path):

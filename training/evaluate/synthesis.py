@@ -14,6 +14,9 @@ Reports, for samples of the CT prior and for the real CT:
   distance can be read against the spread between real patients; and all
   samples pooled against the real pool (the model's HU population), beside
   real patients pooled as many at a time against the others;
+* bone: the share of the body above 300 HU, samples beside the real
+  patients (a neck without vertebrae or mandible can still have a close
+  histogram);
 * diversity: MS-SSIM between the axial slices of different samples (lower =
   more diverse);
 * closeness to the training CT: the highest correlation between a sample and
@@ -48,6 +51,20 @@ BODY_HU = -500.0
 
 def body_mask(volume_hu: np.ndarray) -> np.ndarray:
     return volume_hu > BODY_HU
+
+
+#: HU above which a body voxel counts as bone in :func:`bone_share` (cortical and
+#: trabecular bone partial-volumed at 4 mm stays above it; muscle, vessels with
+#: contrast and glands stay below).
+BONE_HU = 300.0
+
+
+def bone_share(volume_hu: np.ndarray) -> float:
+    """Share of the body's voxels above :data:`BONE_HU` (percent): whether a
+    synthetic volume holds vertebrae, mandible and skull as a patient's does
+    (a neck drawn without them scores near 0)."""
+    body = body_mask(volume_hu)
+    return float((volume_hu[body] > BONE_HU).mean() * 100.0) if body.any() else float("nan")
 
 
 def adjacent_slice_difference(volume_hu: np.ndarray) -> float:
@@ -244,9 +261,11 @@ def evaluate(real_path, shape, *, samples: int = 2, steps: int = 50, model=None,
                                "adjacent_slice_mad_hu": float(np.mean([adjacent_slice_difference(r)
                                                                        for r in reals])),
                                "references": [str(p) for p in references],
-                               "hu_wasserstein_real_to_pool": spread}
+                               "hu_wasserstein_real_to_pool": spread,
+                               "bone_share_percent": [bone_share(r) for r in reals]}
         return {"seconds": round(seconds, 1), "adjacent_slice_mad_hu": adjacent_slice_difference(vol.data),
                 "hu_wasserstein_to_real": histogram_distance(vol.data, pooled[0]),
+                "bone_share_percent": bone_share(vol.data),
                 "correlation_to_real": correlation_to_real(vol.data, reals[0], voxel_mm=float(vol.spacing[0]))}
 
     for seed in range(samples):
@@ -339,6 +358,12 @@ def markdown(results: dict) -> str:
         lines.append(f"Real patients, for comparison ({who}): mean {np.mean(spread):.1f} HU, range "
                      f"{min(spread):.1f}-{max(spread):.1f}; {sum(d <= 20 for d in spread)} of {len(spread)} "
                      f"within 20 HU.")
+    bones = [r["bone_share_percent"] for r in results["samples"] if "bone_share_percent" in r]
+    real_bones = results["real"].get("bone_share_percent") or []
+    if bones and real_bones:
+        lines.append(f"Body above {BONE_HU:g} HU (bone): samples {min(bones):.1f}-{max(bones):.1f} % (mean "
+                     f"{np.mean(bones):.1f}); real patients {np.percentile(real_bones, 10):.1f}-"
+                     f"{np.percentile(real_bones, 90):.1f} % (10th-90th percentile, mean {np.mean(real_bones):.1f}).")
     if "samples_pooled_hu_wasserstein" in results:
         groups = results["real"].get("hu_wasserstein_real_groups_to_pool")
         refs_pooled = results["real"].get("hu_wasserstein_references_pooled")
