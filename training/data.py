@@ -712,7 +712,9 @@ class CoarseVolumes(SampleStream):
     cost on CPU (a 3D MONAI UNet took 6 s per step of 4 x 32^3 here), but
     cannot keep detail along S. With ``box_as: volume`` the box is one 3D
     image instead, for a 3D network: ``image`` (1, S, P, L), ``coords``
-    (3, S, P, L).
+    (3, S, P, L). With ``augment_spacing_mm`` the volumes come at that finer
+    voxel (a whole fraction of ``spacing_mm``), are augmented there and averaged
+    down to ``spacing_mm`` (:func:`block_mean`), validation boxes too.
     """
 
     def __init__(self, volumes: list[TrainingVolume], data_config: dict, *, seed: int = 0,
