@@ -295,6 +295,32 @@ def test_coarse_boxes_can_be_augmented_at_a_finer_grid(tiny_coarse_config):
         make_datasets(tiny_coarse_config)
 
 
+def test_a_pack_of_coarse_boxes_augmented_finer_holds_the_finer_volumes(tiny_coarse_config, tmp_path):
+    import copy
+
+    from training.data import ConfigError, CoarseVolumes, load_volumes
+    from training.pack import check_pack, read_pack, write_pack
+    from training.trainer import make_datasets
+
+    plain = copy.deepcopy(tiny_coarse_config)
+    write_pack(plain, tmp_path / "plain.npz")
+    tiny_coarse_config["data"]["augment_spacing_mm"] = 6.0
+    write_pack(tiny_coarse_config, tmp_path / "fine.npz")
+    (packed,) = read_pack(tmp_path / "fine.npz", "train")
+    assert packed.spacing_mm == pytest.approx((6.0, 6.0, 6.0))  # the 3 mm phantom at the augmenting voxel
+    tiny_coarse_config["data"]["packed"] = str(tmp_path / "fine.npz")
+    check_pack(tiny_coarse_config["data"], tiny_coarse_config["normalization"])
+    train_set, _ = make_datasets(tiny_coarse_config)
+    assert train_set.boxes[0].shape == (24, 24, 24) and next(iter(train_set))["image"].shape == (12, 12, 12)
+    # a pack of 12 mm volumes is not taken for 6 mm ones
+    tiny_coarse_config["data"]["packed"] = str(tmp_path / "plain.npz")
+    with pytest.raises(ConfigError, match="augment_spacing_mm"):
+        check_pack(tiny_coarse_config["data"], tiny_coarse_config["normalization"])
+    coarse_volumes = load_volumes(plain["data"], plain["normalization"])
+    with pytest.raises(ConfigError, match=r"phantom.nii.gz: volume at \(12.0, 12.0, 12.0\) mm, the boxes need 6 mm"):
+        CoarseVolumes(coarse_volumes, {k: v for k, v in tiny_coarse_config["data"].items() if k != "packed"})
+
+
 def test_place_box_keeps_world_positions_in_mm():
     # a box of 9^3 voxels of 8 mm whose values are the superior coordinate in mm
     z = (np.arange(9) - 4) * 8.0

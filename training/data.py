@@ -691,6 +691,15 @@ def pooling_factor(data_config: dict) -> int:
     return factor
 
 
+def loading_config(data_config: dict) -> dict:
+    """The data settings the volumes are loaded with: those of ``data_config``,
+    at ``augment_spacing_mm`` when it is set (coarse boxes augmented finer and
+    averaged down, :class:`CoarseVolumes`). The trainer and packs both load
+    through it, so a pack holds the volumes the run needs."""
+    fine = data_config.get("augment_spacing_mm")
+    return {**data_config, "spacing_mm": float(fine)} if fine else data_config
+
+
 def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     """Mean of each ``factor``^3 block (a volume at ``factor`` times coarser voxels)."""
     if factor == 1:
@@ -729,6 +738,12 @@ class CoarseVolumes(SampleStream):
         # volumes loaded at a finer augment_spacing_mm are augmented there and then averaged down:
         # resampling a 16 mm box to rotate it smears its bone, a few voxels wide, into the soft tissue
         self.factor = pooling_factor(data_config)
+        loaded_mm = float(data_config["spacing_mm"]) / self.factor
+        for v in volumes:
+            if not np.allclose(v.spacing_mm, loaded_mm, rtol=1e-3):
+                raise ConfigError(f"{v.source}: volume at {tuple(float(x) for x in v.spacing_mm)} mm, the boxes need "
+                                  f"{loaded_mm:g} mm (data.spacing_mm / data.augment_spacing_mm; a pack made "
+                                  "from other settings?)")
         self.boxes = [centre_fit(v.data, tuple(n * self.factor for n in self.shape)) for v in volumes]
         self.regions = [v.region for v in volumes]
         # with region_weights a region first, then one of its boxes (all boxes are alike in size):

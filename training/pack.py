@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ConfigError, TrainingVolume, check_data_config, load_volumes, resolve_path
+from .data import ConfigError, TrainingVolume, check_data_config, load_volumes, loading_config, resolve_path
 
 #: data settings that change the arrays (a pack made under other ones is another dataset), the
 #: file entries included: a pack of another patient list would train on patients the card does not name
 SHAPING_KEYS = ("train", "validation", "evaluation_only", "spacing_mm", "pixel_sizes_mm", "crop_to_body_hu",
-                "holdout_fraction", "anatomy_channels")
+                "holdout_fraction", "anatomy_channels", "augment_spacing_mm")
 SPLITS = ("train", "validation")
 #: data kinds that sample single axial slices (a pack may keep every N-th of them)
 AXIAL_KINDS = ("lesion_healing",)
@@ -76,7 +76,7 @@ def write_pack(config: dict, path, *, slice_step: int = 1) -> dict:
         if not data_config.get(split):
             continue
         rows = []
-        for i, vol in enumerate(load_volumes(data_config, config["normalization"], split=split)):
+        for i, vol in enumerate(load_volumes(loading_config(data_config), config["normalization"], split=split)):
             arrays[f"{split}_{i}"] = vol.data[::slice_step].astype(np.float16)
             if vol.structures is not None:
                 arrays[f"{split}_{i}_structures"] = vol.structures[::slice_step]
@@ -126,10 +126,11 @@ def check_pack(data_config: dict, normalization: dict) -> dict:
     _require_volume_data(data_config, f"data.packed {path}: ")
     meta = read_pack_meta(path)
     wanted = json.loads(json.dumps(_shaping(data_config, normalization)))  # tuples -> lists, as stored
-    if meta["shaping"] != wanted:
-        differ = sorted(k for k in wanted["data"] if wanted["data"][k] != meta["shaping"]["data"].get(k))
-        if wanted["normalization"] != meta["shaping"]["normalization"]:
-            differ.append("normalization")
+    # a key a pack does not record (packs older than the key) was unset when it was made
+    differ = sorted(k for k in wanted["data"] if wanted["data"][k] != meta["shaping"]["data"].get(k))
+    if wanted["normalization"] != meta["shaping"]["normalization"]:
+        differ.append("normalization")
+    if differ:
         raise ConfigError(f"data.packed {path}: made with other data settings ({', '.join(differ)}); "
                           "pack it again from this config")
     _check_slice_step(int(meta.get("slice_step", 1)), data_config, f"data.packed {path}: ")

@@ -32,7 +32,7 @@ from napari_mediffuse.engine.networks import DiffusionNetwork
 from napari_mediffuse.engine.schedulers import alphas_cumprod, complete_schedule
 
 from . import distributed
-from .data import CoarseVolumes, ConfigError, MultiLevelSlices, check_data_config, load_volumes
+from .data import CoarseVolumes, ConfigError, MultiLevelSlices, check_data_config, load_volumes, loading_config
 
 log = logging.getLogger("training")
 
@@ -99,8 +99,7 @@ def make_datasets(config: dict, *, seed: int = 0, rank: int = 0, start_step: int
         return layout_detail_datasets(config, seed=seed, rank=rank, start_step=start_step)
     if config["data"].get("kind") == "coarse_volume":
         # boxes augmented at a finer grid are loaded there (training.data.CoarseVolumes averages them down)
-        fine = config["data"].get("augment_spacing_mm")
-        data = {**config["data"], "spacing_mm": float(fine)} if fine else config["data"]
+        data = loading_config(config["data"])
         volumes = load_volumes(data, config["normalization"])
         # validated on held-out patients (data.validation) where there are some, else on the
         # training boxes without augmentation (one patient: a box with a hole is no body)
