@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     from napari_mediffuse.engine.intensity import denormalize, intensity_range
     from napari_mediffuse.tasks.common import RunOptions
     from napari_mediffuse.tasks.synthesize import synthesize
-    from training.data import centre_fit, load_volumes
-    from training.evaluate.synthesis import (adjacent_slice_difference, body_mask, histogram_distance,
+    from training.data import block_mean, centre_fit, load_volumes
+    from training.evaluate.synthesis import (adjacent_slice_difference, body_mask, bone_share, histogram_distance,
                                              in_sample_field, picture, real_volumes)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         row = {"patient": patient, "layout": name, "refine_from": refine,
                "hu_wasserstein_to_others": histogram_distance(volume, pool),
                "continuity_ratio_to_real": adjacent_slice_difference(volume) / real_mad,
-               "dense_percent_of_body": float((volume[body_mask(volume)] > 300).mean() * 100),
+               "dense_percent_of_body": bone_share(volume),
                "seconds": None if seconds is None else round(seconds, 1)}
         rows.append(row)
         print(row, flush=True)
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         score("the real CT itself", patient, None, reals[k], None, pool)
         # the same box at 16 mm (2 x 2 x 2 block means): the detail a 3D coarse network small enough
         # to train on 2 CPU cores would hold (20 x 20 x 32 voxels: 1 s per step of 4 boxes here)
-        s, p, l = (n // 2 for n in box_hu.shape)
-        box16 = box_hu[:2 * s, :2 * p, :2 * l].reshape(s, 2, p, 2, l, 2).mean(axis=(1, 3, 5))
+        box16 = block_mean(box_hu, 2)
         for name, layout in (("the patient's own 8 mm box", (box_hu, data["spacing_mm"])),
                              ("the patient's own box at 16 mm", (box16, 2 * data["spacing_mm"])),
                              ("coarse prior draw", None)):

@@ -696,8 +696,8 @@ def loading_config(data_config: dict) -> dict:
     at ``augment_spacing_mm`` when it is set (coarse boxes augmented finer and
     averaged down, :class:`CoarseVolumes`). The trainer and packs both load
     through it, so a pack holds the volumes the run needs."""
-    fine = data_config.get("augment_spacing_mm")
-    return {**data_config, "spacing_mm": float(fine)} if fine else data_config
+    factor = pooling_factor(data_config)  # checked here, before any volume is loaded
+    return {**data_config, "spacing_mm": float(data_config["spacing_mm"]) / factor} if factor > 1 else data_config
 
 
 def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
