@@ -12,8 +12,9 @@
 #
 # What stays: the code, tests and the models the gpu tests and the task benchmark load
 # (ct-prior-multi, ct-prior-coarse-multi, ct2mr-multi, brain-mr-128-demo).
-# What moves: docs/ and the bundled models no gpu test loads (synthesis of an abdomen takes
-# ct-prior-coarse-multi when ct-prior-coarse-demo is away). Session 20: 57 MiB with a pack.
+# What moves: docs/, the bundled models no gpu test loads (synthesis of an abdomen takes
+# ct-prior-coarse-multi when ct-prior-coarse-demo is away) and training/checkpoints but the
+# config's train.init_from. Session 20: 57 MiB with a pack.
 #
 # DEVICE_TRAIN_ONLY=1 (for a call that only trains, DEVICE_TRAIN_ONLY=1 on device_check.sh too):
 # every bundled model moves except the config's train.init_from, and the pack keeps every
@@ -58,6 +59,18 @@ print(Path(i).resolve().name if Path(i).is_dir() else i)" "$1")
     MODELS=$(ls napari_mediffuse/data/models | while read -r m; do [ "$m" = "$keep" ] || echo "$m"; done)
 fi
 for m in $MODELS; do move $(git ls-files "napari_mediffuse/data/models/$m"); done
+# weights kept to fine-tune from (training/checkpoints, 28 MiB, not bundled) travel only when the
+# config starts from one of them
+init_from=""
+if [ -n "${1:-}" ]; then
+    init_from=$(python3 -c "import sys; from training.trainer import load_config; \
+print(load_config(sys.argv[1])['train'].get('init_from') or '')" "$1")
+fi
+for d in training/checkpoints/*/; do
+    d=${d%/}
+    if [ -n "$init_from" ] && [ "$(realpath -m "$d")" = "$(realpath -m "$init_from")" ]; then continue; fi
+    move $(git ls-files "$d")
+done
 
 mkdir -p .git/info
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
