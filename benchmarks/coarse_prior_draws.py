@@ -19,9 +19,9 @@ above 300 HU (``training.evaluate.synthesis.bone_share``):
         --config training/configs/ct_prior_coarse_3d_v_aug8_wide.yaml --out docs/evaluation/coarse_prior_draws_NAME
 
 About 2 minutes for the [32, 64, 128] 3D prior on two threads. Writes
-``<out>.json``, ``<out>.md`` and ``<out>.png`` (rows: two patients' boxes,
-the first draws, one partial draw from the highest step; mid-planes in a
-soft-tissue and a bone window).
+``<out>.json``, ``<out>.md`` and ``<out>.png`` with its ``<out>.txt`` legend
+(rows: two patients' boxes, the first draws, one partial draw from the
+highest step; mid-planes in a soft-tissue and a bone window).
 """
 from __future__ import annotations
 
@@ -60,14 +60,16 @@ def partial_draw(predictor, checkpoint, box: np.ndarray, t: int, *, region: int,
 def main(argv=None) -> int:
     import torch
 
+    from napari_mediffuse.engine.checkpoint import CheckpointError
     from napari_mediffuse.engine.intensity import denormalize, intensity_range
     from napari_mediffuse.engine.networks import REGIONS
     from napari_mediffuse.engine.sampling import make_generator
-    from napari_mediffuse.tasks.common import RunOptions, predictor_for
+    from napari_mediffuse.engine.schedulers import alphas_cumprod
+    from napari_mediffuse.tasks.common import RunOptions, TaskInputError, predictor_for
     from napari_mediffuse.tasks.synthesize import draw_coarse_layout, resolve_coarse_prior
-    from training.data import block_mean
-    from training.evaluate.synthesis import bone_share, body_mask, picture
-    from training.trainer import load_config, make_datasets
+    from training.data import CoarseVolumes, ConfigError, block_mean, load_volumes, loading_config
+    from training.evaluate.synthesis import BODY_HU, BONE_HU, bone_share, body_mask, picture
+    from training.trainer import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="coarse prior (name or folder)")
@@ -80,16 +82,28 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, help="output stem (writes .json, .md, .png)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.patients < 0 or args.steps < 1:
-        raise SystemExit("--seeds and --steps must be >= 1, --patients >= 0")
-    if any(not 0 < t < 1000 for t in args.from_t):
-        raise SystemExit(f"--from-t: steps must be in 1..999, got {args.from_t}")
+    if args.seeds < 1 or args.patients < 0 or args.steps < 1 or args.threads < 1:
+        raise SystemExit("--seeds, --steps and --threads must be >= 1, --patients >= 0")
     torch.set_num_threads(args.threads)
 
-    checkpoint, region = resolve_coarse_prior(args.model, args.region)
+    try:
+        checkpoint, region = resolve_coarse_prior(args.model, args.region)
+        if checkpoint is None:
+            raise SystemExit(f"{args.model}: no coarse prior installed for {args.region}; give its folder")
+        num_steps = len(alphas_cumprod(checkpoint.schedule))
+        if any(not 0 < t < num_steps for t in args.from_t):
+            raise SystemExit(f"--from-t: steps must be in 1..{num_steps - 1}, got {args.from_t}")
+        config = load_config(args.config)
+        data = config["data"]
+        if data.get("kind") != "coarse_volume" or not data.get("validation"):
+            raise SystemExit(f"{args.config}: not a coarse prior's config with validation patients "
+                             "(data.kind coarse_volume, data.validation)")
+        volumes = load_volumes(loading_config(data), config["normalization"], split="validation")
+        validation = CoarseVolumes(volumes, data, part="val")
+    except (TaskInputError, CheckpointError, ConfigError, OSError) as error:
+        raise SystemExit(f"coarse_prior_draws: {error}")
     predictor = predictor_for(checkpoint, RunOptions())
     hu_range = intensity_range(None, checkpoint.normalization)
-    _, validation = make_datasets(load_config(args.config))
     boxes = [block_mean(box, validation.factor) for box, r in zip(validation.boxes, validation.regions)
              if r == region]
     if not boxes:
@@ -110,18 +124,18 @@ def main(argv=None) -> int:
     picked = np.linspace(0, len(boxes) - 1, min(args.patients, len(boxes))).round().astype(int)
     partial_rows, last_partial = [], None
     for k in picked:
-        for t in sorted(args.from_t):
+        for t in sorted(set(args.from_t)):
             steps = max(5, round(args.steps * t / 1000))
-            drawn = partial_draw(predictor, checkpoint, boxes[k], t, region=region, steps=steps, seed=int(k))
+            drawn = partial_draw(predictor, checkpoint, boxes[k], t, region=region, steps=steps, seed=10_000 + int(k))
             partial_rows.append({"patient": int(k), "from_t": t, "steps": steps, "bone_percent": bone_share(drawn),
                                  "patient_bone_percent": real_bone[k]})
             last_partial = (k, t, drawn)
-        print(partial_rows[-len(args.from_t):], flush=True)
+        print(partial_rows[-len(set(args.from_t)):], flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(sys.argv[1:] if argv is None else argv)
-    p10, p50, p90 = np.percentile(real_bone, [10, 50, 90])
+    p10, p50, p90 = np.nanpercentile(real_bone, [10, 50, 90])  # NaN: a box without a body
     report = {"command": command, "model": checkpoint.name, "region": args.region,
               "validation_patients": len(boxes), "patients_bone_percent": real_bone,
               "patients_body_percent": real_body,
@@ -138,19 +152,19 @@ def main(argv=None) -> int:
     lines = [f"<!-- PYTHONPATH=. OMP_NUM_THREADS={args.threads} python benchmarks/coarse_prior_draws.py {command} -->", "",
              f"Coarse prior `{checkpoint.name}` ({tuple(checkpoint.card['volume_shape'])} voxels of "
              f"{checkpoint.card.get('voxel_spacing_mm')} mm), region {args.region}. Bone: share of the body "
-             "(above -300 HU) above 300 HU.", "",
+             f"(above {BODY_HU:g} HU) above {BONE_HU:g} HU.", "",
              f"**{len(boxes)} validation patients' own boxes**: bone {p10:.1f} / {p50:.1f} / {p90:.1f} % "
              "(10th / 50th / 90th percentile), body " + " / ".join(f"{v:.1f}" for v in np.percentile(real_body, [10, 50, 90]))
              + " % of the box.", "",
              f"**Draws from noise** ({args.steps} DDIM steps, {draw_seconds:.1f} s each): "
-             f"{min(bones):.1f}-{max(bones):.1f} % (mean {np.mean(bones):.1f}).", "",
+             f"{np.nanmin(bones):.1f}-{np.nanmax(bones):.1f} % (mean {np.nanmean(bones):.1f}).", "",
              "| seed | bone (%) | body (% of the box) |", "|---:|---:|---:|"]
     lines += [f"| {r['seed']} | {r['bone_percent']:.1f} | {r['body_percent']:.1f} |" for r in draw_rows]
     if partial_rows:
         lines += ["", "**Drawn back from step t** (a validation box noised to t; bone of the result, the patient's "
                   "own in the header):", "",
-                  "| patient (own bone %) | " + " | ".join(f"t = {t}" for t in sorted(args.from_t)) + " |",
-                  "|---|" + "---:|" * len(args.from_t)]
+                  "| patient (own bone %) | " + " | ".join(f"t = {t}" for t in sorted(set(args.from_t))) + " |",
+                  "|---|" + "---:|" * len(set(args.from_t))]
         for k in picked:
             row = [r for r in partial_rows if r["patient"] == k]
             lines.append(f"| {int(k)} ({real_bone[k]:.1f}) | " + " | ".join(f"{r['bone_percent']:.1f}" for r in row) + " |")

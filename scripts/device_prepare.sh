@@ -48,6 +48,7 @@ if [ "${1:-}" = "restore" ]; then
 fi
 
 mkdir -p "$STASH"
+trap 'echo "stopped: bash scripts/device_prepare.sh restore puts the moved files back"' ERR
 move() { for f in "$@"; do [ -e "$f" ] || continue; mkdir -p "$STASH/$(dirname "$f")"; mv "$f" "$STASH/$f"; done; }
 move $(git ls-files docs)
 if [ "${DEVICE_TRAIN_ONLY:-0}" = 1 ]; then
@@ -67,9 +68,10 @@ if [ -n "${1:-}" ]; then
 print(load_config(sys.argv[1])['train'].get('init_from') or '')" "$1")
 fi
 for d in training/checkpoints/*/; do
+    [ -d "$d" ] || continue  # no folder matched: the pattern itself
     d=${d%/}
     if [ -n "$init_from" ] && [ "$(realpath -m "$d")" = "$(realpath -m "$init_from")" ]; then continue; fi
-    move $(git ls-files "$d")
+    move $(find "$d" -type f)  # tracked or not: all of it would travel
 done
 
 mkdir -p .git/info
