@@ -42,17 +42,15 @@ def partial_draw(predictor, checkpoint, box: np.ndarray, t: int, *, region: int,
     import torch
 
     from napari_mediffuse.engine.intensity import denormalize, intensity_range
-    from napari_mediffuse.engine.sampling import ddim_sample, make_generator
+    from napari_mediffuse.engine.sampling import add_noise, ddim_sample, make_generator
     from napari_mediffuse.engine.schedulers import alphas_cumprod
     from napari_mediffuse.tasks.common import bind_region
 
-    abar = alphas_cumprod(checkpoint.schedule).float()
     generator = make_generator(seed)
     lead = (1, 1) if getattr(predictor, "spatial_dims", 2) == 3 else (1,)
     x0 = torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32)).reshape(lead + box.shape)
-    noise = torch.randn(x0.shape, generator=generator)
-    x_t = abar[t].sqrt() * x0 + (1.0 - abar[t]).sqrt() * noise
-    out = ddim_sample(bind_region(predictor, region), x_t.to(predictor.device), checkpoint.schedule, steps=steps,
+    x_t = add_noise(x0.to(predictor.device), t, alphas_cumprod(checkpoint.schedule), generator)
+    out = ddim_sample(bind_region(predictor, region), x_t, checkpoint.schedule, steps=steps,
                       t_start=t, generator=generator)
     return denormalize(out.cpu().numpy().reshape(box.shape), intensity_range(None, checkpoint.normalization))
 
